@@ -1,0 +1,26 @@
+"""jaxllm: open-weight LLMs as pure JAX functions.
+
+    import jaxllm
+    config = jaxllm.PRESETS["smol135m"]
+    params = jaxllm.init_params(config, jax.random.PRNGKey(0), jnp.bfloat16)
+    logits = jaxllm.forward(params, config, tokens)            # [B, T, V]
+    out = jaxllm.generate(params, config, [[1, 2, 3]], max_new_tokens=16,
+                          settings=jaxllm.SamplerSettings.greedy())
+"""
+
+from .cache import KVCache, init_cache
+from .config import PRESETS, ModelConfig, RopeScaling
+from .generate import (ContextLengthError, DecodeState, GenerationResult, generate,
+                       generate_stream)
+from .model import decode_step, extend, forward
+from .params import Layer, Norm, Params, init_params
+from .sampling import SamplerSettings, filter_logits, sample
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ContextLengthError", "DecodeState", "GenerationResult", "KVCache", "Layer", "ModelConfig",
+    "Norm", "PRESETS", "Params", "RopeScaling", "SamplerSettings", "decode_step", "extend",
+    "filter_logits", "forward", "generate", "generate_stream", "init_cache", "init_params",
+    "sample",
+]

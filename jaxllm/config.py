@@ -1,0 +1,134 @@
+"""Model configuration: one frozen dataclass describes every supported decoder.
+
+Architecture differences are fields read where they apply (norm kind, MLP kind,
+position kind, biases, sliding window, ...). Presets for the benchmark shapes
+live in `PRESETS`; loaders build configs from GGUF metadata or config.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+NormKind = Literal["rms", "layer"]
+MlpKind = Literal["swiglu", "gelu", "geglu"]
+PositionKind = Literal["rope", "learned"]
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3 style frequency scaling ("rope_type": "llama3" in config.json)."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A decoder-only transformer.
+
+    Shapes: V vocab, D d_model, H heads of size `head_dim`, K kv heads
+    (H % K == 0, grouped-query attention), F d_ff, L layers.
+    """
+
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_ff: int
+    head_dim: Optional[int] = None  # default d_model // n_heads
+    max_seq_len: int = 2048  # the model's trained context length
+
+    norm: NormKind = "rms"
+    norm_eps: float = 1e-5
+    norm_bias: bool = False  # LayerNorm bias (GPT-2)
+    mlp: MlpKind = "swiglu"
+    gelu_approximate: bool = True  # tanh GELU (GPT-2 "gelu_new", Gemma)
+
+    position: PositionKind = "rope"
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[RopeScaling] = None
+
+    qkv_bias: bool = False  # Qwen2, GPT-2
+    out_bias: bool = False  # attention output projection bias (GPT-2)
+    mlp_bias: bool = False  # GPT-2
+    tie_embeddings: bool = True
+    sliding_window: Optional[int] = None  # Mistral: attend to the last W positions
+    # Gemma 2/3: layer i is global (full attention) iff (i + 1) % period == 0, the
+    # others use `sliding_window` and `rope_local_theta`. None: every layer alike.
+    global_layer_period: Optional[int] = None
+    rope_local_theta: Optional[float] = None
+
+    qk_norm: bool = False  # RMSNorm on queries and keys per head (Gemma 3, Qwen3)
+    sandwich_norm: bool = False  # extra norms after attention and MLP (Gemma 2/3)
+    norm_weight_offset: float = 0.0  # HF Gemma stores w and scales by (1 + w)
+    embed_scale: Optional[float] = None  # Gemma multiplies embeddings by sqrt(D)
+    query_scale: Optional[float] = None  # attention scale; default head_dim ** -0.5
+    attn_softcap: Optional[float] = None  # Gemma 2: cap * tanh(scores / cap)
+    final_softcap: Optional[float] = None  # Gemma 2: same on the output logits
+
+    arch: str = "llama"  # informational: where the config came from
+    bos_token_id: Optional[int] = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
+            )
+        if self.position == "rope" and self.head_dim % 2:
+            raise ValueError(f"rotary embeddings need an even head_dim, got {self.head_dim}")
+
+    @property
+    def q_size(self) -> int:
+        return self.n_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.n_kv_heads * self.head_dim
+
+    def layer_window(self, layer: int) -> Optional[int]:
+        """Sliding window of one layer (None: full attention)."""
+        if self.global_layer_period and (layer + 1) % self.global_layer_period == 0:
+            return None
+        return self.sliding_window
+
+    def layer_rope_theta(self, layer: int) -> float:
+        if self.rope_local_theta is not None and self.layer_window(layer) is not None:
+            return self.rope_local_theta
+        return self.rope_theta
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def param_count(self) -> int:
+        D, F, L = self.d_model, self.d_ff, self.n_layers
+        attn = D * (self.q_size + 2 * self.kv_size) + self.q_size * D
+        mlp = (3 if self.mlp in ("swiglu", "geglu") else 2) * D * F
+        embed = self.vocab_size * D * (1 if self.tie_embeddings else 2)
+        return L * (attn + mlp + 2 * D) + embed + D
+
+
+# Benchmark shapes from ../shared/anchors/*.json (real architectures, random weights).
+PRESETS: dict[str, ModelConfig] = {
+    "smol135m": ModelConfig(
+        vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, d_ff=1536,
+        rope_theta=100000.0, max_seq_len=8192, tie_embeddings=True, arch="llama",
+    ),
+    "llama1b": ModelConfig(
+        vocab_size=128256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, d_ff=8192,
+        rope_theta=500000.0, rope_scaling=RopeScaling(32.0, 1.0, 4.0, 8192),
+        max_seq_len=131072, tie_embeddings=True, arch="llama",
+    ),
+    "llama8b": ModelConfig(
+        vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, d_ff=14336,
+        rope_theta=500000.0, rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192),
+        max_seq_len=131072, tie_embeddings=False, arch="llama",
+    ),
+}

@@ -1,0 +1,215 @@
+"""The generic decoder as pure functions over a `Params` pytree.
+
+Three entry points share one layer function:
+  forward      logits for whole sequences, no cache (scoring, training)
+  extend       append T tokens per row to a KV cache; logits of each row's last
+               new token (prefill, chunked prefill, and decode with T = 1)
+  decode_step  extend with one token per row
+
+Axes: B batch, T new tokens, S cache slots, H query heads, K kv heads,
+G = H / K query heads per kv head, Dh head dim, D model width, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .cache import KVCache, write_rows
+from .config import ModelConfig
+from .params import Layer, Norm, Params
+
+
+def linear(x: jax.Array, w: jax.Array, b: Optional[jax.Array] = None) -> jax.Array:
+    """x [..., In] @ w [In, Out] (+ b [Out]). Every projection goes through here."""
+    y = jnp.einsum("...i,io->...o", x, w.astype(x.dtype))
+    return y if b is None else y + b.astype(y.dtype)
+
+
+def apply_norm(x: jax.Array, p: Norm, config: ModelConfig) -> jax.Array:
+    """RMSNorm or LayerNorm over the last axis, computed in float32."""
+    x32 = x.astype(jnp.float32)
+    if config.norm == "layer":
+        x32 = x32 - x32.mean(-1, keepdims=True)
+    y = x32 * jax.lax.rsqrt((x32 * x32).mean(-1, keepdims=True) + config.norm_eps)
+    y = y * (config.norm_weight_offset + p.scale.astype(jnp.float32))
+    if p.bias is not None:
+        y = y + p.bias.astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def rope_inv_freq(config: ModelConfig, theta: float) -> np.ndarray:
+    """Rotary inverse frequencies [Dh/2], with Llama-3 scaling when configured."""
+    dim = config.head_dim
+    inv_freq = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    s = config.rope_scaling
+    if s is not None:
+        low_wavelen = s.original_max_position / s.low_freq_factor
+        high_wavelen = s.original_max_position / s.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (s.original_max_position / wavelen - s.low_freq_factor) / (
+            s.high_freq_factor - s.low_freq_factor)
+        mid = (1 - smooth) * inv_freq / s.factor + smooth * inv_freq
+        inv_freq = np.where(wavelen > low_wavelen, inv_freq / s.factor,
+                            np.where(wavelen < high_wavelen, inv_freq, mid))
+    return inv_freq.astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """x [B, T, N, Dh] rotated by positions [B, T] (rotate-half pairing, as in HF)."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, Dh/2]
+    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def attend(q, k, v, q_pos, k_pos, config: ModelConfig, window: Optional[int]) -> jax.Array:
+    """Causal grouped-query attention.
+
+    q [B, T, H, Dh]; k, v [B, S, K, Dh]; q_pos [B, T] and k_pos [B, S] are the
+    sequence positions of queries and keys. A key is visible when
+    q_pos - window < k_pos <= q_pos. Returns [B, T, H, Dh].
+    """
+    B, T, H, Dh = q.shape
+    K = k.shape[2]
+    scale = config.query_scale if config.query_scale is not None else Dh ** -0.5
+    q = q.reshape(B, T, K, H // K, Dh)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    if config.attn_softcap is not None:
+        scores = config.attn_softcap * jnp.tanh(scores / config.attn_softcap)
+    visible = k_pos[:, None, :] <= q_pos[:, :, None]  # [B, T, S]
+    if window is not None:
+        visible &= k_pos[:, None, :] > q_pos[:, :, None] - window
+    scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1)
+    # A padded query row may see no key at all; its output is never used.
+    probs = jnp.where(visible[:, None, None], probs, 0.0).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(B, T, H, Dh)
+
+
+def mlp(x: jax.Array, p: Layer, config: ModelConfig) -> jax.Array:
+    up = linear(x, p.w_up, p.b_up)
+    if config.mlp == "swiglu":
+        hidden = jax.nn.silu(linear(x, p.w_gate)) * up
+    elif config.mlp == "geglu":
+        hidden = jax.nn.gelu(linear(x, p.w_gate), approximate=config.gelu_approximate) * up
+    else:
+        hidden = jax.nn.gelu(up, approximate=config.gelu_approximate)
+    return linear(hidden, p.w_down, p.b_down)
+
+
+def layer_forward(p: Layer, config: ModelConfig, index: int, x, positions, kv=None, starts=None):
+    """One decoder layer.
+
+    x [B, T, D]; positions [B, T]. With `kv` = (k_cache, v_cache) [B, S, K, Dh],
+    the new keys and values are written at slots starts[b] + t and attention reads
+    the whole cache; without, attention reads the T tokens themselves.
+    Returns (x [B, T, D], kv).
+    """
+    B, T, _ = x.shape
+    Dh, window = config.head_dim, config.layer_window(index)
+    h = apply_norm(x, p.attn_norm, config)
+    q = linear(h, p.wq, p.bq).reshape(B, T, config.n_heads, Dh)
+    k = linear(h, p.wk, p.bk).reshape(B, T, config.n_kv_heads, Dh)
+    v = linear(h, p.wv, p.bv).reshape(B, T, config.n_kv_heads, Dh)
+    if config.qk_norm:
+        q, k = apply_norm(q, p.q_norm, config), apply_norm(k, p.k_norm, config)
+    if config.position == "rope":
+        inv_freq = rope_inv_freq(config, config.layer_rope_theta(index))
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+    if kv is None:
+        attn = attend(q, k, v, positions, positions, config, window)
+    else:
+        k_cache, v_cache = write_rows(kv[0], k, starts), write_rows(kv[1], v, starts)
+        slots = jnp.broadcast_to(jnp.arange(k_cache.shape[1], dtype=jnp.int32), (B, k_cache.shape[1]))
+        attn = attend(q, k_cache, v_cache, positions, slots, config, window)
+        kv = (k_cache, v_cache)
+    attn = linear(attn.reshape(B, T, config.q_size), p.wo, p.bo)
+    if config.sandwich_norm:
+        attn = apply_norm(attn, p.post_attn_norm, config)
+    x = x + attn
+    out = mlp(apply_norm(x, p.mlp_norm, config), p, config)
+    if config.sandwich_norm:
+        out = apply_norm(out, p.post_mlp_norm, config)
+    return x + out, kv
+
+
+def embed(params: Params, config: ModelConfig, tokens: jax.Array, positions: jax.Array) -> jax.Array:
+    x = params.embed[tokens]
+    if config.embed_scale is not None:
+        # Gemma rounds the scale to the activation dtype before multiplying.
+        x = x * jnp.asarray(config.embed_scale, x.dtype)
+    if params.pos_embed is not None:
+        x = x + params.pos_embed[positions]
+    return x
+
+
+def unembed(params: Params, config: ModelConfig, x: jax.Array) -> jax.Array:
+    """Final norm and output projection: x [..., D] -> float32 logits [..., V]."""
+    x = apply_norm(x, params.final_norm, config)
+    if params.lm_head is None:
+        logits = jnp.einsum("...d,vd->...v", x, params.embed, preferred_element_type=jnp.float32)
+    else:
+        logits = jnp.einsum("...d,dv->...v", x, params.lm_head, preferred_element_type=jnp.float32)
+    if config.final_softcap is not None:
+        logits = config.final_softcap * jnp.tanh(logits / config.final_softcap)
+    return logits
+
+
+@partial(jax.jit, static_argnames=("config",))
+def forward(params: Params, config: ModelConfig, tokens: jax.Array) -> jax.Array:
+    """Logits [B, T, V] (float32) for token sequences [B, T], no cache.
+
+    Rows shorter than T are right-padded: causal masking keeps padding out of
+    every real position, so the padded tail's logits are simply ignored.
+    """
+    B, T = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    x = embed(params, config, tokens, positions)
+    for i, layer in enumerate(params.layers):
+        x, _ = layer_forward(layer, config, i, x, positions)
+    return unembed(params, config, x)
+
+
+def extend_hidden(params: Params, config: ModelConfig, tokens: jax.Array, n_new: jax.Array,
+                  cache: KVCache):
+    """Append tokens [B, T] (the first n_new[b] of each row are real) to the cache.
+
+    Returns (hidden [B, T, D] before the final norm, cache with lengths += n_new).
+    """
+    B, T = tokens.shape
+    positions = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)
+    x = embed(params, config, tokens, positions)
+    ks, vs = [], []
+    for i, layer in enumerate(params.layers):
+        x, (k, v) = layer_forward(layer, config, i, x, positions, (cache.k[i], cache.v[i]), cache.lengths)
+        ks.append(k)
+        vs.append(v)
+    return x, KVCache(k=tuple(ks), v=tuple(vs), lengths=cache.lengths + n_new.astype(jnp.int32))
+
+
+@partial(jax.jit, static_argnames=("config",), donate_argnames=("cache",))
+def extend(params: Params, config: ModelConfig, tokens: jax.Array, n_new: jax.Array,
+           cache: KVCache):
+    """Prefill: append tokens [B, T] to the cache (row b's first n_new[b] are real).
+
+    Returns (logits [B, V] of each row's last real new token, updated cache).
+    The caller guarantees lengths + T <= capacity.
+    """
+    x, cache = extend_hidden(params, config, tokens, n_new, cache)
+    last = jnp.take_along_axis(x, jnp.maximum(n_new - 1, 0)[:, None, None], axis=1)[:, 0]
+    return unembed(params, config, last), cache
+
+
+@partial(jax.jit, static_argnames=("config",), donate_argnames=("cache",))
+def decode_step(params: Params, config: ModelConfig, tokens: jax.Array, cache: KVCache):
+    """One incremental step: tokens [B] at position lengths[b] -> (logits [B, V], cache)."""
+    x, cache = extend_hidden(params, config, tokens[:, None], jnp.ones_like(tokens), cache)
+    return unembed(params, config, x[:, 0]), cache

@@ -1,0 +1,116 @@
+"""Parameter pytrees and random initialisation.
+
+Weights are stored [in, out] so every projection is `x @ w`. Absent parts (biases
+a model does not have, Gemma's extra norms) are None, which pytrees treat as
+empty: one dataclass serves every architecture.
+
+Layers are a tuple, not one stacked array: the decoder unrolls them, so XLA sees
+each layer's weights as separate buffers and never copies a layer slice out of a
+stacked array (see benchmarks/NOTES.md).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from .config import ModelConfig
+
+
+@struct.dataclass
+class Norm:
+    scale: jax.Array  # [N]
+    bias: Optional[jax.Array] = None  # [N], LayerNorm only
+
+
+@struct.dataclass
+class Layer:
+    attn_norm: Norm
+    wq: jax.Array  # [D, H*Dh]
+    wk: jax.Array  # [D, K*Dh]
+    wv: jax.Array  # [D, K*Dh]
+    wo: jax.Array  # [H*Dh, D]
+    mlp_norm: Norm
+    w_up: jax.Array  # [D, F]
+    w_down: jax.Array  # [F, D]
+    w_gate: Optional[jax.Array] = None  # [D, F], gated MLPs
+    bq: Optional[jax.Array] = None  # [H*Dh]
+    bk: Optional[jax.Array] = None  # [K*Dh]
+    bv: Optional[jax.Array] = None  # [K*Dh]
+    bo: Optional[jax.Array] = None  # [D]
+    b_up: Optional[jax.Array] = None  # [F]
+    b_down: Optional[jax.Array] = None  # [D]
+    q_norm: Optional[Norm] = None  # [Dh]
+    k_norm: Optional[Norm] = None  # [Dh]
+    post_attn_norm: Optional[Norm] = None  # [D]
+    post_mlp_norm: Optional[Norm] = None  # [D]
+
+
+@struct.dataclass
+class Params:
+    embed: jax.Array  # [V, D]
+    layers: tuple[Layer, ...]
+    final_norm: Norm
+    lm_head: Optional[jax.Array] = None  # [D, V]; None when tied to `embed`
+    pos_embed: Optional[jax.Array] = None  # [P, D], learned positions (GPT-2)
+
+
+def _normal(key, shape, dtype, scale):
+    return (scale * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+def _init_norm(config: ModelConfig, key, size: int, dtype) -> Norm:
+    # Non-trivial scales so tests exercise them; centred where the file convention
+    # stores (1 + w) so the effective scale stays near one.
+    k1, k2 = jax.random.split(key)
+    centre = 1.0 - config.norm_weight_offset
+    scale = (centre + _normal(k1, (size,), jnp.float32, 0.1)).astype(dtype)
+    bias = _normal(k2, (size,), dtype, 0.1) if config.norm == "layer" and config.norm_bias else None
+    return Norm(scale, bias)
+
+
+def _init_layer(config: ModelConfig, key, dtype) -> Layer:
+    D, F, Dh = config.d_model, config.d_ff, config.head_dim
+    keys = iter(jax.random.split(key, 24))
+    w = lambda shape: _normal(next(keys), shape, dtype, shape[0] ** -0.5)
+    b = lambda n, present: _normal(next(keys), (n,), dtype, 0.02) if present else None
+    norm = lambda n, present=True: _init_norm(config, next(keys), n, dtype) if present else None
+    gated = config.mlp in ("swiglu", "geglu")
+    return Layer(
+        attn_norm=norm(D),
+        wq=w((D, config.q_size)), wk=w((D, config.kv_size)), wv=w((D, config.kv_size)),
+        wo=w((config.q_size, D)),
+        mlp_norm=norm(D),
+        w_up=w((D, F)), w_down=w((F, D)), w_gate=w((D, F)) if gated else None,
+        bq=b(config.q_size, config.qkv_bias), bk=b(config.kv_size, config.qkv_bias),
+        bv=b(config.kv_size, config.qkv_bias), bo=b(D, config.out_bias),
+        b_up=b(F, config.mlp_bias), b_down=b(D, config.mlp_bias),
+        q_norm=norm(Dh, config.qk_norm), k_norm=norm(Dh, config.qk_norm),
+        post_attn_norm=norm(D, config.sandwich_norm), post_mlp_norm=norm(D, config.sandwich_norm),
+    )
+
+
+def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32) -> Params:
+    """Random weights of any shape, generated on the default device.
+
+    Each layer is produced by its own compiled call, so an 8B model never passes
+    through host memory and peak device memory is the weights plus one layer's
+    float32 temporaries.
+    """
+    dtype = jnp.dtype(dtype)
+    k_embed, k_head, k_pos, k_norm, k_layers = jax.random.split(key, 5)
+    init_layer = jax.jit(_init_layer, static_argnums=(0, 2))
+    layers = tuple(init_layer(config, k, dtype) for k in jax.random.split(k_layers, config.n_layers))
+    make = jax.jit(_normal, static_argnums=(1, 2, 3))
+    return Params(
+        embed=make(k_embed, (config.vocab_size, config.d_model), dtype, config.d_model ** -0.5),
+        layers=layers,
+        final_norm=jax.jit(_init_norm, static_argnums=(0, 2, 3))(config, k_norm, config.d_model, dtype),
+        lm_head=None if config.tie_embeddings else make(
+            k_head, (config.d_model, config.vocab_size), dtype, config.d_model ** -0.5),
+        pos_embed=make(k_pos, (config.max_seq_len, config.d_model), dtype, 0.1)
+        if config.position == "learned" else None,
+    )

@@ -1,0 +1,35 @@
+import os
+
+import pytest
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+
+from jaxllm import ModelConfig, RopeScaling  # noqa: E402
+
+
+def tiny(**kw) -> ModelConfig:
+    base = dict(vocab_size=97, d_model=48, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=80,
+                max_seq_len=128, eos_token_ids=(0,))
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+# One tiny config per architecture family, together covering every config field.
+ARCH_CONFIGS = {
+    "llama3": tiny(rope_theta=500000.0, rope_scaling=RopeScaling(8.0, 1.0, 4.0, 32),
+                   tie_embeddings=False),
+    "smollm2": tiny(n_heads=6, n_kv_heads=2, rope_theta=100000.0),
+    "mistral": tiny(sliding_window=5, n_layers=3),
+    "qwen2": tiny(qkv_bias=True, rope_theta=1e6),
+    "gpt2": tiny(norm="layer", norm_bias=True, mlp="gelu", position="learned", qkv_bias=True,
+                 out_bias=True, mlp_bias=True, n_kv_heads=4, norm_eps=1e-5),
+    "gemma": tiny(mlp="geglu", qk_norm=True, sandwich_norm=True, norm_weight_offset=1.0,
+                  embed_scale=48 ** 0.5, query_scale=0.3, attn_softcap=20.0,
+                  final_softcap=15.0, sliding_window=4, global_layer_period=2,
+                  rope_local_theta=10000.0, rope_theta=1e6, head_dim=16, n_layers=4),
+}
+
+
+@pytest.fixture(params=sorted(ARCH_CONFIGS))
+def arch_config(request):
+    return ARCH_CONFIGS[request.param]

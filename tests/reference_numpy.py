@@ -1,0 +1,125 @@
+"""An independent float64 NumPy decoder, written from the papers' equations rather
+than from jaxllm/model.py, used as the reference for `jaxllm.forward`."""
+
+import math
+
+import numpy as np
+
+
+def to64(tree):
+    import jax
+    return jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), tree)
+
+
+def norm(x, p, c):
+    if p is None:
+        return x
+    if c.norm == "layer":
+        mu = x.mean(-1, keepdims=True)
+        var = ((x - mu) ** 2).mean(-1, keepdims=True)
+        y = (x - mu) / np.sqrt(var + c.norm_eps)
+    else:
+        y = x / np.sqrt((x ** 2).mean(-1, keepdims=True) + c.norm_eps)
+    y = y * (c.norm_weight_offset + p.scale)
+    return y + p.bias if p.bias is not None else y
+
+
+def gelu(x, approximate):
+    if approximate:
+        return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+    return 0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
+
+
+def inv_freq(c, theta):
+    d = c.head_dim
+    f = np.array([theta ** (-2 * i / d) for i in range(d // 2)])
+    s = c.rope_scaling
+    if s is None:
+        return f
+    out = []
+    for fi in f:
+        wavelen = 2 * math.pi / fi
+        if wavelen < s.original_max_position / s.high_freq_factor:
+            out.append(fi)
+        elif wavelen > s.original_max_position / s.low_freq_factor:
+            out.append(fi / s.factor)
+        else:
+            a = (s.original_max_position / wavelen - s.low_freq_factor) / (
+                s.high_freq_factor - s.low_freq_factor)
+            out.append((1 - a) * fi / s.factor + a * fi)
+    return np.array(out)
+
+
+def rope(x, pos, f):
+    # x [T, N, Dh]; pairs (i, i + Dh/2) rotate by angle pos * f[i]
+    half = x.shape[-1] // 2
+    out = np.empty_like(x)
+    for t in range(x.shape[0]):
+        ang = pos[t] * f
+        c, s = np.cos(ang), np.sin(ang)
+        a, b = x[t, :, :half], x[t, :, half:]
+        out[t, :, :half] = a * c - b * s
+        out[t, :, half:] = b * c + a * s
+    return out
+
+
+def forward_one(p, c, tokens):
+    """Logits [T, V] for one sequence, float64."""
+    T = len(tokens)
+    pos = np.arange(T)
+    x = p.embed[tokens]
+    if c.embed_scale is not None:
+        x = x * c.embed_scale
+    if p.pos_embed is not None:
+        x = x + p.pos_embed[pos]
+    G = c.n_heads // c.n_kv_heads
+    for i, L in enumerate(p.layers):
+        window = c.layer_window(i)
+        h = norm(x, L.attn_norm, c)
+        q = h @ L.wq + (L.bq if L.bq is not None else 0)
+        k = h @ L.wk + (L.bk if L.bk is not None else 0)
+        v = h @ L.wv + (L.bv if L.bv is not None else 0)
+        q = q.reshape(T, c.n_heads, c.head_dim)
+        k = k.reshape(T, c.n_kv_heads, c.head_dim)
+        v = v.reshape(T, c.n_kv_heads, c.head_dim)
+        if c.qk_norm:
+            q, k = norm(q, L.q_norm, c), norm(k, L.k_norm, c)
+        if c.position == "rope":
+            f = inv_freq(c, c.layer_rope_theta(i))
+            q, k = rope(q, pos, f), rope(k, pos, f)
+        scale = c.query_scale if c.query_scale is not None else c.head_dim ** -0.5
+        out = np.zeros((T, c.n_heads, c.head_dim))
+        for hd in range(c.n_heads):
+            kv = hd // G
+            s = (q[:, hd] @ k[:, kv].T) * scale
+            if c.attn_softcap is not None:
+                s = c.attn_softcap * np.tanh(s / c.attn_softcap)
+            for t in range(T):
+                for u in range(T):
+                    if u > t or (window is not None and u <= t - window):
+                        s[t, u] = -np.inf
+            s = np.exp(s - s.max(-1, keepdims=True))
+            s /= s.sum(-1, keepdims=True)
+            out[:, hd] = s @ v[:, kv]
+        a = out.reshape(T, -1) @ L.wo + (L.bo if L.bo is not None else 0)
+        if c.sandwich_norm:
+            a = norm(a, L.post_attn_norm, c)
+        x = x + a
+        h = norm(x, L.mlp_norm, c)
+        up = h @ L.w_up + (L.b_up if L.b_up is not None else 0)
+        if c.mlp == "swiglu":
+            g = h @ L.w_gate
+            hidden = g / (1 + np.exp(-g)) * up
+        elif c.mlp == "geglu":
+            hidden = gelu(h @ L.w_gate, c.gelu_approximate) * up
+        else:
+            hidden = gelu(up, c.gelu_approximate)
+        m = hidden @ L.w_down + (L.b_down if L.b_down is not None else 0)
+        if c.sandwich_norm:
+            m = norm(m, L.post_mlp_norm, c)
+        x = x + m
+    x = norm(x, p.final_norm, c)
+    logits = x @ (p.embed.T if p.lm_head is None else p.lm_head)
+    if c.final_softcap is not None:
+        logits = c.final_softcap * np.tanh(logits / c.final_softcap)
+    return logits
