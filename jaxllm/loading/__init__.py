@@ -1,0 +1,1 @@
+"""Reading models from files: GGUF (llama.cpp, ollama) and Hugging Face folders."""

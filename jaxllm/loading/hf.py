@@ -1,0 +1,217 @@
+"""Hugging Face checkpoints: config.json to ModelConfig, and the name map from
+their state-dict keys to our parameter pytree.
+
+HF linear weights are [out, in] (torch); ours are [in, out]. GPT-2's Conv1D
+weights are already [in, out] and its q/k/v come fused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable
+
+import jax.numpy as jnp
+import numpy as np
+
+from ..config import ModelConfig, RopeScaling
+from ..errors import ModelFileError, UnsupportedArchitectureError
+from ..params import Layer, Norm, Params
+
+SUPPORTED = ("llama", "mistral", "qwen2", "gpt2", "gemma2", "gemma3_text")
+
+
+def _rope(cfg: dict) -> tuple[float, RopeScaling | None, float | None]:
+    """(global theta, llama-3 scaling, local theta) from either config spelling."""
+    params = cfg.get("rope_parameters") or {}
+    if "full_attention" in params:  # Gemma 3: one entry per layer type
+        local = params.get("sliding_attention", {}).get("rope_theta")
+        params = params["full_attention"]
+    else:
+        local = cfg.get("rope_local_base_freq")
+    legacy = cfg.get("rope_scaling") or {}
+    theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    kind = params.get("rope_type") or legacy.get("rope_type") or legacy.get("type") or "default"
+    src = params if params.get("rope_type") else legacy
+    scaling = None
+    if kind == "llama3":
+        scaling = RopeScaling(float(src["factor"]), float(src["low_freq_factor"]),
+                              float(src["high_freq_factor"]),
+                              int(src["original_max_position_embeddings"]))
+    elif kind not in ("default", None):
+        raise UnsupportedArchitectureError(
+            f"rope scaling type {kind!r} is not supported (supported: default, llama3)")
+    return float(theta), scaling, None if local is None else float(local)
+
+
+def _eos(cfg: dict) -> tuple[int, ...]:
+    eos = cfg.get("eos_token_id")
+    if eos is None:
+        return ()
+    return tuple(eos) if isinstance(eos, list) else (int(eos),)
+
+
+def _global_period(layer_types) -> int | None:
+    """Gemma's layer_types list as a period (global every n-th layer)."""
+    if not layer_types:
+        return None
+    globals_ = [i for i, t in enumerate(layer_types) if t == "full_attention"]
+    if not globals_:
+        return len(layer_types) + 1
+    period = globals_[0] + 1
+    expected = [(i + 1) % period == 0 for i in range(len(layer_types))]
+    if expected != [t == "full_attention" for t in layer_types]:
+        raise UnsupportedArchitectureError(f"irregular layer_types pattern: {layer_types}")
+    return period
+
+
+def config_from_hf(cfg: dict) -> ModelConfig:
+    """ModelConfig from a config.json dict."""
+    arch = cfg.get("model_type")
+    if arch == "gemma3" and "text_config" in cfg:
+        cfg = {**cfg["text_config"], "model_type": "gemma3_text"}
+        arch = "gemma3_text"
+    if arch not in SUPPORTED:
+        raise UnsupportedArchitectureError(
+            f"Hugging Face model_type {arch!r} is not supported (supported: {', '.join(SUPPORTED)})")
+    common = dict(bos_token_id=cfg.get("bos_token_id"), eos_token_ids=_eos(cfg),
+                  tie_embeddings=bool(cfg.get("tie_word_embeddings", True)))
+    if arch == "gpt2":
+        D = cfg["n_embd"]
+        return ModelConfig(
+            vocab_size=cfg["vocab_size"], d_model=D, n_layers=cfg["n_layer"], n_heads=cfg["n_head"],
+            n_kv_heads=cfg["n_head"], d_ff=cfg.get("n_inner") or 4 * D,
+            max_seq_len=cfg.get("n_positions", 1024), norm="layer", norm_bias=True,
+            norm_eps=cfg.get("layer_norm_epsilon", 1e-5), mlp="gelu",
+            gelu_approximate=cfg.get("activation_function", "gelu_new") != "gelu",
+            position="learned", qkv_bias=True, out_bias=True, mlp_bias=True, arch="gpt2", **common)
+    theta, scaling, local_theta = _rope(cfg)
+    D, H = cfg["hidden_size"], cfg["num_attention_heads"]
+    fields = dict(
+        vocab_size=cfg["vocab_size"], d_model=D, n_layers=cfg["num_hidden_layers"], n_heads=H,
+        n_kv_heads=cfg.get("num_key_value_heads") or H, d_ff=cfg["intermediate_size"],
+        head_dim=cfg.get("head_dim") or D // H,
+        max_seq_len=cfg.get("max_position_embeddings", 2048),
+        norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
+        qkv_bias=bool(cfg.get("attention_bias", arch == "qwen2")),
+        out_bias=bool(cfg.get("attention_bias", False)) and arch != "qwen2",
+        mlp_bias=bool(cfg.get("mlp_bias", False)), arch=arch, **common)
+    if arch == "mistral" or (arch == "qwen2" and cfg.get("use_sliding_window")):
+        fields["sliding_window"] = cfg.get("sliding_window")
+    if arch.startswith("gemma"):
+        act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh"
+        fields.update(
+            mlp="geglu", gelu_approximate=act != "gelu", sandwich_norm=True,
+            norm_weight_offset=1.0, embed_scale=float(D) ** 0.5,
+            query_scale=float(cfg.get("query_pre_attn_scalar") or fields["head_dim"]) ** -0.5,
+            attn_softcap=cfg.get("attn_logit_softcapping"),
+            final_softcap=cfg.get("final_logit_softcapping"),
+            sliding_window=cfg.get("sliding_window"),
+            global_layer_period=_global_period(cfg.get("layer_types"))
+            or cfg.get("sliding_window_pattern") or (6 if arch == "gemma3_text" else 2),
+            rope_local_theta=local_theta if arch == "gemma3_text" else None,
+            qk_norm=arch == "gemma3_text", qkv_bias=bool(cfg.get("attention_bias", False)))
+    return ModelConfig(**fields)
+
+
+def params_from_hf(config: ModelConfig, lookup: Callable[[str], np.ndarray | None], dtype) -> Params:
+    """Build Params from `lookup(name)`, which returns an HF tensor or None if absent."""
+
+    def get(name):
+        t = lookup(name)
+        if t is None:
+            raise ModelFileError(f"checkpoint tensor {name} is missing")
+        return np.asarray(t)
+
+    cast = lambda a: jnp.asarray(np.asarray(a, np.float32), dtype)
+    w = lambda name: cast(get(name).T)  # [out, in] -> [in, out]
+    vec = lambda name: cast(get(name))
+    maybe = lambda present, f, name: f(name) if present else None
+
+    if config.arch == "gpt2":
+        D = config.d_model
+        prefix = "transformer." if lookup("transformer.wte.weight") is not None else ""
+
+        def gpt2_layer(i):
+            p = f"{prefix}h.{i}."
+            qkv, qkv_b = get(p + "attn.c_attn.weight"), get(p + "attn.c_attn.bias")
+            return Layer(
+                attn_norm=Norm(vec(p + "ln_1.weight"), vec(p + "ln_1.bias")),
+                wq=cast(qkv[:, :D]), wk=cast(qkv[:, D:2 * D]), wv=cast(qkv[:, 2 * D:]),
+                bq=cast(qkv_b[:D]), bk=cast(qkv_b[D:2 * D]), bv=cast(qkv_b[2 * D:]),
+                wo=vec(p + "attn.c_proj.weight"), bo=vec(p + "attn.c_proj.bias"),
+                mlp_norm=Norm(vec(p + "ln_2.weight"), vec(p + "ln_2.bias")),
+                w_up=vec(p + "mlp.c_fc.weight"), b_up=vec(p + "mlp.c_fc.bias"),
+                w_down=vec(p + "mlp.c_proj.weight"), b_down=vec(p + "mlp.c_proj.bias"))
+
+        return Params(
+            embed=vec(prefix + "wte.weight"), pos_embed=vec(prefix + "wpe.weight"),
+            layers=tuple(gpt2_layer(i) for i in range(config.n_layers)),
+            final_norm=Norm(vec(prefix + "ln_f.weight"), vec(prefix + "ln_f.bias")))
+
+    gemma = config.sandwich_norm
+
+    def layer(i):
+        p = f"model.layers.{i}."
+        a, m = p + "self_attn.", p + "mlp."
+        return Layer(
+            attn_norm=Norm(vec(p + "input_layernorm.weight")),
+            wq=w(a + "q_proj.weight"), wk=w(a + "k_proj.weight"), wv=w(a + "v_proj.weight"),
+            wo=w(a + "o_proj.weight"),
+            bq=maybe(config.qkv_bias, vec, a + "q_proj.bias"),
+            bk=maybe(config.qkv_bias, vec, a + "k_proj.bias"),
+            bv=maybe(config.qkv_bias, vec, a + "v_proj.bias"),
+            bo=maybe(config.out_bias, vec, a + "o_proj.bias"),
+            q_norm=Norm(vec(a + "q_norm.weight")) if config.qk_norm else None,
+            k_norm=Norm(vec(a + "k_norm.weight")) if config.qk_norm else None,
+            post_attn_norm=Norm(vec(p + "post_attention_layernorm.weight")) if gemma else None,
+            mlp_norm=Norm(vec(p + ("pre_feedforward_layernorm.weight" if gemma
+                                   else "post_attention_layernorm.weight"))),
+            post_mlp_norm=Norm(vec(p + "post_feedforward_layernorm.weight")) if gemma else None,
+            w_gate=w(m + "gate_proj.weight"), w_up=w(m + "up_proj.weight"),
+            w_down=w(m + "down_proj.weight"),
+            b_up=maybe(config.mlp_bias, vec, m + "up_proj.bias"),
+            b_down=maybe(config.mlp_bias, vec, m + "down_proj.bias"))
+
+    return Params(
+        embed=vec("model.embed_tokens.weight"),
+        layers=tuple(layer(i) for i in range(config.n_layers)),
+        final_norm=Norm(vec("model.norm.weight")),
+        lm_head=None if config.tie_embeddings else w("lm_head.weight"))
+
+
+def load_hf_folder(path: str, dtype=jnp.bfloat16):
+    """(config, params) from a folder with config.json and *.safetensors
+    (a single file or shards listed in model.safetensors.index.json)."""
+    from safetensors import safe_open  # noqa: PLC0415
+
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise ModelFileError(f"{path}: no config.json (expected a Hugging Face model folder)")
+    with open(cfg_path) as f:
+        config = config_from_hf(json.load(f))
+    index_path = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index_path):
+        with open(index_path) as f:
+            weight_map = json.load(f)["weight_map"]
+    else:
+        single = os.path.join(path, "model.safetensors")
+        if not os.path.isfile(single):
+            raise ModelFileError(f"{path}: no model.safetensors or model.safetensors.index.json")
+        weight_map = None
+    handles = {}
+
+    def lookup(name):
+        file = weight_map.get(name) if weight_map is not None else "model.safetensors"
+        if file is None:
+            return None
+        if file not in handles:
+            try:
+                # "flax" rather than "numpy": numpy has no bfloat16 of its own.
+                handles[file] = safe_open(os.path.join(path, file), framework="flax")
+            except Exception as e:  # noqa: BLE001 - safetensors raises several types
+                raise ModelFileError(f"{os.path.join(path, file)}: cannot read safetensors: {e}") from e
+        h = handles[file]
+        return h.get_tensor(name) if name in h.keys() else None
+
+    return config, params_from_hf(config, lookup, dtype)
