@@ -24,3 +24,13 @@ __all__ = [
     "filter_logits", "forward", "generate", "generate_stream", "init_cache", "init_params",
     "sample",
 ]
+
+from .chat import render_chat  # noqa: E402
+from .errors import (JaxllmError, ModelFileError, UnknownModelError,  # noqa: E402
+                     UnsupportedArchitectureError, UnsupportedTensorTypeError)
+from .loading.models import Model, load  # noqa: E402
+from .tokenizer import StreamDecoder, TextTokenizer  # noqa: E402
+
+__all__ += ["JaxllmError", "Model", "ModelFileError", "StreamDecoder", "TextTokenizer",
+            "UnknownModelError", "UnsupportedArchitectureError", "UnsupportedTensorTypeError",
+            "load", "render_chat"]

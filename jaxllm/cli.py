@@ -1,0 +1,258 @@
+"""The `jaxllm` command line: generate, score, tokenize, chat, info.
+
+Every user error (bad file, unknown model, bad sampling value, prompt too long,
+malformed --ids) prints one line `jaxllm: error: ...` and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+
+from .errors import JaxllmError
+from .generate import ContextLengthError, bucket_length
+from .loading.models import DEFAULT_MODEL, PACKAGED
+from .sampling import SamplerSettings
+
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    pass
+
+
+def status(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _load(args):
+    from .loading.models import load  # noqa: PLC0415 - keep `--help` fast
+    return load(args.model, verbose=True)
+
+
+def _settings(args) -> SamplerSettings:
+    if args.temperature == 0:
+        return SamplerSettings.greedy(repetition_penalty=args.repeat_penalty)
+    return SamplerSettings(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                           min_p=args.min_p, repetition_penalty=args.repeat_penalty)
+
+
+def cmd_generate(args) -> None:
+    from .generate import generate, generate_stream  # noqa: PLC0415
+    from .tokenizer import StreamDecoder  # noqa: PLC0415
+
+    settings = _settings(args)  # validate before the slow load
+    if args.max_new_tokens < 1:
+        raise CliError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    model = _load(args)
+    prompts = [model.tokenizer.encode(p) for p in args.prompt]
+    kw = dict(max_new_tokens=args.max_new_tokens, settings=settings, seed=args.seed)
+    status(f"generating (batch {len(prompts)}, compiling on first use)...")
+    start = time.perf_counter()
+    if args.json or len(prompts) > 1:
+        result = generate(model.params, model.config, prompts, **kw)
+        for text, ids, out in zip(args.prompt, prompts, result.tokens):
+            completion = model.tokenizer.decode(out)
+            if args.json:
+                print(json.dumps({"prompt": text, "prompt_ids": ids, "ids": out, "text": completion}),
+                      flush=True)
+            else:
+                print(completion + "\n", flush=True)
+        n = sum(len(t) for t in result.tokens)
+    else:
+        decoder, n = StreamDecoder(model.tokenizer), 0
+        for chunk in generate_stream(model.params, model.config, prompts, chunk=4, **kw):
+            n += len(chunk[0])
+            sys.stdout.write(decoder.push(chunk[0]))
+            sys.stdout.flush()
+        sys.stdout.write(decoder.flush() + "\n")
+    elapsed = time.perf_counter() - start
+    status(f"{n} tokens in {elapsed:.1f}s (compilation included)")
+
+
+def _parse_ids(text: str, vocab: int) -> list[int]:
+    try:
+        ids = [int(x) for x in text.replace(" ", "").split(",") if x != ""]
+    except ValueError:
+        raise CliError(f"--ids must be comma-separated integers, got {text!r}") from None
+    if len(ids) < 2:
+        raise CliError("--ids needs at least two token ids to score")
+    bad = [i for i in ids if not 0 <= i < vocab]
+    if bad:
+        raise CliError(f"--ids: token ids {bad[:5]} outside the vocabulary [0, {vocab})")
+    return ids
+
+
+def score_ids(model, ids: list[int]) -> dict:
+    """Teacher-forced NLL of ids[1:], the model's argmax at every position, perplexity."""
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    from .model import forward  # noqa: PLC0415
+
+    if len(ids) > model.config.max_seq_len:
+        raise ContextLengthError(f"text of {len(ids)} tokens exceeds the context of "
+                                 f"{model.config.max_seq_len} tokens")
+    T = min(bucket_length(len(ids)), model.config.max_seq_len)
+    padded = np.zeros((1, T), np.int32)
+    padded[0, :len(ids)] = ids
+    logits = forward(model.params, model.config, jnp.asarray(padded))[0, :len(ids)]
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    nll = -np.asarray(jnp.take_along_axis(logprobs[:-1], jnp.asarray(ids[1:])[:, None], axis=-1)[:, 0])
+    nll = [float(x) for x in nll]
+    return {"ids": ids, "nll": nll, "argmax": [int(x) for x in np.asarray(jnp.argmax(logits, -1))],
+            "ppl": math.exp(sum(nll) / len(nll))}
+
+
+def cmd_score(args) -> None:
+    if (args.text is None) == (args.ids is None):
+        raise CliError("give either TEXT or --ids")
+    model = _load(args)
+    ids = (_parse_ids(args.ids, model.config.vocab_size) if args.ids is not None
+           else model.tokenizer.encode(args.text))
+    if len(ids) < 2:
+        raise CliError("the text must have at least two tokens to score")
+    result = score_ids(model, ids)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{len(ids)} tokens, mean NLL {sum(result['nll']) / len(result['nll']):.4f}, "
+              f"perplexity {result['ppl']:.4f}")
+
+
+def cmd_tokenize(args) -> None:
+    model = _load(args)
+    ids = model.tokenizer.encode(args.text, add_bos=False if args.no_bos else None,
+                                 parse_special=not args.no_bos)
+    if args.json:
+        print(json.dumps({"ids": ids, "pieces": [model.tokenizer.id_to_piece(i) for i in ids]}))
+    else:
+        print(" ".join(map(str, ids)))
+
+
+def cmd_info(args) -> None:
+    model = _load(args)
+    c = model.config
+    info = {
+        "source": model.source, "architecture": c.arch, "parameters": c.param_count(),
+        "layers": c.n_layers, "d_model": c.d_model, "heads": c.n_heads, "kv_heads": c.n_kv_heads,
+        "head_dim": c.head_dim, "d_ff": c.d_ff, "vocab_size": c.vocab_size,
+        "context_length": c.max_seq_len, "rope_theta": c.rope_theta if c.position == "rope" else None,
+        "sliding_window": c.sliding_window, "tied_embeddings": c.tie_embeddings,
+        "tensor_types": model.tensor_types, "file_bytes": model.file_bytes,
+        "chat_template": model.chat_template is not None,
+    }
+    if args.json:
+        print(json.dumps(info))
+    else:
+        for k, v in info.items():
+            print(f"{k:16s} {v}")
+
+
+def cmd_chat(args) -> None:
+    from .generate import generate_stream  # noqa: PLC0415
+    from .tokenizer import StreamDecoder  # noqa: PLC0415
+
+    settings = _settings(args)
+    model = _load(args)
+    messages = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    interactive = sys.stdin.isatty()
+    if interactive:
+        status("chat: type a message; /reset clears the conversation, /exit or Ctrl-D quits")
+    while True:
+        if interactive:
+            sys.stdout.write("> ")
+            sys.stdout.flush()
+        line = sys.stdin.readline()
+        if not line or line.strip() in ("/exit", "/quit"):
+            break
+        if line.strip() == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        ids = model.tokenizer.encode(model.apply_chat_template(messages))
+        decoder, reply = StreamDecoder(model.tokenizer), []
+        for chunk in generate_stream(model.params, model.config, [ids], chunk=4,
+                                     max_new_tokens=args.max_new_tokens, settings=settings,
+                                     seed=args.seed):
+            reply += chunk[0]
+            sys.stdout.write(decoder.push(chunk[0]))
+            sys.stdout.flush()
+        sys.stdout.write(decoder.flush() + "\n")
+        sys.stdout.flush()
+        messages.append({"role": "assistant", "content": model.tokenizer.decode(reply)})
+
+
+def _sampling_args(p) -> None:
+    d = SamplerSettings()
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=d.temperature, help="0 is greedy")
+    p.add_argument("--top-k", type=int, default=d.top_k, help="0 disables")
+    p.add_argument("--top-p", type=float, default=d.top_p, help="1 disables")
+    p.add_argument("--min-p", type=float, default=d.min_p, help="0 disables")
+    p.add_argument("--repeat-penalty", type=float, default=d.repetition_penalty, help="1 disables")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxllm", description="Run open-weight LLMs with JAX.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    model_help = (f"GGUF file, Hugging Face folder, or packaged name ({', '.join(PACKAGED)}); "
+                  f"default {DEFAULT_MODEL}")
+
+    def command(name, fn, help_text):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
+        p.set_defaults(fn=fn)
+        return p
+
+    p = command("generate", cmd_generate, "complete one or more prompts (one batch)")
+    _sampling_args(p)
+    p.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
+    p.add_argument("prompt", nargs="+")
+
+    p = command("score", cmd_score, "teacher-forced NLL and perplexity")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--ids", help="comma-separated token ids instead of TEXT")
+    p.add_argument("text", nargs="?")
+
+    p = command("tokenize", cmd_tokenize, "token ids of a text")
+    p.add_argument("--no-bos", action="store_true", help="no BOS and special tokens not parsed")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("text")
+
+    p = command("chat", cmd_chat, "interactive chat with the model's template")
+    _sampling_args(p)
+    p.add_argument("--system", help="system message")
+
+    p = command("info", cmd_info, "architecture, sizes, tensor types, context length")
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.fn(args)
+    except (JaxllmError, CliError, ValueError) as e:
+        # ValueError: invalid sampling values and context overflows, raised at the boundary.
+        print(f"jaxllm: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

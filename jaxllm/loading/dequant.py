@@ -1,0 +1,155 @@
+"""Dequantization of GGML block formats to float32, vectorised over blocks.
+
+Each format stores a row as consecutive blocks of `block_size` values; a block is
+a fixed number of bytes holding float16 scales (and minimums) and packed integer
+quants. `dequantize(raw, type_name)` takes raw bytes [rows, row_bytes] and
+returns float32 [rows, row_bytes / type_bytes * block_size].
+Layouts follow ggml-common.h (block_q4_0, ..., block_q6_K).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+QK_K = 256  # values per K-quant super-block
+
+
+def _f16(b: np.ndarray) -> np.ndarray:
+    """Little-endian float16 from the last axis (2 bytes) -> float32 [..., 1]."""
+    return np.ascontiguousarray(b).view(np.float16).astype(np.float32)
+
+
+def _split(blocks: np.ndarray, *sizes: int) -> list[np.ndarray]:
+    return np.split(blocks, np.cumsum(sizes), axis=-1)
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """Low nibbles of all bytes, then high nibbles: [n, b] -> [n, 2b] uint8."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+
+
+def _bits(packed: np.ndarray, count: int) -> np.ndarray:
+    """Bit j of little-endian bytes [n, count/8] -> [n, count] uint8."""
+    return np.unpackbits(packed, axis=-1, bitorder="little")[:, :count]
+
+
+def q4_0(b):
+    d, qs = _split(b, 2)
+    return _f16(d) * (_nibbles(qs).astype(np.float32) - 8)
+
+
+def q4_1(b):
+    d, m, qs = _split(b, 2, 2)
+    return _f16(d) * _nibbles(qs).astype(np.float32) + _f16(m)
+
+
+def q5_0(b):
+    d, qh, qs = _split(b, 2, 4)
+    q = _nibbles(qs) | (_bits(qh, 32) << 4)
+    return _f16(d) * (q.astype(np.float32) - 16)
+
+
+def q5_1(b):
+    d, m, qh, qs = _split(b, 2, 2, 4)
+    q = _nibbles(qs) | (_bits(qh, 32) << 4)
+    return _f16(d) * q.astype(np.float32) + _f16(m)
+
+
+def q8_0(b):
+    d, qs = _split(b, 2)
+    return _f16(d) * qs.view(np.int8).astype(np.float32)
+
+
+def _k_scales(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K/Q5_K: 12 bytes -> 8 six-bit scales and 8 six-bit minimums."""
+    a, b, c = s[:, 0:4], s[:, 4:8], s[:, 8:12]
+    scales = np.concatenate([a & 63, (c & 15) | ((a >> 6) << 4)], axis=-1)
+    mins = np.concatenate([b & 63, (c >> 4) | ((b >> 6) << 4)], axis=-1)
+    return scales.astype(np.float32), mins.astype(np.float32)
+
+
+def _pairs_of_32(qs: np.ndarray) -> np.ndarray:
+    """K-quant 4-bit order: each 32-byte chunk gives 32 low nibbles then 32 high."""
+    n = qs.shape[0]
+    chunks = qs.reshape(n, -1, 1, 32)
+    return np.concatenate([chunks & 0x0F, chunks >> 4], axis=2).reshape(n, -1)
+
+
+def q4_k(b):
+    n = b.shape[0]
+    d, dmin, s, qs = _split(b, 2, 2, 12)
+    sc, mn = _k_scales(s)
+    q = _pairs_of_32(qs).reshape(n, 8, 32).astype(np.float32)
+    return (_f16(d)[:, :, None] * sc[:, :, None] * q - _f16(dmin)[:, :, None] * mn[:, :, None]).reshape(n, QK_K)
+
+
+def q5_k(b):
+    n = b.shape[0]
+    d, dmin, s, qh, qs = _split(b, 2, 2, 12, 32)
+    sc, mn = _k_scales(s)
+    high = (qh[:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1  # [n, 8, 32]
+    q = (_pairs_of_32(qs).reshape(n, 8, 32) | (high << 4)).astype(np.float32)
+    return (_f16(d)[:, :, None] * sc[:, :, None] * q - _f16(dmin)[:, :, None] * mn[:, :, None]).reshape(n, QK_K)
+
+
+def q6_k(b):
+    n = b.shape[0]
+    ql, qh, s, d = _split(b, 128, 64, 16)
+    # Two halves of 128 values; in each, ql's 64 bytes give low nibbles for values
+    # 0-63 and high nibbles for 64-127, qh's 32 bytes give 2 bits for 4 groups of 32.
+    low = ql.reshape(n, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
+    low = (low & 0x0F).reshape(n, 2, 4, 32)
+    high = qh.reshape(n, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)
+    q = (low | ((high & 3) << 4)).astype(np.float32).reshape(n, 16, 16) - 32
+    scale = (_f16(d) * s.view(np.int8).astype(np.float32)).reshape(n, 16, 1)
+    return (scale * q).reshape(n, QK_K)
+
+
+def q2_k(b):
+    n = b.shape[0]
+    s, qs, d, dmin = _split(b, 16, 64, 2)
+    q = qs.reshape(n, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)
+    q = (q & 3).astype(np.float32).reshape(n, 16, 16)
+    scale = (_f16(d) * (s & 15).astype(np.float32))[:, :, None]
+    minimum = (_f16(dmin) * (s >> 4).astype(np.float32))[:, :, None]
+    return (scale * q - minimum).reshape(n, QK_K)
+
+
+def q3_k(b):
+    n = b.shape[0]
+    hmask, qs, s, d = _split(b, 32, 64, 12)
+    # 16 six-bit scales: low 4 bits from bytes 0-7 (low then high nibbles),
+    # high 2 bits from bytes 8-11 (2 bits at a time).
+    low = np.concatenate([s[:, :8] & 15, s[:, :8] >> 4], axis=-1)
+    high = (s[:, 8:12].reshape(n, 1, 4) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 4, 1)) & 3
+    scales = (low | (high.reshape(n, 16) << 4)).astype(np.float32) - 32
+    q = qs.reshape(n, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)
+    q = (q & 3).reshape(n, 8, 32).astype(np.float32)
+    hbit = (hmask[:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1  # [n, 8, 32]
+    q = (q - 4 * (1 - hbit)).reshape(n, 16, 16)
+    return ((_f16(d) * scales)[:, :, None] * q).reshape(n, QK_K)
+
+
+# name: (values per block, bytes per block, function)
+FORMATS = {
+    "Q4_0": (32, 18, q4_0), "Q4_1": (32, 20, q4_1), "Q5_0": (32, 22, q5_0),
+    "Q5_1": (32, 24, q5_1), "Q8_0": (32, 34, q8_0), "Q2_K": (QK_K, 84, q2_k),
+    "Q3_K": (QK_K, 110, q3_k), "Q4_K": (QK_K, 144, q4_k), "Q5_K": (QK_K, 176, q5_k),
+    "Q6_K": (QK_K, 210, q6_k),
+}
+FLOAT_TYPES = {"F32": np.float32, "F16": np.float16}
+SUPPORTED_TYPES = ("F32", "F16", "BF16", *FORMATS)
+
+
+def dequantize(raw: np.ndarray, type_name: str) -> np.ndarray:
+    """raw bytes [rows, row_bytes] (or typed floats) -> float32 [rows, cols]."""
+    if type_name in FLOAT_TYPES:
+        return np.asarray(raw).view(FLOAT_TYPES[type_name]).astype(np.float32)
+    if type_name == "BF16":
+        bits = np.asarray(raw).view(np.uint16).astype(np.uint32) << 16
+        return bits.view(np.float32)
+    size, nbytes, fn = FORMATS[type_name]
+    raw = np.asarray(raw).view(np.uint8)
+    rows = raw.reshape(-1, raw.shape[-1])
+    values = fn(rows.reshape(-1, nbytes)).reshape(rows.shape[0], -1)
+    return values.reshape(*raw.shape[:-1], raw.shape[-1] // nbytes * size)

@@ -1,0 +1,196 @@
+"""GGUF files (llama.cpp, ollama): metadata to ModelConfig, tensors to Params.
+
+Read with the `gguf` package's memory-mapped reader. GGUF stores a matrix as
+[out, in] rows of blocks; we dequantize to float32 and transpose to [in, out].
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from ..config import ModelConfig
+from ..errors import ModelFileError, UnsupportedArchitectureError, UnsupportedTensorTypeError
+from ..params import Layer, Norm, Params
+from .dequant import SUPPORTED_TYPES, dequantize
+
+SUPPORTED_ARCHS = ("llama", "qwen2", "gpt2", "gemma2", "gemma3")
+GGUF_MAGIC = b"GGUF"
+
+
+class GGUFFile:
+    """An opened, validated GGUF file: `metadata` (dict) and tensors by name."""
+
+    def __init__(self, path: str):
+        from gguf import GGUFReader  # noqa: PLC0415
+
+        if not os.path.isfile(path):
+            raise ModelFileError(f"{path}: no such file")
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic != GGUF_MAGIC:
+            raise ModelFileError(f"{path}: not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r})")
+        try:
+            self.reader = GGUFReader(path)
+        except Exception as e:  # noqa: BLE001 - the reader raises many kinds on bad files
+            raise ModelFileError(f"{path}: cannot parse GGUF header ({type(e).__name__}: {e}); "
+                                 "the file may be truncated") from e
+        self.path = path
+        size = os.path.getsize(path)
+        self.tensors = {}
+        for t in self.reader.tensors:
+            if t.data_offset + t.n_bytes > size:
+                raise ModelFileError(f"{path}: truncated (tensor {t.name} ends past the file's "
+                                     f"{size} bytes)")
+            self.tensors[t.name] = t
+        self.metadata = {}
+        for key, field in self.reader.fields.items():
+            if key.startswith("GGUF.") or key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges",
+                                                 "tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
+                continue
+            try:
+                self.metadata[key] = field.contents()
+            except Exception:  # noqa: BLE001 - skip fields of types we never read
+                pass
+        self.version = int(self.reader.fields["GGUF.version"].contents())
+
+    def array(self, key: str) -> list[Any] | None:
+        """A metadata array (tokens, merges, scores, token types), or None."""
+        field = self.reader.fields.get(key)
+        return None if field is None else field.contents()
+
+    def tensor_type(self, name: str) -> str:
+        return self.tensors[name].tensor_type.name
+
+    def load(self, name: str) -> np.ndarray:
+        """Dequantized float32 tensor in GGUF's row order ([out, in] for matrices)."""
+        t = self.tensors.get(name)
+        if t is None:
+            raise ModelFileError(f"{self.path}: tensor {name} is missing")
+        type_name = t.tensor_type.name
+        if type_name not in SUPPORTED_TYPES:
+            raise UnsupportedTensorTypeError(
+                f"{self.path}: tensor {name} has type {type_name}, which jaxllm cannot dequantize "
+                f"(supported: {', '.join(SUPPORTED_TYPES)})")
+        shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists the fastest axis first
+        return dequantize(np.asarray(t.data), type_name).reshape(shape)
+
+
+def config_from_gguf(g: GGUFFile) -> ModelConfig:
+    md = g.metadata
+    arch = md.get("general.architecture")
+    if arch not in SUPPORTED_ARCHS:
+        raise UnsupportedArchitectureError(
+            f"{g.path}: architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHS)})")
+    get = lambda key, default=None: md.get(f"{arch}.{key}", default)
+    D, H = int(get("embedding_length")), int(get("attention.head_count"))
+    kv = get("attention.head_count_kv", H)
+    vocab = get("vocab_size") or len(g.array("tokenizer.ggml.tokens") or [])
+    eos = md.get("tokenizer.ggml.eos_token_id")
+    eot = md.get("tokenizer.ggml.eot_token_id")
+    fields = dict(
+        vocab_size=int(vocab), d_model=D, n_layers=int(get("block_count")), n_heads=H,
+        n_kv_heads=int(kv), d_ff=int(get("feed_forward_length")),
+        head_dim=int(get("attention.key_length", D // H)),
+        max_seq_len=int(get("context_length", 2048)),
+        norm_eps=float(get("attention.layer_norm_rms_epsilon", get("attention.layer_norm_epsilon", 1e-5))),
+        rope_theta=float(get("rope.freq_base", 10000.0)),
+        tie_embeddings="output.weight" not in g.tensors,
+        bos_token_id=md.get("tokenizer.ggml.bos_token_id"),
+        eos_token_ids=tuple(sorted({int(t) for t in (eos, eot) if t is not None})),
+        arch=arch,
+    )
+    if get("rope.scaling.type", "none") not in ("none", None):
+        raise UnsupportedArchitectureError(
+            f"{g.path}: rope scaling {get('rope.scaling.type')!r} is not supported")
+    if arch == "qwen2":
+        fields["qkv_bias"] = True
+    if arch == "gpt2":
+        fields.update(norm="layer", norm_bias=True, mlp="gelu", position="learned", qkv_bias=True,
+                      out_bias=True, mlp_bias=True, n_kv_heads=H, rope_theta=10000.0)
+    if arch in ("gemma2", "gemma3"):
+        head_dim = fields["head_dim"]
+        fields.update(
+            mlp="geglu", sandwich_norm=True, embed_scale=float(D) ** 0.5,
+            # llama.cpp's converter stores Gemma's norm weights with the +1 applied.
+            norm_weight_offset=0.0,
+            query_scale=head_dim ** -0.5, sliding_window=get("attention.sliding_window"),
+            attn_softcap=get("attn_logit_softcapping"), final_softcap=get("final_logit_softcapping"),
+            global_layer_period=6 if arch == "gemma3" else 2,
+            rope_local_theta=10000.0 if arch == "gemma3" else None, qk_norm=arch == "gemma3")
+    return ModelConfig(**fields)
+
+
+def _unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's converter reorders Q/K rows of Llama-family models so that rotary
+    pairs are adjacent (x0, x1), (x2, x3), ...; our rotary embedding pairs each
+    half of a head with the other (HF's layout). Undo: rows [out, in]."""
+    out = w.shape[0]
+    return w.reshape(n_heads, out // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _progress(total: int, desc: str):
+    from tqdm import tqdm  # noqa: PLC0415
+    return tqdm(total=total, desc=desc, unit="tensor", file=sys.stderr, leave=False,
+                disable=not sys.stderr.isatty() and os.environ.get("JAXLLM_PROGRESS") != "1")
+
+
+def params_from_gguf(g: GGUFFile, config: ModelConfig, dtype) -> Params:
+    bar = _progress(len(g.tensors), f"loading {os.path.basename(g.path)}")
+    permute = config.arch == "llama"
+
+    def load(name):
+        bar.update(1)
+        return g.load(name)
+
+    def vec(name):
+        return jnp.asarray(load(name), dtype)
+
+    def mat(name, heads=None):
+        w = load(name)
+        if heads is not None and permute:
+            w = _unpermute_rope_rows(w, heads)
+        return jnp.asarray(w.T, dtype)
+
+    def optional(name, f):
+        return f(name) if name in g.tensors else None
+
+    def layer(i):
+        p = f"blk.{i}."
+        if config.arch == "gpt2":
+            D = config.d_model
+            qkv, qkv_b = load(p + "attn_qkv.weight"), load(p + "attn_qkv.bias")
+            split = lambda a: [jnp.asarray(part, dtype) for part in np.split(a, [D, 2 * D], axis=0)]
+            (wq, wk, wv), (bq, bk, bv) = [x.T for x in split(qkv)], split(qkv_b)
+        else:
+            wq, wk = mat(p + "attn_q.weight", config.n_heads), mat(p + "attn_k.weight", config.n_kv_heads)
+            wv = mat(p + "attn_v.weight")
+            bq, bk, bv = (optional(p + f"attn_{x}.bias", vec) for x in "qkv")
+        gemma = config.sandwich_norm
+        return Layer(
+            attn_norm=Norm(vec(p + "attn_norm.weight"), optional(p + "attn_norm.bias", vec)),
+            wq=wq, wk=wk, wv=wv, bq=bq, bk=bk, bv=bv,
+            wo=mat(p + "attn_output.weight"), bo=optional(p + "attn_output.bias", vec),
+            q_norm=Norm(vec(p + "attn_q_norm.weight")) if config.qk_norm else None,
+            k_norm=Norm(vec(p + "attn_k_norm.weight")) if config.qk_norm else None,
+            post_attn_norm=Norm(vec(p + "post_attention_norm.weight")) if gemma else None,
+            mlp_norm=Norm(vec(p + "ffn_norm.weight"), optional(p + "ffn_norm.bias", vec)),
+            post_mlp_norm=Norm(vec(p + "post_ffw_norm.weight")) if gemma else None,
+            w_gate=optional(p + "ffn_gate.weight", mat), w_up=mat(p + "ffn_up.weight"),
+            w_down=mat(p + "ffn_down.weight"),
+            b_up=optional(p + "ffn_up.bias", vec), b_down=optional(p + "ffn_down.bias", vec))
+
+    try:
+        params = Params(
+            embed=vec("token_embd.weight"),
+            layers=tuple(layer(i) for i in range(config.n_layers)),
+            final_norm=Norm(vec("output_norm.weight"), optional("output_norm.bias", vec)),
+            lm_head=None if config.tie_embeddings else mat("output.weight"),
+            pos_embed=optional("position_embd.weight", vec))
+    finally:
+        bar.close()
+    return params

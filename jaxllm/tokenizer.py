@@ -1,0 +1,202 @@
+"""Tokenizers built with Hugging Face `tokenizers` from GGUF metadata or tokenizer.json.
+
+GGUF `tokenizer.ggml.model`:
+  gpt2   byte-level BPE: vocabulary, merges, and a pre-tokenizer chosen by
+         `tokenizer.ggml.pre` (the split regex llama.cpp uses for that name)
+  llama  SentencePiece BPE with scores and byte fallback (Gemma, Llama 2)
+Control and user-defined tokens become special tokens, parsed in text.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+from .errors import ModelFileError, UnsupportedArchitectureError
+
+# GGUF token types (llama.cpp's llama_token_type)
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _byte_level(split: Optional[str], digits: bool = False):
+    steps = []
+    if digits:
+        steps.append(pre_tokenizers.Digits(individual_digits=True))
+    if split is None:
+        steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True))
+    else:
+        steps.append(pre_tokenizers.Split(Regex(split), behavior="isolated"))
+        steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False))
+    return pre_tokenizers.Sequence(steps)
+
+
+# tokenizer.ggml.pre -> pre-tokenizer (llama.cpp's llama-vocab.cpp names)
+GPT2_PRE = {
+    "default": lambda: _byte_level(None), "gpt-2": lambda: _byte_level(None),
+    "gpt2": lambda: _byte_level(None),
+    "smollm": lambda: _byte_level(None, digits=True),
+    "starcoder": lambda: _byte_level(None, digits=True),
+    "llama-bpe": lambda: _byte_level(LLAMA3_SPLIT), "llama3": lambda: _byte_level(LLAMA3_SPLIT),
+    "qwen2": lambda: _byte_level(QWEN2_SPLIT),
+}
+
+
+@dataclass
+class TextTokenizer:
+    """Text <-> ids with the model's BOS convention. `tok` is a `tokenizers.Tokenizer`."""
+
+    tok: Tokenizer
+    bos_id: Optional[int] = None
+    add_bos: bool = False
+    eos_ids: tuple[int, ...] = ()
+    special_ids: frozenset = field(default_factory=frozenset)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_bos: Optional[bool] = None, parse_special: bool = True) -> list[int]:
+        """ids of text; BOS per the model unless add_bos says otherwise; special
+        tokens written in the text (e.g. "<|im_start|>") become their ids."""
+        self.tok.encode_special_tokens = not parse_special
+        try:
+            ids = self.tok.encode(text, add_special_tokens=False).ids
+        finally:
+            self.tok.encode_special_tokens = False
+        if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
+            ids = [self.bos_id] + ids
+        return ids
+
+    def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special)
+
+    def id_to_piece(self, i: int) -> str:
+        return self.tok.id_to_token(i)
+
+
+class StreamDecoder:
+    """Incremental detokenisation: feed ids, get the new text, never half a UTF-8
+    character (bytes of an unfinished character wait for the next ids)."""
+
+    def __init__(self, tokenizer: TextTokenizer, skip_special: bool = True):
+        self.tokenizer, self.skip_special = tokenizer, skip_special
+        self.ids: list[int] = []
+        self.emitted = 0  # characters of decode(ids) already returned
+
+    def push(self, ids: Iterable[int]) -> str:
+        self.ids.extend(ids)
+        text = self.tokenizer.decode(self.ids, self.skip_special)
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait
+            stable = text.rstrip("\ufffd")
+            out, self.emitted = stable[self.emitted:], max(self.emitted, len(stable))
+            return out
+        out, self.emitted = text[self.emitted:], len(text)
+        return out
+
+    def flush(self) -> str:
+        text = self.tokenizer.decode(self.ids, self.skip_special)
+        out, self.emitted = text[self.emitted:], len(text)
+        return out
+
+
+def _special_tokens(tokens, types) -> list[AddedToken]:
+    return [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types)
+            if ty in (CONTROL, USER_DEFINED)]
+
+
+def tokenizer_from_gguf(g) -> TextTokenizer:
+    md = g.metadata
+    kind = md.get("tokenizer.ggml.model")
+    tokens = g.array("tokenizer.ggml.tokens")
+    if tokens is None:
+        raise ModelFileError(f"{g.path}: no tokenizer in the file (tokenizer.ggml.tokens missing)")
+    types = g.array("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
+    vocab = {t: i for i, t in enumerate(tokens)}
+    if kind == "gpt2":
+        pre = md.get("tokenizer.ggml.pre", "default")
+        if pre not in GPT2_PRE:
+            raise UnsupportedArchitectureError(
+                f"{g.path}: BPE pre-tokenizer {pre!r} is not supported (supported: {', '.join(GPT2_PRE)})")
+        merges = [tuple(m.split(" ", 1)) for m in g.array("tokenizer.ggml.merges") or []]
+        tok = Tokenizer(models.BPE(vocab, merges, fuse_unk=False, ignore_merges=False))
+        tok.pre_tokenizer = GPT2_PRE[pre]()
+        tok.decoder = decoders.ByteLevel()
+        default_bos = False
+    elif kind == "llama":
+        tok = _sentencepiece_bpe(tokens, g.array("tokenizer.ggml.scores"), types, md)
+        default_bos = True
+    else:
+        raise UnsupportedArchitectureError(
+            f"{g.path}: tokenizer model {kind!r} is not supported (supported: gpt2, llama)")
+    tok.add_special_tokens(_special_tokens(tokens, types))
+    bos = md.get("tokenizer.ggml.bos_token_id")
+    eos = tuple(int(md[k]) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in md)
+    return TextTokenizer(tok, bos, bool(md.get("tokenizer.ggml.add_bos_token", default_bos)), eos,
+                         frozenset(i for i, ty in enumerate(types) if ty == CONTROL))
+
+
+def _sentencepiece_bpe(tokens, scores, types, md) -> Tokenizer:
+    """SentencePiece BPE as llama.cpp runs it: merges ranked by the merged piece's
+    score, spaces as U+2581, byte fallback through <0xXX> pieces."""
+    vocab = {t: i for i, t in enumerate(tokens)}
+    scores = scores or [0.0] * len(tokens)
+    merges = []
+    normal = {t for t, ty in zip(tokens, types) if ty in (NORMAL, USER_DEFINED)}
+    for piece in normal:
+        if len(piece) < 2:
+            continue
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in vocab and right in vocab:
+                merges.append((scores[vocab[piece]], vocab[left], vocab[right], left, right))
+    merges.sort(key=lambda m: (-m[0], m[1], m[2]))
+    unk = next((t for t, ty in zip(tokens, types) if ty == UNKNOWN), None)
+    tok = Tokenizer(models.BPE(vocab, [(m[3], m[4]) for m in merges], unk_token=unk,
+                               fuse_unk=True, byte_fallback=True, ignore_merges=False))
+    steps = [normalizers.Replace(" ", "\u2581")]
+    if md.get("tokenizer.ggml.add_space_prefix", False):
+        steps.insert(0, normalizers.Prepend("\u2581"))
+    tok.normalizer = normalizers.Sequence(steps)
+    tok.pre_tokenizer = None
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                     decoders.Fuse()])
+    return tok
+
+
+def tokenizer_from_json(folder: str) -> TextTokenizer:
+    """tokenizer.json (+ tokenizer_config.json for BOS and the chat template)."""
+    path = os.path.join(folder, "tokenizer.json")
+    if not os.path.isfile(path):
+        raise ModelFileError(f"{folder}: no tokenizer.json")
+    tok = Tokenizer.from_file(path)
+    cfg = _read_json(os.path.join(folder, "tokenizer_config.json"))
+    bos_token = cfg.get("bos_token")
+    if isinstance(bos_token, dict):
+        bos_token = bos_token.get("content")
+    bos_id = tok.token_to_id(bos_token) if bos_token else None
+    eos_token = cfg.get("eos_token")
+    if isinstance(eos_token, dict):
+        eos_token = eos_token.get("content")
+    eos = (tok.token_to_id(eos_token),) if eos_token and tok.token_to_id(eos_token) is not None else ()
+    specials = frozenset(i for i, t in tok.get_added_tokens_decoder().items() if t.special)
+    # The post-processor may add BOS itself; we add it explicitly instead.
+    add_bos = bool(cfg.get("add_bos_token", False))
+    tok.post_processor = None
+    return TextTokenizer(tok, bos_id, add_bos, eos, specials)
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
