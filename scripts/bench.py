@@ -1,0 +1,445 @@
+#!/usr/bin/env python
+"""jaxllm's milestone benchmark suite.
+
+    python scripts/bench.py [--suite cpu|gpu|all] [--shapes smol135m,llama1b,llama8b]
+                            [--weights bf16] [--only M1,...] [--quick] [--out FILE.json]
+
+Measures compiled throughput on whatever backend JAX has (random non-zero weights
+of the named shapes; the real SmolLM2 GGUF for M1), prints a table last, writes
+JSON. tg128: 128 tokens decoded one by one from an empty context; pp512: one
+prefill of 512 tokens (llama-bench's definitions). Compilation and warm-up are
+excluded (compile time has its own row); each figure is the median of >= 5 runs
+after block_until_ready.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import jaxllm  # noqa: E402
+from jaxllm import PRESETS, ModelConfig, SamplerSettings  # noqa: E402
+from jaxllm.cache import init_cache  # noqa: E402
+from jaxllm.generate import decode, start  # noqa: E402
+from jaxllm.model import decode_step, extend  # noqa: E402
+
+ANCHORS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "anchors",
+                       "h100-2026-11-23.json")
+DATASHEET_TBPS = 3.35  # H100 SXM HBM3
+GREEDY = SamplerSettings.greedy()
+TINY = ModelConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
+                   max_seq_len=1024)
+LLAMA_CPP_FORMAT = {"bf16": "F16", "int8": "Q8_0", "int4": "Q4_0"}
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def timed(fn, reps: int) -> tuple[float, list[float]]:
+    """Median seconds of fn() over reps runs (fn blocks until its result is ready)."""
+    times = []
+    for _ in range(reps):
+        times.append(fn())
+    return statistics.median(times), times
+
+
+def block(tree):
+    jax.block_until_ready(tree)
+    return tree
+
+
+def spread_ms(times):
+    return {"median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times),
+            "max_ms": 1e3 * max(times)}
+
+
+def weight_bytes_per_token(params) -> int:
+    """Bytes of weights one decode step reads: every layer, the final norm and the
+    output projection (the tied embedding is read whole for the logits; an untied
+    embedding only one row)."""
+    layers = sum(x.nbytes for x in jax.tree_util.tree_leaves(params.layers))
+    head = params.embed if params.lm_head is None else params.lm_head
+    return layers + params.final_norm.scale.nbytes + head.nbytes
+
+
+# --- measurements ---------------------------------------------------------------------
+
+def measure_copy_bandwidth(reps: int) -> float:
+    """Bytes read + written per second by an elementwise pass over a large array."""
+    n = (256 << 20) if jax.default_backend() == "gpu" else (32 << 20)
+    x = block(jax.random.normal(jax.random.PRNGKey(0), (n,), jnp.bfloat16))
+    f = jax.jit(lambda a: a * jnp.bfloat16(1.0001))
+    block(f(x))
+
+    def once():
+        t = time.perf_counter()
+        block(f(x))
+        return time.perf_counter() - t
+    sec, _ = timed(once, max(reps, 10))
+    return 2 * x.nbytes / sec
+
+
+def measure_matmul(m: int, k: int, n: int, reps: int, chain: int = 4) -> dict:
+    """x [m, k] @ W [k, n] in bf16, `chain` distinct weights per call (beats caches)."""
+    keys = jax.random.split(jax.random.PRNGKey(1), chain + 1)
+    x = block(jax.random.normal(keys[0], (m, k), jnp.bfloat16))
+    ws = block([jax.random.normal(kk, (k, n), jnp.bfloat16) for kk in keys[1:]])
+
+    @jax.jit
+    def f(x, ws):
+        return [x @ w for w in ws]
+    block(f(x, ws))
+
+    def once():
+        t = time.perf_counter()
+        block(f(x, ws))
+        return time.perf_counter() - t
+    sec, times = timed(once, max(reps, 10))
+    bytes_moved = chain * (k * n + m * k + m * n) * 2
+    return {"tflops": chain * 2 * m * k * n / sec / 1e12, "gbps": bytes_moved / sec / 1e9,
+            **spread_ms(times)}
+
+
+def measure_decode(params, config, batch: int, n_tokens: int, reps: int) -> dict:
+    """The library's own generation loop: prefill one token per row, then n_tokens
+    decode steps in one compiled while_loop (greedy, no stop tokens)."""
+    prompts = [[1]] * batch
+
+    def setup():
+        state, stop_ids, max_new = start(params, config, prompts, max_new_tokens=n_tokens + 1,
+                                         settings=GREEDY, stop_tokens=[])
+        return block(state), stop_ids, max_new
+
+    def once():
+        state, stop_ids, max_new = setup()
+        t = time.perf_counter()
+        state = block(decode(params, config, GREEDY, state, stop_ids, max_new, max_new))
+        elapsed = time.perf_counter() - t
+        assert int(state.n_generated) == n_tokens + 1
+        return elapsed
+
+    t0 = time.perf_counter()
+    first = once()
+    sec, times = timed(once, reps)
+    return {"tok_s": batch * n_tokens / sec, "compile_s": max(first - sec, 0.0),
+            "first_call_s": first, "warm_s": time.perf_counter() - t0, **spread_ms(times)}
+
+
+def measure_prefill(params, config, batch: int, length: int, reps: int) -> dict:
+    tokens = jax.random.randint(jax.random.PRNGKey(2), (batch, length), 0, config.vocab_size)
+    lengths = jnp.full((batch,), length, jnp.int32)
+    dtype = params.embed.dtype
+
+    def once():
+        cache = block(init_cache(config, batch, length, dtype))
+        t = time.perf_counter()
+        block(extend(params, config, tokens, lengths, cache))
+        return time.perf_counter() - t
+
+    first = once()
+    sec, times = timed(once, reps)
+    return {"tok_s": batch * length / sec, "compile_s": max(first - sec, 0.0), **spread_ms(times)}
+
+
+def measure_ttft(params, config, prompt_len: int, reps: int) -> dict:
+    """Time from token ids to the first sampled token (prefill + sampling)."""
+    prompt = [[1 + (i % (config.vocab_size - 1)) for i in range(prompt_len)]]
+
+    def once():
+        t = time.perf_counter()
+        state, _, _ = start(params, config, prompt, max_new_tokens=2, settings=GREEDY, stop_tokens=[])
+        int(state.generated[0, 0])
+        return time.perf_counter() - t
+
+    once()
+    sec, times = timed(once, reps)
+    return {"ttft_ms": sec * 1e3, **spread_ms(times)}
+
+
+def measure_host_loop(params, config, n_tokens: int, reps: int, donate: bool) -> float:
+    """Seconds per token of a Python loop around one compiled step, reading each
+    token back to the host (what a naive engine does). donate=False gives XLA a
+    fresh output cache every step instead of updating the donated one in place."""
+    step = decode_step if donate else jax.jit(decode_step.__wrapped__, static_argnames=("config",))
+    dtype = params.embed.dtype
+
+    def once():
+        cache = block(init_cache(config, 1, n_tokens + 1, dtype))
+        token = jnp.ones((1,), jnp.int32)
+        t = time.perf_counter()
+        for _ in range(n_tokens):
+            logits, cache = step(params, config, token, cache)
+            token = jnp.argmax(logits, -1).astype(jnp.int32)
+            int(token[0])  # the host round trip
+        return (time.perf_counter() - t) / n_tokens
+
+    once()
+    sec, _ = timed(once, reps)
+    return sec
+
+
+def measure_hf_peer(shape: str, config: ModelConfig, reps: int) -> dict | None:
+    """Hugging Face transformers generate with a static, compiled cache (torch)."""
+    try:
+        import torch  # noqa: PLC0415
+        import transformers as tf  # noqa: PLC0415
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    hf = tf.LlamaConfig(vocab_size=config.vocab_size, hidden_size=config.d_model,
+                        intermediate_size=config.d_ff, num_hidden_layers=config.n_layers,
+                        num_attention_heads=config.n_heads, num_key_value_heads=config.n_kv_heads,
+                        tie_word_embeddings=config.tie_embeddings, rope_theta=config.rope_theta,
+                        max_position_embeddings=4096)
+    model = tf.AutoModelForCausalLM.from_config(hf, torch_dtype=torch.bfloat16).cuda().eval()
+    ids = torch.ones((1, 1), dtype=torch.long, device="cuda")
+    kw = dict(max_new_tokens=128, min_new_tokens=128, do_sample=False,
+              cache_implementation="static", pad_token_id=0)
+
+    def once():
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.no_grad():
+            model.generate(ids, **kw)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    once()
+    once()
+    sec, times = timed(once, reps)
+    del model
+    torch.cuda.empty_cache()
+    return {"tok_s": 128 / sec, "version": f"transformers {tf.__version__}, torch {torch.__version__}",
+            **spread_ms(times)}
+
+
+# --- suites ---------------------------------------------------------------------------
+
+def smollm_cpu_decode(reps: int, n_tokens: int) -> dict:
+    """M1: the real SmolLM2-135M Q4_1 GGUF, greedy decode on this machine."""
+    model = jaxllm.load("smollm2-135m-instruct", dtype=jnp.float32, verbose=True)
+    ids = model.tokenizer.encode("The capital of France is")
+    params, config = model.params, model.config
+
+    def once():
+        state, stop_ids, max_new = start(params, config, [ids], max_new_tokens=n_tokens + 1,
+                                         settings=GREEDY, stop_tokens=[])
+        block(state)
+        t = time.perf_counter()
+        block(decode(params, config, GREEDY, state, stop_ids, max_new, max_new))
+        return time.perf_counter() - t
+
+    first = once()
+    sec, times = timed(once, reps)
+    return {"bench": "decode", "shape": "smollm2-135m", "weights": "Q4_1", "batch": 1,
+            "tok_s": n_tokens / sec, "tokens": n_tokens, "compile_s": max(first - sec, 0.0),
+            "compute_dtype": "float32 (dequantized)", **spread_ms(times)}
+
+
+def run(args) -> dict:
+    backend = jax.default_backend()
+    suite = args.suite or ("gpu" if backend == "gpu" else "cpu")
+    anchors = json.load(open(ANCHORS)) if os.path.exists(ANCHORS) else {}
+    llama_cpp = anchors.get("llama_cpp", {})
+    only = set(args.only.split(",")) if args.only else None
+    want = lambda m: only is None or m in only
+    reps = 5
+    results, milestones = [], []
+    dtype = jnp.bfloat16 if backend == "gpu" else jnp.float32
+    weights_name = "bf16" if dtype == jnp.bfloat16 else "f32"
+    for w in args.weights.split(","):
+        if w not in ("bf16",):
+            raise SystemExit(f"bench: error: --weights {w} needs quantized weights on device, "
+                             "which this version does not have yet (issue: quantized weights)")
+
+    def milestone(name, description, measured, target, peer, peer_source, ratio, passed):
+        milestones.append({"name": name, "description": description, "measured": measured,
+                           "target": target, "peer": {"value": peer, "source": peer_source},
+                           "ratio": ratio, "passed": bool(passed)})
+
+    log(f"device: {jax.devices()[0].device_kind} ({backend}), jax {jax.__version__}, suite {suite}")
+    copy_bw = None
+    if suite in ("gpu", "all") or args.quick:
+        log("measuring copy bandwidth ...")
+        copy_bw = measure_copy_bandwidth(reps)
+        results.append({"bench": "copy_bandwidth", "shape": "-", "weights": "bf16", "batch": 1,
+                        "tok_s": None, "gbps": copy_bw / 1e9})
+
+    # M1: real GGUF on the CPU
+    if (suite in ("cpu", "all")) and want("M1") and not args.quick:
+        log("M1: SmolLM2-135M Q4_1 decode on the CPU ...")
+        row = smollm_cpu_decode(reps, 64)
+        results.append(row)
+        cpu_ref = anchors.get("cpu_reference", {}).get("tg_tok_s", {}).get(
+            "SmolLM2-135M-Instruct.Q4_1", [78.4])[0]
+        ratio = row["tok_s"] / cpu_ref
+        milestone("M1", "CPU parity: SmolLM2-135M Q4_1 decode tok/s vs llama.cpp on the 2-core CPU",
+                  row["tok_s"], 0.5 * cpu_ref, cpu_ref,
+                  "../shared/anchors cpu_reference (llama.cpp 2 threads)", ratio, ratio >= 0.5)
+
+    # M2: kernel ceilings (GPU)
+    if (suite in ("gpu", "all")) and want("M2") and backend == "gpu":
+        log("M2: matmul and matrix-vector ceilings ...")
+        big = measure_matmul(8192, 8192, 8192, reps, chain=2)
+        results.append({"bench": "matmul_8192", "shape": "-", "weights": "bf16", "batch": 8192,
+                        "tok_s": None, **big})
+        for (k, n) in [(4096, 14336), (14336, 4096), (4096, 4096), (2048, 128256)]:
+            for b in (1, 8):
+                r = measure_matmul(b, k, n, reps)
+                results.append({"bench": f"gemv_K{k}_N{n}", "shape": "-", "weights": "bf16",
+                                "batch": b, "tok_s": None, **r, "fraction_of_copy": r["gbps"] * 1e9 / copy_bw})
+        gemv = [r for r in results if r["bench"].startswith("gemv") and r["batch"] == 1]
+        worst = min(r["fraction_of_copy"] for r in gemv)
+        pp = measure_matmul(512, 4096, 14336, reps)
+        milestone("M2", "GPU kernels: batch-1 GEMV GB/s on decode shapes (worst) as a fraction of the "
+                  "copy bandwidth measured in this run; target 0.8", worst, 0.8, copy_bw / 1e9,
+                  "copy bandwidth, this run (GB/s)", worst, worst >= 0.8)
+        results.append({"bench": "matmul_512x4096x14336", "shape": "-", "weights": "bf16",
+                        "batch": 512, "tok_s": None, **pp, "fraction_of_8192": pp["tflops"] / big["tflops"]})
+
+    shapes = ["tiny"] if args.quick else args.shapes.split(",")
+    if suite == "cpu" and not args.quick and args.shapes_given is False:
+        shapes = ["smol135m"]
+    tg_ratios = {}
+    for shape in shapes:
+        config = TINY if shape == "tiny" else PRESETS[shape]
+        log(f"{shape}: initialising random {weights_name} weights ...")
+        params = block(jaxllm.init_params(config, jax.random.PRNGKey(0), dtype))
+        wbytes = weight_bytes_per_token(params)
+        peer_tg = llama_cpp.get("tg128", {}).get(shape, {}).get("F16")
+        peer_pp = llama_cpp.get("pp512", {}).get(shape, {}).get("F16")
+        batches = [1] if args.quick else [1, 8, 32, 64]
+        for b in batches:
+            log(f"{shape}: tg128 batch {b} ...")
+            r = measure_decode(params, config, b, 32 if args.quick else 128, 3 if args.quick else reps)
+            row = {"bench": "tg128" if b == 1 else "decode", "shape": shape, "weights": weights_name,
+                   "batch": b, **r, "weight_bytes_per_step": wbytes}
+            if copy_bw:
+                row["mbu_vs_copy"] = wbytes * r["tok_s"] / b / copy_bw
+            if backend == "gpu":
+                row["mbu_vs_3.35TBps"] = wbytes * r["tok_s"] / b / (DATASHEET_TBPS * 1e12)
+            if b == 1 and peer_tg:
+                row["llama_cpp_F16_tok_s"] = peer_tg
+                row["ratio_vs_llama_cpp"] = r["tok_s"] / peer_tg
+                tg_ratios[shape] = (r["tok_s"], peer_tg, row.get("mbu_vs_3.35TBps"))
+            results.append(row)
+        log(f"{shape}: pp512 ...")
+        length = 64 if args.quick else 512
+        r = measure_prefill(params, config, 1, length, 3 if args.quick else reps)
+        row = {"bench": "pp512" if length == 512 else f"pp{length}", "shape": shape,
+               "weights": weights_name, "batch": 1, **r}
+        if peer_pp and length == 512:
+            row["llama_cpp_F16_tok_s"] = peer_pp
+            row["ratio_vs_llama_cpp"] = r["tok_s"] / peer_pp
+        results.append(row)
+        if backend == "gpu":
+            stats = jax.devices()[0].memory_stats() or {}
+            results[-1]["peak_device_bytes"] = stats.get("peak_bytes_in_use")
+        log(f"{shape}: time to first token, host loop, buffer reuse ...")
+        ttft = measure_ttft(params, config, 16 if args.quick else 128, 3 if args.quick else reps)
+        results.append({"bench": "ttft_prompt128", "shape": shape, "weights": weights_name, "batch": 1,
+                        "tok_s": None, **ttft})
+        n = 16 if args.quick else 64
+        donated = measure_host_loop(params, config, n, 3, donate=True)
+        fresh = measure_host_loop(params, config, n, 3, donate=False)
+        compiled = [x for x in results if x["shape"] == shape and x["bench"] == "tg128"][0]
+        results.append({"bench": "async_overhead", "shape": shape, "weights": weights_name, "batch": 1,
+                        "tok_s": 1 / donated, "ratio": (1 / compiled["tok_s"] and donated * compiled["tok_s"]),
+                        "note": "host-driven per-token loop s/token over the compiled loop's"})
+        results.append({"bench": "buffer_reuse", "shape": shape, "weights": weights_name, "batch": 1,
+                        "tok_s": 1 / fresh, "ratio": fresh / donated,
+                        "note": "fresh cache per step over donated cache, s/token (host loop both)"})
+        if backend == "gpu" and shape in ("smol135m", "llama1b") and not args.no_peers:
+            log(f"{shape}: Hugging Face transformers static-cache peer ...")
+            try:
+                hf = measure_hf_peer(shape, config, 3)
+            except Exception as e:  # noqa: BLE001 - a peer failing must not end the run
+                hf = {"error": f"{type(e).__name__}: {e}"[:300]}
+            if hf:
+                results.append({"bench": "tg128_hf_transformers", "shape": shape, "weights": "bf16",
+                                "batch": 1, "tok_s": hf.get("tok_s"), **hf})
+        del params
+
+    if backend == "gpu" and tg_ratios:
+        for name, factor, desc in (("M3", 0.5, ">= 50%"), ("M4", 0.9, ">= 90%"), ("M5", 1.0, ">= 100%")):
+            if not want(name):
+                continue
+            worst = min(v[0] / v[1] for v in tg_ratios.values())
+            passed = worst >= factor
+            if name == "M5" and "llama8b" in tg_ratios:
+                passed = passed and (tg_ratios["llama8b"][2] or 0) >= 0.8
+            milestone(name, f"tg128 batch 1 {desc} of llama.cpp F16 at every shape run "
+                      f"({', '.join(tg_ratios)})" + ("; and >= 80% MBU at llama8b" if name == "M5" else ""),
+                      worst, factor, {k: v[1] for k, v in tg_ratios.items()},
+                      "../shared/anchors/h100-2026-11-23.json llama_cpp.tg128 F16", worst, passed)
+
+    return {"device": jax.devices()[0].device_kind, "backend": backend, "jax_version": jax.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(["python", "scripts/bench.py", *sys.argv[1:]]),
+            "suite": suite, "results": results, "milestones": milestones}
+
+
+def table(report: dict) -> str:
+    lines = [f"{report['device']} | jax {report['jax_version']} | {report['date']}",
+             f"{'bench':24s} {'shape':10s} {'weights':8s} {'batch':>5s} {'tok/s':>10s} {'median ms':>10s}  extra"]
+    for r in report["results"]:
+        extra = []
+        for k in ("ratio_vs_llama_cpp", "mbu_vs_3.35TBps", "mbu_vs_copy", "gbps", "tflops", "ratio",
+                  "ttft_ms", "compile_s"):
+            if r.get(k) is not None:
+                extra.append(f"{k}={r[k]:.3g}")
+        tok = f"{r['tok_s']:.1f}" if r.get("tok_s") else "-"
+        med = f"{r['median_ms']:.2f}" if r.get("median_ms") is not None else "-"
+        lines.append(f"{r['bench']:24s} {r['shape']:10s} {r['weights']:8s} {r['batch']:>5} {tok:>10s} "
+                     f"{med:>10s}  {' '.join(extra)}")
+    for m in report["milestones"]:
+        lines.append(f"{m['name']}: {'PASS' if m['passed'] else 'FAIL'} measured {m['measured']:.4g} "
+                     f"target {m['target']} ratio {m['ratio']:.3f} -- {m['description']}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--suite", choices=["cpu", "gpu", "all"])
+    p.add_argument("--shapes", default=None)
+    p.add_argument("--weights", default="bf16")
+    p.add_argument("--only", help="comma-separated milestones, e.g. M1,M3")
+    p.add_argument("--quick", action="store_true", help="tiny shapes, few repetitions (CI)")
+    p.add_argument("--no-peers", action="store_true", help="skip the transformers peer")
+    p.add_argument("--out", help="JSON file (default benchmarks/results/<device>-<date>.json on GPU)")
+    args = p.parse_args(argv)
+    args.shapes_given = args.shapes is not None
+    args.shapes = args.shapes or "smol135m,llama1b,llama8b"
+    for s in args.shapes.split(","):
+        if s not in PRESETS and s != "tiny":
+            p.error(f"unknown shape {s!r} (known: {', '.join(PRESETS)})")
+    report = run(args)
+    out = args.out
+    if out is None and report["backend"] == "gpu":
+        name = report["device"].replace(" ", "-")
+        out = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results",
+                           f"{name}-{report['date'][:10]}.json")
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            json.dump(report, f, indent=1)
+        log(f"wrote {out}")
+    print(table(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
