@@ -49,19 +49,20 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def _record(state: DecodeState, token, stop_ids, max_new, n):
-    """Store freshly sampled tokens [B] as column n and update the stop flags."""
-    done_before = state.done
-    token = jnp.where(done_before, -1, token)
-    generated = state.generated.at[:, n].set(token)
-    hit_stop = jnp.isin(token, stop_ids)
-    cache_full = state.cache.lengths >= state.cache.capacity
+def _record(state: DecodeState, token, stop_ids, max_new) -> DecodeState:
+    """Store freshly sampled tokens [B] of the rows still running as column
+    n_generated, and update the stop flags. Once every row is done this is a no-op,
+    so the fixed-length inner loop may run past the end harmlessly."""
+    n, active = state.n_generated, ~state.done
+    col = jnp.minimum(n, state.generated.shape[1] - 1)
+    generated = state.generated.at[:, col].set(jnp.where(active, token, state.generated[:, col]))
+    stopped = jnp.isin(token, stop_ids) | (state.cache.lengths >= state.cache.capacity) | (n + 1 >= max_new)
     seen = state.seen
     if seen is not None:
-        seen = seen.at[jnp.arange(token.shape[0]), jnp.maximum(token, 0)].max(~done_before)
+        seen = seen.at[jnp.arange(token.shape[0]), token].max(active)
     return state.replace(
-        generated=generated, n_generated=n + 1, last=jnp.where(done_before, state.last, token),
-        done=done_before | hit_stop | cache_full | (n + 1 >= max_new), seen=seen)
+        generated=generated, n_generated=n + jnp.any(active).astype(jnp.int32),
+        last=jnp.where(active, token, state.last), done=state.done | (active & stopped), seen=seen)
 
 
 @partial(jax.jit, static_argnames=("config", "settings"), donate_argnames=("cache",))
@@ -81,25 +82,33 @@ def prefill(params: Params, config: ModelConfig, settings: SamplerSettings, toke
         n_generated=jnp.int32(0), last=jnp.zeros((B,), jnp.int32), done=jnp.zeros((B,), bool),
         key=key, seen=seen)
     token = sample(logits, jax.random.fold_in(key, 0), settings, seen)
-    return _record(state, token, stop_ids, max_new, jnp.int32(0))
+    return _record(state, token, stop_ids, max_new)
 
 
-@partial(jax.jit, static_argnames=("config", "settings"), donate_argnames=("state",))
+@partial(jax.jit, static_argnames=("config", "settings", "steps_per_sync"),
+         donate_argnames=("state",))
 def decode(params: Params, config: ModelConfig, settings: SamplerSettings, state: DecodeState,
-           stop_ids, max_new, chunk_end) -> DecodeState:
-    """Decode until chunk_end tokens per row, max_new, or every row is done."""
+           stop_ids, max_new, chunk_end, steps_per_sync: int = 16) -> DecodeState:
+    """Decode until chunk_end tokens per row (rounded up to whole syncs), max_new,
+    or every row is done.
+
+    The stop test runs every `steps_per_sync` steps, around an inner loop of static
+    length: a GPU while loop copies its predicate to the host on every iteration,
+    which would stall the device once per token (benchmarks/NOTES.md).
+    """
 
     def keep_going(s: DecodeState):
         return (s.n_generated < jnp.minimum(chunk_end, max_new)) & ~jnp.all(s.done)
 
-    def step(s: DecodeState) -> DecodeState:
+    def step(_, s: DecodeState) -> DecodeState:
         active = (~s.done).astype(jnp.int32)
         x, cache = extend_hidden(params, config, s.last[:, None], active, s.cache)
         logits = unembed(params, config, x[:, 0])
         token = sample(logits, jax.random.fold_in(s.key, s.n_generated), settings, s.seen)
-        return _record(s.replace(cache=cache), token, stop_ids, max_new, s.n_generated)
+        return _record(s.replace(cache=cache), token, stop_ids, max_new)
 
-    return jax.lax.while_loop(keep_going, step, state)
+    return jax.lax.while_loop(
+        keep_going, lambda s: jax.lax.fori_loop(0, steps_per_sync, step, s), state)
 
 
 @dataclass(frozen=True)
@@ -211,4 +220,5 @@ def generate_stream(params: Params, config: ModelConfig, prompts, *, max_new_tok
             yield out
         if n >= max_new_tokens or bool(jnp.all(state.done)):
             return
-        state = decode(params, config, settings, state, stop_ids, max_new, jnp.int32(n + chunk))
+        state = decode(params, config, settings, state, stop_ids, max_new, jnp.int32(n + chunk),
+                       steps_per_sync=chunk)

@@ -95,14 +95,15 @@ def attend(q, k, v, q_pos, k_pos, config: ModelConfig, window: Optional[int]) ->
 
 
 def mlp(x: jax.Array, p: Layer, config: ModelConfig) -> jax.Array:
-    up = linear(x, p.w_up, p.b_up)
-    if config.mlp == "swiglu":
-        hidden = jax.nn.silu(linear(x, p.w_gate)) * up
-    elif config.mlp == "geglu":
-        hidden = jax.nn.gelu(linear(x, p.w_gate), approximate=config.gelu_approximate) * up
+    h = linear(x, p.w_in, p.b_in)
+    if config.mlp == "gelu":
+        hidden = jax.nn.gelu(h, approximate=config.gelu_approximate)
     else:
-        hidden = jax.nn.gelu(up, approximate=config.gelu_approximate)
-    return linear(hidden, p.w_down, p.b_down)
+        gate, up = jnp.split(h, 2, axis=-1)
+        act = jax.nn.silu(gate) if config.mlp == "swiglu" else jax.nn.gelu(
+            gate, approximate=config.gelu_approximate)
+        hidden = act * up
+    return linear(hidden, p.w_out, p.b_out)
 
 
 def layer_forward(p: Layer, config: ModelConfig, index: int, x, positions, kv=None, starts=None):
@@ -116,9 +117,11 @@ def layer_forward(p: Layer, config: ModelConfig, index: int, x, positions, kv=No
     B, T, _ = x.shape
     Dh, window = config.head_dim, config.layer_window(index)
     h = apply_norm(x, p.attn_norm, config)
-    q = linear(h, p.wq, p.bq).reshape(B, T, config.n_heads, Dh)
-    k = linear(h, p.wk, p.bk).reshape(B, T, config.n_kv_heads, Dh)
-    v = linear(h, p.wv, p.bv).reshape(B, T, config.n_kv_heads, Dh)
+    qkv = linear(h, p.wqkv, p.bqkv)
+    q, k, v = jnp.split(qkv, [config.q_size, config.q_size + config.kv_size], axis=-1)
+    q = q.reshape(B, T, config.n_heads, Dh)
+    k = k.reshape(B, T, config.n_kv_heads, Dh)
+    v = v.reshape(B, T, config.n_kv_heads, Dh)
     if config.qk_norm:
         q, k = apply_norm(q, p.q_norm, config), apply_norm(k, p.k_norm, config)
     if config.position == "rope":

@@ -28,21 +28,20 @@ class Norm:
 
 @struct.dataclass
 class Layer:
+    """One decoder layer. Projections that read the same input are stored fused
+    (q, k, v in `wqkv`; gate and up in `w_in`): one matrix-vector product instead
+    of three or two per decode step (benchmarks/NOTES.md)."""
+
     attn_norm: Norm
-    wq: jax.Array  # [D, H*Dh]
-    wk: jax.Array  # [D, K*Dh]
-    wv: jax.Array  # [D, K*Dh]
+    wqkv: jax.Array  # [D, (H + 2K) * Dh]: q, then k, then v
     wo: jax.Array  # [H*Dh, D]
     mlp_norm: Norm
-    w_up: jax.Array  # [D, F]
-    w_down: jax.Array  # [F, D]
-    w_gate: Optional[jax.Array] = None  # [D, F], gated MLPs
-    bq: Optional[jax.Array] = None  # [H*Dh]
-    bk: Optional[jax.Array] = None  # [K*Dh]
-    bv: Optional[jax.Array] = None  # [K*Dh]
+    w_in: jax.Array  # [D, 2F] gate then up (gated MLPs), or [D, F]
+    w_out: jax.Array  # [F, D]
+    bqkv: Optional[jax.Array] = None  # [(H + 2K) * Dh]
     bo: Optional[jax.Array] = None  # [D]
-    b_up: Optional[jax.Array] = None  # [F]
-    b_down: Optional[jax.Array] = None  # [D]
+    b_in: Optional[jax.Array] = None  # like w_in's output
+    b_out: Optional[jax.Array] = None  # [D]
     q_norm: Optional[Norm] = None  # [Dh]
     k_norm: Optional[Norm] = None  # [Dh]
     post_attn_norm: Optional[Norm] = None  # [D]
@@ -79,15 +78,14 @@ def _init_layer(config: ModelConfig, key, dtype) -> Layer:
     b = lambda n, present: _normal(next(keys), (n,), dtype, 0.02) if present else None
     norm = lambda n, present=True: _init_norm(config, next(keys), n, dtype) if present else None
     gated = config.mlp in ("swiglu", "geglu")
+    qkv = config.q_size + 2 * config.kv_size
     return Layer(
         attn_norm=norm(D),
-        wq=w((D, config.q_size)), wk=w((D, config.kv_size)), wv=w((D, config.kv_size)),
-        wo=w((config.q_size, D)),
+        wqkv=w((D, qkv)), wo=w((config.q_size, D)),
         mlp_norm=norm(D),
-        w_up=w((D, F)), w_down=w((F, D)), w_gate=w((D, F)) if gated else None,
-        bq=b(config.q_size, config.qkv_bias), bk=b(config.kv_size, config.qkv_bias),
-        bv=b(config.kv_size, config.qkv_bias), bo=b(D, config.out_bias),
-        b_up=b(F, config.mlp_bias), b_down=b(D, config.mlp_bias),
+        w_in=w((D, 2 * F if gated else F)), w_out=w((F, D)),
+        bqkv=b(qkv, config.qkv_bias), bo=b(D, config.out_bias),
+        b_in=b(2 * F if gated else F, config.mlp_bias), b_out=b(D, config.mlp_bias),
         q_norm=norm(Dh, config.qk_norm), k_norm=norm(Dh, config.qk_norm),
         post_attn_norm=norm(D, config.sandwich_norm), post_mlp_norm=norm(D, config.sandwich_norm),
     )

@@ -76,9 +76,8 @@ def forward_one(p, c, tokens):
     for i, L in enumerate(p.layers):
         window = c.layer_window(i)
         h = norm(x, L.attn_norm, c)
-        q = h @ L.wq + (L.bq if L.bq is not None else 0)
-        k = h @ L.wk + (L.bk if L.bk is not None else 0)
-        v = h @ L.wv + (L.bv if L.bv is not None else 0)
+        qkv = h @ L.wqkv + (L.bqkv if L.bqkv is not None else 0)
+        q, k, v = np.split(qkv, [c.q_size, c.q_size + c.kv_size], axis=-1)
         q = q.reshape(T, c.n_heads, c.head_dim)
         k = k.reshape(T, c.n_kv_heads, c.head_dim)
         v = v.reshape(T, c.n_kv_heads, c.head_dim)
@@ -106,15 +105,16 @@ def forward_one(p, c, tokens):
             a = norm(a, L.post_attn_norm, c)
         x = x + a
         h = norm(x, L.mlp_norm, c)
-        up = h @ L.w_up + (L.b_up if L.b_up is not None else 0)
+        a = h @ L.w_in + (L.b_in if L.b_in is not None else 0)
         if c.mlp == "swiglu":
-            g = h @ L.w_gate
+            g, up = np.split(a, 2, axis=-1)
             hidden = g / (1 + np.exp(-g)) * up
         elif c.mlp == "geglu":
-            hidden = gelu(h @ L.w_gate, c.gelu_approximate) * up
+            g, up = np.split(a, 2, axis=-1)
+            hidden = gelu(g, c.gelu_approximate) * up
         else:
-            hidden = gelu(up, c.gelu_approximate)
-        m = hidden @ L.w_down + (L.b_down if L.b_down is not None else 0)
+            hidden = gelu(a, c.gelu_approximate)
+        m = hidden @ L.w_out + (L.b_out if L.b_out is not None else 0)
         if c.sandwich_norm:
             m = norm(m, L.post_mlp_norm, c)
         x = x + m

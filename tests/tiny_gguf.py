@@ -40,15 +40,17 @@ def write_llama_gguf(path, config, params, arch="llama", extra=None, raw_tensor=
     for i, L in enumerate(params.layers):
         p = f"blk.{i}."
         w.add_tensor(p + "attn_norm.weight", f32(L.attn_norm.scale))
-        w.add_tensor(p + "attn_q.weight", f32(_permute(np.asarray(L.wq).T, config.n_heads)))
-        w.add_tensor(p + "attn_k.weight", f32(_permute(np.asarray(L.wk).T, config.n_kv_heads)))
+        wq, wk, wv = np.split(np.asarray(L.wqkv).T, [config.q_size, config.q_size + config.kv_size])
+        w.add_tensor(p + "attn_q.weight", f32(_permute(wq, config.n_heads)))
+        w.add_tensor(p + "attn_k.weight", f32(_permute(wk, config.n_kv_heads)))
         if raw_tensor is None or raw_tensor[0] != p + "attn_v.weight":
-            w.add_tensor(p + "attn_v.weight", f32(np.asarray(L.wv).T))
+            w.add_tensor(p + "attn_v.weight", f32(wv))
         w.add_tensor(p + "attn_output.weight", f32(np.asarray(L.wo).T))
         w.add_tensor(p + "ffn_norm.weight", f32(L.mlp_norm.scale))
-        w.add_tensor(p + "ffn_gate.weight", f32(np.asarray(L.w_gate).T))
-        w.add_tensor(p + "ffn_up.weight", f32(np.asarray(L.w_up).T))
-        w.add_tensor(p + "ffn_down.weight", f32(np.asarray(L.w_down).T))
+        gate, up = np.split(np.asarray(L.w_in).T, 2)
+        w.add_tensor(p + "ffn_gate.weight", f32(gate))
+        w.add_tensor(p + "ffn_up.weight", f32(up))
+        w.add_tensor(p + "ffn_down.weight", f32(np.asarray(L.w_out).T))
     w.add_tensor("output_norm.weight", f32(params.final_norm.scale))
     if params.lm_head is not None:
         w.add_tensor("output.weight", f32(np.asarray(params.lm_head).T))

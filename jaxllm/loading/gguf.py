@@ -150,39 +150,47 @@ def params_from_gguf(g: GGUFFile, config: ModelConfig, dtype) -> Params:
     def vec(name):
         return jnp.asarray(load(name), dtype)
 
-    def mat(name, heads=None):
-        w = load(name)
-        if heads is not None and permute:
-            w = _unpermute_rope_rows(w, heads)
-        return jnp.asarray(w.T, dtype)
+    def mat(name):
+        return jnp.asarray(load(name).T, dtype)
 
     def optional(name, f):
         return f(name) if name in g.tensors else None
 
+    def rows(name, heads=None):
+        w = load(name)  # [out, in]
+        return _unpermute_rope_rows(w, heads) if heads is not None and permute else w
+
+    def fused(*parts):
+        """[in, sum(out)] from GGUF [out, in] pieces, or None if the first is absent."""
+        if parts[0][0] not in g.tensors:
+            return None
+        return jnp.asarray(np.concatenate([rows(*part) for part in parts], axis=0).T, dtype)
+
     def layer(i):
         p = f"blk.{i}."
-        if config.arch == "gpt2":
-            D = config.d_model
-            qkv, qkv_b = load(p + "attn_qkv.weight"), load(p + "attn_qkv.bias")
-            split = lambda a: [jnp.asarray(part, dtype) for part in np.split(a, [D, 2 * D], axis=0)]
-            (wq, wk, wv), (bq, bk, bv) = [x.T for x in split(qkv)], split(qkv_b)
+        if "blk.0.attn_qkv.weight" in g.tensors:  # GPT-2 stores q, k, v fused already
+            wqkv, bqkv = fused((p + "attn_qkv.weight",)), optional(p + "attn_qkv.bias", vec)
         else:
-            wq, wk = mat(p + "attn_q.weight", config.n_heads), mat(p + "attn_k.weight", config.n_kv_heads)
-            wv = mat(p + "attn_v.weight")
-            bq, bk, bv = (optional(p + f"attn_{x}.bias", vec) for x in "qkv")
+            wqkv = fused((p + "attn_q.weight", config.n_heads), (p + "attn_k.weight", config.n_kv_heads),
+                         (p + "attn_v.weight",))
+            bqkv = None
+            if p + "attn_q.bias" in g.tensors:
+                bqkv = jnp.asarray(np.concatenate([load(p + f"attn_{x}.bias") for x in "qkv"]), dtype)
         gemma = config.sandwich_norm
+        gated = p + "ffn_gate.weight" in g.tensors
         return Layer(
             attn_norm=Norm(vec(p + "attn_norm.weight"), optional(p + "attn_norm.bias", vec)),
-            wq=wq, wk=wk, wv=wv, bq=bq, bk=bk, bv=bv,
+            wqkv=wqkv, bqkv=bqkv,
             wo=mat(p + "attn_output.weight"), bo=optional(p + "attn_output.bias", vec),
             q_norm=Norm(vec(p + "attn_q_norm.weight")) if config.qk_norm else None,
             k_norm=Norm(vec(p + "attn_k_norm.weight")) if config.qk_norm else None,
             post_attn_norm=Norm(vec(p + "post_attention_norm.weight")) if gemma else None,
             mlp_norm=Norm(vec(p + "ffn_norm.weight"), optional(p + "ffn_norm.bias", vec)),
             post_mlp_norm=Norm(vec(p + "post_ffw_norm.weight")) if gemma else None,
-            w_gate=optional(p + "ffn_gate.weight", mat), w_up=mat(p + "ffn_up.weight"),
-            w_down=mat(p + "ffn_down.weight"),
-            b_up=optional(p + "ffn_up.bias", vec), b_down=optional(p + "ffn_down.bias", vec))
+            w_in=fused((p + "ffn_gate.weight",), (p + "ffn_up.weight",)) if gated
+            else mat(p + "ffn_up.weight"),
+            w_out=mat(p + "ffn_down.weight"),
+            b_in=optional(p + "ffn_up.bias", vec), b_out=optional(p + "ffn_down.bias", vec))
 
     try:
         params = Params(

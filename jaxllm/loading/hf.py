@@ -124,25 +124,23 @@ def params_from_hf(config: ModelConfig, lookup: Callable[[str], np.ndarray | Non
         return np.asarray(t)
 
     cast = lambda a: jnp.asarray(np.asarray(a, np.float32), dtype)
-    w = lambda name: cast(get(name).T)  # [out, in] -> [in, out]
     vec = lambda name: cast(get(name))
-    maybe = lambda present, f, name: f(name) if present else None
+    # Fused [in, out] matrix (and bias) from HF's [out, in] pieces, concatenated along out.
+    fused = lambda *names: cast(np.concatenate([get(n).T for n in names], axis=1))
+    fused_bias = lambda present, *names: cast(np.concatenate([get(n) for n in names])) if present else None
 
     if config.arch == "gpt2":
-        D = config.d_model
         prefix = "transformer." if lookup("transformer.wte.weight") is not None else ""
 
         def gpt2_layer(i):
             p = f"{prefix}h.{i}."
-            qkv, qkv_b = get(p + "attn.c_attn.weight"), get(p + "attn.c_attn.bias")
-            return Layer(
+            return Layer(  # Conv1D weights are [in, out], q/k/v already fused in that order
                 attn_norm=Norm(vec(p + "ln_1.weight"), vec(p + "ln_1.bias")),
-                wq=cast(qkv[:, :D]), wk=cast(qkv[:, D:2 * D]), wv=cast(qkv[:, 2 * D:]),
-                bq=cast(qkv_b[:D]), bk=cast(qkv_b[D:2 * D]), bv=cast(qkv_b[2 * D:]),
+                wqkv=vec(p + "attn.c_attn.weight"), bqkv=vec(p + "attn.c_attn.bias"),
                 wo=vec(p + "attn.c_proj.weight"), bo=vec(p + "attn.c_proj.bias"),
                 mlp_norm=Norm(vec(p + "ln_2.weight"), vec(p + "ln_2.bias")),
-                w_up=vec(p + "mlp.c_fc.weight"), b_up=vec(p + "mlp.c_fc.bias"),
-                w_down=vec(p + "mlp.c_proj.weight"), b_down=vec(p + "mlp.c_proj.bias"))
+                w_in=vec(p + "mlp.c_fc.weight"), b_in=vec(p + "mlp.c_fc.bias"),
+                w_out=vec(p + "mlp.c_proj.weight"), b_out=vec(p + "mlp.c_proj.bias"))
 
         return Params(
             embed=vec(prefix + "wte.weight"), pos_embed=vec(prefix + "wpe.weight"),
@@ -156,28 +154,26 @@ def params_from_hf(config: ModelConfig, lookup: Callable[[str], np.ndarray | Non
         a, m = p + "self_attn.", p + "mlp."
         return Layer(
             attn_norm=Norm(vec(p + "input_layernorm.weight")),
-            wq=w(a + "q_proj.weight"), wk=w(a + "k_proj.weight"), wv=w(a + "v_proj.weight"),
-            wo=w(a + "o_proj.weight"),
-            bq=maybe(config.qkv_bias, vec, a + "q_proj.bias"),
-            bk=maybe(config.qkv_bias, vec, a + "k_proj.bias"),
-            bv=maybe(config.qkv_bias, vec, a + "v_proj.bias"),
-            bo=maybe(config.out_bias, vec, a + "o_proj.bias"),
+            wqkv=fused(*(a + f"{x}_proj.weight" for x in "qkv")),
+            bqkv=fused_bias(config.qkv_bias, *(a + f"{x}_proj.bias" for x in "qkv")),
+            wo=fused(a + "o_proj.weight"),
+            bo=fused_bias(config.out_bias, a + "o_proj.bias"),
             q_norm=Norm(vec(a + "q_norm.weight")) if config.qk_norm else None,
             k_norm=Norm(vec(a + "k_norm.weight")) if config.qk_norm else None,
             post_attn_norm=Norm(vec(p + "post_attention_layernorm.weight")) if gemma else None,
             mlp_norm=Norm(vec(p + ("pre_feedforward_layernorm.weight" if gemma
                                    else "post_attention_layernorm.weight"))),
             post_mlp_norm=Norm(vec(p + "post_feedforward_layernorm.weight")) if gemma else None,
-            w_gate=w(m + "gate_proj.weight"), w_up=w(m + "up_proj.weight"),
-            w_down=w(m + "down_proj.weight"),
-            b_up=maybe(config.mlp_bias, vec, m + "up_proj.bias"),
-            b_down=maybe(config.mlp_bias, vec, m + "down_proj.bias"))
+            w_in=fused(m + "gate_proj.weight", m + "up_proj.weight"),
+            w_out=fused(m + "down_proj.weight"),
+            b_in=fused_bias(config.mlp_bias, m + "gate_proj.bias", m + "up_proj.bias"),
+            b_out=fused_bias(config.mlp_bias, m + "down_proj.bias"))
 
     return Params(
         embed=vec("model.embed_tokens.weight"),
         layers=tuple(layer(i) for i in range(config.n_layers)),
         final_norm=Norm(vec("model.norm.weight")),
-        lm_head=None if config.tie_embeddings else w("lm_head.weight"))
+        lm_head=None if config.tie_embeddings else fused("lm_head.weight"))
 
 
 def load_hf_folder(path: str, dtype=jnp.bfloat16):
