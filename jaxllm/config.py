@@ -71,6 +71,11 @@ class ModelConfig:
     attn_softcap: Optional[float] = None  # Gemma 2: cap * tanh(scores / cap)
     final_softcap: Optional[float] = None  # Gemma 2: same on the output logits
 
+    # Fast paths (jaxllm/kernels/): "auto" uses Pallas kernels where they were
+    # measured faster (GPU, small batches), "xla" never, "pallas" for every
+    # small-batch projection (interpreted on the CPU: for tests).
+    kernels: Literal["auto", "xla", "pallas"] = "auto"
+
     arch: str = "llama"  # informational: where the config came from
     bos_token_id: Optional[int] = None
     eos_token_ids: tuple[int, ...] = ()

@@ -22,12 +22,21 @@ import numpy as np
 
 from .cache import KVCache, write_rows
 from .config import ModelConfig
+from .kernels.matvec import matvec_pallas, use_pallas
 from .params import Layer, Norm, Params
 
 
-def linear(x: jax.Array, w: jax.Array, b: Optional[jax.Array] = None) -> jax.Array:
-    """x [..., In] @ w [In, Out] (+ b [Out]). Every projection goes through here."""
-    y = jnp.einsum("...i,io->...o", x, w.astype(x.dtype))
+def linear(x: jax.Array, w: jax.Array, b: Optional[jax.Array] = None, kernels: str = "auto",
+           out_dtype=None) -> jax.Array:
+    """x [..., In] @ w [In, Out] (+ b [Out]) with float32 accumulation, in out_dtype
+    (default x's). Every projection goes through here."""
+    rows = math.prod(x.shape[:-1])
+    if use_pallas(kernels, rows, w.size):
+        y = matvec_pallas(x.reshape(rows, x.shape[-1]), w, out_dtype,
+                          interpret=jax.default_backend() != "gpu").reshape(*x.shape[:-1], w.shape[1])
+    else:
+        y = jnp.einsum("...i,io->...o", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+        y = y.astype(out_dtype or x.dtype)
     return y if b is None else y + b.astype(y.dtype)
 
 
@@ -95,7 +104,7 @@ def attend(q, k, v, q_pos, k_pos, config: ModelConfig, window: Optional[int]) ->
 
 
 def mlp(x: jax.Array, p: Layer, config: ModelConfig) -> jax.Array:
-    h = linear(x, p.w_in, p.b_in)
+    h = linear(x, p.w_in, p.b_in, config.kernels)
     if config.mlp == "gelu":
         hidden = jax.nn.gelu(h, approximate=config.gelu_approximate)
     else:
@@ -103,7 +112,7 @@ def mlp(x: jax.Array, p: Layer, config: ModelConfig) -> jax.Array:
         act = jax.nn.silu(gate) if config.mlp == "swiglu" else jax.nn.gelu(
             gate, approximate=config.gelu_approximate)
         hidden = act * up
-    return linear(hidden, p.w_out, p.b_out)
+    return linear(hidden, p.w_out, p.b_out, config.kernels)
 
 
 def layer_forward(p: Layer, config: ModelConfig, index: int, x, positions, kv=None, starts=None):
@@ -117,7 +126,7 @@ def layer_forward(p: Layer, config: ModelConfig, index: int, x, positions, kv=No
     B, T, _ = x.shape
     Dh, window = config.head_dim, config.layer_window(index)
     h = apply_norm(x, p.attn_norm, config)
-    qkv = linear(h, p.wqkv, p.bqkv)
+    qkv = linear(h, p.wqkv, p.bqkv, config.kernels)
     q, k, v = jnp.split(qkv, [config.q_size, config.q_size + config.kv_size], axis=-1)
     q = q.reshape(B, T, config.n_heads, Dh)
     k = k.reshape(B, T, config.n_kv_heads, Dh)
@@ -134,7 +143,7 @@ def layer_forward(p: Layer, config: ModelConfig, index: int, x, positions, kv=No
         slots = jnp.broadcast_to(jnp.arange(k_cache.shape[1], dtype=jnp.int32), (B, k_cache.shape[1]))
         attn = attend(q, k_cache, v_cache, positions, slots, config, window)
         kv = (k_cache, v_cache)
-    attn = linear(attn.reshape(B, T, config.q_size), p.wo, p.bo)
+    attn = linear(attn.reshape(B, T, config.q_size), p.wo, p.bo, config.kernels)
     if config.sandwich_norm:
         attn = apply_norm(attn, p.post_attn_norm, config)
     x = x + attn
@@ -160,7 +169,7 @@ def unembed(params: Params, config: ModelConfig, x: jax.Array) -> jax.Array:
     if params.lm_head is None:
         logits = jnp.einsum("...d,vd->...v", x, params.embed, preferred_element_type=jnp.float32)
     else:
-        logits = jnp.einsum("...d,dv->...v", x, params.lm_head, preferred_element_type=jnp.float32)
+        logits = linear(x, params.lm_head, kernels=config.kernels, out_dtype=jnp.float32)
     if config.final_softcap is not None:
         logits = config.final_softcap * jnp.tanh(logits / config.final_softcap)
     return logits

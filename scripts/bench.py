@@ -193,6 +193,18 @@ def measure_host_loop(params, config, n_tokens: int, reps: int, donate: bool) ->
     return sec
 
 
+def fast_path_error(params, config) -> float:
+    """Relative error of one decode step's logits, fast kernels vs the XLA path."""
+    tokens = jax.random.randint(jax.random.PRNGKey(3), (1, 8), 0, config.vocab_size)
+    outs = []
+    for c in (config, config.replace(kernels="xla")):
+        cache = init_cache(c, 1, 16, params.embed.dtype)
+        _, cache = extend(params, c, tokens, jnp.array([8]), cache)
+        logits, _ = decode_step(params, c, tokens[:, 0], cache)
+        outs.append(np.asarray(logits, np.float64))
+    return float(np.linalg.norm(outs[0] - outs[1]) / np.linalg.norm(outs[1]))
+
+
 def measure_hf_peer(shape: str, config: ModelConfig, reps: int) -> dict | None:
     """Hugging Face transformers generate with a static, compiled cache (torch)."""
     try:
@@ -320,12 +332,17 @@ def run(args) -> dict:
         shapes = ["smol135m"]
     tg_ratios = {}
     for shape in shapes:
-        config = TINY if shape == "tiny" else PRESETS[shape]
+        config = (TINY if shape == "tiny" else PRESETS[shape]).replace(kernels=args.kernels)
         log(f"{shape}: initialising random {weights_name} weights ...")
         params = block(jaxllm.init_params(config, jax.random.PRNGKey(0), dtype))
         wbytes = weight_bytes_per_token(params)
         peer_tg = llama_cpp.get("tg128", {}).get(shape, {}).get("F16")
         peer_pp = llama_cpp.get("pp512", {}).get(shape, {}).get("F16")
+        if config.kernels != "xla":
+            err = fast_path_error(params, config)
+            results.append({"bench": "fast_path_check", "shape": shape, "weights": weights_name,
+                            "batch": 1, "tok_s": None, "rel_err_vs_xla": err, "kernels": config.kernels})
+            log(f"{shape}: fast path vs XLA path, relative error of decode logits {err:.2e}")
         batches = [1] if args.quick else [int(x) for x in args.batches.split(",")]
         for b in batches:
             log(f"{shape}: tg128 batch {b} ...")
@@ -333,7 +350,7 @@ def run(args) -> dict:
                                args.steps_per_sync)
             row = {"bench": "tg128" if b == 1 else "decode", "shape": shape, "weights": weights_name,
                    "batch": b, **r, "weight_bytes_per_step": wbytes,
-                   "steps_per_sync": args.steps_per_sync}
+                   "steps_per_sync": args.steps_per_sync, "kernels": args.kernels}
             if copy_bw:
                 row["mbu_vs_copy"] = wbytes * r["tok_s"] / b / copy_bw
             if backend == "gpu":
@@ -429,6 +446,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny shapes, few repetitions (CI)")
     p.add_argument("--no-peers", action="store_true", help="skip the transformers peer")
     p.add_argument("--anchors", default=ANCHORS, help="peer figures (JSON)")
+    p.add_argument("--kernels", default="auto", choices=["auto", "xla", "pallas"], help="fast-path switch")
     p.add_argument("--batches", default="1,8,32,64", help="decode batch sizes")
     p.add_argument("--steps-per-sync", type=int, default=16,
                    help="decode steps between host checks of the stop condition")
