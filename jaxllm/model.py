@@ -31,7 +31,7 @@ def linear(x: jax.Array, w: jax.Array, b: Optional[jax.Array] = None, kernels: s
     """x [..., In] @ w [In, Out] (+ b [Out]) with float32 accumulation, in out_dtype
     (default x's). Every projection goes through here."""
     rows = math.prod(x.shape[:-1])
-    if use_pallas(kernels, rows, w.size):
+    if use_pallas(kernels, rows, w.shape):
         y = matvec_pallas(x.reshape(rows, x.shape[-1]), w, out_dtype,
                           interpret=jax.default_backend() != "gpu").reshape(*x.shape[:-1], w.shape[1])
     else:

@@ -360,6 +360,15 @@ def run(args) -> dict:
                 row["ratio_vs_llama_cpp"] = r["tok_s"] / peer_tg
                 tg_ratios[shape] = (r["tok_s"], peer_tg, row.get("mbu_vs_3.35TBps"))
             results.append(row)
+        if backend == "gpu" and shape in ("smol135m", "llama1b") and not args.no_peers:
+            log(f"{shape}: Hugging Face transformers static-cache peer ...")
+            try:
+                hf = measure_hf_peer(shape, config, 3)
+            except Exception as e:  # noqa: BLE001 - a peer failing must not end the run
+                hf = {"error": f"{type(e).__name__}: {e}"[:300]}
+            if hf:
+                results.append({"bench": "tg128_hf_transformers", "shape": shape, "weights": "bf16",
+                                "batch": 1, "tok_s": hf.get("tok_s"), **hf})
         if args.only_decode:
             continue
         log(f"{shape}: pp512 ...")
@@ -388,15 +397,6 @@ def run(args) -> dict:
         results.append({"bench": "buffer_reuse", "shape": shape, "weights": weights_name, "batch": 1,
                         "tok_s": 1 / fresh, "ratio": fresh / donated,
                         "note": "fresh cache per step over donated cache, s/token (host loop both)"})
-        if backend == "gpu" and shape in ("smol135m", "llama1b") and not args.no_peers:
-            log(f"{shape}: Hugging Face transformers static-cache peer ...")
-            try:
-                hf = measure_hf_peer(shape, config, 3)
-            except Exception as e:  # noqa: BLE001 - a peer failing must not end the run
-                hf = {"error": f"{type(e).__name__}: {e}"[:300]}
-            if hf:
-                results.append({"bench": "tg128_hf_transformers", "shape": shape, "weights": "bf16",
-                                "batch": 1, "tok_s": hf.get("tok_s"), **hf})
         del params
 
     if backend == "gpu" and tg_ratios:

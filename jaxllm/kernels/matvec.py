@@ -18,18 +18,19 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 MAX_ROWS = 4
-# "auto" uses the kernel for weights up to this many elements: measured faster than
-# XLA there on the H100, slower on llama8b's largest projections (benchmarks/NOTES.md).
-AUTO_MAX_WEIGHT = 34_000_000
+# "auto" uses the kernel when one side of the weight is at most this: measured faster
+# than XLA on every such decode shape on the H100 (smol135m, llama1b), slower inside
+# llama8b, whose projections are all >= 4096 on both sides (benchmarks/NOTES.md).
+AUTO_MAX_SMALL_SIDE = 2048
 
 
-def use_pallas(kernels: str, rows: int, weight_elements: int) -> bool:
+def use_pallas(kernels: str, rows: int, weight_shape: tuple[int, int]) -> bool:
     """The switch between the Pallas kernel and its XLA reference."""
     if kernels == "xla" or rows > MAX_ROWS:
         return False
     if kernels == "pallas":
         return True
-    return jax.default_backend() == "gpu" and weight_elements <= AUTO_MAX_WEIGHT
+    return jax.default_backend() == "gpu" and min(weight_shape) <= AUTO_MAX_SMALL_SIDE
 
 
 def matvec_reference(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
