@@ -35,8 +35,9 @@ def linear(x: jax.Array, w: jax.Array, b: Optional[jax.Array] = None, kernels: s
         y = matvec_pallas(x.reshape(rows, x.shape[-1]), w, out_dtype,
                           interpret=jax.default_backend() != "gpu").reshape(*x.shape[:-1], w.shape[1])
     else:
-        y = jnp.einsum("...i,io->...o", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
-        y = y.astype(out_dtype or x.dtype)
+        # A float32 result only where asked for: requesting it on every projection
+        # changes XLA's fusions of batch-1 dots and cost ~10% on llama8b decode.
+        y = jnp.einsum("...i,io->...o", x, w.astype(x.dtype), preferred_element_type=out_dtype)
     return y if b is None else y + b.astype(y.dtype)
 
 

@@ -4,7 +4,8 @@ GGUF `tokenizer.ggml.model`:
   gpt2   byte-level BPE: vocabulary, merges, and a pre-tokenizer chosen by
          `tokenizer.ggml.pre` (the split regex llama.cpp uses for that name)
   llama  SentencePiece BPE with scores and byte fallback (Gemma, Llama 2)
-Control and user-defined tokens become special tokens, parsed in text.
+Control tokens become special tokens, parsed in text unless asked not to;
+user-defined tokens are always matched whole.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from .errors import ModelFileError, UnsupportedArchitectureError
 
 # GGUF token types (llama.cpp's llama_token_type)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+END_OF_TURN = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>")
 
 GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -109,8 +112,10 @@ class StreamDecoder:
         return out
 
 
-def _special_tokens(tokens, types) -> list[AddedToken]:
-    return [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types)
+def _added_tokens(tokens, types) -> list[AddedToken]:
+    """Control tokens are special (parsed in text only when asked); user-defined
+    tokens (Gemma's runs of spaces, say) are always matched whole, as llama.cpp does."""
+    return [AddedToken(t, special=ty == CONTROL, normalized=False) for t, ty in zip(tokens, types)
             if ty in (CONTROL, USER_DEFINED)]
 
 
@@ -138,9 +143,15 @@ def tokenizer_from_gguf(g) -> TextTokenizer:
     else:
         raise UnsupportedArchitectureError(
             f"{g.path}: tokenizer model {kind!r} is not supported (supported: gpt2, llama)")
-    tok.add_special_tokens(_special_tokens(tokens, types))
+    added = _added_tokens(tokens, types)
+    tok.add_special_tokens([t for t in added if t.special])
+    tok.add_tokens([t for t in added if not t.special])
     bos = md.get("tokenizer.ggml.bos_token_id")
-    eos = tuple(int(md[k]) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in md)
+    eos = {int(md[k]) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in md}
+    # Chat models end a turn with a control token the metadata may not name (Gemma's
+    # <end_of_turn>); llama.cpp also stops on these.
+    eos |= {vocab[t] for t in END_OF_TURN if t in vocab and types[vocab[t]] == CONTROL}
+    eos = tuple(sorted(eos))
     return TextTokenizer(tok, bos, bool(md.get("tokenizer.ggml.add_bos_token", default_bos)), eos,
                          frozenset(i for i, ty in enumerate(types) if ty == CONTROL))
 

@@ -423,7 +423,7 @@ def table(report: dict) -> str:
              f"{'bench':24s} {'shape':10s} {'weights':8s} {'batch':>5s} {'tok/s':>10s} {'median ms':>10s}  extra"]
     for r in report["results"]:
         extra = []
-        for k in ("ratio_vs_llama_cpp", "mbu_vs_3.35TBps", "mbu_vs_copy", "gbps", "tflops", "ratio",
+        for k in ("ratio_vs_llama_cpp", "mbu_vs_3.35TBps", "mbu_vs_copy", "gbps", "tflops", "ratio", "rel_err_vs_xla",
                   "ttft_ms", "compile_s"):
             if r.get(k) is not None:
                 extra.append(f"{k}={r[k]:.3g}")

@@ -93,3 +93,19 @@ def test_real_model_cli_matches_reference():
     assert info["tensor_types"] == {"Q4_1": 210, "F32": 61, "Q8_0": 1}
     r = run("chat", "--temperature", "0", "--max-new-tokens", "8", stdin="What is 2+2?\n")
     assert r.returncode == 0 and len(r.stdout.strip()) > 0, r.stderr
+
+
+@pytest.mark.slow
+def test_gemma_through_the_cli_contract():
+    ref_path = os.path.join(os.path.dirname(REFERENCE), "gemma-3-270m-q4_k_m.llamacpp.json")
+    with open(ref_path) as f:
+        case = json.load(f)["greedy"][0]
+    r = run("generate", "--model", "gemma-3-270m", "--json", "--temperature", "0",
+            "--max-new-tokens", "8", case["prompt"])
+    assert r.returncode == 0, r.stderr
+    row = json.loads(r.stdout)
+    assert row["prompt_ids"] == case["prompt_ids"]
+    assert row["ids"] == case["ids"][:8]
+    assert case["text"].startswith(row["text"]) and len(row["text"]) > 10
+    info = json.loads(run("info", "--json", "--model", "gemma-3-270m").stdout)
+    assert info["architecture"] == "gemma3" and info["sliding_window"] == 512

@@ -22,6 +22,12 @@ HF_CONFIGS = {
     "mistral": lambda: tf.MistralConfig(**COMMON, sliding_window=6),
     "qwen2": lambda: tf.Qwen2Config(**COMMON),
     "gpt2": lambda: tf.GPT2Config(vocab_size=101, n_embd=64, n_layer=3, n_head=4, n_positions=128),
+    "gemma2": lambda: tf.Gemma2Config(**{**COMMON, "num_hidden_layers": 4}, head_dim=32, sliding_window=5,
+                                      query_pre_attn_scalar=24, attn_logit_softcapping=5.0,
+                                      final_logit_softcapping=3.0),
+    "gemma3": lambda: tf.Gemma3TextConfig(**{**COMMON, "num_hidden_layers": 6}, head_dim=32,
+                                          sliding_window=5, query_pre_attn_scalar=32,
+                                          rope_theta=1e6, rope_local_base_freq=10000.0),
 }
 
 
