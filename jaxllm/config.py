@@ -51,11 +51,16 @@ class ModelConfig:
 
     position: PositionKind = "rope"
     rope_theta: float = 10000.0
+    rotary_fraction: float = 1.0  # Phi-2: rotate only the first fraction of each head
+    # Per-frequency divisors (GGUF's rope_freqs tensor: Llama 3.1+ scaling, precomputed)
+    rope_freq_factors: Optional[tuple[float, ...]] = None
     rope_scaling: Optional[RopeScaling] = None
 
     qkv_bias: bool = False  # Qwen2, GPT-2
     out_bias: bool = False  # attention output projection bias (GPT-2)
     mlp_bias: bool = False  # GPT-2
+    lm_head_bias: bool = False  # Phi-2
+    parallel_block: bool = False  # Phi-2: attention and MLP both read one norm of x
     tie_embeddings: bool = True
     sliding_window: Optional[int] = None  # Mistral: attend to the last W positions
     # Gemma 2/3: layer i is global (full attention) iff (i + 1) % period == 0, the
@@ -87,8 +92,12 @@ class ModelConfig:
             raise ValueError(
                 f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
             )
-        if self.position == "rope" and self.head_dim % 2:
-            raise ValueError(f"rotary embeddings need an even head_dim, got {self.head_dim}")
+        if self.position == "rope" and self.rotary_dim % 2:
+            raise ValueError(f"rotary embeddings need an even rotary dimension, got {self.rotary_dim}")
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.rotary_fraction)
 
     @property
     def q_size(self) -> int:
@@ -117,7 +126,7 @@ class ModelConfig:
         attn = D * (self.q_size + 2 * self.kv_size) + self.q_size * D
         mlp = (3 if self.mlp in ("swiglu", "geglu") else 2) * D * F
         embed = self.vocab_size * D * (1 if self.tie_embeddings else 2)
-        return L * (attn + mlp + 2 * D) + embed + D
+        return L * (attn + mlp + (1 if self.parallel_block else 2) * D) + embed + D
 
 
 # Benchmark shapes from ../shared/anchors/*.json (real architectures, random weights).

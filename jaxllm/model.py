@@ -54,8 +54,8 @@ def apply_norm(x: jax.Array, p: Norm, config: ModelConfig) -> jax.Array:
 
 
 def rope_inv_freq(config: ModelConfig, theta: float) -> np.ndarray:
-    """Rotary inverse frequencies [Dh/2], with Llama-3 scaling when configured."""
-    dim = config.head_dim
+    """Rotary inverse frequencies [R/2] (R = rotary_dim), with Llama-3 scaling when configured."""
+    dim = config.rotary_dim
     inv_freq = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
     s = config.rope_scaling
     if s is not None:
@@ -67,16 +67,20 @@ def rope_inv_freq(config: ModelConfig, theta: float) -> np.ndarray:
         mid = (1 - smooth) * inv_freq / s.factor + smooth * inv_freq
         inv_freq = np.where(wavelen > low_wavelen, inv_freq / s.factor,
                             np.where(wavelen < high_wavelen, inv_freq, mid))
+    if config.rope_freq_factors is not None:
+        inv_freq = inv_freq / np.asarray(config.rope_freq_factors, np.float64)
     return inv_freq.astype(np.float32)
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """x [B, T, N, Dh] rotated by positions [B, T] (rotate-half pairing, as in HF)."""
-    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, Dh/2]
+    """x [B, T, N, Dh] rotated by positions [B, T] (rotate-half pairing, as in HF).
+    Only the first R = 2 * len(inv_freq) dims rotate; the rest pass through (Phi-2)."""
+    rot = 2 * inv_freq.shape[0]
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, R/2]
     cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x.dtype)
+    x1, x2 = jnp.split(x[..., :rot].astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+    return out if rot == x.shape[-1] else jnp.concatenate([out, x[..., rot:]], axis=-1)
 
 
 def attend(q, k, v, q_pos, k_pos, config: ModelConfig, window: Optional[int]) -> jax.Array:
@@ -147,6 +151,8 @@ def layer_forward(p: Layer, config: ModelConfig, index: int, x, positions, kv=No
     attn = linear(attn.reshape(B, T, config.q_size), p.wo, p.bo, config.kernels)
     if config.sandwich_norm:
         attn = apply_norm(attn, p.post_attn_norm, config)
+    if config.parallel_block:
+        return x + attn + mlp(h, p, config), kv
     x = x + attn
     out = mlp(apply_norm(x, p.mlp_norm, config), p, config)
     if config.sandwich_norm:
@@ -170,7 +176,7 @@ def unembed(params: Params, config: ModelConfig, x: jax.Array) -> jax.Array:
     if params.lm_head is None:
         logits = jnp.einsum("...d,vd->...v", x, params.embed, preferred_element_type=jnp.float32)
     else:
-        logits = linear(x, params.lm_head, kernels=config.kernels, out_dtype=jnp.float32)
+        logits = linear(x, params.lm_head, params.lm_head_bias, config.kernels, out_dtype=jnp.float32)
     if config.final_softcap is not None:
         logits = config.final_softcap * jnp.tanh(logits / config.final_softcap)
     return logits

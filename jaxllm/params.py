@@ -35,7 +35,7 @@ class Layer:
     attn_norm: Norm
     wqkv: jax.Array  # [D, (H + 2K) * Dh]: q, then k, then v
     wo: jax.Array  # [H*Dh, D]
-    mlp_norm: Norm
+    mlp_norm: Optional[Norm]  # None for parallel blocks (Phi-2), which reuse attn_norm
     w_in: jax.Array  # [D, 2F] gate then up (gated MLPs), or [D, F]
     w_out: jax.Array  # [F, D]
     bqkv: Optional[jax.Array] = None  # [(H + 2K) * Dh]
@@ -54,6 +54,7 @@ class Params:
     layers: tuple[Layer, ...]
     final_norm: Norm
     lm_head: Optional[jax.Array] = None  # [D, V]; None when tied to `embed`
+    lm_head_bias: Optional[jax.Array] = None  # [V]
     pos_embed: Optional[jax.Array] = None  # [P, D], learned positions (GPT-2)
 
 
@@ -82,7 +83,7 @@ def _init_layer(config: ModelConfig, key, dtype) -> Layer:
     return Layer(
         attn_norm=norm(D),
         wqkv=w((D, qkv)), wo=w((config.q_size, D)),
-        mlp_norm=norm(D),
+        mlp_norm=norm(D, not config.parallel_block),
         w_in=w((D, 2 * F if gated else F)), w_out=w((F, D)),
         bqkv=b(qkv, config.qkv_bias), bo=b(D, config.out_bias),
         b_in=b(2 * F if gated else F, config.mlp_bias), b_out=b(D, config.mlp_bias),
@@ -109,6 +110,7 @@ def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32) -> Param
         final_norm=jax.jit(_init_norm, static_argnums=(0, 2, 3))(config, k_norm, config.d_model, dtype),
         lm_head=None if config.tie_embeddings else make(
             k_head, (config.d_model, config.vocab_size), dtype, config.d_model ** -0.5),
+        lm_head_bias=make(k_head, (config.vocab_size,), dtype, 0.02) if config.lm_head_bias else None,
         pos_embed=make(k_pos, (config.max_seq_len, config.d_model), dtype, 0.1)
         if config.position == "learned" else None,
     )

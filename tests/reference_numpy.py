@@ -31,7 +31,7 @@ def gelu(x, approximate):
 
 
 def inv_freq(c, theta):
-    d = c.head_dim
+    d = c.rotary_dim
     f = np.array([theta ** (-2 * i / d) for i in range(d // 2)])
     s = c.rope_scaling
     if s is None:
@@ -51,15 +51,16 @@ def inv_freq(c, theta):
 
 
 def rope(x, pos, f):
-    # x [T, N, Dh]; pairs (i, i + Dh/2) rotate by angle pos * f[i]
-    half = x.shape[-1] // 2
-    out = np.empty_like(x)
+    # x [T, N, Dh]; pairs (i, i + R/2) of the first R = 2 len(f) dims rotate by pos * f[i]
+    half = len(f)
+    out = x.copy()
     for t in range(x.shape[0]):
         ang = pos[t] * f
         c, s = np.cos(ang), np.sin(ang)
-        a, b = x[t, :, :half], x[t, :, half:]
+        a = x[t, :, :half]
+        b = x[t, :, half:2 * half]
         out[t, :, :half] = a * c - b * s
-        out[t, :, half:] = b * c + a * s
+        out[t, :, half:2 * half] = b * c + a * s
     return out
 
 
@@ -103,8 +104,9 @@ def forward_one(p, c, tokens):
         a = out.reshape(T, -1) @ L.wo + (L.bo if L.bo is not None else 0)
         if c.sandwich_norm:
             a = norm(a, L.post_attn_norm, c)
-        x = x + a
-        h = norm(x, L.mlp_norm, c)
+        x_attn = x + a
+        if not c.parallel_block:  # Phi-2's MLP reads the same normed input h
+            h = norm(x_attn, L.mlp_norm, c)
         a = h @ L.w_in + (L.b_in if L.b_in is not None else 0)
         if c.mlp == "swiglu":
             g, up = np.split(a, 2, axis=-1)
@@ -117,9 +119,11 @@ def forward_one(p, c, tokens):
         m = hidden @ L.w_out + (L.b_out if L.b_out is not None else 0)
         if c.sandwich_norm:
             m = norm(m, L.post_mlp_norm, c)
-        x = x + m
+        x = x_attn + m
     x = norm(x, p.final_norm, c)
     logits = x @ (p.embed.T if p.lm_head is None else p.lm_head)
+    if p.lm_head_bias is not None:
+        logits = logits + p.lm_head_bias
     if c.final_softcap is not None:
         logits = c.final_softcap * np.tanh(logits / c.final_softcap)
     return logits

@@ -22,6 +22,9 @@ HF_CONFIGS = {
     "mistral": lambda: tf.MistralConfig(**COMMON, sliding_window=6),
     "qwen2": lambda: tf.Qwen2Config(**COMMON),
     "gpt2": lambda: tf.GPT2Config(vocab_size=101, n_embd=64, n_layer=3, n_head=4, n_positions=128),
+    "qwen3": lambda: tf.Qwen3Config(**COMMON, head_dim=24),
+    "phi2": lambda: tf.PhiConfig(**{**COMMON, "num_key_value_heads": 4}, partial_rotary_factor=0.5),
+    "phi3": lambda: tf.Phi3Config(**COMMON, pad_token_id=0, eos_token_id=1, bos_token_id=2),
     "gemma2": lambda: tf.Gemma2Config(**{**COMMON, "num_hidden_layers": 4}, head_dim=32, sliding_window=5,
                                       query_pre_attn_scalar=24, attn_logit_softcapping=5.0,
                                       final_logit_softcapping=3.0),
@@ -78,3 +81,24 @@ def test_sharded_folder_loads(tmp_path):
     ref = hf_logits(model, tokens)
     ours = np.asarray(jaxllm.forward(params, config, jnp.asarray(tokens)))
     assert np.abs(ours - ref).max() / np.abs(ref).max() < 1e-4
+
+
+@pytest.mark.parametrize("name, arch", [("qwen3", "qwen3"), ("phi2", "phi2"), ("phi3", "phi3"),
+                                        ("llama", "llama"), ("qwen2", "qwen2")])
+def test_gguf_written_from_the_same_weights_matches(tmp_path, name, arch):
+    """The HF weights written as GGUF (F16 matrices, as llama.cpp's converter lays
+    them out) load through the GGUF path and still match transformers."""
+    from tiny_gguf import write_gguf  # noqa: PLC0415
+
+    cfg, model = build(name)
+    config = config_from_hf(cfg.to_dict())
+    state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    params = params_from_hf(config, state.get, jnp.float32)
+    path = write_gguf(tmp_path / f"{name}.gguf", config, params, arch=arch, f16=True)
+    loaded = jaxllm.load(str(path), dtype=jnp.float32)
+    assert loaded.config.arch == arch
+    tokens = np.random.randint(0, 101, size=(2, 20))
+    ref = hf_logits(model, tokens)
+    ours = np.asarray(jaxllm.forward(loaded.params, loaded.config, jnp.asarray(tokens)))
+    # float16 storage of the matrices: ~1e-3 relative
+    assert np.abs(ours - ref).max() / np.abs(ref).max() < 5e-3

@@ -1,5 +1,6 @@
-"""Write tiny GGUF files with the `gguf` package's writer, from jaxllm Params,
-the way llama.cpp's converter lays them out (Q/K rows permuted for llama)."""
+"""Write GGUF files with the `gguf` package's writer from jaxllm Params, laid out
+the way llama.cpp's converter writes each architecture (llama's Q/K rows permuted,
+Phi-3's q/k/v and gate/up fused, Phi-2's biases and parallel block)."""
 
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFWriter
@@ -13,7 +14,8 @@ def _permute(w, n_heads):
     return w.reshape(n_heads, 2, out // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_llama_gguf(path, config, params, arch="llama", extra=None, raw_tensor=None):
+def write_gguf(path, config, params, arch="llama", extra=None, raw_tensor=None, f16=False):
+    """raw_tensor: (name, uint8 bytes [rows, row_bytes], GGML type) replacing a tensor."""
     w = GGUFWriter(str(path), arch)
     w.add_block_count(config.n_layers)
     w.add_context_length(config.max_seq_len)
@@ -21,12 +23,20 @@ def write_llama_gguf(path, config, params, arch="llama", extra=None, raw_tensor=
     w.add_feed_forward_length(config.d_ff)
     w.add_head_count(config.n_heads)
     w.add_head_count_kv(config.n_kv_heads)
+    w.add_key_length(config.head_dim)
+    w.add_value_length(config.head_dim)
+    w.add_rope_dimension_count(config.rotary_dim)
     w.add_rope_freq_base(config.rope_theta)
-    w.add_layer_norm_rms_eps(config.norm_eps)
+    if config.norm == "layer":
+        w.add_layer_norm_eps(config.norm_eps)
+    else:
+        w.add_layer_norm_rms_eps(config.norm_eps)
+    if config.sliding_window:
+        w.add_sliding_window(config.sliding_window)
     w.add_vocab_size(config.vocab_size)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("gpt-2")
-    tokens = BYTE_TOKENS + [f"<extra_{i}>" for i in range(config.vocab_size - len(BYTE_TOKENS))]
+    tokens = BYTE_TOKENS + [f"<extra_{i}>" for i in range(max(0, config.vocab_size - len(BYTE_TOKENS)))]
     w.add_token_list(tokens[:config.vocab_size])
     w.add_token_types([1] * config.vocab_size)
     w.add_token_merges([])
@@ -35,26 +45,65 @@ def write_llama_gguf(path, config, params, arch="llama", extra=None, raw_tensor=
     w.add_add_bos_token(False)
     for k, v in (extra or {}).items():
         w.add_string(k, v)
-    f32 = lambda a: np.ascontiguousarray(np.asarray(a, np.float32))
-    w.add_tensor("token_embd.weight", f32(params.embed))
+
+    def put(name, array, matrix=False):
+        if raw_tensor is not None and raw_tensor[0] == name:
+            return
+        a = np.ascontiguousarray(np.asarray(array, np.float32))
+        w.add_tensor(name, a.astype(np.float16) if f16 and matrix else a)
+
+    def put_norm(name, norm):
+        put(name + ".weight", norm.scale)
+        if norm.bias is not None:
+            put(name + ".bias", norm.bias)
+
+    put("token_embd.weight", params.embed, matrix=True)
+    if config.rope_scaling is not None:  # llama.cpp's converter: scaling as rope_freqs factors
+        from jaxllm.model import rope_inv_freq  # noqa: PLC0415
+        plain = rope_inv_freq(config.replace(rope_scaling=None), config.rope_theta)
+        put("rope_freqs.weight", plain / rope_inv_freq(config, config.rope_theta))
+    split_qkv = [config.q_size, config.q_size + config.kv_size]
     for i, L in enumerate(params.layers):
         p = f"blk.{i}."
-        w.add_tensor(p + "attn_norm.weight", f32(L.attn_norm.scale))
-        wq, wk, wv = np.split(np.asarray(L.wqkv).T, [config.q_size, config.q_size + config.kv_size])
-        w.add_tensor(p + "attn_q.weight", f32(_permute(wq, config.n_heads)))
-        w.add_tensor(p + "attn_k.weight", f32(_permute(wk, config.n_kv_heads)))
-        if raw_tensor is None or raw_tensor[0] != p + "attn_v.weight":
-            w.add_tensor(p + "attn_v.weight", f32(wv))
-        w.add_tensor(p + "attn_output.weight", f32(np.asarray(L.wo).T))
-        w.add_tensor(p + "ffn_norm.weight", f32(L.mlp_norm.scale))
-        gate, up = np.split(np.asarray(L.w_in).T, 2)
-        w.add_tensor(p + "ffn_gate.weight", f32(gate))
-        w.add_tensor(p + "ffn_up.weight", f32(up))
-        w.add_tensor(p + "ffn_down.weight", f32(np.asarray(L.w_out).T))
-    w.add_tensor("output_norm.weight", f32(params.final_norm.scale))
+        put_norm(p + "attn_norm", L.attn_norm)
+        qkv = np.asarray(L.wqkv).T
+        if arch == "phi3":
+            put(p + "attn_qkv.weight", qkv, True)
+        else:
+            q, k, v = np.split(qkv, split_qkv)
+            if arch == "llama":
+                q, k = _permute(q, config.n_heads), _permute(k, config.n_kv_heads)
+            for name, m in zip("qkv", (q, k, v)):
+                put(p + f"attn_{name}.weight", m, True)
+            if L.bqkv is not None:
+                for name, b in zip("qkv", np.split(np.asarray(L.bqkv), split_qkv)):
+                    put(p + f"attn_{name}.bias", b)
+        if L.q_norm is not None:
+            put(p + "attn_q_norm.weight", L.q_norm.scale)
+            put(p + "attn_k_norm.weight", L.k_norm.scale)
+        put(p + "attn_output.weight", np.asarray(L.wo).T, True)
+        if L.bo is not None:
+            put(p + "attn_output.bias", L.bo)
+        if L.mlp_norm is not None:
+            put_norm(p + "ffn_norm", L.mlp_norm)
+        w_in = np.asarray(L.w_in).T
+        if config.mlp == "gelu" or arch == "phi3":  # phi3: gate and up fused in ffn_up
+            put(p + "ffn_up.weight", w_in, True)
+        else:
+            gate, up = np.split(w_in, 2)
+            put(p + "ffn_gate.weight", gate, True)
+            put(p + "ffn_up.weight", up, True)
+        if L.b_in is not None:
+            put(p + "ffn_up.bias", L.b_in)
+        put(p + "ffn_down.weight", np.asarray(L.w_out).T, True)
+        if L.b_out is not None:
+            put(p + "ffn_down.bias", L.b_out)
+    put_norm("output_norm", params.final_norm)
     if params.lm_head is not None:
-        w.add_tensor("output.weight", f32(np.asarray(params.lm_head).T))
-    if raw_tensor is not None:  # (name, uint8 bytes [rows, row_bytes], GGML type) replaces a tensor
+        put("output.weight", np.asarray(params.lm_head).T, True)
+    if params.lm_head_bias is not None:
+        put("output.bias", params.lm_head_bias)
+    if raw_tensor is not None:
         name, data, qtype = raw_tensor
         w.add_tensor(name, data, raw_dtype=qtype)
     w.write_header_to_file()
@@ -64,4 +113,8 @@ def write_llama_gguf(path, config, params, arch="llama", extra=None, raw_tensor=
     return path
 
 
-__all__ = ["write_llama_gguf", "GGMLQuantizationType"]
+def write_llama_gguf(path, config, params, arch="llama", extra=None, raw_tensor=None):
+    return write_gguf(path, config, params, arch, extra, raw_tensor)
+
+
+__all__ = ["write_gguf", "write_llama_gguf", "GGMLQuantizationType"]

@@ -18,7 +18,7 @@ from ..errors import ModelFileError, UnsupportedArchitectureError, UnsupportedTe
 from ..params import Layer, Norm, Params
 from .dequant import SUPPORTED_TYPES, dequantize
 
-SUPPORTED_ARCHS = ("llama", "qwen2", "gpt2", "gemma2", "gemma3")
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "phi2", "phi3", "gpt2", "gemma2", "gemma3")
 GGUF_MAGIC = b"GGUF"
 
 
@@ -107,13 +107,27 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
     if get("rope.scaling.type", "none") not in ("none", None):
         raise UnsupportedArchitectureError(
             f"{g.path}: rope scaling {get('rope.scaling.type')!r} is not supported")
+    if "rope_freqs.weight" in g.tensors:  # Llama 3.1+: scaling stored as per-frequency factors
+        fields["rope_freq_factors"] = tuple(float(f) for f in g.load("rope_freqs.weight").ravel())
+    head_dim = fields["head_dim"]
+    fields["rotary_fraction"] = int(get("rope.dimension_count", head_dim)) / head_dim
     if arch == "qwen2":
         fields["qkv_bias"] = True
+    if arch == "qwen3":
+        fields["qk_norm"] = True
+    if arch == "phi2":
+        fields.update(norm="layer", norm_bias=True, mlp="gelu", qkv_bias=True, out_bias=True,
+                      mlp_bias=True, parallel_block=True, lm_head_bias="output.bias" in g.tensors)
+    if arch == "phi3":
+        if "rope_factors_long.weight" in g.tensors or any(".rope_factors" in n for n in g.tensors):
+            raise UnsupportedArchitectureError(
+                f"{g.path}: Phi-3 long-context rope scaling (rope_factors) is not supported; "
+                "the 4k-context Phi-3 files are")
+        fields["sliding_window"] = get("attention.sliding_window")
     if arch == "gpt2":
         fields.update(norm="layer", norm_bias=True, mlp="gelu", position="learned", qkv_bias=True,
                       out_bias=True, mlp_bias=True, n_kv_heads=H, rope_theta=10000.0)
     if arch in ("gemma2", "gemma3"):
-        head_dim = fields["head_dim"]
         fields.update(
             mlp="geglu", sandwich_norm=True, embed_scale=float(D) ** 0.5,
             # llama.cpp's converter stores Gemma's norm weights with the +1 applied.
@@ -185,7 +199,8 @@ def params_from_gguf(g: GGUFFile, config: ModelConfig, dtype) -> Params:
             q_norm=Norm(vec(p + "attn_q_norm.weight")) if config.qk_norm else None,
             k_norm=Norm(vec(p + "attn_k_norm.weight")) if config.qk_norm else None,
             post_attn_norm=Norm(vec(p + "post_attention_norm.weight")) if gemma else None,
-            mlp_norm=Norm(vec(p + "ffn_norm.weight"), optional(p + "ffn_norm.bias", vec)),
+            mlp_norm=None if config.parallel_block else Norm(vec(p + "ffn_norm.weight"),
+                                                             optional(p + "ffn_norm.bias", vec)),
             post_mlp_norm=Norm(vec(p + "post_ffw_norm.weight")) if gemma else None,
             w_in=fused((p + "ffn_gate.weight",), (p + "ffn_up.weight",)) if gated
             else mat(p + "ffn_up.weight"),
@@ -198,6 +213,7 @@ def params_from_gguf(g: GGUFFile, config: ModelConfig, dtype) -> Params:
             layers=tuple(layer(i) for i in range(config.n_layers)),
             final_norm=Norm(vec("output_norm.weight"), optional("output_norm.bias", vec)),
             lm_head=None if config.tie_embeddings else mat("output.weight"),
+            lm_head_bias=optional("output.bias", vec),
             pos_embed=optional("position_embd.weight", vec))
     finally:
         bar.close()

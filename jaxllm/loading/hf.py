@@ -18,7 +18,15 @@ from ..config import ModelConfig, RopeScaling
 from ..errors import ModelFileError, UnsupportedArchitectureError
 from ..params import Layer, Norm, Params
 
-SUPPORTED = ("llama", "mistral", "qwen2", "gpt2", "gemma2", "gemma3_text")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "phi", "phi3", "gpt2", "gemma2", "gemma3_text")
+
+# Module names inside each layer that differ from Llama's (attention in, attention
+# out, MLP in, MLP out); Phi-3 stores q/k/v and gate/up already fused.
+LAYER_NAMES = {
+    "phi": (("q_proj", "k_proj", "v_proj"), "dense", ("fc1",), "fc2"),
+    "phi3": (("qkv_proj",), "o_proj", ("gate_up_proj",), "down_proj"),
+}
+LLAMA_NAMES = (("q_proj", "k_proj", "v_proj"), "o_proj", ("gate_proj", "up_proj"), "down_proj")
 
 
 def _rope(cfg: dict) -> tuple[float, RopeScaling | None, float | None]:
@@ -42,6 +50,11 @@ def _rope(cfg: dict) -> tuple[float, RopeScaling | None, float | None]:
         raise UnsupportedArchitectureError(
             f"rope scaling type {kind!r} is not supported (supported: default, llama3)")
     return float(theta), scaling, None if local is None else float(local)
+
+
+def _rotary_fraction(cfg: dict) -> float:
+    params = cfg.get("rope_parameters") or {}
+    return float(params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)))
 
 
 def _eos(cfg: dict) -> tuple[int, ...]:
@@ -96,8 +109,24 @@ def config_from_hf(cfg: dict) -> ModelConfig:
         qkv_bias=bool(cfg.get("attention_bias", arch == "qwen2")),
         out_bias=bool(cfg.get("attention_bias", False)) and arch != "qwen2",
         mlp_bias=bool(cfg.get("mlp_bias", False)), arch=arch, **common)
-    if arch == "mistral" or (arch == "qwen2" and cfg.get("use_sliding_window")):
+    fields["rotary_fraction"] = _rotary_fraction(cfg)
+    if arch in ("mistral", "phi3") or (arch in ("qwen2", "qwen3") and cfg.get("use_sliding_window")):
         fields["sliding_window"] = cfg.get("sliding_window")
+    if arch == "qwen3":
+        fields.update(qk_norm=True, qkv_bias=bool(cfg.get("attention_bias", False)),
+                      out_bias=bool(cfg.get("attention_bias", False)))
+    if arch == "phi":
+        if cfg.get("qk_layernorm"):
+            raise UnsupportedArchitectureError("Phi with qk_layernorm is not supported")
+        fields.update(norm="layer", norm_bias=True, norm_eps=cfg.get("layer_norm_eps", 1e-5),
+                      mlp="gelu", gelu_approximate=cfg.get("hidden_act", "gelu_new") != "gelu",
+                      qkv_bias=True, out_bias=True, mlp_bias=True, lm_head_bias=True,
+                      parallel_block=True)
+    if arch == "phi3" and (cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}).get(
+            "rope_type") not in (None, "default"):
+        raise UnsupportedArchitectureError(
+            "Phi-3 long-context rope scaling ('longrope'/'su') is not supported; the 4k-context "
+            "Phi-3 checkpoints (default rope) are")
     if arch.startswith("gemma"):
         act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh"
         fields.update(
@@ -148,32 +177,40 @@ def params_from_hf(config: ModelConfig, lookup: Callable[[str], np.ndarray | Non
             final_norm=Norm(vec(prefix + "ln_f.weight"), vec(prefix + "ln_f.bias")))
 
     gemma = config.sandwich_norm
+    attn_in, attn_out, mlp_in, mlp_out = LAYER_NAMES.get(config.arch, LLAMA_NAMES)
+    norm_bias = lambda name: vec(name) if config.norm_bias else None
 
     def layer(i):
         p = f"model.layers.{i}."
         a, m = p + "self_attn.", p + "mlp."
+        if config.parallel_block:
+            mlp_norm = None
+        else:
+            mlp_norm = Norm(vec(p + ("pre_feedforward_layernorm.weight" if gemma
+                                     else "post_attention_layernorm.weight")))
         return Layer(
-            attn_norm=Norm(vec(p + "input_layernorm.weight")),
-            wqkv=fused(*(a + f"{x}_proj.weight" for x in "qkv")),
-            bqkv=fused_bias(config.qkv_bias, *(a + f"{x}_proj.bias" for x in "qkv")),
-            wo=fused(a + "o_proj.weight"),
-            bo=fused_bias(config.out_bias, a + "o_proj.bias"),
+            attn_norm=Norm(vec(p + "input_layernorm.weight"), norm_bias(p + "input_layernorm.bias")),
+            wqkv=fused(*(a + n + ".weight" for n in attn_in)),
+            bqkv=fused_bias(config.qkv_bias, *(a + n + ".bias" for n in attn_in)),
+            wo=fused(a + attn_out + ".weight"),
+            bo=fused_bias(config.out_bias, a + attn_out + ".bias"),
             q_norm=Norm(vec(a + "q_norm.weight")) if config.qk_norm else None,
             k_norm=Norm(vec(a + "k_norm.weight")) if config.qk_norm else None,
             post_attn_norm=Norm(vec(p + "post_attention_layernorm.weight")) if gemma else None,
-            mlp_norm=Norm(vec(p + ("pre_feedforward_layernorm.weight" if gemma
-                                   else "post_attention_layernorm.weight"))),
+            mlp_norm=mlp_norm,
             post_mlp_norm=Norm(vec(p + "post_feedforward_layernorm.weight")) if gemma else None,
-            w_in=fused(m + "gate_proj.weight", m + "up_proj.weight"),
-            w_out=fused(m + "down_proj.weight"),
-            b_in=fused_bias(config.mlp_bias, m + "gate_proj.bias", m + "up_proj.bias"),
-            b_out=fused_bias(config.mlp_bias, m + "down_proj.bias"))
+            w_in=fused(*(m + n + ".weight" for n in mlp_in)),
+            w_out=fused(m + mlp_out + ".weight"),
+            b_in=fused_bias(config.mlp_bias, *(m + n + ".bias" for n in mlp_in)),
+            b_out=fused_bias(config.mlp_bias, m + mlp_out + ".bias"))
 
+    final = "model.final_layernorm." if config.arch == "phi" else "model.norm."
     return Params(
         embed=vec("model.embed_tokens.weight"),
         layers=tuple(layer(i) for i in range(config.n_layers)),
-        final_norm=Norm(vec("model.norm.weight")),
-        lm_head=None if config.tie_embeddings else fused("lm_head.weight"))
+        final_norm=Norm(vec(final + "weight"), norm_bias(final + "bias")),
+        lm_head=None if config.tie_embeddings else fused("lm_head.weight"),
+        lm_head_bias=fused_bias(config.lm_head_bias, "lm_head.bias"))
 
 
 def load_hf_folder(path: str, dtype=jnp.bfloat16):
