@@ -34,3 +34,5 @@ from .tokenizer import StreamDecoder, TextTokenizer  # noqa: E402
 __all__ += ["JaxllmError", "Model", "ModelFileError", "StreamDecoder", "TextTokenizer",
             "UnknownModelError", "UnsupportedArchitectureError", "UnsupportedTensorTypeError",
             "load", "render_chat"]
+
+from . import train  # noqa: E402  (jaxllm.train: loss, optax step, LoRA, save/load)
