@@ -109,3 +109,22 @@ def test_gemma_through_the_cli_contract():
     assert case["text"].startswith(row["text"]) and len(row["text"]) > 10
     info = json.loads(run("info", "--json", "--model", "gemma-3-270m").stdout)
     assert info["architecture"] == "gemma3" and info["sliding_window"] == 512
+
+
+@pytest.mark.parametrize("arch, kw", [
+    ("phi2", dict(norm="layer", norm_bias=True, mlp="gelu", qkv_bias=True, out_bias=True,
+                  mlp_bias=True, parallel_block=True, rotary_fraction=0.5, lm_head_bias=True,
+                  tie_embeddings=False, n_kv_heads=4)),
+    ("phi3", dict(tie_embeddings=False)),
+    ("qwen3", dict(qk_norm=True, head_dim=16)),
+])
+def test_info_reports_each_architecture(tmp_path, arch, kw):
+    from tiny_gguf import write_gguf  # noqa: PLC0415
+
+    c = tiny(vocab_size=300, **kw)
+    path = write_gguf(tmp_path / f"{arch}.gguf", c, jaxllm.init_params(c, jax.random.PRNGKey(0)), arch=arch)
+    r = run("info", "--json", "--model", str(path))
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["architecture"] == arch and info["head_dim"] == c.head_dim
+    assert info["layers"] == c.n_layers and info["parameters"] == c.param_count()

@@ -62,22 +62,15 @@ def test_matches_transformers(name):
     assert np.abs(ours - ref).max() / np.abs(ref).max() < 1e-4
 
 
-def test_saved_folder_loads_and_matches(tmp_path):
-    cfg, model = build("qwen2")
-    model.save_pretrained(tmp_path)
+@pytest.mark.parametrize("name, shard", [("qwen2", None), ("llama", "100KB"), ("qwen3", None),
+                                         ("phi2", None), ("phi3", None)])
+def test_saved_folder_loads_and_matches(tmp_path, name, shard):
+    """save_pretrained folders, one file or sharded with an index, load and match."""
+    cfg, model = build(name)
+    model.save_pretrained(tmp_path, **({"max_shard_size": shard} if shard else {}))
+    assert (tmp_path / "model.safetensors.index.json").exists() == bool(shard)
     config, params = load_hf_folder(str(tmp_path), jnp.float32)
     tokens = np.random.randint(0, 101, size=(1, 17))
-    ref = hf_logits(model, tokens)
-    ours = np.asarray(jaxllm.forward(params, config, jnp.asarray(tokens)))
-    assert np.abs(ours - ref).max() / np.abs(ref).max() < 1e-4
-
-
-def test_sharded_folder_loads(tmp_path):
-    cfg, model = build("llama")
-    model.save_pretrained(tmp_path, max_shard_size="100KB")
-    assert (tmp_path / "model.safetensors.index.json").exists()
-    config, params = load_hf_folder(str(tmp_path), jnp.float32)
-    tokens = np.random.randint(0, 101, size=(1, 9))
     ref = hf_logits(model, tokens)
     ours = np.asarray(jaxllm.forward(params, config, jnp.asarray(tokens)))
     assert np.abs(ours - ref).max() / np.abs(ref).max() < 1e-4
