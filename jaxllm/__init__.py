@@ -35,4 +35,4 @@ __all__ += ["JaxllmError", "Model", "ModelFileError", "StreamDecoder", "TextToke
             "UnknownModelError", "UnsupportedArchitectureError", "UnsupportedTensorTypeError",
             "load", "render_chat"]
 
-from . import train  # noqa: E402  (jaxllm.train: loss, optax step, LoRA, save/load)
+from . import train  # noqa: E402, F401  (jaxllm.train: loss, optax step, LoRA, save/load)

@@ -235,8 +235,6 @@ def measure_hf_peer(shape: str, config: ModelConfig, reps: int) -> dict | None:
     once()
     once()
     sec, times = timed(once, reps)
-    del model
-    torch.cuda.empty_cache()
     return {"tok_s": 128 / sec, "version": f"transformers {tf.__version__}, torch {torch.__version__}",
             **spread_ms(times)}
 

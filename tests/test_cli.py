@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import jax
-import numpy as np
 import pytest
 from conftest import tiny
 from tiny_gguf import write_llama_gguf

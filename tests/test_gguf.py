@@ -102,7 +102,7 @@ def test_real_tensors_dequantize_like_gguf(real):
     model, _, types = real
     g = GGUFFile(model.source)
     seen = set()
-    for name, t in g.tensors.items():
+    for t in g.tensors.values():
         kind = t.tensor_type.name
         if kind in seen or kind not in FORMATS:
             continue

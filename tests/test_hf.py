@@ -39,7 +39,7 @@ def build(name):
     cfg._attn_implementation = "eager"
     model = tf.AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():  # nudge norms away from 1 so the test sees their weights
-        for n, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 1:
                 p.add_(0.1 * torch.randn_like(p))
     return cfg, model

@@ -157,7 +157,7 @@ def test_decode_loop_updates_the_cache_in_place():
         mem = compiled.memory_analysis()
         assert mem.alias_size_in_bytes >= cache_bytes
         stats[layers] = (mem.temp_size_in_bytes, cache_bytes)
-    (temp4, cache4), (temp8, cache8) = stats[4], stats[8]
+    (temp4, _), (temp8, cache8) = stats[4], stats[8]
     layer_bytes = cache8 / 8
     assert temp8 - temp4 < layer_bytes / 8
     assert temp8 < cache8 / 4
