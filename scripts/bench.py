@@ -328,7 +328,7 @@ def run(args) -> dict:
     shapes = ["tiny"] if args.quick else args.shapes.split(",")
     if suite == "cpu" and not args.quick and args.shapes_given is False:
         shapes = ["smol135m"]
-    tg_ratios = {}
+    tg_ratios, peers = {}, []
     for shape in shapes:
         config = (TINY if shape == "tiny" else PRESETS[shape]).replace(kernels=args.kernels)
         log(f"{shape}: initialising random {weights_name} weights ...")
@@ -359,14 +359,7 @@ def run(args) -> dict:
                 tg_ratios[shape] = (r["tok_s"], peer_tg, row.get("mbu_vs_3.35TBps"))
             results.append(row)
         if backend == "gpu" and shape in ("smol135m", "llama1b") and not args.no_peers:
-            log(f"{shape}: Hugging Face transformers static-cache peer ...")
-            try:
-                hf = measure_hf_peer(shape, config, 3)
-            except Exception as e:  # noqa: BLE001 - a peer failing must not end the run
-                hf = {"error": f"{type(e).__name__}: {e}"[:300]}
-            if hf:
-                results.append({"bench": "tg128_hf_transformers", "shape": shape, "weights": "bf16",
-                                "batch": 1, "tok_s": hf.get("tok_s"), **hf})
+            peers.append((shape, config))
         if args.only_decode:
             continue
         log(f"{shape}: pp512 ...")
@@ -396,6 +389,18 @@ def run(args) -> dict:
                         "tok_s": 1 / fresh, "ratio": fresh / donated,
                         "note": "fresh cache per step over donated cache, s/token (host loop both)"})
         del params
+
+    # The torch peer runs last: run before them, it slowed the JAX measurements that
+    # followed it in the same process (llama1b 666 vs 718-722 tok/s, benchmarks/NOTES.md).
+    for shape, config in peers:
+        log(f"{shape}: Hugging Face transformers static-cache peer ...")
+        try:
+            hf = measure_hf_peer(shape, config, 3)
+        except Exception as e:  # noqa: BLE001 - a peer failing must not end the run
+            hf = {"error": f"{type(e).__name__}: {e}"[:300]}
+        if hf:
+            results.append({"bench": "tg128_hf_transformers", "shape": shape, "weights": "bf16",
+                            "batch": 1, "tok_s": hf.get("tok_s"), **hf})
 
     if backend == "gpu" and tg_ratios:
         for name, factor, desc in (("M3", 0.5, ">= 50%"), ("M4", 0.9, ">= 90%"), ("M5", 1.0, ">= 100%")):
