@@ -40,9 +40,23 @@ def _settings(args) -> SamplerSettings:
                            min_p=args.min_p, repetition_penalty=args.repeat_penalty)
 
 
-def cmd_generate(args) -> None:
-    from .generate import generate, generate_stream  # noqa: PLC0415
+def _stream_completion(model, ids: list[int], **kw) -> list[int]:
+    """Print one prompt's completion to stdout as it is generated; return its ids."""
+    from .generate import generate_stream  # noqa: PLC0415
     from .tokenizer import StreamDecoder  # noqa: PLC0415
+
+    decoder, out = StreamDecoder(model.tokenizer), []
+    for chunk in generate_stream(model.params, model.config, [ids], chunk=4, **kw):
+        out += chunk[0]
+        sys.stdout.write(decoder.push(chunk[0]))
+        sys.stdout.flush()
+    sys.stdout.write(decoder.flush() + "\n")
+    sys.stdout.flush()
+    return out
+
+
+def cmd_generate(args) -> None:
+    from .generate import generate  # noqa: PLC0415
 
     settings = _settings(args)  # validate before the slow load
     if args.max_new_tokens < 1:
@@ -63,12 +77,7 @@ def cmd_generate(args) -> None:
                 print(completion + "\n", flush=True)
         n = sum(len(t) for t in result.tokens)
     else:
-        decoder, n = StreamDecoder(model.tokenizer), 0
-        for chunk in generate_stream(model.params, model.config, prompts, chunk=4, **kw):
-            n += len(chunk[0])
-            sys.stdout.write(decoder.push(chunk[0]))
-            sys.stdout.flush()
-        sys.stdout.write(decoder.flush() + "\n")
+        n = len(_stream_completion(model, prompts[0], **kw))
     elapsed = time.perf_counter() - start
     status(f"{n} tokens in {elapsed:.1f}s (compilation included)")
 
@@ -154,9 +163,6 @@ def cmd_info(args) -> None:
 
 
 def cmd_chat(args) -> None:
-    from .generate import generate_stream  # noqa: PLC0415
-    from .tokenizer import StreamDecoder  # noqa: PLC0415
-
     settings = _settings(args)
     model = _load(args)
     messages = []
@@ -179,15 +185,8 @@ def cmd_chat(args) -> None:
             continue
         messages.append({"role": "user", "content": line.rstrip("\n")})
         ids = model.tokenizer.encode(model.apply_chat_template(messages))
-        decoder, reply = StreamDecoder(model.tokenizer), []
-        for chunk in generate_stream(model.params, model.config, [ids], chunk=4,
-                                     max_new_tokens=args.max_new_tokens, settings=settings,
-                                     seed=args.seed):
-            reply += chunk[0]
-            sys.stdout.write(decoder.push(chunk[0]))
-            sys.stdout.flush()
-        sys.stdout.write(decoder.flush() + "\n")
-        sys.stdout.flush()
+        reply = _stream_completion(model, ids, max_new_tokens=args.max_new_tokens,
+                                   settings=settings, seed=args.seed)
         messages.append({"role": "assistant", "content": model.tokenizer.decode(reply)})
 
 

@@ -8,7 +8,7 @@ import sys
 import jax
 import pytest
 from conftest import tiny
-from tiny_gguf import write_llama_gguf
+from tiny_gguf import write_gguf
 
 import jaxllm
 
@@ -25,7 +25,7 @@ def run(*args, stdin=None):
 def tiny_gguf(tmp_path_factory):
     c = tiny(vocab_size=300, max_seq_len=32)
     params = jaxllm.init_params(c, jax.random.PRNGKey(0))
-    return str(write_llama_gguf(tmp_path_factory.mktemp("m") / "tiny.gguf", c, params))
+    return str(write_gguf(tmp_path_factory.mktemp("m") / "tiny.gguf", c, params))
 
 
 def assert_usage_error(result, *words):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import tiny
 from gguf import GGMLQuantizationType, quants
-from tiny_gguf import write_llama_gguf
+from tiny_gguf import write_gguf
 
 import jaxllm
 from jaxllm.cli import score_ids
@@ -30,7 +30,7 @@ def tiny_model():
 
 def test_tiny_gguf_round_trip_matches_source_weights(tmp_path, tiny_model):
     c, params = tiny_model
-    path = write_llama_gguf(tmp_path / "tiny.gguf", c, params)
+    path = write_gguf(tmp_path / "tiny.gguf", c, params)
     model = jaxllm.load(str(path), dtype=jnp.float32)
     tokens = jnp.asarray(np.random.randint(0, 300, (2, 12)))
     np.testing.assert_allclose(jaxllm.forward(model.params, model.config, tokens),
@@ -53,7 +53,7 @@ def test_wrong_magic(tmp_path):
 
 def test_truncated_file(tmp_path, tiny_model):
     c, params = tiny_model
-    path = write_llama_gguf(tmp_path / "t.gguf", c, params)
+    path = write_gguf(tmp_path / "t.gguf", c, params)
     data = path.read_bytes()
     for cut in (len(data) // 2, 40):
         (tmp_path / "cut.gguf").write_bytes(data[:cut])
@@ -63,7 +63,7 @@ def test_truncated_file(tmp_path, tiny_model):
 
 def test_unsupported_architecture(tmp_path, tiny_model):
     c, params = tiny_model
-    path = write_llama_gguf(tmp_path / "m.gguf", c, params, arch="mamba")
+    path = write_gguf(tmp_path / "m.gguf", c, params, arch="mamba")
     with pytest.raises(UnsupportedArchitectureError, match="'mamba'.*supported: llama"):
         jaxllm.load(str(path))
 
@@ -72,7 +72,7 @@ def test_unsupported_tensor_type(tmp_path, tiny_model):
     c, params = tiny_model
     # IQ4_NL: 18-byte blocks of 32; replace layer 0's attn_v weight with it.
     raw = np.random.randint(0, 256, (c.kv_size, c.d_model // 32 * 18), dtype=np.uint8)
-    path = write_llama_gguf(tmp_path / "q.gguf", c, params,
+    path = write_gguf(tmp_path / "q.gguf", c, params,
                             raw_tensor=("blk.0.attn_v.weight", raw, GGMLQuantizationType.IQ4_NL))
     g = GGUFFile(str(path))
     assert g.tensor_type("blk.0.attn_v.weight") == "IQ4_NL"

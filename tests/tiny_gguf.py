@@ -113,8 +113,4 @@ def write_gguf(path, config, params, arch="llama", extra=None, raw_tensor=None, 
     return path
 
 
-def write_llama_gguf(path, config, params, arch="llama", extra=None, raw_tensor=None):
-    return write_gguf(path, config, params, arch, extra, raw_tensor)
-
-
-__all__ = ["write_gguf", "write_llama_gguf", "GGMLQuantizationType"]
+__all__ = ["write_gguf", "GGMLQuantizationType"]
