@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 
@@ -190,6 +191,25 @@ def cmd_chat(args) -> None:
         messages.append({"role": "assistant", "content": model.tokenizer.decode(reply)})
 
 
+def cmd_serve(args) -> None:
+    try:
+        from .server import serve  # noqa: PLC0415
+    except ImportError as e:
+        raise CliError(f"serving needs FastAPI, uvicorn and prometheus_client ({e.name} is missing): "
+                       "pip install 'jaxllm[serve]'") from None
+    if args.max_batch < 1:
+        raise CliError("--max-batch must be >= 1")
+    if args.max_context is not None and args.max_context < 2:
+        raise CliError("--max-context must be >= 2")
+    model = _load(args)
+    model_id = os.path.basename(args.model.rstrip(os.sep))
+    # Every slot holds a whole context and decode attention reads all of it.
+    max_context = args.max_context or min(model.config.max_seq_len, 2048)
+    status(f"compiling the decode loop for {args.max_batch} slots ...")
+    serve(model, model_id, host=args.host, port=args.port, max_batch=args.max_batch,
+          max_context=max_context, steps_per_chunk=args.steps_per_chunk)
+
+
 def _sampling_args(p) -> None:
     d = SamplerSettings()
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -231,6 +251,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("chat", cmd_chat, "interactive chat with the model's template")
     _sampling_args(p)
     p.add_argument("--system", help="system message")
+
+    p = command("serve", cmd_serve, "OpenAI-compatible HTTP server with continuous batching")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--max-batch", type=int, default=8, help="slots: requests decoded together")
+    p.add_argument("--max-context", type=int, help="tokens per slot (default: the model's, at most 2048)")
+    p.add_argument("--steps-per-chunk", type=int, default=8,
+                   help="decode steps between admitting new requests and streaming")
 
     p = command("info", cmd_info, "architecture, sizes, tensor types, context length")
     p.add_argument("--json", action="store_true")

@@ -120,12 +120,14 @@ def mlp(x: jax.Array, p: Layer, config: ModelConfig) -> jax.Array:
     return linear(hidden, p.w_out, p.b_out, config.kernels)
 
 
-def layer_forward(p: Layer, config: ModelConfig, index: int, x, positions, kv=None, starts=None):
+def layer_forward(p: Layer, config: ModelConfig, index: int, x, positions, kv=None, starts=None,
+                  span: Optional[int] = None):
     """One decoder layer.
 
     x [B, T, D]; positions [B, T]. With `kv` = (k_cache, v_cache) [B, S, K, Dh],
     the new keys and values are written at slots starts[b] + t and attention reads
-    the whole cache; without, attention reads the T tokens themselves.
+    the whole cache, or its first `span` slots when every row's keys lie there;
+    without, attention reads the T tokens themselves.
     Returns (x [B, T, D], kv).
     """
     B, T, _ = x.shape
@@ -145,8 +147,9 @@ def layer_forward(p: Layer, config: ModelConfig, index: int, x, positions, kv=No
         attn = attend(q, k, v, positions, positions, config, window)
     else:
         k_cache, v_cache = write_rows(kv[0], k, starts), write_rows(kv[1], v, starts)
-        slots = jnp.broadcast_to(jnp.arange(k_cache.shape[1], dtype=jnp.int32), (B, k_cache.shape[1]))
-        attn = attend(q, k_cache, v_cache, positions, slots, config, window)
+        S = min(span or k_cache.shape[1], k_cache.shape[1])
+        slots = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+        attn = attend(q, k_cache[:, :S], v_cache[:, :S], positions, slots, config, window)
         kv = (k_cache, v_cache)
     attn = linear(attn.reshape(B, T, config.q_size), p.wo, p.bo, config.kernels)
     if config.sandwich_norm:
@@ -198,17 +201,20 @@ def forward(params: Params, config: ModelConfig, tokens: jax.Array) -> jax.Array
 
 
 def extend_hidden(params: Params, config: ModelConfig, tokens: jax.Array, n_new: jax.Array,
-                  cache: KVCache):
+                  cache: KVCache, span: Optional[int] = None):
     """Append tokens [B, T] (the first n_new[b] of each row are real) to the cache.
 
     Returns (hidden [B, T, D] before the final norm, cache with lengths += n_new).
+    `span` (static): attention reads only the first `span` cache slots, which the
+    caller guarantees hold every key of every row that matters.
     """
     B, T = tokens.shape
     positions = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)
     x = embed(params, config, tokens, positions)
     ks, vs = [], []
     for i, layer in enumerate(params.layers):
-        x, (k, v) = layer_forward(layer, config, i, x, positions, (cache.k[i], cache.v[i]), cache.lengths)
+        x, (k, v) = layer_forward(layer, config, i, x, positions, (cache.k[i], cache.v[i]),
+                                  cache.lengths, span)
         ks.append(k)
         vs.append(v)
     return x, KVCache(k=tuple(ks), v=tuple(vs), lengths=cache.lengths + n_new.astype(jnp.int32))

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 
 @dataclass(frozen=True)
@@ -92,3 +94,58 @@ def sample(logits: jax.Array, key: jax.Array, settings: SamplerSettings,
     if settings.is_greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     return jax.random.categorical(key, filter_logits(logits, settings), axis=-1).astype(jnp.int32)
+
+
+@struct.dataclass
+class RowSampling:
+    """Per-row sampling parameters as arrays [B], for batches whose rows belong to
+    different requests (the server's slots). Same stages and conventions as
+    `SamplerSettings`; rows that sample pay for one sort of the vocabulary."""
+
+    temperature: jax.Array  # float32, 0 = greedy
+    top_k: jax.Array  # int32, 0 = off
+    top_p: jax.Array  # float32, 1 = off
+    min_p: jax.Array  # float32, 0 = off
+    repetition_penalty: jax.Array  # float32, 1 = off
+
+    @classmethod
+    def from_settings(cls, rows: Sequence[SamplerSettings]) -> "RowSampling":
+        column = lambda name, dtype: jnp.asarray([getattr(s, name) for s in rows], dtype)
+        return cls(column("temperature", jnp.float32), column("top_k", jnp.int32),
+                   column("top_p", jnp.float32), column("min_p", jnp.float32),
+                   column("repetition_penalty", jnp.float32))
+
+
+def filter_logits_rows(logits: jax.Array, rows: RowSampling) -> jax.Array:
+    """`filter_logits` with each row's own parameters (rows with temperature 0
+    are divided by 1 and left to the caller's argmax)."""
+    temperature = jnp.where(rows.temperature > 0, rows.temperature, 1.0)
+    logits = logits.astype(jnp.float32) / temperature[:, None]
+    V = logits.shape[-1]
+    ranked = jnp.sort(logits, axis=-1)[:, ::-1]
+    k = jnp.where(rows.top_k > 0, jnp.minimum(rows.top_k, V), V)
+    in_top_k = jnp.arange(V) < k[:, None]
+    probs = jax.nn.softmax(jnp.where(in_top_k, ranked, -jnp.inf), axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs
+    keep = jnp.sum((before < rows.top_p[:, None]) & in_top_k, axis=-1)
+    keep = jnp.where(rows.top_p < 1.0, jnp.maximum(keep, 1), k)
+    cutoff = jnp.take_along_axis(ranked, keep[:, None] - 1, axis=-1)
+    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    floor = logits.max(-1, keepdims=True) + jnp.log(rows.min_p)[:, None]  # log 0 = -inf: off
+    return jnp.where(logits < floor, -jnp.inf, logits)
+
+
+def sample_rows(logits: jax.Array, keys: jax.Array, rows: RowSampling, seen: jax.Array) -> jax.Array:
+    """Next tokens [B] from logits [B, V], one PRNG key per row (keys [B, 2]), so a
+    row's draws do not depend on which other rows share the batch."""
+    penalty = rows.repetition_penalty[:, None]
+    logits = jnp.where(seen, jnp.where(logits > 0, logits / penalty, logits * penalty), logits)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def draw(_):
+        filtered = filter_logits_rows(logits, rows)
+        drawn = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+        return jnp.where(rows.temperature > 0, drawn, greedy)
+
+    # The sort is skipped entirely while every row is greedy.
+    return jax.lax.cond(jnp.any(rows.temperature > 0), draw, lambda _: greedy, None)

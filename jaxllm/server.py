@@ -1,0 +1,361 @@
+"""`jaxllm serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn).
+
+Endpoints: POST /v1/chat/completions, POST /v1/completions (both with
+`"stream": true` as server-sent events), GET /v1/models, GET /health and GET
+/metrics (Prometheus). Every request becomes one or more `batching.Request`s that
+share the engine's slots; errors come back as OpenAI-style bodies
+{"error": {"message", "type", "param", "code"}} with a 4xx status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+import uuid
+from contextlib import asynccontextmanager
+from typing import Any, Optional, Union
+
+from fastapi import FastAPI
+from fastapi import Request as HttpRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from pydantic import BaseModel, ConfigDict, Field
+
+from .batching import Engine, Metrics, Request
+from .chat import ChatTemplateError
+from .generate import ContextLengthError
+from .loading.models import Model
+from .sampling import SamplerSettings
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: Optional[str] = None,
+                 code: Optional[str] = None, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param,
+                          "code": self.code}}
+
+
+# -- request bodies ---------------------------------------------------------------------
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class SamplingFields(BaseModel):
+    """The fields both endpoints share. top_k, min_p and repeat_penalty are
+    llama.cpp-style extensions; unknown fields are ignored, as OpenAI's own
+    server does for fields it has retired."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    max_tokens: Optional[int] = None
+    max_completion_tokens: Optional[int] = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repeat_penalty: Optional[float] = None
+    repetition_penalty: Optional[float] = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop: Optional[Union[str, list[str]]] = None
+    seed: Optional[int] = None
+    n: int = 1
+    logprobs: Optional[Any] = None
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: Optional[str] = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: str
+    content: Optional[Union[str, list[ContentPart]]] = None
+
+
+class ChatBody(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+class CompletionBody(SamplingFields):
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    echo: bool = False
+
+
+# -- metrics ----------------------------------------------------------------------------
+
+class PrometheusMetrics(Metrics):
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("jaxllm_requests", "HTTP requests served", ["endpoint", "status"], registry=r)
+        self.prompt_tokens = Counter("jaxllm_prompt_tokens", "prompt tokens admitted", registry=r)
+        self.generated_tokens = Counter("jaxllm_generated_tokens", "tokens generated", registry=r)
+        self.waiting_gauge = Gauge("jaxllm_queue_length", "requests waiting for a slot", registry=r)
+        self.running_gauge = Gauge("jaxllm_running_requests", "requests holding a slot", registry=r)
+        self.ttft = Histogram("jaxllm_time_to_first_token_seconds", "time to first token",
+                              buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30), registry=r)
+        self.itl = Histogram("jaxllm_inter_token_latency_seconds", "time between tokens",
+                             buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1), registry=r)
+
+    def first_token(self, seconds: float) -> None:
+        self.ttft.observe(seconds)
+        self.generated_tokens.inc()
+
+    def tokens(self, count: int, seconds_each: float) -> None:
+        for _ in range(count):
+            self.itl.observe(seconds_each)
+        self.generated_tokens.inc(count)
+
+    def occupancy(self, waiting: int, running: int) -> None:
+        self.waiting_gauge.set(waiting)
+        self.running_gauge.set(running)
+
+
+# -- the app ----------------------------------------------------------------------------
+
+def _settings(body: SamplingFields) -> SamplerSettings:
+    if body.n != 1:
+        raise ApiError(400, "only n=1 is supported", "n")
+    if body.logprobs:
+        raise ApiError(400, "logprobs are not supported", "logprobs")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(body, name):
+            raise ApiError(400, f"{name} is not supported (use repeat_penalty)", name)
+    penalty = body.repeat_penalty if body.repeat_penalty is not None else body.repetition_penalty
+    try:
+        if body.temperature == 0:
+            return SamplerSettings.greedy(repetition_penalty=1.0 if penalty is None else penalty)
+        return SamplerSettings(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
+                               min_p=body.min_p, repetition_penalty=1.0 if penalty is None else penalty)
+    except ValueError as e:
+        raise ApiError(400, str(e), str(e).split("=")[0].split()[-1]) from None
+
+
+def _stops(body: SamplingFields) -> tuple[str, ...]:
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stop) > 4 or any(not s for s in stop):
+        raise ApiError(400, "stop takes up to 4 non-empty strings", "stop")
+    return tuple(stop)
+
+
+def create_app(model: Model, model_id: str, *, max_batch: int = 8, max_context: Optional[int] = None,
+               steps_per_chunk: int = 8, warmup: bool = True) -> FastAPI:
+    """The ASGI app serving `model` under the name `model_id`; its engine starts
+    (and compiles) when the app starts and stops with it."""
+    metrics = PrometheusMetrics()
+    engine = Engine(model.params, model.config, model.tokenizer, n_slots=max_batch,
+                    max_context=max_context, steps_per_chunk=steps_per_chunk, metrics=metrics)
+    started = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        engine.start(warmup=warmup)
+        yield
+        engine.shutdown()
+
+    app = FastAPI(title="jaxllm", lifespan=lifespan)
+    app.state.engine, app.state.metrics = engine, metrics
+
+    def reply(endpoint: str, status: int, content: dict) -> JSONResponse:
+        metrics.requests.labels(endpoint, str(status)).inc()
+        return JSONResponse(content, status_code=status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: HttpRequest, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        message = ("the body is not valid JSON" if first.get("type") == "json_invalid"
+                   else f"{where or 'body'}: {first.get('msg', 'invalid request')}")
+        return reply(request.url.path, 400, ApiError(400, message, where).body())
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: HttpRequest, exc: ApiError):
+        return reply(request.url.path, exc.status, exc.body())
+
+    def check_model(name: str) -> None:
+        if name != model_id:
+            raise ApiError(404, f"the model {name!r} does not exist; this server serves {model_id!r}",
+                           "model", "model_not_found")
+
+    def make_requests(body: SamplingFields, prompts: list[list[int]]) -> list[Request]:
+        settings, stop = _settings(body), _stops(body)
+        seed = body.seed if body.seed is not None else secrets.randbits(31)
+        requests = []
+        for ids in prompts:
+            max_tokens = body.max_completion_tokens or body.max_tokens
+            if max_tokens is None:
+                max_tokens = engine.capacity - len(ids)
+            try:
+                engine.check(ids, max_tokens)
+            except ContextLengthError as e:
+                raise ApiError(400, str(e), "max_tokens", "context_length_exceeded") from None
+            except ValueError as e:
+                raise ApiError(400, str(e), "max_tokens" if "max_tokens" in str(e) else "prompt") from None
+            requests.append(Request(ids, max_tokens, settings, seed, stop))
+        return requests
+
+    async def run(requests: list[Request]):
+        """Submit; yield (index, text, finish_reason) as the engine produces them."""
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        for index, r in enumerate(requests):
+            r.on_update = (lambda i: lambda _r, text, reason: loop.call_soon_threadsafe(
+                queue.put_nowait, (i, text, reason)))(index)
+            metrics.prompt_tokens.inc(len(r.prompt_ids))
+            engine.submit(r)
+        unfinished = len(requests)
+        try:
+            while unfinished:
+                index, text, reason = await queue.get()
+                unfinished -= reason is not None
+                yield index, text, reason
+        finally:  # the client went away (or we failed): free the slots
+            for r in requests:
+                if r.finish_reason is None:
+                    engine.cancel(r)
+
+    def usage(requests: list[Request]) -> dict:
+        prompt = sum(len(r.prompt_ids) for r in requests)
+        completion = sum(len(r.ids) for r in requests)
+        return {"prompt_tokens": prompt, "completion_tokens": completion,
+                "total_tokens": prompt + completion}
+
+    def failure(requests: list[Request]) -> Optional[ApiError]:
+        bad = next((r for r in requests if r.finish_reason == "error"), None)
+        return bad and ApiError(500, f"generation failed: {bad.error}", kind="server_error")
+
+    async def respond(endpoint: str, body: SamplingFields, requests: list[Request], chunk, final):
+        """Stream chunk(index, text, finish_reason) events, or one final(texts) body."""
+        ident = f"{'chatcmpl' if endpoint.endswith('chat/completions') else 'cmpl'}-{uuid.uuid4().hex}"
+        head = {"id": ident, "created": int(time.time()), "model": model_id}
+        if not body.stream:
+            texts = [""] * len(requests)
+            async for index, text, _ in run(requests):
+                texts[index] += text
+            if error := failure(requests):
+                return reply(endpoint, error.status, error.body())
+            return reply(endpoint, 200, {**head, **final(texts, requests), "usage": usage(requests)})
+
+        async def events():
+            sse = lambda payload: f"data: {json.dumps(payload)}\n\n"
+            for index in range(len(requests)):
+                if (opening := chunk(index, None, None)) is not None:
+                    yield sse({**head, **opening})
+            async for index, text, reason in run(requests):
+                if reason == "error":
+                    yield sse(failure(requests).body())
+                    break
+                if text or reason:
+                    yield sse({**head, **chunk(index, text, reason)})
+            else:
+                if body.stream_options and body.stream_options.include_usage:
+                    yield sse({**head, **chunk(None, None, None), "choices": [], "usage": usage(requests)})
+            yield "data: [DONE]\n\n"
+
+        metrics.requests.labels(endpoint, "200").inc()
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatBody):
+        check_model(body.model)
+        messages = []
+        for m in body.messages:
+            content = m.content if isinstance(m.content, str) or m.content is None else "".join(
+                part.text or "" for part in m.content if part.type == "text")
+            messages.append({"role": m.role, "content": content or ""})
+        try:
+            text = model.apply_chat_template(messages)
+        except ChatTemplateError as e:
+            raise ApiError(400, str(e), "messages") from None
+        requests = make_requests(body, [model.tokenizer.encode(text)])
+
+        def chunk(index, text, reason):
+            if index is None:
+                return {"object": "chat.completion.chunk"}
+            delta = {"role": "assistant", "content": ""} if text is None and reason is None else (
+                {"content": text} if text else {})
+            return {"object": "chat.completion.chunk", "choices": [
+                {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}]}
+
+        def final(texts, requests):
+            return {"object": "chat.completion", "choices": [
+                {"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
+                 "finish_reason": r.finish_reason} for i, (t, r) in enumerate(zip(texts, requests))]}
+
+        return await respond("/v1/chat/completions", body, requests, chunk, final)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionBody):
+        check_model(body.model)
+        prompt = body.prompt
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        elif prompt and isinstance(prompt[0], int):
+            prompt = [prompt]
+        if not prompt:
+            raise ApiError(400, "the prompt is empty", "prompt")
+        ids = [p if isinstance(p, list) else model.tokenizer.encode(p) for p in prompt]
+        requests = make_requests(body, ids)
+        echoes = [model.tokenizer.decode(i) if body.echo else "" for i in ids]
+
+        def chunk(index, text, reason):
+            if index is None:
+                return {"object": "text_completion"}
+            if text is None and reason is None:
+                if not body.echo:
+                    return None
+                text = echoes[index]
+            return {"object": "text_completion", "choices": [
+                {"index": index, "text": text, "logprobs": None, "finish_reason": reason}]}
+
+        def final(texts, requests):
+            return {"object": "text_completion", "choices": [
+                {"index": i, "text": echoes[i] + t, "logprobs": None, "finish_reason": r.finish_reason}
+                for i, (t, r) in enumerate(zip(texts, requests))]}
+
+        return await respond("/v1/completions", body, requests, chunk, final)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [
+            {"id": model_id, "object": "model", "created": started, "owned_by": "jaxllm",
+             "context_length": engine.capacity}]}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_id, "slots": engine.n_slots,
+                "running": engine.running, "waiting": engine.waiting}
+
+    @app.get("/metrics")
+    async def prometheus():
+        metrics.occupancy(engine.waiting, engine.running)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def serve(model: Model, model_id: str, host: str = "127.0.0.1", port: int = 8080, **kw) -> None:
+    import uvicorn  # noqa: PLC0415
+
+    uvicorn.run(create_app(model, model_id, **kw), host=host, port=port, log_level="info")

@@ -1,0 +1,313 @@
+"""`jaxllm serve`: the OpenAI-compatible server, over loopback, with the official
+`openai` client and raw HTTP; and the continuous-batching engine underneath."""
+
+import http.client
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import jax
+import numpy as np
+import pytest
+import uvicorn
+from conftest import tiny
+from openai import BadRequestError, NotFoundError, OpenAI
+from prometheus_client.parser import text_string_to_metric_families
+from tiny_gguf import write_gguf
+
+import jaxllm
+from jaxllm.batching import Engine, Request
+from jaxllm.sampling import RowSampling, filter_logits, filter_logits_rows
+from jaxllm.server import create_app
+
+TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<assistant>{% endif %}")
+CONTEXT = 96  # the server's slots
+ENGINE_CONTEXT = 320  # the engine tests': rows cross the 128- and 256-slot attention spans
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    # Big enough that a decode step costs more than the Python around it, so the
+    # batching speed-up is measured on compute, not on overhead.
+    c = tiny(vocab_size=300, d_model=512, n_heads=8, n_kv_heads=2, d_ff=1536, n_layers=4,
+             max_seq_len=ENGINE_CONTEXT)
+    params = jaxllm.init_params(c, jax.random.PRNGKey(1))
+    path = write_gguf(tmp_path_factory.mktemp("m") / "tiny.gguf", c, params,
+                      extra={"tokenizer.chat_template": TEMPLATE})
+    return jaxllm.load(str(path))
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    app = create_app(model, "tiny", max_batch=8, max_context=CONTEXT, steps_per_chunk=4)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.time() + 120
+    while not srv.started:
+        assert time.time() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.05)
+    yield port, app
+    srv.should_exit = True
+    thread.join(30)
+
+
+@pytest.fixture
+def client(server):
+    return OpenAI(base_url=f"http://127.0.0.1:{server[0]}/v1", api_key="unused", max_retries=0)
+
+
+def raw(port, method, path, body=None, content_type="application/json"):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    data = body if isinstance(body, (bytes, str)) or body is None else json.dumps(body)
+    conn.request(method, path, body=data, headers={"Content-Type": content_type})
+    response = conn.getresponse()
+    payload = response.read().decode()
+    conn.close()
+    return response.status, payload
+
+
+def expected(model, prompt_ids, max_tokens):
+    """What the library's own batch-1 greedy generate() gives."""
+    out = jaxllm.generate(model.params, model.config, [prompt_ids], max_new_tokens=max_tokens,
+                          settings=jaxllm.SamplerSettings.greedy())
+    return out.tokens[0], out.stop_reasons[0]
+
+
+# -- the engine, without HTTP ------------------------------------------------------------
+
+def test_row_sampling_matches_the_static_filter():
+    rng = np.random.default_rng(0)
+    logits = jax.numpy.asarray(rng.normal(size=(5, 300)) * 3, jax.numpy.float32)
+    settings = [jaxllm.SamplerSettings(temperature=0.7, top_k=40, top_p=0.9, min_p=0.05),
+                jaxllm.SamplerSettings(temperature=1.3, top_k=0, top_p=0.5, min_p=0.0),
+                jaxllm.SamplerSettings(temperature=1.0, top_k=7, top_p=1.0, min_p=0.0),
+                jaxllm.SamplerSettings(temperature=0.5, top_k=0, top_p=1.0, min_p=0.2),
+                jaxllm.SamplerSettings(temperature=2.0, top_k=1000, top_p=0.99, min_p=0.0)]
+    rows = filter_logits_rows(logits, RowSampling.from_settings(settings))
+    for b, s in enumerate(settings):
+        np.testing.assert_allclose(rows[b], filter_logits(logits[b:b + 1], s)[0], rtol=1e-6)
+
+
+def collect(engine, prompts, max_tokens, settings=jaxllm.SamplerSettings.greedy(), stop=(), seeds=None):
+    finished = threading.Semaphore(0)
+    requests = [Request(list(p), max_tokens, settings, seed=(seeds or [0] * len(prompts))[i],
+                        stop=stop, on_update=lambda r, text, reason: reason and finished.release())
+                for i, p in enumerate(prompts)]
+    for r in requests:
+        engine.submit(r)
+    for _ in requests:
+        assert finished.acquire(timeout=120)
+    return requests
+
+
+@pytest.fixture(scope="module")
+def engine(model):
+    e = Engine(model.params, model.config, model.tokenizer, n_slots=3, max_context=ENGINE_CONTEXT,
+               steps_per_chunk=4).start()
+    yield e
+    e.shutdown()
+
+
+def test_engine_more_requests_than_slots_match_generate(engine, model):
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(3, 300, n).tolist() for n in (1, 5, 117, 9, 250, 2, 12)]
+    requests = collect(engine, prompts, 16)
+    for p, r in zip(prompts, requests):
+        ids, reason = expected(model, p, 16)
+        assert r.ids == ids and r.finish_reason == reason
+        assert r.text == model.tokenizer.decode(ids)
+    assert engine.running == 0 and engine.waiting == 0
+
+
+def test_engine_sampling_is_per_request(engine):
+    """A request's sampled tokens depend on its seed, not on who shares the batch."""
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(3, 300, 6).tolist() for _ in range(3)]
+    hot = jaxllm.SamplerSettings(temperature=1.5, top_k=0, top_p=1.0, min_p=0.0)
+    together = collect(engine, prompts, 12, hot, seeds=[7, 8, 9])
+    alone = collect(engine, prompts[1:2], 12, hot, seeds=[8])
+    assert together[1].ids == alone[0].ids
+    assert len({tuple(r.ids) for r in together}) == 3
+
+
+def test_engine_stop_strings_and_cancel(engine, model):
+    prompt = [5, 6, 7, 8]
+    full = collect(engine, [prompt], 24)[0]
+    assert len(full.text) > 4
+    stop = full.text[3:5]
+    cut = collect(engine, [prompt], 24, stop=(stop,))[0]
+    assert cut.finish_reason == "stop" and cut.text == full.text[:full.text.index(stop)]
+    # A cancelled request ends at a chunk boundary and frees its slot.
+    ended = threading.Event()
+    r = Request(prompt, ENGINE_CONTEXT - len(prompt), on_update=lambda r, t, reason: reason and ended.set())
+    engine.submit(r)
+    engine.cancel(r)
+    assert ended.wait(60) and r.finish_reason == "cancelled"
+    deadline = time.time() + 30
+    while engine.running:
+        assert time.time() < deadline
+        time.sleep(0.01)
+    assert collect(engine, [prompt], 24)[0].ids == full.ids
+
+
+def test_engine_rejects_what_cannot_run(engine):
+    with pytest.raises(jaxllm.ContextLengthError, match="exceeds the context"):
+        engine.check([1] * 310, 11)
+    with pytest.raises(ValueError, match="max_tokens"):
+        engine.check([1], 0)
+    with pytest.raises(ValueError, match="token ids"):
+        engine.check([1, 999], 4)
+
+
+# -- over HTTP ---------------------------------------------------------------------------
+
+def test_chat_completion_and_stream_agree(client, model):
+    messages = [{"role": "user", "content": "Hello there"}]
+    plain = client.chat.completions.create(model="tiny", messages=messages, max_tokens=20,
+                                           temperature=0, seed=3)
+    prompt_ids = model.tokenizer.encode(model.apply_chat_template(messages))
+    ids, reason = expected(model, prompt_ids, 20)
+    choice = plain.choices[0]
+    assert choice.message.role == "assistant"
+    assert choice.message.content == model.tokenizer.decode(ids)
+    assert choice.finish_reason == reason
+    assert plain.usage.prompt_tokens == len(prompt_ids)
+    assert plain.usage.completion_tokens == len(ids)
+    assert plain.usage.total_tokens == len(prompt_ids) + len(ids)
+
+    stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=20,
+                                            temperature=0, seed=3, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == choice.message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == reason
+    assert chunks[-1].usage.completion_tokens == len(ids)
+
+
+def test_completions_with_stop_and_seeded_sampling(client, model):
+    prompt = "The cat sat"
+    full = client.completions.create(model="tiny", prompt=prompt, max_tokens=24, temperature=0)
+    text = full.choices[0].text
+    ids, _ = expected(model, model.tokenizer.encode(prompt), 24)
+    assert text == model.tokenizer.decode(ids)
+    stop = text[4:6]
+    cut = client.completions.create(model="tiny", prompt=prompt, max_tokens=24, temperature=0, stop=[stop])
+    assert cut.choices[0].text == text[:text.index(stop)] and cut.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="tiny", prompt=prompt, max_tokens=24, temperature=0, stop=[stop], stream=True))
+    assert streamed == cut.choices[0].text
+    hot = dict(model="tiny", prompt=prompt, max_tokens=16, temperature=1.2, seed=11)
+    assert client.completions.create(**hot).choices[0].text == client.completions.create(**hot).choices[0].text
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+
+
+def test_concurrent_requests_match_alone_and_batch_faster(client, server):
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(3, 300, int(n)).tolist() for n in rng.integers(2, 30, 8)]
+    ask = lambda p: client.completions.create(model="tiny", prompt=p, max_tokens=48, temperature=0)
+    start = time.perf_counter()
+    alone = [ask(p) for p in prompts]
+    sequential = time.perf_counter() - start
+    start = time.perf_counter()
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(ask, prompts))
+    concurrent = time.perf_counter() - start
+    for a, t in zip(alone, together):
+        assert t.choices[0].text == a.choices[0].text
+        assert t.usage.completion_tokens == a.usage.completion_tokens
+    tokens = sum(a.usage.completion_tokens for a in alone)
+    ratio = sequential / concurrent
+    print(f"\n8 requests, {tokens} tokens: sequential {sequential:.2f}s, concurrent {concurrent:.2f}s, "
+          f"throughput ratio {ratio:.2f}x")
+    assert ratio >= 3.0
+
+
+@pytest.mark.parametrize("body, status, words", [
+    ('{"model": "tiny", "prompt": "hi"', 400, "not valid JSON"),
+    ({"model": "gpt-7", "prompt": "hi"}, 404, "does not exist"),
+    ({"model": "tiny", "prompt": "hi", "max_tokens": 500}, 400, "exceeds the context"),
+    ({"model": "tiny", "prompt": "hi", "temperature": -1}, 400, "temperature"),
+    ({"model": "tiny", "prompt": "hi", "top_p": 0}, 400, "top_p"),
+    ({"model": "tiny", "prompt": "hi", "max_tokens": "many"}, 400, "max_tokens"),
+    ({"model": "tiny", "prompt": "hi", "n": 2}, 400, "n=1"),
+    ({"model": "tiny", "prompt": [5, 1000]}, 400, "token ids"),
+    ({"model": "tiny"}, 400, "prompt"),
+    ({"model": "tiny", "messages": []}, 400, "messages"),
+])
+def test_bad_requests_get_openai_errors(server, body, status, words):
+    port, _ = server
+    path = "/v1/chat/completions" if "messages" in str(body) else "/v1/completions"
+    code, payload = raw(port, "POST", path, body)
+    assert code == status, payload
+    error = json.loads(payload)["error"]
+    assert words in error["message"] and error["type"]
+    assert raw(port, "GET", "/health")[0] == 200
+
+
+def test_openai_client_raises_on_bad_requests(client):
+    with pytest.raises(NotFoundError):
+        client.completions.create(model="nope", prompt="hi", max_tokens=2)
+    with pytest.raises(BadRequestError, match="context"):
+        client.completions.create(model="tiny", prompt="hi", max_tokens=CONTEXT)
+
+
+def test_disconnect_mid_stream_frees_the_slot(server, client, model):
+    port, app = server
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("POST", "/v1/completions", body=json.dumps(
+        {"model": "tiny", "prompt": "abc", "max_tokens": CONTEXT - 10, "temperature": 0, "stream": True}),
+        headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200
+    assert response.read(6) == b"data: "
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    engine = app.state.engine
+    deadline = time.time() + 60
+    while engine.running or engine.waiting:
+        assert time.time() < deadline, "the disconnected request kept its slot"
+        time.sleep(0.05)
+    out = client.completions.create(model="tiny", prompt="abc", max_tokens=8, temperature=0)
+    ids, _ = expected(model, model.tokenizer.encode("abc"), 8)
+    assert out.choices[0].text == model.tokenizer.decode(ids)
+
+
+def metric_values(port) -> dict:
+    code, text = raw(port, "GET", "/metrics")
+    assert code == 200
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_metrics_parse_and_move(server, client):
+    port, _ = server
+    before = metric_values(port)
+    out = client.completions.create(model="tiny", prompt="count me", max_tokens=6, temperature=0)
+    after = metric_values(port)
+    get = lambda m, name, **labels: m.get((name, tuple(sorted(labels.items()))), 0.0)
+    assert get(after, "jaxllm_generated_tokens_total") - get(before, "jaxllm_generated_tokens_total") \
+        >= out.usage.completion_tokens
+    assert get(after, "jaxllm_prompt_tokens_total") - get(before, "jaxllm_prompt_tokens_total") \
+        == out.usage.prompt_tokens
+    assert get(after, "jaxllm_requests_total", endpoint="/v1/completions", status="200") \
+        == get(before, "jaxllm_requests_total", endpoint="/v1/completions", status="200") + 1
+    assert get(after, "jaxllm_time_to_first_token_seconds_count") \
+        == get(before, "jaxllm_time_to_first_token_seconds_count") + 1
+    assert ("jaxllm_queue_length", ()) in after and ("jaxllm_running_requests", ()) in after
+
+
+def test_serve_command_rejects_bad_arguments():
+    result = subprocess.run([sys.executable, "-m", "jaxllm", "serve", "--max-batch", "0"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "jaxllm: error: --max-batch must be >= 1"
