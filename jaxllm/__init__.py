@@ -14,15 +14,16 @@ from .generate import (ContextLengthError, DecodeState, GenerationResult, genera
                        generate_stream)
 from .model import decode_step, extend, forward
 from .params import Layer, Norm, Params, init_params
+from .quant import QuantizedWeight, dequantize_params, quantize
 from .sampling import SamplerSettings, filter_logits, sample
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ContextLengthError", "DecodeState", "GenerationResult", "KVCache", "Layer", "ModelConfig",
-    "Norm", "PRESETS", "Params", "RopeScaling", "SamplerSettings", "decode_step", "extend",
-    "filter_logits", "forward", "generate", "generate_stream", "init_cache", "init_params",
-    "sample",
+    "Norm", "PRESETS", "Params", "QuantizedWeight", "RopeScaling", "SamplerSettings", "decode_step", "dequantize_params",
+    "extend", "filter_logits", "forward", "generate", "generate_stream", "init_cache", "init_params",
+    "quantize", "sample",
 ]
 
 from .chat import render_chat  # noqa: E402

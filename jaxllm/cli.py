@@ -15,6 +15,7 @@ import time
 
 from .errors import JaxllmError
 from .generate import ContextLengthError, bucket_length
+from .quant import weight_bytes
 from .loading.models import DEFAULT_MODEL, PACKAGED
 from .sampling import SamplerSettings
 
@@ -31,7 +32,7 @@ def status(message: str) -> None:
 
 def _load(args):
     from .loading.models import load  # noqa: PLC0415 - keep `--help` fast
-    return load(args.model, verbose=True)
+    return load(args.model, verbose=True, weights=args.weights)
 
 
 def _settings(args) -> SamplerSettings:
@@ -154,6 +155,7 @@ def cmd_info(args) -> None:
         "context_length": c.max_seq_len, "rope_theta": c.rope_theta if c.position == "rope" else None,
         "sliding_window": c.sliding_window, "tied_embeddings": c.tie_embeddings,
         "tensor_types": model.tensor_types, "file_bytes": model.file_bytes,
+        "weight_bytes": weight_bytes(model.params),
         "chat_template": model.chat_template is not None,
     }
     if args.json:
@@ -230,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name, fn, help_text):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
+        p.add_argument("--weights", default="file", choices=("file", "dense", "int8", "int4"),
+                       help="file: keep a GGUF file's quantized tensors quantized (default); "
+                            "dense: dequantize; int8/int4: quantize dense weights")
         p.set_defaults(fn=fn)
         return p
 

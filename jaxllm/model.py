@@ -23,15 +23,25 @@ import numpy as np
 from .cache import KVCache, write_rows
 from .config import ModelConfig
 from .kernels.matvec import matvec_pallas, use_pallas
+from .kernels.qmatvec import qmatvec_pallas
 from .params import Layer, Norm, Params
+from .quant import QuantizedWeight, linear_reference, take_rows
 
 
-def linear(x: jax.Array, w: jax.Array, b: Optional[jax.Array] = None, kernels: str = "auto",
+def linear(x: jax.Array, w, b: Optional[jax.Array] = None, kernels: str = "auto",
            out_dtype=None) -> jax.Array:
     """x [..., In] @ w [In, Out] (+ b [Out]) with float32 accumulation, in out_dtype
-    (default x's). Every projection goes through here."""
+    (default x's). Every projection goes through here; w is a dense array or a
+    QuantizedWeight standing for one."""
     rows = math.prod(x.shape[:-1])
-    if use_pallas(kernels, rows, w.shape):
+    if isinstance(w, QuantizedWeight):
+        x2 = x.reshape(rows, x.shape[-1])
+        if use_pallas(kernels, rows, w.shape, quantized=True):
+            y = qmatvec_pallas(x2, w, out_dtype, interpret=jax.default_backend() != "gpu")
+        else:
+            y = linear_reference(x2, w, out_dtype)
+        y = y.reshape(*x.shape[:-1], w.shape[1])
+    elif use_pallas(kernels, rows, w.shape):
         y = matvec_pallas(x.reshape(rows, x.shape[-1]), w, out_dtype,
                           interpret=jax.default_backend() != "gpu").reshape(*x.shape[:-1], w.shape[1])
     else:
@@ -164,7 +174,10 @@ def layer_forward(p: Layer, config: ModelConfig, index: int, x, positions, kv=No
 
 
 def embed(params: Params, config: ModelConfig, tokens: jax.Array, positions: jax.Array) -> jax.Array:
-    x = params.embed[tokens]
+    if isinstance(params.embed, QuantizedWeight):
+        x = take_rows(params.embed, tokens)
+    else:
+        x = params.embed[tokens]
     if config.embed_scale is not None:
         # Gemma rounds the scale to the activation dtype before multiplying.
         x = x * jnp.asarray(config.embed_scale, x.dtype)
@@ -176,7 +189,9 @@ def embed(params: Params, config: ModelConfig, tokens: jax.Array, positions: jax
 def unembed(params: Params, config: ModelConfig, x: jax.Array) -> jax.Array:
     """Final norm and output projection: x [..., D] -> float32 logits [..., V]."""
     x = apply_norm(x, params.final_norm, config)
-    if params.lm_head is None:
+    if params.lm_head is None and isinstance(params.embed, QuantizedWeight):
+        logits = linear(x, params.embed, None, config.kernels, out_dtype=jnp.float32)  # stored [D, V]
+    elif params.lm_head is None:
         logits = jnp.einsum("...d,vd->...v", x, params.embed, preferred_element_type=jnp.float32)
     else:
         logits = linear(x, params.lm_head, params.lm_head_bias, config.kernels, out_dtype=jnp.float32)

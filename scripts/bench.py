@@ -33,6 +33,7 @@ from jaxllm import PRESETS, ModelConfig, SamplerSettings  # noqa: E402
 from jaxllm.cache import init_cache  # noqa: E402
 from jaxllm.generate import decode, start  # noqa: E402
 from jaxllm.model import decode_step, extend  # noqa: E402
+from jaxllm.quant import weight_bytes  # noqa: E402
 
 ANCHORS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "anchors",
                        "h100-2026-11-23.json")
@@ -241,9 +242,10 @@ def measure_hf_peer(shape: str, config: ModelConfig, reps: int) -> dict | None:
 
 # --- suites ---------------------------------------------------------------------------
 
-def smollm_cpu_decode(reps: int, n_tokens: int) -> dict:
-    """M1: the real SmolLM2-135M Q4_1 GGUF, greedy decode on this machine."""
-    model = jaxllm.load("smollm2-135m-instruct", dtype=jnp.float32, verbose=True)
+def smollm_cpu_decode(reps: int, n_tokens: int, weights: str = "file") -> dict:
+    """M1: the real SmolLM2-135M Q4_1 GGUF, greedy decode on this machine, with
+    the file's quantized weights on the device ("file") or dequantized ("dense")."""
+    model = jaxllm.load("smollm2-135m-instruct", dtype=jnp.float32, verbose=True, weights=weights)
     ids = model.tokenizer.encode("The capital of France is")
     params, config = model.params, model.config
 
@@ -259,7 +261,8 @@ def smollm_cpu_decode(reps: int, n_tokens: int) -> dict:
     sec, times = timed(once, reps)
     return {"bench": "decode", "shape": "smollm2-135m", "weights": "Q4_1", "batch": 1,
             "tok_s": n_tokens / sec, "tokens": n_tokens, "compile_s": max(first - sec, 0.0),
-            "compute_dtype": "float32 (dequantized)", **spread_ms(times)}
+            "on_device": "Q4_1 (quantized, float32 activations)" if weights == "file"
+            else "float32 (dequantized)", "weight_bytes": weight_bytes(params), **spread_ms(times)}
 
 
 def run(args) -> dict:
@@ -274,11 +277,11 @@ def run(args) -> dict:
     reps = 5
     results, milestones = [], []
     dtype = jnp.bfloat16 if backend == "gpu" else jnp.float32
-    weights_name = "bf16" if dtype == jnp.bfloat16 else "f32"
-    for w in args.weights.split(","):
-        if w not in ("bf16",):
-            raise SystemExit(f"bench: error: --weights {w} needs quantized weights on device, "
-                             "which this version does not have yet (issue: quantized weights)")
+    dense_name = "bf16" if dtype == jnp.bfloat16 else "f32"
+    weight_modes = args.weights.split(",")
+    for w in weight_modes:
+        if w not in ("bf16", "int8", "int4"):
+            raise SystemExit(f"bench: error: --weights takes bf16, int8 and int4, not {w!r}")
 
     def milestone(name, description, measured, target, peer, peer_source, ratio, passed):
         milestones.append({"name": name, "description": description, "measured": measured,
@@ -298,6 +301,7 @@ def run(args) -> dict:
         log("M1: SmolLM2-135M Q4_1 decode on the CPU ...")
         row = smollm_cpu_decode(reps, 64)
         results.append(row)
+        results.append(smollm_cpu_decode(reps, 64, weights="dense"))
         cpu_ref = anchors.get("cpu_reference", {}).get("tg_tok_s", {}).get(
             "SmolLM2-135M-Instruct.Q4_1", [78.4])[0]
         ratio = row["tok_s"] / cpu_ref
@@ -328,14 +332,20 @@ def run(args) -> dict:
     shapes = ["tiny"] if args.quick else args.shapes.split(",")
     if suite == "cpu" and not args.quick and args.shapes_given is False:
         shapes = ["smol135m"]
-    tg_ratios, peers = {}, []
-    for shape in shapes:
+    tg_ratios, quant_ratios, peers = {}, {}, []
+    for shape, mode in [(s, m) for s in shapes for m in weight_modes]:
         config = (TINY if shape == "tiny" else PRESETS[shape]).replace(kernels=args.kernels)
-        log(f"{shape}: initialising random {weights_name} weights ...")
+        log(f"{shape}: initialising random {dense_name} weights" + (
+            f", quantizing to {mode} (groups of 32) ..." if mode != "bf16" else " ..."))
         params = block(jaxllm.init_params(config, jax.random.PRNGKey(0), dtype))
+        weights_name = dense_name
+        if mode != "bf16":
+            params = block(jaxllm.quantize(params, mode, group_size=32))
+            weights_name = mode
         wbytes = weight_bytes_per_token(params)
-        peer_tg = llama_cpp.get("tg128", {}).get(shape, {}).get("F16")
-        peer_pp = llama_cpp.get("pp512", {}).get(shape, {}).get("F16")
+        peer_format = LLAMA_CPP_FORMAT[mode]
+        peer_tg = llama_cpp.get("tg128", {}).get(shape, {}).get(peer_format)
+        peer_pp = llama_cpp.get("pp512", {}).get(shape, {}).get(peer_format)
         if config.kernels != "xla":
             err = fast_path_error(params, config)
             results.append({"bench": "fast_path_check", "shape": shape, "weights": weights_name,
@@ -354,11 +364,14 @@ def run(args) -> dict:
             if backend == "gpu":
                 row["mbu_vs_3.35TBps"] = wbytes * r["tok_s"] / b / (DATASHEET_TBPS * 1e12)
             if b == 1 and peer_tg:
-                row["llama_cpp_F16_tok_s"] = peer_tg
+                row[f"llama_cpp_{peer_format}_tok_s"] = peer_tg
                 row["ratio_vs_llama_cpp"] = r["tok_s"] / peer_tg
-                tg_ratios[shape] = (r["tok_s"], peer_tg, row.get("mbu_vs_3.35TBps"))
+                if mode == "bf16":
+                    tg_ratios[shape] = (r["tok_s"], peer_tg, row.get("mbu_vs_3.35TBps"))
+                else:
+                    quant_ratios[f"{shape} {mode}"] = (r["tok_s"], peer_tg)
             results.append(row)
-        if backend == "gpu" and shape in ("smol135m", "llama1b") and not args.no_peers:
+        if backend == "gpu" and shape in ("smol135m", "llama1b") and mode == "bf16" and not args.no_peers:
             peers.append((shape, config))
         if args.only_decode:
             continue
@@ -368,7 +381,7 @@ def run(args) -> dict:
         row = {"bench": "pp512" if length == 512 else f"pp{length}", "shape": shape,
                "weights": weights_name, "batch": 1, **r}
         if peer_pp and length == 512:
-            row["llama_cpp_F16_tok_s"] = peer_pp
+            row[f"llama_cpp_{peer_format}_tok_s"] = peer_pp
             row["ratio_vs_llama_cpp"] = r["tok_s"] / peer_pp
         results.append(row)
         if backend == "gpu":
@@ -415,6 +428,13 @@ def run(args) -> dict:
                       worst, factor, {k: v[1] for k, v in tg_ratios.items()},
                       "../shared/anchors/h100-2026-11-23.json llama_cpp.tg128 F16", worst, passed)
 
+    if backend == "gpu" and quant_ratios and want("Q"):
+        worst = min(v[0] / v[1] for v in quant_ratios.values())
+        milestone("Q", "quantized tg128 batch 1 (int8 vs llama.cpp Q8_0, int4 vs Q4_0) >= 100% at every "
+                  f"shape run ({', '.join(quant_ratios)})", worst, 1.0,
+                  {k: v[1] for k, v in quant_ratios.items()},
+                  "../shared/anchors/h100-2026-11-23.json llama_cpp.tg128 Q8_0 / Q4_0", worst, worst >= 1.0)
+
     return {"device": jax.devices()[0].device_kind, "backend": backend, "jax_version": jax.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": " ".join(["python", "scripts/bench.py", *sys.argv[1:]]),
@@ -444,7 +464,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", choices=["cpu", "gpu", "all"])
     p.add_argument("--shapes", default=None)
-    p.add_argument("--weights", default="bf16")
+    p.add_argument("--weights", default="bf16",
+                   help="comma-separated: bf16 (f32 on the CPU), int8, int4 (random weights "
+                        "quantized with jaxllm.quantize, groups of 32)")
     p.add_argument("--only", help="comma-separated milestones, e.g. M1,M3")
     p.add_argument("--quick", action="store_true", help="tiny shapes, few repetitions (CI)")
     p.add_argument("--no-peers", action="store_true", help="skip the transformers peer")

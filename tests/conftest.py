@@ -37,3 +37,16 @@ ARCH_CONFIGS = {
 @pytest.fixture(params=sorted(ARCH_CONFIGS))
 def arch_config(request):
     return ARCH_CONFIGS[request.param]
+
+
+@pytest.fixture
+def reference_texts():
+    """Token ids of the llama.cpp reference's scored texts, by reference name."""
+    import json  # noqa: PLC0415
+
+    def texts(name):
+        path = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference",
+                            f"{name}.llamacpp.json")
+        with open(path) as f:
+            return [case["ids"] for case in json.load(f)["score"]]
+    return texts

@@ -9,7 +9,7 @@ from jaxllm.loading.dequant import FORMATS, dequantize
 
 def random_blocks(type_name, n_blocks, rng):
     """Random bytes with well-behaved float16 scales (no inf/nan)."""
-    size, nbytes, _ = FORMATS[type_name]
+    size, nbytes, _, _ = FORMATS[type_name]
     raw = rng.integers(0, 256, size=(n_blocks, nbytes), dtype=np.uint8)
     # Scale fields sit at fixed offsets per format; overwrite every 2-byte field that
     # holds a float16 with a modest random value.

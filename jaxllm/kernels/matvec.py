@@ -24,13 +24,16 @@ MAX_ROWS = 4
 AUTO_MAX_SMALL_SIDE = 2048
 
 
-def use_pallas(kernels: str, rows: int, weight_shape: tuple[int, int]) -> bool:
-    """The switch between the Pallas kernel and its XLA reference."""
+def use_pallas(kernels: str, rows: int, weight_shape: tuple[int, int], quantized: bool = False) -> bool:
+    """The switch between the Pallas kernels and their XLA references."""
     if kernels == "xla" or rows > MAX_ROWS:
         return False
     if kernels == "pallas":
         return True
-    return jax.default_backend() == "gpu" and min(weight_shape) <= AUTO_MAX_SMALL_SIDE
+    if jax.default_backend() != "gpu":
+        return False
+    # Quantized weights: XLA has no fused dequantizing matrix-vector product on the GPU.
+    return quantized or min(weight_shape) <= AUTO_MAX_SMALL_SIDE
 
 
 def matvec_reference(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:

@@ -2,14 +2,17 @@
 
 Each format stores a row as consecutive blocks of `block_size` values; a block is
 a fixed number of bytes holding float16 scales (and minimums) and packed integer
-quants. `dequantize(raw, type_name)` takes raw bytes [rows, row_bytes] and
-returns float32 [rows, row_bytes / type_bytes * block_size].
+quants. `blocks(raw, type_name)` splits raw bytes [rows, row_bytes] into integer
+values and per-group scales (and minimums), kept quantized for the device;
+`dequantize(raw, type_name)` returns float32 [rows, row_bytes / type_bytes * block_size].
 Layouts follow ggml-common.h (block_q4_0, ..., block_q6_K).
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from ..quant import HostBlocks
 
 QK_K = 256  # values per K-quant super-block
 
@@ -33,31 +36,34 @@ def _bits(packed: np.ndarray, count: int) -> np.ndarray:
     return np.unpackbits(packed, axis=-1, bitorder="little")[:, :count]
 
 
+# Each format returns (q int [n, block], scale float32 [n, block / G],
+# min float32 [n, block / G] or None): the block is scale * q + min per group of G.
+
 def q4_0(b):
     d, qs = _split(b, 2)
-    return _f16(d) * (_nibbles(qs).astype(np.float32) - 8)
+    return _nibbles(qs).astype(np.int8) - 8, _f16(d), None
 
 
 def q4_1(b):
     d, m, qs = _split(b, 2, 2)
-    return _f16(d) * _nibbles(qs).astype(np.float32) + _f16(m)
+    return _nibbles(qs).astype(np.int8), _f16(d), _f16(m)
 
 
 def q5_0(b):
     d, qh, qs = _split(b, 2, 4)
     q = _nibbles(qs) | (_bits(qh, 32) << 4)
-    return _f16(d) * (q.astype(np.float32) - 16)
+    return q.astype(np.int8) - 16, _f16(d), None
 
 
 def q5_1(b):
     d, m, qh, qs = _split(b, 2, 2, 4)
     q = _nibbles(qs) | (_bits(qh, 32) << 4)
-    return _f16(d) * q.astype(np.float32) + _f16(m)
+    return q.astype(np.int8), _f16(d), _f16(m)
 
 
 def q8_0(b):
     d, qs = _split(b, 2)
-    return _f16(d) * qs.view(np.int8).astype(np.float32)
+    return qs.view(np.int8), _f16(d), None
 
 
 def _k_scales(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -76,11 +82,9 @@ def _pairs_of_32(qs: np.ndarray) -> np.ndarray:
 
 
 def q4_k(b):
-    n = b.shape[0]
     d, dmin, s, qs = _split(b, 2, 2, 12)
     sc, mn = _k_scales(s)
-    q = _pairs_of_32(qs).reshape(n, 8, 32).astype(np.float32)
-    return (_f16(d)[:, :, None] * sc[:, :, None] * q - _f16(dmin)[:, :, None] * mn[:, :, None]).reshape(n, QK_K)
+    return _pairs_of_32(qs).astype(np.int8), _f16(d) * sc, -(_f16(dmin) * mn)
 
 
 def q5_k(b):
@@ -88,8 +92,8 @@ def q5_k(b):
     d, dmin, s, qh, qs = _split(b, 2, 2, 12, 32)
     sc, mn = _k_scales(s)
     high = (qh[:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1  # [n, 8, 32]
-    q = (_pairs_of_32(qs).reshape(n, 8, 32) | (high << 4)).astype(np.float32)
-    return (_f16(d)[:, :, None] * sc[:, :, None] * q - _f16(dmin)[:, :, None] * mn[:, :, None]).reshape(n, QK_K)
+    q = _pairs_of_32(qs).reshape(n, 8, 32) | (high << 4)
+    return q.reshape(n, QK_K).astype(np.int8), _f16(d) * sc, -(_f16(dmin) * mn)
 
 
 def q6_k(b):
@@ -100,19 +104,16 @@ def q6_k(b):
     low = ql.reshape(n, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
     low = (low & 0x0F).reshape(n, 2, 4, 32)
     high = qh.reshape(n, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)
-    q = (low | ((high & 3) << 4)).astype(np.float32).reshape(n, 16, 16) - 32
-    scale = (_f16(d) * s.view(np.int8).astype(np.float32)).reshape(n, 16, 1)
-    return (scale * q).reshape(n, QK_K)
+    q = (low | ((high & 3) << 4)).astype(np.int8).reshape(n, QK_K) - 32
+    return q, _f16(d) * s.view(np.int8).astype(np.float32), None
 
 
 def q2_k(b):
     n = b.shape[0]
     s, qs, d, dmin = _split(b, 16, 64, 2)
     q = qs.reshape(n, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)
-    q = (q & 3).astype(np.float32).reshape(n, 16, 16)
-    scale = (_f16(d) * (s & 15).astype(np.float32))[:, :, None]
-    minimum = (_f16(dmin) * (s >> 4).astype(np.float32))[:, :, None]
-    return (scale * q - minimum).reshape(n, QK_K)
+    q = (q & 3).astype(np.int8).reshape(n, QK_K)
+    return q, _f16(d) * (s & 15).astype(np.float32), -(_f16(dmin) * (s >> 4).astype(np.float32))
 
 
 def q3_k(b):
@@ -124,21 +125,33 @@ def q3_k(b):
     high = (s[:, 8:12].reshape(n, 1, 4) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 4, 1)) & 3
     scales = (low | (high.reshape(n, 16) << 4)).astype(np.float32) - 32
     q = qs.reshape(n, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)
-    q = (q & 3).reshape(n, 8, 32).astype(np.float32)
+    q = (q & 3).reshape(n, 8, 32).astype(np.int8)
     hbit = (hmask[:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1  # [n, 8, 32]
-    q = (q - 4 * (1 - hbit)).reshape(n, 16, 16)
-    return ((_f16(d) * scales)[:, :, None] * q).reshape(n, QK_K)
+    q = (q - 4 * (1 - hbit.astype(np.int8))).reshape(n, QK_K)
+    return q, _f16(d) * scales, None
 
 
-# name: (values per block, bytes per block, function)
+# name: (values per block, bytes per block, function, bits the values fit in)
 FORMATS = {
-    "Q4_0": (32, 18, q4_0), "Q4_1": (32, 20, q4_1), "Q5_0": (32, 22, q5_0),
-    "Q5_1": (32, 24, q5_1), "Q8_0": (32, 34, q8_0), "Q2_K": (QK_K, 84, q2_k),
-    "Q3_K": (QK_K, 110, q3_k), "Q4_K": (QK_K, 144, q4_k), "Q5_K": (QK_K, 176, q5_k),
-    "Q6_K": (QK_K, 210, q6_k),
+    "Q4_0": (32, 18, q4_0, 4), "Q4_1": (32, 20, q4_1, 4), "Q5_0": (32, 22, q5_0, 8),
+    "Q5_1": (32, 24, q5_1, 8), "Q8_0": (32, 34, q8_0, 8), "Q2_K": (QK_K, 84, q2_k, 4),
+    "Q3_K": (QK_K, 110, q3_k, 4), "Q4_K": (QK_K, 144, q4_k, 4), "Q5_K": (QK_K, 176, q5_k, 8),
+    "Q6_K": (QK_K, 210, q6_k, 8),
 }
 FLOAT_TYPES = {"F32": np.float32, "F16": np.float16}
 SUPPORTED_TYPES = ("F32", "F16", "BF16", *FORMATS)
+
+
+def blocks(raw: np.ndarray, type_name: str) -> HostBlocks:
+    """raw bytes [rows, row_bytes] of a block format -> HostBlocks [rows, cols], kept
+    quantized: integer values with per-group float32 scales (and minimums)."""
+    size, nbytes, fn, bits = FORMATS[type_name]
+    raw = np.asarray(raw).view(np.uint8)
+    raw = raw.reshape(-1, raw.shape[-1])
+    n = raw.shape[0]
+    q, scale, minimum = fn(raw.reshape(-1, nbytes))
+    rows = lambda a: None if a is None else np.ascontiguousarray(a.reshape(n, -1))
+    return HostBlocks(rows(q), rows(scale), rows(minimum), bits)
 
 
 def dequantize(raw: np.ndarray, type_name: str) -> np.ndarray:
@@ -148,8 +161,5 @@ def dequantize(raw: np.ndarray, type_name: str) -> np.ndarray:
     if type_name == "BF16":
         bits = np.asarray(raw).view(np.uint16).astype(np.uint32) << 16
         return bits.view(np.float32)
-    size, nbytes, fn = FORMATS[type_name]
     raw = np.asarray(raw).view(np.uint8)
-    rows = raw.reshape(-1, raw.shape[-1])
-    values = fn(rows.reshape(-1, nbytes)).reshape(rows.shape[0], -1)
-    return values.reshape(*raw.shape[:-1], raw.shape[-1] // nbytes * size)
+    return blocks(raw, type_name).dequantize().reshape(*raw.shape[:-1], -1)

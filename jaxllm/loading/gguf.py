@@ -16,7 +16,8 @@ import numpy as np
 from ..config import ModelConfig
 from ..errors import ModelFileError, UnsupportedArchitectureError, UnsupportedTensorTypeError
 from ..params import Layer, Norm, Params
-from .dequant import SUPPORTED_TYPES, dequantize
+from ..quant import HostBlocks, concat_rows, pack
+from .dequant import FORMATS, SUPPORTED_TYPES, blocks, dequantize
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "phi2", "phi3", "gpt2", "gemma2", "gemma3")
 GGUF_MAGIC = b"GGUF"
@@ -66,18 +67,29 @@ class GGUFFile:
     def tensor_type(self, name: str) -> str:
         return self.tensors[name].tensor_type.name
 
-    def load(self, name: str) -> np.ndarray:
-        """Dequantized float32 tensor in GGUF's row order ([out, in] for matrices)."""
+    def _checked(self, name: str):
         t = self.tensors.get(name)
         if t is None:
             raise ModelFileError(f"{self.path}: tensor {name} is missing")
-        type_name = t.tensor_type.name
-        if type_name not in SUPPORTED_TYPES:
+        if t.tensor_type.name not in SUPPORTED_TYPES:
             raise UnsupportedTensorTypeError(
-                f"{self.path}: tensor {name} has type {type_name}, which jaxllm cannot dequantize "
-                f"(supported: {', '.join(SUPPORTED_TYPES)})")
+                f"{self.path}: tensor {name} has type {t.tensor_type.name}, which jaxllm cannot "
+                f"dequantize (supported: {', '.join(SUPPORTED_TYPES)})")
+        return t
+
+    def load(self, name: str) -> np.ndarray:
+        """Dequantized float32 tensor in GGUF's row order ([out, in] for matrices)."""
+        t = self._checked(name)
         shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists the fastest axis first
-        return dequantize(np.asarray(t.data), type_name).reshape(shape)
+        return dequantize(np.asarray(t.data), t.tensor_type.name).reshape(shape)
+
+    def load_blocks(self, name: str) -> HostBlocks | None:
+        """A block-quantized matrix kept quantized ([out, in] rows), or None for
+        float tensors."""
+        t = self._checked(name)
+        if t.tensor_type.name not in FORMATS:
+            return None
+        return blocks(np.asarray(t.data), t.tensor_type.name)
 
 
 def config_from_gguf(g: GGUFFile) -> ModelConfig:
@@ -139,12 +151,14 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
     return ModelConfig(**fields)
 
 
-def _unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+def _unpermute_rope_rows(w, n_heads: int):
     """llama.cpp's converter reorders Q/K rows of Llama-family models so that rotary
     pairs are adjacent (x0, x1), (x2, x3), ...; our rotary embedding pairs each
-    half of a head with the other (HF's layout). Undo: rows [out, in]."""
-    out = w.shape[0]
-    return w.reshape(n_heads, out // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    half of a head with the other (HF's layout). Undo: rows [out, in] of a float
+    array or of HostBlocks (whose groups run along a row, so this is lossless)."""
+    out = w.shape[0] if isinstance(w, np.ndarray) else w.q.shape[0]
+    order = np.arange(out).reshape(n_heads, out // n_heads // 2, 2).swapaxes(1, 2).reshape(-1)
+    return w[order] if isinstance(w, np.ndarray) else w.rows(order)
 
 
 def _progress(total: int, desc: str):
@@ -153,7 +167,10 @@ def _progress(total: int, desc: str):
                 disable=not sys.stderr.isatty() and os.environ.get("JAXLLM_PROGRESS") != "1")
 
 
-def params_from_gguf(g: GGUFFile, config: ModelConfig, dtype) -> Params:
+def params_from_gguf(g: GGUFFile, config: ModelConfig, dtype, quantized: bool = True) -> Params:
+    """Params from the file's tensors. With `quantized`, block-quantized matrices
+    stay quantized on the device (QuantizedWeight, lossless repacking); otherwise
+    every tensor is dequantized to `dtype`."""
     bar = _progress(len(g.tensors), f"loading {os.path.basename(g.path)}")
     permute = config.arch == "llama"
 
@@ -164,21 +181,37 @@ def params_from_gguf(g: GGUFFile, config: ModelConfig, dtype) -> Params:
     def vec(name):
         return jnp.asarray(load(name), dtype)
 
-    def mat(name):
-        return jnp.asarray(load(name).T, dtype)
-
     def optional(name, f):
         return f(name) if name in g.tensors else None
 
-    def rows(name, heads=None):
-        w = load(name)  # [out, in]
+    def rows(name, heads=None, keep_quantized=False):
+        """GGUF [out, in] rows: HostBlocks when kept quantized, else float32."""
+        w = g.load_blocks(name) if keep_quantized else None
+        if w is None:
+            w = g.load(name)
+        bar.update(1)
         return _unpermute_rope_rows(w, heads) if heads is not None and permute else w
 
     def fused(*parts):
-        """[in, sum(out)] from GGUF [out, in] pieces, or None if the first is absent."""
+        """The [in, sum(out)] weight from GGUF [out, in] pieces, or None if the
+        first is absent; quantized when every piece is."""
         if parts[0][0] not in g.tensors:
             return None
-        return jnp.asarray(np.concatenate([rows(*part) for part in parts], axis=0).T, dtype)
+        keep = quantized and all(g.tensor_type(p[0]) in FORMATS for p in parts)
+        pieces = [rows(*part, keep_quantized=keep) for part in parts]
+        if keep:
+            return pack(concat_rows(pieces), dtype)
+        return jnp.asarray(np.concatenate(pieces, axis=0).T, dtype)
+
+    def mat(name):
+        return fused((name,))
+
+    def embedding(name):
+        """[V, D] table, or a QuantizedWeight standing for its transpose [D, V]
+        (the tied output head's orientation; rows are looked up by take_rows)."""
+        if quantized and g.tensor_type(name) in FORMATS:
+            return mat(name)
+        return vec(name)
 
     def layer(i):
         p = f"blk.{i}."
@@ -209,7 +242,7 @@ def params_from_gguf(g: GGUFFile, config: ModelConfig, dtype) -> Params:
 
     try:
         params = Params(
-            embed=vec("token_embd.weight"),
+            embed=embedding("token_embd.weight"),
             layers=tuple(layer(i) for i in range(config.n_layers)),
             final_norm=Norm(vec("output_norm.weight"), optional("output_norm.bias", vec)),
             lm_head=None if config.tie_embeddings else mat("output.weight"),

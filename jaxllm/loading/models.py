@@ -93,12 +93,25 @@ def resolve(path_or_name: str) -> str:
         f"{', '.join(PACKAGED)}")
 
 
-def load(path_or_name: str = DEFAULT_MODEL, dtype=None, verbose: bool = False) -> Model:
+WEIGHTS = ("file", "dense", "int8", "int4")
+
+
+def load(path_or_name: str = DEFAULT_MODEL, dtype=None, verbose: bool = False,
+         weights: str = "file", group_size: int = 32) -> Model:
     """Load a GGUF file, a Hugging Face folder (config.json + safetensors +
-    tokenizer.json), or a packaged model by name."""
+    tokenizer.json), or a packaged model by name.
+
+    weights: "file" keeps a GGUF file's quantized tensors quantized on the device
+    (Hugging Face checkpoints load dense); "dense" dequantizes everything to
+    `dtype`; "int8" / "int4" quantize the dense weights with `jaxllm.quantize`
+    (groups of `group_size` inputs).
+    """
+    from ..quant import quantize  # noqa: PLC0415
     from .gguf import GGUFFile, config_from_gguf, params_from_gguf  # noqa: PLC0415
     from .hf import load_hf_folder  # noqa: PLC0415
 
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
     dtype = dtype or default_dtype()
     path = resolve(path_or_name)
     start = time.perf_counter()
@@ -121,10 +134,12 @@ def load(path_or_name: str = DEFAULT_MODEL, dtype=None, verbose: bool = False) -
         tokenizer = tokenizer_from_gguf(g)
         if tokenizer.eos_ids:
             config = config.replace(eos_token_ids=tuple(sorted(set(config.eos_token_ids) | set(tokenizer.eos_ids))))
-        params = params_from_gguf(g, config, dtype)
+        params = params_from_gguf(g, config, dtype, quantized=weights == "file")
         model = Model(config, params, tokenizer, g.metadata.get("tokenizer.chat_template"), path,
                       dict(Counter(t.tensor_type.name for t in g.tensors.values())),
                       os.path.getsize(path))
+    if weights in ("int8", "int4"):
+        model.params = quantize(model.params, weights, group_size)
     if verbose:
         print(f"loaded {os.path.basename(path.rstrip(os.sep))} ({config.arch}, "
               f"{config.param_count() / 1e6:.0f}M parameters) in {time.perf_counter() - start:.1f}s",

@@ -1,0 +1,99 @@
+"""Quantized matrix-vector kernel (kernels/qmatvec.py) vs its XLA reference and the
+bf16 kernel on decode shapes: correctness against float64 NumPy on fresh random
+data, then GB/s of weight bytes read (values + scales + minimums) per tiling.
+Run on the GPU: python benchmarks/qmatvec_tune.py [--quick]"""
+
+import itertools
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from jaxllm import quant  # noqa: E402
+from jaxllm.kernels.matvec import matvec_pallas  # noqa: E402
+from jaxllm.kernels.qmatvec import qmatvec_pallas, qmatvec_reference  # noqa: E402
+
+SHAPES = [(2048, 3072), (2048, 16384), (8192, 2048), (4096, 6144), (4096, 28672), (14336, 4096),
+          (4096, 4096), (2048, 128256)]
+
+
+def time_chain(fn, x, ws, reps=20):
+    f = jax.jit(lambda x, ws: [fn(x, w) for w in ws])
+    jax.block_until_ready(f(x, ws))
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(f(x, ws))
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def check(rng):
+    """Every storage form and row count against float64 NumPy."""
+    worst = 0.0
+    for bits, mins, G, M in itertools.product((8, 4), (False, True), (16, 32), (1, 2, 4)):
+        N, K = 384, 1024
+        lo, hi = ((-8, 7) if not mins else (0, 15)) if bits == 4 else (-127, 127)
+        blocks = quant.HostBlocks(rng.integers(lo, hi + 1, (N, K)).astype(np.int8),
+                                  rng.uniform(0.001, 0.02, (N, K // G)).astype(np.float32),
+                                  rng.normal(0, 0.05, (N, K // G)).astype(np.float32) if mins else None, bits)
+        w = quant.pack(blocks, jnp.bfloat16)
+        x = rng.standard_normal((M, K)).astype(np.float32)
+        ref = x.astype(np.float64) @ blocks.dequantize().T.astype(np.float64)
+        xb = jnp.asarray(x, jnp.bfloat16)
+        for name, fn in (("pallas", qmatvec_pallas), ("xla", qmatvec_reference)):
+            got = np.asarray(fn(xb, w, jnp.float32), np.float64)
+            err = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+            worst = max(worst, err)
+            if err > 1e-2:
+                print(f"MISMATCH {name} bits={bits} mins={mins} G={G} M={M}: rel err {err:.2e}")
+    print(f"correctness: worst relative error vs float64 over all forms {worst:.1e} "
+          "(bfloat16 activations)")
+    return worst
+
+
+def main():
+    quick = "--quick" in sys.argv
+    print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}")
+    check(np.random.default_rng())
+    configs = [(32, 256, 4, 1056), (64, 256, 4, 1056), (128, 256, 4, 1056), (64, 128, 4, 1056),
+               (64, 512, 3, 1056), (32, 512, 3, 1056), (64, 256, 3, 2112), (32, 256, 4, 2112)]
+    if quick:
+        configs = configs[:3]
+    for K, N in SHAPES:
+        for mode in ("int8", "int4"):
+            per = {"int8": K * N * (1 + 2 / 32), "int4": K * N * (0.5 + 4 / 32)}[mode]
+            chain = max(4, min(64, int(2e9 // (per * 4))))
+            keys = jax.random.split(jax.random.PRNGKey(K + N), chain + 1)
+            x = jax.random.normal(keys[0], (1, K), jnp.bfloat16)
+            ws = [quant.quantize_weight(jax.random.normal(k, (K, N), jnp.bfloat16), mode) for k in keys[1:]]
+            bytes_ = sum(w.nbytes for w in ws)
+            xla = bytes_ / time_chain(qmatvec_reference, x, ws, reps=10) / 1e9
+            best = (0, None)
+            for bn, bk, stages, tp in configs:
+                fn = lambda x, w, bn=bn, bk=bk, st=stages, tp=tp: qmatvec_pallas(
+                    x, w, block_n=bn, block_k=bk, num_stages=st, target_programs=tp)
+                try:
+                    gbps = bytes_ / time_chain(fn, x, ws, reps=10) / 1e9
+                except Exception as e:  # noqa: BLE001 - a tiling that does not compile
+                    print("  fail", bn, bk, stages, tp, type(e).__name__, str(e)[:200])
+                    continue
+                best = max(best, (gbps, (bn, bk, stages, tp)))
+            default = bytes_ / time_chain(qmatvec_pallas, x, ws, reps=10) / 1e9
+            print(f"K={K:5d} N={N:6d} {mode} chain={chain:3d} xla={xla:6.0f} GB/s  default={default:6.0f}  "
+                  f"best={best[0]:6.0f} GB/s at (block_n, block_k, stages, programs)={best[1]}", flush=True)
+            del ws
+        ws = [jax.random.normal(k, (K, N), jnp.bfloat16) for k in jax.random.split(jax.random.PRNGKey(1), 8)]
+        bf = 8 * K * N * 2 / time_chain(matvec_pallas, x, ws, reps=10) / 1e9
+        print(f"K={K:5d} N={N:6d} bf16 matvec_pallas {bf:6.0f} GB/s", flush=True)
+        del ws
+
+
+if __name__ == "__main__":
+    main()

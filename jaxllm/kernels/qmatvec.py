@@ -1,0 +1,117 @@
+"""Small-batch matrix-vector products with blockwise-quantized weights, the
+dequantization done in registers: y [M, N] = x [M, K] @ W [K, N], M <= 4, for a
+`QuantizedWeight` (layout in jaxllm/quant.py).
+
+Each program owns a block of value rows (for 4-bit weights, a block of packed rows
+gives two blocks of outputs, N/2 apart) and walks its share of K several groups at
+a time: it loads the bytes [bn, BK], the groups' scales (and minimums) for the
+block's columns, sums q * x within each group, scales the group sums, and keeps
+the totals in registers. One group per step (32 bytes per row) reached only
+190-500 GB/s on the H100; BK = 256 reads whole 128-byte lines (benchmarks/NOTES.md). K is split across programs, as in kernels/matvec.py, so that
+enough bytes are in flight to fill HBM; partial sums are added afterwards.
+
+The minimum term needs no dequantization: sum_k x_k (s q_k + m) = s (x . q) + m sum_k x_k.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from ..quant import QuantizedWeight, linear_reference
+from .matvec import MAX_ROWS, _plan, _pow2
+
+
+def qmatvec_reference(x: jax.Array, w: QuantizedWeight, out_dtype=None) -> jax.Array:
+    """The XLA path with the kernel's signature."""
+    return linear_reference(x, w, out_dtype)
+
+
+def _kernel(x_ref, v_ref, s_ref, *rest, M, K, Nv, G, bits, has_mins, block_n, groups, steps):
+    m_ref = rest[0] if has_mins else None
+    o_ref = rest[-1]
+    j, split = pl.program_id(0), pl.program_id(1)
+    BK = G * groups  # inputs per step: several groups, so each row reads >= 128 contiguous bytes
+    n_groups = K // G
+    vrows = j * block_n + jnp.arange(block_n)
+    vrow_ok = vrows < Nv
+    halves = (0,) if bits == 8 else (0, Nv)
+
+    def body(i, accs):
+        k0 = (split * steps + i) * BK
+        k_ok = k0 + jnp.arange(BK) < K
+        g0 = k0 // G
+        g_ok = g0 + jnp.arange(groups) < n_groups
+        v = plgpu.load(v_ref.at[pl.ds(j * block_n, block_n), pl.ds(k0, BK)],
+                       mask=vrow_ok[:, None] & k_ok[None, :], other=0)  # [bn, BK]
+        xs = [plgpu.load(x_ref.at[pl.ds(r, 1), pl.ds(k0, BK)], mask=k_ok[None, :],
+                         other=0.0).astype(jnp.float32) for r in range(M)]  # M x [1, BK]
+        if bits == 8:
+            qs = (v.astype(jnp.float32),)
+        else:
+            offset = 0.0 if has_mins else 8.0
+            qs = ((v & 15).astype(jnp.float32) - offset, (v >> 4).astype(jnp.float32) - offset)
+        new = list(accs)
+        for h, (q, col0) in enumerate(zip(qs, halves)):
+            cols = pl.ds(col0 + j * block_n, block_n)
+            mask = g_ok[:, None] & vrow_ok[None, :]
+            s = plgpu.load(s_ref.at[pl.ds(g0, groups), cols], mask=mask, other=0.0).astype(jnp.float32)
+            if has_mins:
+                mn = plgpu.load(m_ref.at[pl.ds(g0, groups), cols], mask=mask, other=0.0).astype(jnp.float32)
+            q3 = q.reshape(block_n, groups, G)
+            for r in range(M):
+                x3 = xs[r].reshape(groups, G)
+                per_group = jnp.sum(q3 * x3[None, :, :], axis=2)  # [bn, groups]
+                out = jnp.sum(per_group * s.T, axis=1)  # [bn]
+                if has_mins:
+                    out = out + jnp.sum(mn * jnp.sum(x3, axis=1)[:, None], axis=0)
+                new[h * M + r] = new[h * M + r] + out
+        return tuple(new)
+
+    zeros = tuple(jnp.zeros((block_n,), jnp.float32) for _ in range(len(halves) * M))
+    accs = jax.lax.fori_loop(0, steps, body, zeros)
+    for h, col0 in enumerate(halves):
+        for r in range(M):
+            plgpu.store(o_ref.at[split, pl.ds(r, 1), pl.ds(col0 + j * block_n, block_n)],
+                        accs[h * M + r][None, :], mask=vrow_ok[None, :])
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype", "block_n", "block_k", "target_programs",
+                                             "num_warps", "num_stages", "interpret"))
+def qmatvec_pallas(x: jax.Array, w: QuantizedWeight, out_dtype=None, *, block_n: int = 32,
+                   block_k: int | None = None, target_programs: int = 1056, num_warps: int = 4,
+                   num_stages: int | None = None, interpret: bool = False) -> jax.Array:
+    """x [M, K] @ W [K, N] for M <= 4 and a QuantizedWeight W; float32 accumulation.
+
+    Default tiling, from benchmarks/qmatvec_tune.py on the H100: 32 value rows per
+    program, 256 inputs per step in 4 stages for int8, 512 in 3 stages for int4
+    (the same bytes per row per step)."""
+    block_k = block_k or (256 if w.bits == 8 else 512)
+    num_stages = num_stages or (4 if w.bits == 8 else 3)
+    M, K = x.shape
+    N = w.shape[1]
+    if M > MAX_ROWS:
+        raise ValueError(f"qmatvec_pallas handles at most {MAX_ROWS} rows, got {M}")
+    G = w.group_size
+    Nv = w.values.shape[0]
+    groups = max(1, min(block_k, _pow2(K)) // G)  # groups per step (a power of two)
+    row_blocks, splits, steps = _plan(M, K, Nv, block_n, G * groups, target_programs)
+    has_mins = w.mins is not None
+    kernel = functools.partial(_kernel, M=M, K=K, Nv=Nv, G=G, bits=w.bits, has_mins=has_mins,
+                               block_n=block_n, groups=groups, steps=steps)
+    operands = (x, w.values, w.scales) + ((w.mins,) if has_mins else ())
+    compiler_params = None
+    if not interpret:
+        compiler_params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    partial_sums = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((splits, M, N), jnp.float32),
+        grid=(row_blocks, splits),
+        interpret=interpret,
+        compiler_params=compiler_params,
+    )(*operands)
+    return partial_sums.sum(0).astype(out_dtype or x.dtype)

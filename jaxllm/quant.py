@@ -1,0 +1,328 @@
+"""Blockwise-quantized weights: a small pytree that `model.linear` accepts wherever
+a dense weight goes, so the decoder never branches on quantization.
+
+A QuantizedWeight stands for a dense [In, Out] = [K, N] weight. It is stored in
+GGUF's row order, one row per output, with groups of G consecutive inputs sharing
+a scale (and a minimum):
+
+    W[k, n] = scales[k // G, n] * q[n, k] + mins[k // G, n]      (mins: 0 if None)
+
+  bits 8: values int8 [N, K] hold q.
+  bits 4: values uint8 [N/2, K] hold two nibbles per byte: the low nibble is output
+          row i, the high nibble row i + N/2 ("row-split" packing). Nibbles are
+          unsigned; without mins q = nibble - 8 (symmetric, Q4_0), with mins
+          q = nibble (Q4_1, Q4_K).
+
+Why row-split packing rather than neighbouring inputs in one byte: each half of
+the output is then a plain elementwise dequantization of the same bytes, which
+XLA:CPU fuses into its matrix-vector loop (6.3 ms for 30 SmolLM2 MLPs, against
+10.4 ms in float32 and 13-38 ms for nibble pairs along K, whose per-element index
+arithmetic does not vectorise; benchmarks/NOTES.md). On the GPU the Pallas kernel
+(kernels/qmatvec.py) unpacks both halves from one load.
+
+Scales are [K/G, N] so a GPU program reads the scales of its output columns
+contiguously. GGUF's float16 scales stay float16; K-quant scales (a float16 super
+scale times a 6-bit sub-scale) are kept in float32 when float16 cannot hold them
+exactly, so repacking loses nothing beyond the file's own quantization.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+MODES = {"int8": 8, "int4": 4}
+CLIP_SEARCH = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)  # int4: fractions of each group's range tried
+PROJECTIONS = ("wqkv", "wo", "w_in", "w_out")
+
+
+@struct.dataclass
+class QuantizedWeight:
+    values: jax.Array  # int8 [N, K] (bits 8) or uint8 [N/2, K] (bits 4)
+    scales: jax.Array  # [K/G, N] float16 or float32
+    mins: Optional[jax.Array] = None  # [K/G, N] like scales; None: symmetric
+    bits: int = struct.field(pytree_node=False, default=8)
+    compute_dtype: str = struct.field(pytree_node=False, default="float32")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(K, N): the shape of the dense [in, out] weight this stands for."""
+        return self.values.shape[1], self.scales.shape[1]
+
+    @property
+    def group_size(self) -> int:
+        return self.values.shape[1] // self.scales.shape[0]
+
+    @property
+    def dtype(self):
+        """The dtype activations take when multiplied by this weight."""
+        return jnp.dtype(self.compute_dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.size * a.dtype.itemsize for a in (self.values, self.scales, self.mins)
+                   if a is not None)
+
+
+@dataclass
+class HostBlocks:
+    """A blockwise weight on the host before packing, GGUF row order:
+    W[n, k] = scales[n, k // G] * q[n, k] + mins[n, k // G]. Rows can be permuted
+    and concatenated freely; `pack` then writes the device layout."""
+
+    q: np.ndarray  # int8 [N, K]
+    scales: np.ndarray  # float32 [N, K/G]
+    mins: Optional[np.ndarray]  # float32 [N, K/G] or None
+    bits: int  # 4 or 8: the range q lies in
+
+    def rows(self, index) -> "HostBlocks":
+        pick = lambda a: None if a is None else a[index]
+        return HostBlocks(self.q[index], self.scales[index], pick(self.mins), self.bits)
+
+    def dequantize(self) -> np.ndarray:
+        """float32 [N, K], computed as llama.cpp does (scale * q + min)."""
+        N, K = self.q.shape
+        G = K // self.scales.shape[1]
+        w = self.scales[:, :, None] * self.q.reshape(N, -1, G).astype(np.float32)
+        if self.mins is not None:
+            w = w + self.mins[:, :, None]
+        return w.reshape(N, K)
+
+
+def _regroup(b: HostBlocks, group: int) -> HostBlocks:
+    """The same weight with smaller groups (scales repeated): lossless."""
+    G = b.q.shape[1] // b.scales.shape[1]
+    if G == group:
+        return b
+    rep = lambda a: None if a is None else np.repeat(a, G // group, axis=1)
+    return HostBlocks(b.q, rep(b.scales), rep(b.mins), b.bits)
+
+
+def _with_mins(b: HostBlocks) -> HostBlocks:
+    """Asymmetric form of a symmetric weight, lossless: for 4 bits the unsigned
+    nibble q + 8 with min -8 * scale (exact: a power-of-two multiple)."""
+    if b.mins is not None:
+        return b
+    if b.bits == 4:
+        return HostBlocks((b.q + 8).astype(np.int8), b.scales, -8 * b.scales, 4)
+    return HostBlocks(b.q, b.scales, np.zeros_like(b.scales), b.bits)
+
+
+def concat_rows(parts: list[HostBlocks]) -> HostBlocks:
+    """Stack weights along the output axis (fused q/k/v, gate/up), promoting to
+    a common form without loss: the wider bit width, the smaller group, and
+    minimums if any part has them."""
+    if len(parts) == 1:
+        return parts[0]
+    group = min(p.q.shape[1] // p.scales.shape[1] for p in parts)
+    if any((p.q.shape[1] // p.scales.shape[1]) % group for p in parts):
+        raise ValueError("cannot fuse weights whose group sizes do not divide each other")
+    parts = [_regroup(p, group) for p in parts]
+    bits = max(p.bits for p in parts)
+    if any(p.mins is not None for p in parts) or len({p.mins is None for p in parts}) > 1:
+        parts = [_with_mins(p) for p in parts]
+    mins = None if parts[0].mins is None else np.concatenate([p.mins for p in parts])
+    return HostBlocks(np.concatenate([p.q for p in parts]), np.concatenate([p.scales for p in parts]),
+                      mins, bits)
+
+
+def _scale_dtype(a: np.ndarray):
+    """float16 when it holds every value exactly (GGUF's own scales), else float32."""
+    with np.errstate(over="ignore"):
+        return np.float16 if np.array_equal(a.astype(np.float16).astype(np.float32), a) else np.float32
+
+
+def pack(b: HostBlocks, compute_dtype=jnp.float32) -> QuantizedWeight:
+    """Host blocks -> device QuantizedWeight (see the module docstring's layout)."""
+    bits = b.bits if b.q.shape[0] % 2 == 0 else 8  # int8 holds 4-bit values exactly
+    if bits == 4:
+        nibbles = b.q.astype(np.int16) + (8 if b.mins is None else 0)
+        if nibbles.min() < 0 or nibbles.max() > 15:
+            raise ValueError("4-bit values out of range")
+    dtype = np.float32 if b.mins is not None and _scale_dtype(b.mins) == np.float32 else _scale_dtype(b.scales)
+    dev = lambda a: None if a is None else jnp.asarray(a)
+    return _pack(dev(b.q), dev(b.scales), dev(b.mins), bits, dtype, jnp.dtype(compute_dtype).name)
+
+
+@partial(jax.jit, static_argnums=(3, 4, 5))
+def _pack(q, scales, mins, bits: int, scale_dtype, compute_dtype: str) -> QuantizedWeight:
+    """q int8 [N, K], scales/mins [N, K/G] -> QuantizedWeight, on the device."""
+    if bits == 4:
+        half = q.shape[0] // 2
+        nibbles = (q.astype(jnp.int16) + (8 if mins is None else 0)).astype(jnp.uint8)
+        values = nibbles[:half] | (nibbles[half:] << 4)
+    else:
+        values = q.astype(jnp.int8)
+    cols = lambda a: None if a is None else a.T.astype(scale_dtype)
+    return QuantizedWeight(values, cols(scales), cols(mins), bits, compute_dtype)
+
+
+def row_values(w: QuantizedWeight) -> list[tuple[jax.Array, slice]]:
+    """(q as float [rows, K], output columns it covers) for each half of a 4-bit
+    weight, or the whole of an 8-bit one. Elementwise in `values`, so XLA fuses
+    it into whatever consumes it."""
+    if w.bits == 8:
+        return [(w.values.astype(jnp.float32), slice(0, w.shape[1]))]
+    half = w.values.shape[0]
+    offset = 0.0 if w.mins is not None else 8.0
+    return [((w.values & 15).astype(jnp.float32) - offset, slice(0, half)),
+            ((w.values >> 4).astype(jnp.float32) - offset, slice(half, 2 * half))]
+
+
+def _dequantize_rows(q: jax.Array, w: QuantizedWeight, cols: slice, dtype) -> jax.Array:
+    """q [n, K] float -> dense rows [n, K] in dtype, for output columns `cols`."""
+    n, K = q.shape
+    G = w.group_size
+    s = w.scales[:, cols].astype(jnp.float32).T[:, :, None]  # [n, K/G, 1]
+    rows = q.reshape(n, K // G, G) * s
+    if w.mins is not None:
+        rows = rows + w.mins[:, cols].astype(jnp.float32).T[:, :, None]
+    return rows.reshape(n, K).astype(dtype)
+
+
+def dequantize(w: QuantizedWeight, dtype=None) -> jax.Array:
+    """The dense [K, N] weight (reference path and tests)."""
+    dtype = dtype or w.dtype
+    return jnp.concatenate([_dequantize_rows(q, w, cols, dtype) for q, cols in row_values(w)]).T
+
+
+def linear_reference(x: jax.Array, w: QuantizedWeight, out_dtype=None) -> jax.Array:
+    """x [M, K] @ W [K, N] in XLA, float32 accumulation."""
+    N = w.shape[1]
+    K = w.shape[0]
+    G = w.group_size
+    if w.bits == 8:
+        q = w.values.astype(jnp.float32)[None]  # [1, N, K]
+    else:
+        # Both nibbles of each byte in one [2, N/2, K] operand: one fused loop reads
+        # the bytes once for both halves of the output.
+        both = jnp.broadcast_to(w.values[None], (2, *w.values.shape))
+        nib = (both >> jnp.array([0, 4], jnp.uint8)[:, None, None]) & 15
+        q = nib.astype(jnp.float32) - (0.0 if w.mins is not None else 8.0)
+    h = q.shape[0]
+    per_row = lambda a: a.astype(jnp.float32).T.reshape(h, N // h, K // G, 1)
+    rows = (q.reshape(h, N // h, K // G, G) * per_row(w.scales)).reshape(N, K).astype(x.dtype)
+    y = jnp.dot(rows, x.T, preferred_element_type=jnp.float32).T
+    if w.mins is not None:
+        # sum_k x_k m_g(k) = (sum of x over each group) @ mins: kept out of the big loop.
+        group_sums = x.astype(jnp.float32).reshape(x.shape[0], K // G, G).sum(-1)
+        y = y + group_sums @ w.mins.astype(jnp.float32)
+    return y.astype(out_dtype or x.dtype)
+
+
+def take_rows(w: QuantizedWeight, ids: jax.Array) -> jax.Array:
+    """Rows ids [...] of the [N, K] row-order matrix (an embedding table [V, D]),
+    dequantized: [..., K] in the compute dtype."""
+    N, K = w.shape[1], w.shape[0]
+    G = w.group_size
+    if w.bits == 8:
+        q = w.values[ids].astype(jnp.float32)
+    else:
+        half = N // 2
+        byte = w.values[ids % half]
+        nib = jnp.where((ids >= half)[..., None], byte >> 4, byte & 15).astype(jnp.float32)
+        q = nib - (0.0 if w.mins is not None else 8.0)
+    s = jnp.repeat(w.scales.T[ids].astype(jnp.float32), G, axis=-1)
+    out = q * s
+    if w.mins is not None:
+        out = out + jnp.repeat(w.mins.T[ids].astype(jnp.float32), G, axis=-1)
+    return out.reshape(*ids.shape, K).astype(w.dtype)
+
+
+# ---- quantizing dense weights --------------------------------------------------
+
+@partial(jax.jit, static_argnums=(1, 2))
+def _quantize_rows(w: jax.Array, bits: int, group_size: int):
+    """Dense rows w [N, K] -> (q int8 [N, K], scales, mins or None [N, K/G]).
+    8 bits: symmetric, scale = max|w| / 127 (llama.cpp's Q8_0). 4 bits: asymmetric
+    (Q4_1's form: 16 levels from a minimum), the range searched per group. Scales and minimums are rounded to
+    float16 first, so the values are chosen for the scales actually stored."""
+    N, K = w.shape
+    g = w.astype(jnp.float32).reshape(N, K // group_size, group_size)
+    f16 = lambda a: a.astype(jnp.float16).astype(jnp.float32)
+    safe_inv = lambda a: jnp.where(a > 0, 1 / jnp.where(a > 0, a, 1), 0)
+    if bits == 8:
+        scale = f16(jnp.abs(g).max(-1) / 127)
+        q = jnp.clip(jnp.round(g * safe_inv(scale)[..., None]), -127, 127)
+        return q.astype(jnp.int8).reshape(N, K), scale, None
+    # Clipping the range of a group trades a few large errors for finer steps
+    # everywhere else; try shrunken ranges and keep, per group, the one with the
+    # least squared error (a small version of llama.cpp's make_qkx search).
+    best = None
+    for shrink in CLIP_SEARCH:
+        lo = f16(g.min(-1) * shrink)
+        scale = f16((g.max(-1) - g.min(-1)) * shrink / 15)
+        q = jnp.clip(jnp.round((g - lo[..., None]) * safe_inv(scale)[..., None]), 0, 15)
+        for _ in range(2):  # refit scale and minimum to the chosen levels (least squares)
+            qm = q.mean(-1, keepdims=True)
+            var = ((q - qm) ** 2).sum(-1)
+            fit = jnp.where(var > 0, ((q - qm) * g).sum(-1) / jnp.where(var > 0, var, 1), scale)
+            scale = f16(jnp.maximum(fit, 0))
+            lo = f16(g.mean(-1) - scale * qm[..., 0])
+            q = jnp.clip(jnp.round((g - lo[..., None]) * safe_inv(scale)[..., None]), 0, 15)
+        err = jnp.sum((q * scale[..., None] + lo[..., None] - g) ** 2, axis=-1)
+        if best is None:
+            best = (err, q, scale, lo)
+        else:
+            better = err < best[0]
+            best = tuple(jnp.where(better[..., None] if a.ndim == 3 else better, new, a)
+                         for a, new in zip(best, (err, q, scale, lo)))
+    _, q, scale, lo = best
+    return q.astype(jnp.int8).reshape(N, K), scale, lo
+
+
+def quantize_weight(w: jax.Array, mode: str, group_size: int = 32) -> QuantizedWeight:
+    """A dense [K, N] weight -> QuantizedWeight computing in w's dtype, on the device."""
+    if mode not in MODES:
+        raise ValueError(f"unknown quantization mode {mode!r} (choose from {', '.join(MODES)})")
+    K, N = w.shape
+    if K % group_size:
+        raise ValueError(f"group_size {group_size} does not divide the input width {K}")
+    bits = MODES[mode] if N % 2 == 0 else 8
+    q, scales, mins = _quantize_rows(w.T, MODES[mode], group_size)
+    return _pack(q, scales, mins, bits, jnp.float16, jnp.dtype(w.dtype).name)
+
+
+def quantize(params, mode: str, group_size: int = 32, embeddings: str | None = "int8"):
+    """Quantize a dense Params pytree (bf16, float32, or a Hugging Face checkpoint).
+
+    Every layer projection becomes `mode` ("int8" or "int4") with groups of
+    `group_size` inputs. The embedding table (and untied output head) become
+    `embeddings` ("int8" by default; None keeps them dense): the output layer is
+    the most sensitive to quantization, which is why llama.cpp's 4-bit files keep
+    it at 6 or 8 bits.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown quantization mode {mode!r} (choose from {', '.join(MODES)})")
+    if embeddings is not None and embeddings not in MODES:
+        raise ValueError(f"unknown embeddings mode {embeddings!r}")
+    q = lambda w, m: w if isinstance(w, QuantizedWeight) else quantize_weight(w, m, group_size)
+    layers = tuple(layer.replace(**{name: q(getattr(layer, name), mode) for name in PROJECTIONS})
+                   for layer in params.layers)
+    params = params.replace(layers=layers)
+    if embeddings is not None:
+        params = params.replace(embed=q(params.embed.T, embeddings) if not isinstance(
+            params.embed, QuantizedWeight) else params.embed)
+        if params.lm_head is not None:
+            params = params.replace(lm_head=q(params.lm_head, embeddings))
+    return params
+
+
+def dequantize_params(params):
+    """Every QuantizedWeight replaced by its dense weight (training, export)."""
+    is_q = lambda x: isinstance(x, QuantizedWeight)
+    embed = params.embed
+    if is_q(embed):  # stored as the [D, V] output head; the dense table is [V, D]
+        params = params.replace(embed=dequantize(embed).T)
+    return jax.tree.map(lambda w: dequantize(w) if is_q(w) else w, params, is_leaf=is_q)
+
+
+def weight_bytes(params) -> int:
+    """Bytes of every array in the params, quantized or not."""
+    return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(params))
