@@ -48,8 +48,17 @@ class LoraAdapter:
     b: jax.Array  # [r, Out], zero at initialisation: the adapted model starts as the base
 
 
+def _require_dense(params: Params) -> None:
+    from .quant import QuantizedWeight  # noqa: PLC0415
+    if any(isinstance(w, QuantizedWeight) for w in jax.tree.leaves(
+            params, is_leaf=lambda x: isinstance(x, QuantizedWeight))):
+        raise ValueError("training needs dense weights: load with weights='dense' or call "
+                         "jaxllm.dequantize_params(params)")
+
+
 def init_lora(params: Params, rank: int, key: jax.Array) -> tuple[dict, ...]:
     """One dict per layer mapping each target weight name to a LoraAdapter."""
+    _require_dense(params)
     layers = []
     for i, layer in enumerate(params.layers):
         keys = jax.random.split(jax.random.fold_in(key, i), len(LORA_TARGETS))
