@@ -5,9 +5,7 @@ Run on the GPU: python benchmarks/qmatvec_tune.py [--quick]"""
 
 import itertools
 import os
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -15,23 +13,14 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from matvec_tune import time_chain  # noqa: E402
+
 from jaxllm import quant  # noqa: E402
 from jaxllm.kernels.matvec import matvec_pallas  # noqa: E402
 from jaxllm.kernels.qmatvec import qmatvec_pallas, qmatvec_reference  # noqa: E402
 
 SHAPES = [(2048, 3072), (2048, 16384), (8192, 2048), (4096, 6144), (4096, 28672), (14336, 4096),
           (4096, 4096), (2048, 128256)]
-
-
-def time_chain(fn, x, ws, reps=20):
-    f = jax.jit(lambda x, ws: [fn(x, w) for w in ws])
-    jax.block_until_ready(f(x, ws))
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(f(x, ws))
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def check(rng):

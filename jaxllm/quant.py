@@ -163,39 +163,10 @@ def _pack(q, scales, mins, bits: int, scale_dtype, compute_dtype: str) -> Quanti
     return QuantizedWeight(values, cols(scales), cols(mins), bits, compute_dtype)
 
 
-def row_values(w: QuantizedWeight) -> list[tuple[jax.Array, slice]]:
-    """(q as float [rows, K], output columns it covers) for each half of a 4-bit
-    weight, or the whole of an 8-bit one. Elementwise in `values`, so XLA fuses
-    it into whatever consumes it."""
-    if w.bits == 8:
-        return [(w.values.astype(jnp.float32), slice(0, w.shape[1]))]
-    half = w.values.shape[0]
-    offset = 0.0 if w.mins is not None else 8.0
-    return [((w.values & 15).astype(jnp.float32) - offset, slice(0, half)),
-            ((w.values >> 4).astype(jnp.float32) - offset, slice(half, 2 * half))]
-
-
-def _dequantize_rows(q: jax.Array, w: QuantizedWeight, cols: slice, dtype) -> jax.Array:
-    """q [n, K] float -> dense rows [n, K] in dtype, for output columns `cols`."""
-    n, K = q.shape
-    G = w.group_size
-    s = w.scales[:, cols].astype(jnp.float32).T[:, :, None]  # [n, K/G, 1]
-    rows = q.reshape(n, K // G, G) * s
-    if w.mins is not None:
-        rows = rows + w.mins[:, cols].astype(jnp.float32).T[:, :, None]
-    return rows.reshape(n, K).astype(dtype)
-
-
-def dequantize(w: QuantizedWeight, dtype=None) -> jax.Array:
-    """The dense [K, N] weight (reference path and tests)."""
-    dtype = dtype or w.dtype
-    return jnp.concatenate([_dequantize_rows(q, w, cols, dtype) for q, cols in row_values(w)]).T
-
-
-def linear_reference(x: jax.Array, w: QuantizedWeight, out_dtype=None) -> jax.Array:
-    """x [M, K] @ W [K, N] in XLA, float32 accumulation."""
-    N = w.shape[1]
-    K = w.shape[0]
+def _scaled_levels(w: QuantizedWeight, dtype) -> jax.Array:
+    """scales * q as rows [N, K] in dtype, minimums not added. Elementwise in the
+    stored bytes, so XLA fuses it into the dot that consumes it."""
+    N, K = w.shape[1], w.shape[0]
     G = w.group_size
     if w.bits == 8:
         q = w.values.astype(jnp.float32)[None]  # [1, N, K]
@@ -206,9 +177,25 @@ def linear_reference(x: jax.Array, w: QuantizedWeight, out_dtype=None) -> jax.Ar
         nib = (both >> jnp.array([0, 4], jnp.uint8)[:, None, None]) & 15
         q = nib.astype(jnp.float32) - (0.0 if w.mins is not None else 8.0)
     h = q.shape[0]
-    per_row = lambda a: a.astype(jnp.float32).T.reshape(h, N // h, K // G, 1)
-    rows = (q.reshape(h, N // h, K // G, G) * per_row(w.scales)).reshape(N, K).astype(x.dtype)
-    y = jnp.dot(rows, x.T, preferred_element_type=jnp.float32).T
+    scales = w.scales.astype(jnp.float32).T.reshape(h, N // h, K // G, 1)
+    return (q.reshape(h, N // h, K // G, G) * scales).reshape(N, K).astype(dtype)
+
+
+def dequantize(w: QuantizedWeight, dtype=None) -> jax.Array:
+    """The dense [K, N] weight (reference path, training, tests)."""
+    dense = _scaled_levels(w, jnp.float32).T
+    if w.mins is not None:
+        dense = dense + jnp.repeat(w.mins.astype(jnp.float32), w.group_size, axis=0)
+    return dense.astype(dtype or w.dtype)
+
+
+def linear_reference(x: jax.Array, w: QuantizedWeight, out_dtype=None) -> jax.Array:
+    """x [M, K] @ W [K, N] in XLA, float32 accumulation.
+
+    On the CPU with one row XLA fuses the dequantization into its matrix-vector
+    loop; with more rows it dequantizes, then multiplies (benchmarks/NOTES.md)."""
+    K, G = w.shape[0], w.group_size
+    y = jnp.dot(_scaled_levels(w, x.dtype), x.T, preferred_element_type=jnp.float32).T
     if w.mins is not None:
         # sum_k x_k m_g(k) = (sum of x over each group) @ mins: kept out of the big loop.
         group_sums = x.astype(jnp.float32).reshape(x.shape[0], K // G, G).sum(-1)
@@ -307,8 +294,8 @@ def quantize(params, mode: str, group_size: int = 32, embeddings: str | None = "
                    for layer in params.layers)
     params = params.replace(layers=layers)
     if embeddings is not None:
-        params = params.replace(embed=q(params.embed.T, embeddings) if not isinstance(
-            params.embed, QuantizedWeight) else params.embed)
+        if not isinstance(params.embed, QuantizedWeight):  # stored [V, D]; quantized as the [D, V] head
+            params = params.replace(embed=quantize_weight(params.embed.T, embeddings, group_size))
         if params.lm_head is not None:
             params = params.replace(lm_head=q(params.lm_head, embeddings))
     return params
