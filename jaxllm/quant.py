@@ -7,11 +7,14 @@ a scale (and a minimum):
 
     W[k, n] = scales[k // G, n] * q[n, k] + mins[k // G, n]      (mins: 0 if None)
 
-  bits 8: values int8 [N, K] hold q.
-  bits 4: values uint8 [N/2, K] hold two nibbles per byte: the low nibble is output
-          row i, the high nibble row i + N/2 ("row-split" packing). Nibbles are
-          unsigned; without mins q = nibble - 8 (symmetric, Q4_0), with mins
-          q = nibble (Q4_1, Q4_K).
+  bits 8:    values int8 [N, K] hold q.
+  bits 4:    values uint8 [N/2, K] hold two nibbles per byte: the low nibble is
+             output row i, the high nibble row i + N/2 ("row-split" packing).
+  bits 5, 6: the low 4 bits as for 4 bits, and `high` uint8 [N/R, K] the remaining
+             1 or 2 bits of R = 8 or 4 row slices N/R apart (slice r at bit
+             r * (bits - 4)). Q5_0/Q5_1/Q5_K and Q6_K keep their file's size this way.
+  Levels below 8 bits are unsigned: without mins q = level - 2^(bits-1)
+  (symmetric, Q4_0/Q5_0/Q6_K), with mins q = level (Q4_1, Q4_K, Q5_K).
 
 Why row-split packing rather than neighbouring inputs in one byte: each half of
 the output is then a plain elementwise dequantization of the same bytes, which
@@ -44,9 +47,10 @@ PROJECTIONS = ("wqkv", "wo", "w_in", "w_out")
 
 @struct.dataclass
 class QuantizedWeight:
-    values: jax.Array  # int8 [N, K] (bits 8) or uint8 [N/2, K] (bits 4)
+    values: jax.Array  # int8 [N, K] (bits 8) or uint8 [N/2, K] (bits 4-6: the low nibbles)
     scales: jax.Array  # [K/G, N] float16 or float32
     mins: Optional[jax.Array] = None  # [K/G, N] like scales; None: symmetric
+    high: Optional[jax.Array] = None  # bits 5, 6: uint8 [N/8, K] or [N/4, K], the bits above 4
     bits: int = struct.field(pytree_node=False, default=8)
     compute_dtype: str = struct.field(pytree_node=False, default="float32")
 
@@ -66,7 +70,7 @@ class QuantizedWeight:
 
     @property
     def nbytes(self) -> int:
-        return sum(a.size * a.dtype.itemsize for a in (self.values, self.scales, self.mins)
+        return sum(a.size * a.dtype.itemsize for a in (self.values, self.scales, self.mins, self.high)
                    if a is not None)
 
 
@@ -79,7 +83,7 @@ class HostBlocks:
     q: np.ndarray  # int8 [N, K]
     scales: np.ndarray  # float32 [N, K/G]
     mins: Optional[np.ndarray]  # float32 [N, K/G] or None
-    bits: int  # 4 or 8: the range q lies in
+    bits: int  # 4, 5, 6 or 8: the range q lies in
 
     def rows(self, index) -> "HostBlocks":
         pick = lambda a: None if a is None else a[index]
@@ -105,12 +109,13 @@ def _regroup(b: HostBlocks, group: int) -> HostBlocks:
 
 
 def _with_mins(b: HostBlocks) -> HostBlocks:
-    """Asymmetric form of a symmetric weight, lossless: for 4 bits the unsigned
-    nibble q + 8 with min -8 * scale (exact: a power-of-two multiple)."""
+    """Asymmetric form of a symmetric weight, lossless: below 8 bits the unsigned
+    level q + 2^(bits-1) with min -2^(bits-1) * scale (exact: a power-of-two multiple)."""
     if b.mins is not None:
         return b
-    if b.bits == 4:
-        return HostBlocks((b.q + 8).astype(np.int8), b.scales, -8 * b.scales, 4)
+    if b.bits < 8:
+        offset = _offset(b.bits)
+        return HostBlocks((b.q + offset).astype(np.int8), b.scales, -offset * b.scales, b.bits)
     return HostBlocks(b.q, b.scales, np.zeros_like(b.scales), b.bits)
 
 
@@ -140,11 +145,11 @@ def _scale_dtype(a: np.ndarray):
 
 def pack(b: HostBlocks, compute_dtype=jnp.float32) -> QuantizedWeight:
     """Host blocks -> device QuantizedWeight (see the module docstring's layout)."""
-    bits = b.bits if b.q.shape[0] % 2 == 0 else 8  # int8 holds 4-bit values exactly
-    if bits == 4:
-        nibbles = b.q.astype(np.int16) + (8 if b.mins is None else 0)
-        if nibbles.min() < 0 or nibbles.max() > 15:
-            raise ValueError("4-bit values out of range")
+    bits = b.bits if b.q.shape[0] % _SLICES[b.bits] == 0 else 8  # int8 holds every level exactly
+    if bits < 8:
+        levels = b.q.astype(np.int16) + (_offset(bits) if b.mins is None else 0)
+        if levels.min() < 0 or levels.max() >= 1 << bits:
+            raise ValueError(f"{bits}-bit values out of range")
     dtype = np.float32 if b.mins is not None and _scale_dtype(b.mins) == np.float32 else _scale_dtype(b.scales)
     dev = lambda a: None if a is None else jnp.asarray(a)
     return _pack(dev(b.q), dev(b.scales), dev(b.mins), bits, dtype, jnp.dtype(compute_dtype).name)
@@ -153,14 +158,48 @@ def pack(b: HostBlocks, compute_dtype=jnp.float32) -> QuantizedWeight:
 @partial(jax.jit, static_argnums=(3, 4, 5))
 def _pack(q, scales, mins, bits: int, scale_dtype, compute_dtype: str) -> QuantizedWeight:
     """q int8 [N, K], scales/mins [N, K/G] -> QuantizedWeight, on the device."""
-    if bits == 4:
-        half = q.shape[0] // 2
-        nibbles = (q.astype(jnp.int16) + (8 if mins is None else 0)).astype(jnp.uint8)
-        values = nibbles[:half] | (nibbles[half:] << 4)
-    else:
-        values = q.astype(jnp.int8)
+    values, high = q.astype(jnp.int8), None
+    if bits < 8:
+        levels = (q.astype(jnp.int16) + (_offset(bits) if mins is None else 0)).astype(jnp.uint8)
+        values = _interleave(levels & 15, 2, 4)
+        if bits > 4:
+            high = _interleave(levels >> 4, _SLICES[bits], bits - 4)
     cols = lambda a: None if a is None else a.T.astype(scale_dtype)
-    return QuantizedWeight(values, cols(scales), cols(mins), bits, compute_dtype)
+    return QuantizedWeight(values, cols(scales), cols(mins), high, bits, compute_dtype)
+
+
+def _interleave(parts: jax.Array, slices: int, width: int) -> jax.Array:
+    """uint8 [N, K] of `width`-bit numbers -> [N/slices, K]: row slice r at bit r * width."""
+    rows = parts.reshape(slices, parts.shape[0] // slices, parts.shape[1])
+    out = rows[0]
+    for r in range(1, slices):
+        out = out | (rows[r] << (r * width))
+    return out
+
+
+def _split(packed: jax.Array, slices: int, width: int) -> jax.Array:
+    """Inverse of _interleave: [N/slices, K] -> uint8 [N, K]. Elementwise in the
+    stored bytes, so XLA fuses it into the dot that consumes it."""
+    both = jnp.broadcast_to(packed[None], (slices, *packed.shape))
+    shifts = (jnp.arange(slices, dtype=jnp.uint8) * width)[:, None, None]
+    return ((both >> shifts) & ((1 << width) - 1)).reshape(-1, packed.shape[1])
+
+
+def _offset(bits: int) -> int:
+    return 1 << (bits - 1)
+
+
+_SLICES = {4: 2, 5: 8, 6: 4, 8: 1}  # rows sharing a byte of the highest plane
+
+
+def _levels(w: QuantizedWeight) -> jax.Array:
+    """q as float32 rows [N, K] (minimums not added)."""
+    if w.bits == 8:
+        return w.values.astype(jnp.float32)
+    levels = _split(w.values, 2, 4)
+    if w.high is not None:
+        levels = levels | (_split(w.high, _SLICES[w.bits], w.bits - 4) << 4)
+    return levels.astype(jnp.float32) - (0.0 if w.mins is not None else _offset(w.bits))
 
 
 def _scaled_levels(w: QuantizedWeight, dtype) -> jax.Array:
@@ -168,17 +207,8 @@ def _scaled_levels(w: QuantizedWeight, dtype) -> jax.Array:
     stored bytes, so XLA fuses it into the dot that consumes it."""
     N, K = w.shape[1], w.shape[0]
     G = w.group_size
-    if w.bits == 8:
-        q = w.values.astype(jnp.float32)[None]  # [1, N, K]
-    else:
-        # Both nibbles of each byte in one [2, N/2, K] operand: one fused loop reads
-        # the bytes once for both halves of the output.
-        both = jnp.broadcast_to(w.values[None], (2, *w.values.shape))
-        nib = (both >> jnp.array([0, 4], jnp.uint8)[:, None, None]) & 15
-        q = nib.astype(jnp.float32) - (0.0 if w.mins is not None else 8.0)
-    h = q.shape[0]
-    scales = w.scales.astype(jnp.float32).T.reshape(h, N // h, K // G, 1)
-    return (q.reshape(h, N // h, K // G, G) * scales).reshape(N, K).astype(dtype)
+    scales = w.scales.astype(jnp.float32).T.reshape(N, K // G, 1)
+    return (_levels(w).reshape(N, K // G, G) * scales).reshape(N, K).astype(dtype)
 
 
 def dequantize(w: QuantizedWeight, dtype=None) -> jax.Array:
@@ -208,15 +238,19 @@ def take_rows(w: QuantizedWeight, ids: jax.Array) -> jax.Array:
     dequantized: [..., K] in the compute dtype."""
     N, K = w.shape[1], w.shape[0]
     G = w.group_size
+
+    def plane(packed, slices, width):  # the `width`-bit numbers of rows ids
+        rows = N // slices
+        shift = ((ids // rows) * width).astype(jnp.uint8)[..., None]
+        return (packed[ids % rows] >> shift) & ((1 << width) - 1)
     if w.bits == 8:
         q = w.values[ids].astype(jnp.float32)
     else:
-        half = N // 2
-        byte = w.values[ids % half]
-        nib = jnp.where((ids >= half)[..., None], byte >> 4, byte & 15).astype(jnp.float32)
-        q = nib - (0.0 if w.mins is not None else 8.0)
-    s = jnp.repeat(w.scales.T[ids].astype(jnp.float32), G, axis=-1)
-    out = q * s
+        levels = plane(w.values, 2, 4)
+        if w.high is not None:
+            levels = levels | (plane(w.high, _SLICES[w.bits], w.bits - 4) << 4)
+        q = levels.astype(jnp.float32) - (0.0 if w.mins is not None else _offset(w.bits))
+    out = q * jnp.repeat(w.scales.T[ids].astype(jnp.float32), G, axis=-1)
     if w.mins is not None:
         out = out + jnp.repeat(w.mins.T[ids].astype(jnp.float32), G, axis=-1)
     return out.reshape(*ids.shape, K).astype(w.dtype)

@@ -14,15 +14,16 @@ from test_dequant import random_blocks
 
 import jaxllm
 from jaxllm import quant
-from jaxllm.kernels.qmatvec import qmatvec_pallas
+from jaxllm.kernels.qmatvec import KERNEL_BITS, qmatvec_pallas
 from jaxllm.loading.dequant import FORMATS, blocks
 from jaxllm.model import linear
 
-FORMS = list(itertools.product((8, 4), (False, True), (16, 32)))  # bits, has mins, group
+FORMS = list(itertools.product((8, 6, 5, 4), (False, True), (16, 32)))  # bits, has mins, group
 
 
 def random_host_blocks(rng, bits, mins, G, N=64, K=128):
-    lo, hi = ((-8, 7) if not mins else (0, 15)) if bits == 4 else (-127, 127)
+    half = 1 << (bits - 1)
+    lo, hi = (0, 2 * half - 1) if mins and bits < 8 else (-half, half - 1)
     return quant.HostBlocks(rng.integers(lo, hi + 1, (N, K)).astype(np.int8),
                             rng.uniform(0.001, 0.05, (N, K // G)).astype(np.float32),
                             rng.normal(0, 0.05, (N, K // G)).astype(np.float32) if mins else None, bits)
@@ -44,15 +45,20 @@ def test_pack_dequantize_and_linear_match_float64(bits, mins, G):
     b = random_host_blocks(rng, bits, mins, G)
     w = quant.pack(b)
     assert w.shape == (128, 64) and w.bits == bits and w.group_size == G
+    # stored in `bits` bits per weight plus the scales (and minimums)
+    assert w.nbytes == 128 * 64 * bits // 8 + (1 + mins) * (128 // G) * 64 * w.scales.dtype.itemsize
     np.testing.assert_allclose(np.asarray(quant.dequantize(w), np.float64), dense64(b), rtol=1e-6, atol=1e-7)
     for M in (1, 3, 6):
         x = rng.standard_normal((M, 128)).astype(np.float32)
         ref = x.astype(np.float64) @ dense64(b)
         scale = np.abs(ref).max()
         np.testing.assert_allclose(np.asarray(quant.linear_reference(jnp.asarray(x), w)), ref, atol=1e-5 * scale)
-        if M <= 4:
+        if M <= 4 and bits in KERNEL_BITS:
             got = qmatvec_pallas(jnp.asarray(x), w, interpret=True)
             np.testing.assert_allclose(np.asarray(got), ref, atol=1e-5 * scale)
+        # 5- and 6-bit weights have no kernel: the switch takes the XLA path
+        np.testing.assert_allclose(np.asarray(linear(jnp.asarray(x), w, kernels="pallas")), ref,
+                                   atol=1e-5 * scale)
     ids = jnp.asarray(rng.integers(0, 64, (2, 7)))
     np.testing.assert_allclose(np.asarray(quant.take_rows(w, ids)), dense64(b).T[np.asarray(ids)],
                                rtol=1e-6, atol=1e-7)
@@ -88,7 +94,7 @@ def test_fusing_mixed_formats_promotes_without_loss():
     parts = [blocks(random_blocks(t, n_blocks[t], rng).reshape(2, -1), t)
              for t in ("Q4_0", "Q4_K", "Q6_K", "Q4_1")]
     fused = quant.concat_rows(parts)
-    assert fused.bits == 8 and fused.q.shape[1] // fused.scales.shape[1] == 16
+    assert fused.bits == 6 and fused.q.shape[1] // fused.scales.shape[1] == 16
     want = np.concatenate([p.dequantize() for p in parts])
     np.testing.assert_allclose(np.asarray(quant.dequantize(quant.pack(fused))).T, want, rtol=1e-6, atol=1e-7)
     four = quant.concat_rows([parts[0], parts[3]])  # symmetric and asymmetric 4-bit
@@ -168,12 +174,19 @@ def test_smollm2_quantized_on_device_matches_dequantized(reference_texts):
 
 
 @pytest.mark.slow
-def test_gemma_int4_quantization_cost(reference_texts):
-    """int4 (groups of 32, searched ranges) of Gemma 3 270M's dequantized weights.
-    Issue 7 asks < 6%; measured 7.8% (2026-11-24): the bound here is what we reach,
-    see the issue notes."""
+def test_gemma_file_weights_and_int4_quantization_cost(reference_texts):
+    """Gemma 3 270M's Q5_0/Q4_K/Q6_K/Q8_0 tensors on the device (5- and 6-bit planes)
+    take within 5% of the file's bytes and cost < 1% NLL against the dequantized
+    path. int4 (groups of 32, searched ranges) of its dequantized weights: issue 7
+    asks < 6%; measured 7.8% (2026-11-24): the bound here is what we reach, see the
+    issue notes."""
     texts = reference_texts("gemma-3-270m-q4_k_m")
+    on_device = jaxllm.load("gemma-3-270m", weights="file")
+    assert {w.bits for w in jax.tree.leaves(on_device.params, is_leaf=lambda x: isinstance(
+        x, jaxllm.QuantizedWeight)) if isinstance(w, jaxllm.QuantizedWeight)} == {4, 5, 6, 8}
+    assert abs(quant.weight_bytes(on_device.params) / on_device.file_bytes - 1) < 0.05
     dense = jaxllm.load("gemma-3-270m", weights="dense")
     base = nll(dense, dense.params, texts)
+    assert abs(nll(on_device, on_device.params, texts) / base - 1) < 0.01
     assert nll(dense, jaxllm.quantize(dense.params, "int8"), texts) / base - 1 < 0.02
     assert nll(dense, jaxllm.quantize(dense.params, "int4"), texts) / base - 1 < 0.085

@@ -26,6 +26,9 @@ from ..quant import QuantizedWeight, linear_reference
 from .matvec import MAX_ROWS, _plan, _pow2
 
 
+KERNEL_BITS = (4, 8)  # 5- and 6-bit weights (Q5_*, Q6_K files) take the XLA path
+
+
 def qmatvec_reference(x: jax.Array, w: QuantizedWeight, out_dtype=None) -> jax.Array:
     """The XLA path with the kernel's signature."""
     return linear_reference(x, w, out_dtype)
@@ -96,6 +99,8 @@ def qmatvec_pallas(x: jax.Array, w: QuantizedWeight, out_dtype=None, *, block_n:
     N = w.shape[1]
     if M > MAX_ROWS:
         raise ValueError(f"qmatvec_pallas handles at most {MAX_ROWS} rows, got {M}")
+    if w.bits not in KERNEL_BITS:
+        raise ValueError(f"qmatvec_pallas handles {KERNEL_BITS}-bit weights, not {w.bits}-bit")
     G = w.group_size
     Nv = w.values.shape[0]
     groups = max(1, min(block_k, _pow2(K)) // G)  # groups per step (a power of two)

@@ -133,10 +133,10 @@ def q3_k(b):
 
 # name: (values per block, bytes per block, function, bits the values fit in)
 FORMATS = {
-    "Q4_0": (32, 18, q4_0, 4), "Q4_1": (32, 20, q4_1, 4), "Q5_0": (32, 22, q5_0, 8),
-    "Q5_1": (32, 24, q5_1, 8), "Q8_0": (32, 34, q8_0, 8), "Q2_K": (QK_K, 84, q2_k, 4),
-    "Q3_K": (QK_K, 110, q3_k, 4), "Q4_K": (QK_K, 144, q4_k, 4), "Q5_K": (QK_K, 176, q5_k, 8),
-    "Q6_K": (QK_K, 210, q6_k, 8),
+    "Q4_0": (32, 18, q4_0, 4), "Q4_1": (32, 20, q4_1, 4), "Q5_0": (32, 22, q5_0, 5),
+    "Q5_1": (32, 24, q5_1, 5), "Q8_0": (32, 34, q8_0, 8), "Q2_K": (QK_K, 84, q2_k, 4),
+    "Q3_K": (QK_K, 110, q3_k, 4), "Q4_K": (QK_K, 144, q4_k, 4), "Q5_K": (QK_K, 176, q5_k, 5),
+    "Q6_K": (QK_K, 210, q6_k, 6),
 }
 FLOAT_TYPES = {"F32": np.float32, "F16": np.float16}
 SUPPORTED_TYPES = ("F32", "F16", "BF16", *FORMATS)
