@@ -41,7 +41,8 @@ import numpy as np
 from flax import struct
 
 MODES = {"int8": 8, "int4": 4}
-CLIP_SEARCH = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)  # int4: fractions of each group's range tried
+# int4: (low, high) fractions of each group's minimum and maximum tried as its range
+CLIP_SEARCH = tuple((lo, hi) for lo in (1.0, 0.9, 0.8, 0.7) for hi in (1.0, 0.9, 0.8, 0.7))
 PROJECTIONS = ("wqkv", "wo", "w_in", "w_out")
 
 
@@ -273,12 +274,14 @@ def _quantize_rows(w: jax.Array, bits: int, group_size: int):
         q = jnp.clip(jnp.round(g * safe_inv(scale)[..., None]), -127, 127)
         return q.astype(jnp.int8).reshape(N, K), scale, None
     # Clipping the range of a group trades a few large errors for finer steps
-    # everywhere else; try shrunken ranges and keep, per group, the one with the
-    # least squared error (a small version of llama.cpp's make_qkx search).
+    # everywhere else; try ranges shrunk at either end and keep, per group, the one
+    # with the least squared error (a small version of llama.cpp's make_qkx search).
+    # Ends shrunk independently beat shrinking both alike on a 1,270-token text
+    # (Gemma 3 270M: +4.1% NLL against +5.2%; benchmarks/NOTES.md).
     best = None
-    for shrink in CLIP_SEARCH:
-        lo = f16(g.min(-1) * shrink)
-        scale = f16((g.max(-1) - g.min(-1)) * shrink / 15)
+    for low, high in CLIP_SEARCH:
+        lo = f16(g.min(-1) * low)
+        scale = f16((g.max(-1) * high - g.min(-1) * low) / 15)
         q = jnp.clip(jnp.round((g - lo[..., None]) * safe_inv(scale)[..., None]), 0, 15)
         for _ in range(2):  # refit scale and minimum to the chosen levels (least squares)
             qm = q.mean(-1, keepdims=True)
