@@ -1,7 +1,7 @@
 """Quantized matrix-vector kernel (kernels/qmatvec.py) vs its XLA reference and the
 bf16 kernel on decode shapes: correctness against float64 NumPy on fresh random
 data, then GB/s of weight bytes read (values + scales + minimums) per tiling.
-Run on the GPU: python benchmarks/qmatvec_tune.py [--quick]"""
+Run on the GPU: python benchmarks/qmatvec_tune.py [--quick | --batch ROWS]"""
 
 import itertools
 import os
@@ -17,7 +17,7 @@ from matvec_tune import time_chain  # noqa: E402
 
 from jaxllm import quant  # noqa: E402
 from jaxllm.kernels.matvec import matvec_pallas  # noqa: E402
-from jaxllm.kernels.qmatvec import qmatvec_pallas, qmatvec_reference  # noqa: E402
+from jaxllm.kernels.qmatvec import qmatmul_pallas, qmatvec_pallas, qmatvec_reference  # noqa: E402
 
 SHAPES = [(2048, 3072), (2048, 16384), (8192, 2048), (4096, 6144), (4096, 28672), (14336, 4096),
           (4096, 4096), (2048, 128256)]
@@ -47,7 +47,40 @@ def check(rng):
     return worst
 
 
+def small_batch(rows=8):
+    """qmatmul_pallas (5-16 rows) against the XLA path (dequantize, then matmul)."""
+    tilings = [(64, 128, 3, 528, 4), (32, 128, 3, 1056, 4), (64, 256, 3, 528, 4), (128, 128, 3, 528, 8)]
+    for K, N in SHAPES:
+        for mode in ("int8", "int4"):
+            per = {"int8": K * N * (1 + 2 / 32), "int4": K * N * (0.5 + 4 / 32)}[mode]
+            chain = max(4, min(64, int(2e9 // (per * 4))))
+            keys = jax.random.split(jax.random.PRNGKey(K + N), chain + 1)
+            x = jax.random.normal(keys[0], (rows, K), jnp.bfloat16)
+            ws = [quant.quantize_weight(jax.random.normal(k, (K, N), jnp.bfloat16), mode) for k in keys[1:]]
+            bytes_ = sum(w.nbytes for w in ws)
+            ref = np.asarray(qmatvec_reference(x, ws[0], jnp.float32))
+            xla = bytes_ / time_chain(qmatvec_reference, x, ws, reps=10) / 1e9
+            results = []
+            for bn, bk, st, tp, nw in tilings:
+                fn = lambda x, w, bn=bn, bk=bk, st=st, tp=tp, nw=nw: qmatmul_pallas(
+                    x, w, block_n=bn, block_k=bk, num_stages=st, target_programs=tp, num_warps=nw)
+                try:
+                    got = np.asarray(fn(x, ws[0]).astype(jnp.float32))
+                    err = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+                    results.append((bytes_ / time_chain(fn, x, ws, reps=10) / 1e9, (bn, bk, st, tp, nw), err))
+                except Exception as e:  # noqa: BLE001 - a tiling that does not compile
+                    print("  fail", (bn, bk, st, tp, nw), type(e).__name__, str(e)[:200])
+            default = bytes_ / time_chain(qmatmul_pallas, x, ws, reps=10) / 1e9
+            best = max(results) if results else (0, None, 0)
+            print(f"K={K:5d} N={N:6d} {mode} rows={rows} xla={xla:6.0f} GB/s  qmatmul default={default:6.0f}  "
+                  f"best={best[0]:6.0f} at {best[1]} (rel err vs xla {best[2]:.1e})", flush=True)
+            del ws
+
+
 def main():
+    if "--batch" in sys.argv:
+        print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}")
+        return small_batch(int(sys.argv[sys.argv.index("--batch") + 1]))
     quick = "--quick" in sys.argv
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}")
     check(np.random.default_rng())

@@ -23,7 +23,7 @@ import numpy as np
 from .cache import KVCache, write_rows
 from .config import ModelConfig
 from .kernels.matvec import matvec_pallas, use_pallas
-from .kernels.qmatvec import KERNEL_BITS, qmatvec_pallas
+from .kernels.qmatvec import KERNEL_BITS, qmatmul_pallas, qmatvec_pallas, use_qmatmul
 from .params import Layer, Norm, Params
 from .quant import QuantizedWeight, linear_reference, take_rows
 
@@ -36,8 +36,11 @@ def linear(x: jax.Array, w, b: Optional[jax.Array] = None, kernels: str = "auto"
     rows = math.prod(x.shape[:-1])
     if isinstance(w, QuantizedWeight):
         x2 = x.reshape(rows, x.shape[-1])
+        interpret = jax.default_backend() != "gpu"
         if w.bits in KERNEL_BITS and use_pallas(kernels, rows, w.shape, quantized=True):
-            y = qmatvec_pallas(x2, w, out_dtype, interpret=jax.default_backend() != "gpu")
+            y = qmatvec_pallas(x2, w, out_dtype, interpret=interpret)
+        elif w.bits in KERNEL_BITS and use_qmatmul(kernels, rows):
+            y = qmatmul_pallas(x2, w, out_dtype, interpret=interpret)
         else:
             y = linear_reference(x2, w, out_dtype)
         y = y.reshape(*x.shape[:-1], w.shape[1])

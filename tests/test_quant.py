@@ -14,7 +14,7 @@ from test_dequant import random_blocks
 
 import jaxllm
 from jaxllm import quant
-from jaxllm.kernels.qmatvec import KERNEL_BITS, qmatvec_pallas
+from jaxllm.kernels.qmatvec import KERNEL_BITS, qmatmul_pallas, qmatvec_pallas
 from jaxllm.loading.dequant import FORMATS, blocks
 from jaxllm.model import linear
 
@@ -48,15 +48,16 @@ def test_pack_dequantize_and_linear_match_float64(bits, mins, G):
     # stored in `bits` bits per weight plus the scales (and minimums)
     assert w.nbytes == 128 * 64 * bits // 8 + (1 + mins) * (128 // G) * 64 * w.scales.dtype.itemsize
     np.testing.assert_allclose(np.asarray(quant.dequantize(w), np.float64), dense64(b), rtol=1e-6, atol=1e-7)
-    for M in (1, 3, 6):
+    for M in (1, 3, 6, 16, 17):
         x = rng.standard_normal((M, 128)).astype(np.float32)
         ref = x.astype(np.float64) @ dense64(b)
         scale = np.abs(ref).max()
         np.testing.assert_allclose(np.asarray(quant.linear_reference(jnp.asarray(x), w)), ref, atol=1e-5 * scale)
-        if M <= 4 and bits in KERNEL_BITS:
-            got = qmatvec_pallas(jnp.asarray(x), w, interpret=True)
+        if bits in KERNEL_BITS and M <= 16:
+            kernel = qmatvec_pallas if M <= 4 else qmatmul_pallas
+            got = kernel(jnp.asarray(x), w, interpret=True)
             np.testing.assert_allclose(np.asarray(got), ref, atol=1e-5 * scale)
-        # 5- and 6-bit weights have no kernel: the switch takes the XLA path
+        # the switch: a kernel where one fits (4 or 8 bits, <= 16 rows), else XLA
         np.testing.assert_allclose(np.asarray(linear(jnp.asarray(x), w, kernels="pallas")), ref,
                                    atol=1e-5 * scale)
     ids = jnp.asarray(rng.integers(0, 64, (2, 7)))

@@ -34,6 +34,14 @@ def qmatvec_reference(x: jax.Array, w: QuantizedWeight, out_dtype=None) -> jax.A
     return linear_reference(x, w, out_dtype)
 
 
+def _unpack(v, h: int, bits: int, has_mins: bool):
+    """float32 levels of the value tile: int8, or 4-bit half h (low/high nibbles)."""
+    if bits == 8:
+        return v.astype(jnp.float32)
+    nibble = (v >> 4) if h else (v & 15)
+    return nibble.astype(jnp.float32) - (0.0 if has_mins else 8.0)
+
+
 def _kernel(x_ref, v_ref, s_ref, *rest, M, K, Nv, G, bits, has_mins, block_n, groups, steps):
     m_ref = rest[0] if has_mins else None
     o_ref = rest[-1]
@@ -53,11 +61,7 @@ def _kernel(x_ref, v_ref, s_ref, *rest, M, K, Nv, G, bits, has_mins, block_n, gr
                        mask=vrow_ok[:, None] & k_ok[None, :], other=0)  # [bn, BK]
         xs = [plgpu.load(x_ref.at[pl.ds(r, 1), pl.ds(k0, BK)], mask=k_ok[None, :],
                          other=0.0).astype(jnp.float32) for r in range(M)]  # M x [1, BK]
-        if bits == 8:
-            qs = (v.astype(jnp.float32),)
-        else:
-            offset = 0.0 if has_mins else 8.0
-            qs = ((v & 15).astype(jnp.float32) - offset, (v >> 4).astype(jnp.float32) - offset)
+        qs = [_unpack(v, h, bits, has_mins) for h in range(len(halves))]
         new = list(accs)
         for h, (q, col0) in enumerate(zip(qs, halves)):
             cols = pl.ds(col0 + j * block_n, block_n)
@@ -120,3 +124,90 @@ def qmatvec_pallas(x: jax.Array, w: QuantizedWeight, out_dtype=None, *, block_n:
         compiler_params=compiler_params,
     )(*operands)
     return partial_sums.sum(0).astype(out_dtype or x.dtype)
+
+
+# ---- small batches (5-16 rows): the dequantized tile feeds a tensor-core dot ----
+
+MAX_MATMUL_ROWS = 16
+
+
+def use_qmatmul(kernels: str, rows: int) -> bool:
+    """Batches of 5-16 rows (decode at batch 8, short prefills) on the GPU."""
+    if kernels == "xla" or not MAX_ROWS < rows <= MAX_MATMUL_ROWS:
+        return False
+    return kernels == "pallas" or jax.default_backend() == "gpu"
+
+
+def _matmul_kernel(x_ref, v_ref, s_ref, *rest, K, Nv, G, bits, has_mins, block_n, groups, steps):
+    m_ref = rest[0] if has_mins else None
+    o_ref = rest[-1]
+    j, split = pl.program_id(0), pl.program_id(1)
+    BK = G * groups
+    n_groups = K // G
+    vrow_ok = j * block_n + jnp.arange(block_n) < Nv
+    halves = (0,) if bits == 8 else (0, Nv)
+
+    def body(i, accs):
+        k0 = (split * steps + i) * BK
+        k_ok = k0 + jnp.arange(BK) < K
+        g0 = k0 // G
+        g_ok = g0 + jnp.arange(groups) < n_groups
+        v = plgpu.load(v_ref.at[pl.ds(j * block_n, block_n), pl.ds(k0, BK)],
+                       mask=vrow_ok[:, None] & k_ok[None, :], other=0)  # [bn, BK]
+        x = plgpu.load(x_ref.at[:, pl.ds(k0, BK)], mask=k_ok[None, :], other=0.0)  # [Mp, BK]
+        new = []
+        for h, col0 in enumerate(halves):
+            cols = pl.ds(col0 + j * block_n, block_n)
+            mask = g_ok[:, None] & vrow_ok[None, :]
+            s = plgpu.load(s_ref.at[pl.ds(g0, groups), cols], mask=mask, other=0.0).astype(jnp.float32)
+            w = _unpack(v, h, bits, has_mins).reshape(block_n, groups, G) * s.T[:, :, None]
+            if has_mins:
+                mn = plgpu.load(m_ref.at[pl.ds(g0, groups), cols], mask=mask, other=0.0)
+                w = w + mn.astype(jnp.float32).T[:, :, None]
+            w = w.reshape(block_n, BK).astype(x.dtype)
+            new.append(accs[h] + plgpu.dot(x, w, trans_b=True))  # [Mp, bn], float32
+        return tuple(new)
+
+    Mp = x_ref.shape[0]
+    zeros = tuple(jnp.zeros((Mp, block_n), jnp.float32) for _ in halves)
+    accs = jax.lax.fori_loop(0, steps, body, zeros)
+    for h, col0 in enumerate(halves):
+        plgpu.store(o_ref.at[split, :, pl.ds(col0 + j * block_n, block_n)], accs[h],
+                    mask=vrow_ok[None, :])
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype", "block_n", "block_k", "target_programs",
+                                             "num_warps", "num_stages", "interpret"))
+def qmatmul_pallas(x: jax.Array, w: QuantizedWeight, out_dtype=None, *, block_n: int = 64,
+                   block_k: int = 128, target_programs: int = 528, num_warps: int = 4,
+                   num_stages: int = 3, interpret: bool = False) -> jax.Array:
+    """x [M, K] @ W [K, N] for M <= 16: each program dequantizes a [block_n, block_k]
+    tile in registers (in x's dtype) and multiplies it with the rows of x, padded to
+    16, on the tensor cores (float32 x: TF32); float32 accumulation. The XLA path
+    writes the whole dequantized weight to memory and reads it back."""
+    M, K = x.shape
+    N = w.shape[1]
+    if M > MAX_MATMUL_ROWS:
+        raise ValueError(f"qmatmul_pallas handles at most {MAX_MATMUL_ROWS} rows, got {M}")
+    if w.bits not in KERNEL_BITS:
+        raise ValueError(f"qmatmul_pallas handles {KERNEL_BITS}-bit weights, not {w.bits}-bit")
+    G = w.group_size
+    Nv = w.values.shape[0]
+    groups = max(1, min(block_k, _pow2(K)) // G)
+    row_blocks, splits, steps = _plan(M, K, Nv, block_n, G * groups, target_programs)
+    has_mins = w.mins is not None
+    xp = jnp.pad(x, ((0, MAX_MATMUL_ROWS - M), (0, 0)))
+    kernel = functools.partial(_matmul_kernel, K=K, Nv=Nv, G=G, bits=w.bits, has_mins=has_mins,
+                               block_n=block_n, groups=groups, steps=steps)
+    operands = (xp, w.values, w.scales) + ((w.mins,) if has_mins else ())
+    compiler_params = None
+    if not interpret:
+        compiler_params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    partial_sums = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((splits, MAX_MATMUL_ROWS, N), jnp.float32),
+        grid=(row_blocks, splits),
+        interpret=interpret,
+        compiler_params=compiler_params,
+    )(*operands)
+    return partial_sums.sum(0)[:M].astype(out_dtype or x.dtype)
