@@ -15,8 +15,7 @@ import time
 
 from .errors import JaxllmError
 from .generate import ContextLengthError, bucket_length
-from .quant import weight_bytes
-from .loading.models import DEFAULT_MODEL, PACKAGED
+from .loading.models import DEFAULT_MODEL, PACKAGED, WEIGHTS
 from .sampling import SamplerSettings
 
 EXIT_USAGE = 2
@@ -146,6 +145,7 @@ def cmd_tokenize(args) -> None:
 
 
 def cmd_info(args) -> None:
+    from . import quant  # noqa: PLC0415
     model = _load(args)
     c = model.config
     info = {
@@ -155,7 +155,7 @@ def cmd_info(args) -> None:
         "context_length": c.max_seq_len, "rope_theta": c.rope_theta if c.position == "rope" else None,
         "sliding_window": c.sliding_window, "tied_embeddings": c.tie_embeddings,
         "tensor_types": model.tensor_types, "file_bytes": model.file_bytes,
-        "weight_bytes": weight_bytes(model.params),
+        "weight_bytes": quant.weight_bytes(model.params),
         "chat_template": model.chat_template is not None,
     }
     if args.json:
@@ -232,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name, fn, help_text):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
-        p.add_argument("--weights", default="file", choices=("file", "dense", "int8", "int4"),
+        p.add_argument("--weights", default="file", choices=WEIGHTS,
                        help="file: keep a GGUF file's quantized tensors quantized (default); "
                             "dense: dequantize; int8/int4: quantize dense weights")
         p.set_defaults(fn=fn)

@@ -7,13 +7,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 from jaxllm.kernels.matvec import _plan, _pow2
-
-
-def _unpack(v, h, bits, has_mins):
-    if bits == 8:
-        return v.astype(jnp.float32)
-    u = (v >> 4) if h else (v & 15)
-    return u.astype(jnp.float32) - (0.0 if has_mins else 8.0)
+from jaxllm.kernels.qmatvec import _unpack
 
 
 def _kernel(x_ref, v_ref, s_ref, *rest, M, Nv, n_groups, G, bits, has_mins, block_n, gps, steps):

@@ -4,7 +4,7 @@ import jax, jax.numpy as jnp, numpy as np
 here = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(here, "..", "..")); sys.path.insert(0, os.path.join(here, "..")); sys.path.insert(0, here)
 from matvec_tune import time_chain
-from jaxllm import quant
+from qmatvec_tune import chained_weights
 from jaxllm.kernels.qmatvec import qmatvec_pallas
 from qmatvec_kmajor import qmatvec_kmajor, to_kmajor
 SHAPES = [(4096, 6144), (4096, 28672), (14336, 4096), (4096, 4096), (2048, 3072), (2048, 16384), (8192, 2048), (2048, 128256)]
@@ -13,12 +13,7 @@ CFGS = [(bn, gps, st, tp, nw) for bn, gps in ((128, 1), (256, 1), (512, 1), (256
 print(jax.devices()[0].device_kind, jax.__version__)
 for K, N in SHAPES:
     for mode in ("int8", "int4"):
-        per = {"int8": K * N * (1 + 2 / 32), "int4": K * N * (0.5 + 4 / 32)}[mode]
-        chain = max(4, min(64, int(2e9 // (per * 4))))
-        keys = jax.random.split(jax.random.PRNGKey(K + N), chain + 1)
-        x = jax.random.normal(keys[0], (1, K), jnp.bfloat16)
-        ws = [quant.quantize_weight(jax.random.normal(k, (K, N), jnp.bfloat16), mode) for k in keys[1:]]
-        bytes_ = sum(w.nbytes for w in ws)
+        x, ws, bytes_ = chained_weights(K, N, mode)
         row = bytes_ / time_chain(qmatvec_pallas, x, ws, reps=10) / 1e9
         kws = [jax.block_until_ready(to_kmajor(w)) for w in ws]
         bits = ws[0].bits

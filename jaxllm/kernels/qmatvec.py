@@ -99,19 +99,29 @@ def qmatvec_pallas(x: jax.Array, w: QuantizedWeight, out_dtype=None, *, block_n:
     (the same bytes per row per step)."""
     block_k = block_k or (256 if w.bits == 8 else 512)
     num_stages = num_stages or (4 if w.bits == 8 else 3)
+    if x.shape[0] > MAX_ROWS:
+        raise ValueError(f"qmatvec_pallas handles at most {MAX_ROWS} rows, got {x.shape[0]}")
+    return _launch(_kernel, x, w, out_dtype, block_n, block_k, target_programs, num_warps,
+                   num_stages, interpret, "qmatvec_pallas", with_rows=True)
+
+
+def _launch(kernel, x, w: QuantizedWeight, out_dtype, block_n, block_k, target_programs, num_warps,
+            num_stages, interpret, name, with_rows):
+    """The grid both kernels share: blocks of value rows x splits of K, each program
+    writing partial sums [rows, N] that are added afterwards. x's rows are passed to
+    the kernel as M (with_rows) or taken from its (padded) shape."""
+    if w.bits not in KERNEL_BITS:
+        raise ValueError(f"{name} handles {KERNEL_BITS}-bit weights, not {w.bits}-bit")
     M, K = x.shape
     N = w.shape[1]
-    if M > MAX_ROWS:
-        raise ValueError(f"qmatvec_pallas handles at most {MAX_ROWS} rows, got {M}")
-    if w.bits not in KERNEL_BITS:
-        raise ValueError(f"qmatvec_pallas handles {KERNEL_BITS}-bit weights, not {w.bits}-bit")
     G = w.group_size
     Nv = w.values.shape[0]
     groups = max(1, min(block_k, _pow2(K)) // G)  # groups per step (a power of two)
     row_blocks, splits, steps = _plan(M, K, Nv, block_n, G * groups, target_programs)
     has_mins = w.mins is not None
-    kernel = functools.partial(_kernel, M=M, K=K, Nv=Nv, G=G, bits=w.bits, has_mins=has_mins,
-                               block_n=block_n, groups=groups, steps=steps)
+    kernel = functools.partial(kernel, K=K, Nv=Nv, G=G, bits=w.bits, has_mins=has_mins,
+                               block_n=block_n, groups=groups, steps=steps,
+                               **({"M": M} if with_rows else {}))
     operands = (x, w.values, w.scales) + ((w.mins,) if has_mins else ())
     compiler_params = None
     if not interpret:
@@ -185,29 +195,9 @@ def qmatmul_pallas(x: jax.Array, w: QuantizedWeight, out_dtype=None, *, block_n:
     tile in registers (in x's dtype) and multiplies it with the rows of x, padded to
     16, on the tensor cores (float32 x: TF32); float32 accumulation. The XLA path
     writes the whole dequantized weight to memory and reads it back."""
-    M, K = x.shape
-    N = w.shape[1]
+    M = x.shape[0]
     if M > MAX_MATMUL_ROWS:
         raise ValueError(f"qmatmul_pallas handles at most {MAX_MATMUL_ROWS} rows, got {M}")
-    if w.bits not in KERNEL_BITS:
-        raise ValueError(f"qmatmul_pallas handles {KERNEL_BITS}-bit weights, not {w.bits}-bit")
-    G = w.group_size
-    Nv = w.values.shape[0]
-    groups = max(1, min(block_k, _pow2(K)) // G)
-    row_blocks, splits, steps = _plan(M, K, Nv, block_n, G * groups, target_programs)
-    has_mins = w.mins is not None
     xp = jnp.pad(x, ((0, MAX_MATMUL_ROWS - M), (0, 0)))
-    kernel = functools.partial(_matmul_kernel, K=K, Nv=Nv, G=G, bits=w.bits, has_mins=has_mins,
-                               block_n=block_n, groups=groups, steps=steps)
-    operands = (xp, w.values, w.scales) + ((w.mins,) if has_mins else ())
-    compiler_params = None
-    if not interpret:
-        compiler_params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
-    partial_sums = pl.pallas_call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct((splits, MAX_MATMUL_ROWS, N), jnp.float32),
-        grid=(row_blocks, splits),
-        interpret=interpret,
-        compiler_params=compiler_params,
-    )(*operands)
-    return partial_sums.sum(0)[:M].astype(out_dtype or x.dtype)
+    return _launch(_matmul_kernel, xp, w, out_dtype, block_n, block_k, target_programs, num_warps,
+                   num_stages, interpret, "qmatmul_pallas", with_rows=False)[:M]
