@@ -22,36 +22,71 @@ import numpy as np
 
 from .cache import KVCache, write_rows
 from .config import ModelConfig
-from .kernels.matvec import matvec_pallas, use_pallas
+from .kernels.add_norm import Delta, add_norm_pallas, use_add_norm
+from .kernels.decode_attention import AttentionSpec, decode_attention_pallas
+from .kernels.matvec import PartialSums, matvec_pallas, use_pallas
 from .kernels.qmatvec import KERNEL_BITS, qmatmul_pallas, qmatvec_pallas, use_qmatmul
 from .params import Layer, Norm, Params
 from .quant import QuantizedWeight, linear_reference, take_rows
 
 
 def linear(x: jax.Array, w, b: Optional[jax.Array] = None, kernels: str = "auto",
-           out_dtype=None) -> jax.Array:
+           out_dtype=None, partial: bool = False):
     """x [..., In] @ w [In, Out] (+ b [Out]) with float32 accumulation, in out_dtype
     (default x's). Every projection goes through here; w is a dense array or a
-    QuantizedWeight standing for one."""
+    QuantizedWeight standing for one. partial=True lets a split-K kernel return its
+    `PartialSums` [S, rows, Out] for `add_norm` to add up."""
     rows = math.prod(x.shape[:-1])
+    partial = partial and b is None
+    interpret = jax.default_backend() != "gpu"
     if isinstance(w, QuantizedWeight):
         x2 = x.reshape(rows, x.shape[-1])
-        interpret = jax.default_backend() != "gpu"
         if w.bits in KERNEL_BITS and use_pallas(kernels, rows, w.shape, quantized=True):
-            y = qmatvec_pallas(x2, w, out_dtype, interpret=interpret)
+            y = qmatvec_pallas(x2, w, out_dtype, interpret=interpret, sum_splits=not partial)
+            if isinstance(y, PartialSums):
+                return y
         elif w.bits in KERNEL_BITS and use_qmatmul(kernels, rows):
             y = qmatmul_pallas(x2, w, out_dtype, interpret=interpret)
         else:
             y = linear_reference(x2, w, out_dtype)
         y = y.reshape(*x.shape[:-1], w.shape[1])
     elif use_pallas(kernels, rows, w.shape):
-        y = matvec_pallas(x.reshape(rows, x.shape[-1]), w, out_dtype,
-                          interpret=jax.default_backend() != "gpu").reshape(*x.shape[:-1], w.shape[1])
+        y = matvec_pallas(x.reshape(rows, x.shape[-1]), w, out_dtype, interpret=interpret,
+                          sum_splits=not partial)
+        if isinstance(y, PartialSums):
+            return y
+        y = y.reshape(*x.shape[:-1], w.shape[1])
     else:
         # A float32 result only where asked for: requesting it on every projection
         # changes XLA's fusions of batch-1 dots and cost ~10% on llama8b decode.
         y = jnp.einsum("...i,io->...o", x, w.astype(x.dtype), preferred_element_type=out_dtype)
     return y if b is None else y + b.astype(y.dtype)
+
+
+def add_norm(x: jax.Array, delta: Optional[Delta], p: Norm, config: ModelConfig):
+    """The residual add of a block's output and the norm after it: (x + delta, its norm),
+    x [..., D]. delta is None before the first layer, an array like x, or the
+    PartialSums of a split-K projection, which one kernel adds together with the
+    residual and the norm (kernels/add_norm.py). For a plain delta XLA's two or three
+    small fusions were as fast as that kernel (llama8b, benchmarks/NOTES.md)."""
+    if delta is None:
+        return x, apply_norm(x, p, config)
+    rows, D = math.prod(x.shape[:-1]), x.shape[-1]
+    if isinstance(delta, PartialSums) and use_add_norm(config.kernels, D):
+        x2, h2 = add_norm_pallas(
+            x.reshape(rows, D), delta, p.scale, p.bias, layer_norm=config.norm == "layer",
+            eps=config.norm_eps, offset=config.norm_weight_offset,
+            interpret=jax.default_backend() != "gpu")
+        return x2.reshape(x.shape), h2.reshape(x.shape)
+    x = x + total(delta, x)
+    return x, apply_norm(x, p, config)
+
+
+def total(delta: Delta, like: jax.Array) -> jax.Array:
+    """delta as an array shaped and typed like `like`."""
+    if isinstance(delta, PartialSums):
+        return delta.total(like.dtype).reshape(like.shape)
+    return delta
 
 
 def apply_norm(x: jax.Array, p: Norm, config: ModelConfig) -> jax.Array:
@@ -121,7 +156,35 @@ def attend(q, k, v, q_pos, k_pos, config: ModelConfig, window: Optional[int]) ->
     return out.reshape(B, T, H, Dh)
 
 
-def mlp(x: jax.Array, p: Layer, config: ModelConfig) -> jax.Array:
+def use_decode_attention(config: ModelConfig) -> bool:
+    """The switch between the fused decode-attention kernel and the XLA path (one new
+    token per row with a cache). Partial rotary (Phi-2) and LayerNorm'd query/key
+    heads take the XLA path."""
+    if config.kernels == "xla" or (config.kernels == "auto" and jax.default_backend() != "gpu"):
+        return False
+    if config.position == "rope" and config.rotary_dim != config.head_dim:
+        return False
+    return not config.qk_norm or config.norm == "rms"
+
+
+def decode_attention(p: Layer, config: ModelConfig, index: int, qkv, kv, starts):
+    """qkv [B, 1, q + 2kv] of one new token per row at positions starts [B] ->
+    (attention output [B, 1, q_size], kv) through kernels/decode_attention.py."""
+    rope = config.position == "rope"
+    spec = AttentionSpec(
+        n_heads=config.n_heads, n_kv_heads=config.n_kv_heads, head_dim=config.head_dim,
+        scale=config.query_scale if config.query_scale is not None else config.head_dim ** -0.5,
+        rope=rope, window=config.layer_window(index), softcap=config.attn_softcap,
+        qk_norm=config.qk_norm, norm_eps=config.norm_eps, norm_offset=config.norm_weight_offset)
+    inv_freq = jnp.asarray(rope_inv_freq(config, config.layer_rope_theta(index))) if rope else None
+    norms = (p.q_norm.scale, p.k_norm.scale) if config.qk_norm else (None, None)
+    out, k_cache, v_cache = decode_attention_pallas(
+        qkv[:, 0], kv[0], kv[1], starts, inv_freq, *norms, spec=spec,
+        interpret=jax.default_backend() != "gpu")
+    return out[:, None], (k_cache, v_cache)
+
+
+def mlp(x: jax.Array, p: Layer, config: ModelConfig, partial: bool = False) -> Delta:
     h = linear(x, p.w_in, p.b_in, config.kernels)
     if config.mlp == "gelu":
         hidden = jax.nn.gelu(h, approximate=config.gelu_approximate)
@@ -130,23 +193,27 @@ def mlp(x: jax.Array, p: Layer, config: ModelConfig) -> jax.Array:
         act = jax.nn.silu(gate) if config.mlp == "swiglu" else jax.nn.gelu(
             gate, approximate=config.gelu_approximate)
         hidden = act * up
-    return linear(hidden, p.w_out, p.b_out, config.kernels)
+    return linear(hidden, p.w_out, p.b_out, config.kernels, partial=partial)
 
 
-def layer_forward(p: Layer, config: ModelConfig, index: int, x, positions, kv=None, starts=None,
-                  span: Optional[int] = None):
+def layer_forward(p: Layer, config: ModelConfig, index: int, x, delta: Optional[Delta], positions,
+                  kv=None, starts=None, span: Optional[int] = None):
     """One decoder layer.
 
-    x [B, T, D]; positions [B, T]. With `kv` = (k_cache, v_cache) [B, S, K, Dh],
+    The residual stream arrives as x [B, T, D] plus the previous layer's output delta
+    (None for the first layer), added here together with the attention norm, and
+    leaves the same way: (x, delta, kv). positions [B, T]. With `kv` = (k_cache, v_cache) [B, S, K, Dh],
     the new keys and values are written at slots starts[b] + t and attention reads
     the whole cache, or its first `span` slots when every row's keys lie there;
     without, attention reads the T tokens themselves.
-    Returns (x [B, T, D], kv).
     """
     B, T, _ = x.shape
     Dh, window = config.head_dim, config.layer_window(index)
-    h = apply_norm(x, p.attn_norm, config)
+    x, h = add_norm(x, delta, p.attn_norm, config)
     qkv = linear(h, p.wqkv, p.bqkv, config.kernels)
+    if kv is not None and T == 1 and use_decode_attention(config):
+        attn, kv = decode_attention(p, config, index, qkv, kv, starts)
+        return _after_attention(p, config, x, h, attn, kv)
     q, k, v = jnp.split(qkv, [config.q_size, config.q_size + config.kv_size], axis=-1)
     q = q.reshape(B, T, config.n_heads, Dh)
     k = k.reshape(B, T, config.n_kv_heads, Dh)
@@ -164,16 +231,22 @@ def layer_forward(p: Layer, config: ModelConfig, index: int, x, positions, kv=No
         slots = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
         attn = attend(q, k_cache[:, :S], v_cache[:, :S], positions, slots, config, window)
         kv = (k_cache, v_cache)
-    attn = linear(attn.reshape(B, T, config.q_size), p.wo, p.bo, config.kernels)
+    return _after_attention(p, config, x, h, attn.reshape(B, T, config.q_size), kv)
+
+
+def _after_attention(p: Layer, config: ModelConfig, x, h, attn, kv):
+    """Output projection, residual and the MLP: attn [B, T, q_size] -> (x, delta, kv)."""
+    plain = not (config.sandwich_norm or config.parallel_block)
+    attn = linear(attn, p.wo, p.bo, config.kernels, partial=plain)
     if config.sandwich_norm:
         attn = apply_norm(attn, p.post_attn_norm, config)
     if config.parallel_block:
-        return x + attn + mlp(h, p, config), kv
-    x = x + attn
-    out = mlp(apply_norm(x, p.mlp_norm, config), p, config)
+        return x, attn + mlp(h, p, config), kv
+    x, h = add_norm(x, attn, p.mlp_norm, config)
+    out = mlp(h, p, config, partial=not config.sandwich_norm)
     if config.sandwich_norm:
         out = apply_norm(out, p.post_mlp_norm, config)
-    return x + out, kv
+    return x, out, kv
 
 
 def embed(params: Params, config: ModelConfig, tokens: jax.Array, positions: jax.Array) -> jax.Array:
@@ -212,10 +285,10 @@ def forward(params: Params, config: ModelConfig, tokens: jax.Array) -> jax.Array
     """
     B, T = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    x = embed(params, config, tokens, positions)
+    x, delta = embed(params, config, tokens, positions), None
     for i, layer in enumerate(params.layers):
-        x, _ = layer_forward(layer, config, i, x, positions)
-    return unembed(params, config, x)
+        x, delta, _ = layer_forward(layer, config, i, x, delta, positions)
+    return unembed(params, config, x + total(delta, x))
 
 
 def extend_hidden(params: Params, config: ModelConfig, tokens: jax.Array, n_new: jax.Array,
@@ -228,14 +301,14 @@ def extend_hidden(params: Params, config: ModelConfig, tokens: jax.Array, n_new:
     """
     B, T = tokens.shape
     positions = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)
-    x = embed(params, config, tokens, positions)
+    x, delta = embed(params, config, tokens, positions), None
     ks, vs = [], []
     for i, layer in enumerate(params.layers):
-        x, (k, v) = layer_forward(layer, config, i, x, positions, (cache.k[i], cache.v[i]),
-                                  cache.lengths, span)
+        x, delta, (k, v) = layer_forward(layer, config, i, x, delta, positions,
+                                         (cache.k[i], cache.v[i]), cache.lengths, span)
         ks.append(k)
         vs.append(v)
-    return x, KVCache(k=tuple(ks), v=tuple(vs), lengths=cache.lengths + n_new.astype(jnp.int32))
+    return x + total(delta, x), KVCache(k=tuple(ks), v=tuple(vs), lengths=cache.lengths + n_new.astype(jnp.int32))
 
 
 @partial(jax.jit, static_argnames=("config",), donate_argnames=("cache",))

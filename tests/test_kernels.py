@@ -25,15 +25,133 @@ def test_matvec_matches_reference(M, K, N, tiling):
     np.testing.assert_allclose(got, matvec_reference(x, w), rtol=1e-4, atol=1e-4)
 
 
-def test_model_with_pallas_kernels_matches_xla_path():
-    c = ARCH_CONFIGS["qwen2"].replace(tie_embeddings=False)
+@pytest.mark.parametrize("arch", sorted(ARCH_CONFIGS))
+def test_model_with_pallas_kernels_matches_xla_path(arch):
+    """Prefill, then decode steps (matvec and decode-attention kernels) against the XLA path."""
+    c = ARCH_CONFIGS[arch].replace(tie_embeddings=False)
     params = jaxllm.init_params(c, jax.random.PRNGKey(np.random.randint(1 << 30)))
-    tokens = jnp.asarray(np.random.randint(0, c.vocab_size, (1, 4)))  # 3 + 1 rows: the kernel path
+    tokens = jnp.asarray(np.random.randint(0, c.vocab_size, (2, 9)))  # 2 rows: the kernel path
     results = []
-    for config in (c, c.replace(kernels="pallas")):
-        cache = jaxllm.init_cache(config, 1, 16, jnp.float32)
-        first, cache = jaxllm.extend(params, config, tokens[:, :3], jnp.array([3]), cache)
-        second, _ = jaxllm.decode_step(params, config, tokens[:, 3], cache)
-        results.append((first, second))
-    for got, ref in zip(results[1], results[0]):
-        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+    for config in (c.replace(kernels="xla"), c.replace(kernels="pallas")):
+        cache = jaxllm.init_cache(config, 2, 16, jnp.float32)
+        logits, cache = jaxllm.extend(params, config, tokens[:, :3], jnp.array([3, 2]), cache)
+        steps = [logits]
+        for t in range(3, 9):
+            logits, cache = jaxllm.decode_step(params, config, tokens[:, t], cache)
+            steps.append(logits)
+        results.append((steps, cache))
+    (ref, ref_cache), (got, got_cache) = results
+    for g, r in zip(got, ref):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+    for g, r in zip(jax.tree.leaves(got_cache), jax.tree.leaves(ref_cache)):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
+
+
+# --- decode attention ---------------------------------------------------------------
+
+def numpy_decode_attention(qkv, k_cache, v_cache, lengths, freq, q_norm, k_norm, spec):
+    """float64: the new token's queries/keys normed and rotated, written at slot
+    min(length, S - 1), attending to the visible filled slots."""
+    from types import SimpleNamespace
+
+    from reference_numpy import norm, rope
+
+    B, S, K, Dh = k_cache.shape
+    H, G = spec.n_heads, spec.n_heads // spec.n_kv_heads
+    qkv = qkv.astype(np.float64).reshape(B, H + 2 * K, Dh)
+    k_cache, v_cache = k_cache.astype(np.float64), v_cache.astype(np.float64)
+    c = SimpleNamespace(norm="rms", norm_eps=spec.norm_eps, norm_weight_offset=spec.norm_offset)
+    out = np.zeros((B, H, Dh))
+    for b in range(B):
+        pos, slot = int(lengths[b]), min(int(lengths[b]), S - 1)
+        q, k, v = qkv[b, :H], qkv[b, H:H + K], qkv[b, H + K:]
+        if spec.qk_norm:
+            q = norm(q, SimpleNamespace(scale=q_norm, bias=None), c)
+            k = norm(k, SimpleNamespace(scale=k_norm, bias=None), c)
+        if spec.rope:
+            q, k = rope(q[None], [pos], freq)[0], rope(k[None], [pos], freq)[0]
+        k_cache[b, slot], v_cache[b, slot] = k, v
+        visible = [s for s in range(S) if s <= pos and (spec.window is None or s > pos - spec.window)]
+        for h in range(H):
+            s = k_cache[b, visible, h // G] @ q[h] * spec.scale
+            if spec.softcap is not None:
+                s = spec.softcap * np.tanh(s / spec.softcap)
+            p = np.exp(s - s.max())
+            out[b, h] = (p / p.sum()) @ v_cache[b, visible, h // G]
+    return out.reshape(B, H * Dh), k_cache, v_cache
+
+
+@pytest.mark.parametrize("case", [
+    dict(B=2, S=40, K=2, G=3, Dh=16, lengths=[5, 39]),
+    dict(B=2, S=70, K=1, G=4, Dh=24, lengths=[69, 30], qk_norm=True, window=7, softcap=5.0,
+         norm_offset=1.0),
+    dict(B=1, S=33, K=3, G=1, Dh=32, lengths=[20], rope=False),
+    dict(B=1, S=1100, K=2, G=2, Dh=16, lengths=[1000], window=700),  # several splits
+    dict(B=3, S=24, K=2, G=2, Dh=16, lengths=[27, 0, 17], dtype=jnp.bfloat16),  # past the end: clamped
+])
+def test_decode_attention_matches_float64(case):
+    from jaxllm.kernels.decode_attention import AttentionSpec, _splits, decode_attention_pallas
+
+    case = dict(case)
+    B, S, K, G, Dh = (case.pop(k) for k in ("B", "S", "K", "G", "Dh"))
+    lengths, dtype = np.array(case.pop("lengths"), np.int32), case.pop("dtype", jnp.float32)
+    spec = AttentionSpec(n_heads=K * G, n_kv_heads=K, head_dim=Dh, scale=Dh ** -0.5,
+                         rope=case.pop("rope", True), norm_eps=1e-6, **case)
+    rng = np.random.default_rng(np.random.randint(1 << 30))
+    qkv = rng.standard_normal((B, (K * G + 2 * K) * Dh)).astype(np.float32)
+    k_cache, v_cache = (rng.standard_normal((B, S, K, Dh)).astype(np.float32) for _ in range(2))
+    freq = (10000.0 ** -(np.arange(Dh // 2) / (Dh // 2))).astype(np.float32)
+    q_norm, k_norm = (rng.uniform(0.5, 1.5, Dh).astype(np.float32) for _ in range(2))
+    cast = lambda a: np.asarray(jnp.asarray(a, dtype).astype(jnp.float32))  # the kernel's inputs, rounded
+    qkv, k_cache, v_cache = cast(qkv), cast(k_cache), cast(v_cache)
+    ref_out, ref_k, ref_v = numpy_decode_attention(qkv, k_cache, v_cache, lengths, freq, q_norm,
+                                                   k_norm, spec)
+    out, new_k, new_v = decode_attention_pallas(
+        jnp.asarray(qkv, dtype), jnp.asarray(k_cache, dtype), jnp.asarray(v_cache, dtype),
+        jnp.asarray(lengths), jnp.asarray(freq), jnp.asarray(q_norm), jnp.asarray(k_norm),
+        spec=spec, interpret=jax.default_backend() != "gpu")
+    assert (S > 512) == (_splits(B, spec, S) > 1)
+    # float32 on the GPU: the kernel's dots run in TF32 (~3e-4), as XLA's do by default.
+    tol = 2e-2 if dtype == jnp.bfloat16 else 2e-3 if jax.default_backend() == "gpu" else 1e-5
+    out = np.asarray(out, np.float64)
+    assert out.shape == (B, K * G * Dh)
+    assert np.linalg.norm(out - ref_out) / np.linalg.norm(ref_out) < tol
+    for got, ref, before in ((new_k, ref_k, k_cache), (new_v, ref_v, v_cache)):
+        got = np.asarray(got, np.float64)
+        written = np.zeros((B, S), bool)
+        written[np.arange(B), np.minimum(lengths, S - 1)] = True
+        np.testing.assert_array_equal(got[~written], before[~written])  # nothing else touched
+        assert np.linalg.norm(got[written] - ref[written]) / np.linalg.norm(ref[written]) < tol
+
+
+# --- residual add + norm ------------------------------------------------------------
+
+@pytest.mark.parametrize("D, M, splits, layer_norm, bias", [(576, 1, 48, False, False),
+                                                           (100, 3, None, True, True),
+                                                           (64, 2, 5, False, False)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_add_norm_matches_float64(D, M, splits, layer_norm, bias, dtype):
+    from jaxllm.kernels.add_norm import add_norm_pallas, add_norm_reference
+    from jaxllm.kernels.matvec import PartialSums
+
+    rng = np.random.default_rng(np.random.randint(1 << 30))
+    x = np.asarray(jnp.asarray(rng.standard_normal((M, D)), dtype).astype(jnp.float32))
+    parts = rng.standard_normal((splits or 1, M, D)).astype(np.float32)
+    delta = PartialSums(jnp.asarray(parts)) if splits else jnp.asarray(parts[0], dtype)
+    if not splits:
+        parts = np.asarray(delta.astype(jnp.float32))[None]
+    scale, b = (rng.uniform(0.5, 1.5, D).astype(np.float32) for _ in range(2))
+    kw = dict(layer_norm=layer_norm, eps=1e-5, offset=0.5)
+    got_x, got_h = add_norm_pallas(jnp.asarray(x, dtype), delta, jnp.asarray(scale), jnp.asarray(b) if bias else None,
+                                   interpret=jax.default_backend() != "gpu", **kw)
+    x64 = x.astype(np.float64) + parts.astype(np.float64).sum(0)
+    c = x64 - x64.mean(-1, keepdims=True) if layer_norm else x64
+    h64 = c / np.sqrt((c * c).mean(-1, keepdims=True) + 1e-5) * (0.5 + scale) + (b if bias else 0)
+    tol = 1e-5 if dtype == jnp.float32 else 1e-2
+    for got, ref in ((got_x, x64), (got_h, h64)):
+        got = np.asarray(got.astype(jnp.float32), np.float64)
+        assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < tol
+    ref_x, ref_h = add_norm_reference(jnp.asarray(x, dtype), delta, jnp.asarray(scale),
+                                      jnp.asarray(b) if bias else None, **kw)
+    np.testing.assert_allclose(np.asarray(got_h, np.float32), np.asarray(ref_h, np.float32),
+                               rtol=tol * 5, atol=tol * 5)

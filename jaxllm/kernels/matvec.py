@@ -11,6 +11,7 @@ partial sums over the splits are added afterwards.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +19,23 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 MAX_ROWS = 4
+# Partial sums are handed to the consumer only when one program adds them quickly:
+# smol135m's o-projection (18 x 576 values) took 2.9 us in kernels/add_norm.py, its
+# down-projection (48 x 576) 5.3 us and llama1b's (132 x 2048) 18 us, against XLA's
+# parallel reduction at 1.3-1.9 us (H100, benchmarks/NOTES.md).
+MAX_PARTIAL_VALUES = 16384
+
+
+class PartialSums(NamedTuple):
+    """A projection's output left as split-K partial sums [S, M, N] float32 (its value
+    is sums.sum(0)), so that a consumer kernel adds them instead of a separate
+    reduction kernel (kernels/add_norm.py)."""
+
+    sums: jax.Array
+
+    def total(self, dtype) -> jax.Array:
+        return self.sums.sum(0).astype(dtype)
+
 # "auto" uses the kernel when one side of the weight is at most this: measured faster
 # than XLA on every such decode shape on the H100 (smol135m, llama1b), slower inside
 # llama8b, whose projections are all >= 4096 on both sides (benchmarks/NOTES.md).
@@ -79,11 +97,13 @@ def _kernel(x_ref, w_ref, o_ref, *, M, K, N, block_n, block_k, steps, rows):
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "block_n", "block_k", "target_programs",
-                                             "num_warps", "num_stages", "interpret"))
+                                             "num_warps", "num_stages", "interpret", "sum_splits"))
 def matvec_pallas(x: jax.Array, w: jax.Array, out_dtype=None, *, block_n: int = 256, block_k: int = 32,
                   target_programs: int = 1056, num_warps: int = 4, num_stages: int = 3,
-                  interpret: bool = False) -> jax.Array:
-    """x [M, K] @ w [K, N] for M <= 4, float32 accumulation, in out_dtype (default x's)."""
+                  interpret: bool = False, sum_splits: bool = True):
+    """x [M, K] @ w [K, N] for M <= 4, float32 accumulation, in out_dtype (default x's).
+    sum_splits=False returns the split-K partial sums as `PartialSums` for a consumer
+    that adds them itself (kernels/add_norm.py)."""
     M, K = x.shape
     N = w.shape[1]
     if M > MAX_ROWS:
@@ -103,4 +123,13 @@ def matvec_pallas(x: jax.Array, w: jax.Array, out_dtype=None, *, block_n: int = 
         interpret=interpret,
         compiler_params=compiler_params,
     )(x, w)
-    return partial_sums.sum(0)[:M].astype(out_dtype or x.dtype)
+    return finish(partial_sums[:, :M], out_dtype or x.dtype, sum_splits)
+
+
+def finish(partial_sums: jax.Array, dtype, sum_splits: bool):
+    """The split-K partial sums [S, M, N] added up in dtype, or left as PartialSums
+    when asked for and small enough (MAX_PARTIAL_VALUES)."""
+    S, _, N = partial_sums.shape
+    if sum_splits or S * N > MAX_PARTIAL_VALUES:
+        return partial_sums.sum(0).astype(dtype)
+    return PartialSums(partial_sums)

@@ -23,7 +23,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from ..quant import QuantizedWeight, linear_reference
-from .matvec import MAX_ROWS, _plan, _pow2
+from .matvec import MAX_ROWS, _plan, _pow2, finish
 
 
 KERNEL_BITS = (4, 8)  # 5- and 6-bit weights (Q5_*, Q6_K files) take the XLA path
@@ -88,10 +88,10 @@ def _kernel(x_ref, v_ref, s_ref, *rest, M, K, Nv, G, bits, has_mins, block_n, gr
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "block_n", "block_k", "target_programs",
-                                             "num_warps", "num_stages", "interpret"))
+                                             "num_warps", "num_stages", "interpret", "sum_splits"))
 def qmatvec_pallas(x: jax.Array, w: QuantizedWeight, out_dtype=None, *, block_n: int = 32,
                    block_k: int | None = None, target_programs: int = 1056, num_warps: int = 4,
-                   num_stages: int | None = None, interpret: bool = False) -> jax.Array:
+                   num_stages: int | None = None, interpret: bool = False, sum_splits: bool = True):
     """x [M, K] @ W [K, N] for M <= 4 and a QuantizedWeight W; float32 accumulation.
 
     Default tiling, from benchmarks/qmatvec_tune.py on the H100: 32 value rows per
@@ -102,11 +102,11 @@ def qmatvec_pallas(x: jax.Array, w: QuantizedWeight, out_dtype=None, *, block_n:
     if x.shape[0] > MAX_ROWS:
         raise ValueError(f"qmatvec_pallas handles at most {MAX_ROWS} rows, got {x.shape[0]}")
     return _launch(_kernel, x, w, out_dtype, block_n, block_k, target_programs, num_warps,
-                   num_stages, interpret, "qmatvec_pallas", with_rows=True)
+                   num_stages, interpret, "qmatvec_pallas", with_rows=True, sum_splits=sum_splits)
 
 
 def _launch(kernel, x, w: QuantizedWeight, out_dtype, block_n, block_k, target_programs, num_warps,
-            num_stages, interpret, name, with_rows):
+            num_stages, interpret, name, with_rows, sum_splits=True):
     """The grid both kernels share: blocks of value rows x splits of K, each program
     writing partial sums [rows, N] that are added afterwards. x's rows are passed to
     the kernel as M (with_rows) or taken from its (padded) shape."""
@@ -133,7 +133,7 @@ def _launch(kernel, x, w: QuantizedWeight, out_dtype, block_n, block_k, target_p
         interpret=interpret,
         compiler_params=compiler_params,
     )(*operands)
-    return partial_sums.sum(0).astype(out_dtype or x.dtype)
+    return finish(partial_sums, out_dtype or x.dtype, sum_splits)
 
 
 # ---- small batches (5-16 rows): the dequantized tile feeds a tensor-core dot ----

@@ -1,0 +1,225 @@
+"""Decode attention: one new token per row, fused with the query/key norms, the
+rotary embedding and the cache write, in one launch per layer.
+
+For one new token the XLA path runs ~11 kernels per layer (slice, two rotary
+concatenations, two cache writes, the QK dot, the mask, two softmax reductions,
+the PV dot, a conversion), each 1.1-2.3 us on the H100 for a few kB of work:
+about 30% of a llama1b decode step and 40% of smol135m's (benchmarks/NOTES.md,
+`benchmarks/profile_decode.py`). Here program (b, g, s) handles row b's kv head g
+for the query heads that share it and split s of the cache slots:
+  - rotate the group's queries and the new key (and normalise them per head first
+    when the model has query/key norms);
+  - split 0 writes the new key and value at slot lengths[b] and starts its online
+    softmax from them, so no program reads a slot another program writes;
+  - walk the split's visible slots (<= the position, inside the window) in blocks,
+    reading only the filled ones rather than the whole capacity.
+With one split the program writes the output; with several (long caches, so that
+more programs read in parallel: flash-decoding) each writes its running max, sum
+and weighted values, and XLA combines them.
+
+Layout: qkv [B, (H + 2K) * Dh] is the fused projection's output (queries of head
+h at h * Dh, keys from H * Dh, values from (H + K) * Dh); caches [B, S, K, Dh].
+The query heads of kv head g are g * G ... g * G + G - 1 (G = H / K), as in
+`model.attend`. Head dims are handled as two halves (the rotate-half pairing), so a
+head dim need not be a power of two.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from .matvec import _pow2
+
+GROUP_ROWS = 16  # query heads per program padded to the tensor cores' smallest M
+SLOTS_PER_SPLIT = 512  # caches longer than this are read by several programs per head
+MASKED = -1e30  # finite: an empty block must not produce exp(-inf + inf)
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """What one layer's decode attention needs beyond its arrays (static, hashable)."""
+
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    scale: float
+    rope: bool  # rotate queries and keys (all of each head: partial rotary takes the XLA path)
+    window: Optional[int] = None  # attend to positions > position - window
+    softcap: Optional[float] = None  # scores -> cap * tanh(scores / cap)
+    qk_norm: bool = False  # RMSNorm of each query and key head before the rotation
+    norm_eps: float = 1e-6
+    norm_offset: float = 0.0  # the norm multiplies by (offset + scale)
+
+
+def _splits(batch: int, spec: AttentionSpec, capacity: int) -> int:
+    """Static split count: one for short caches; for long ones enough programs to
+    keep ~2 per multiprocessor busy, each reading at least SLOTS_PER_SPLIT slots."""
+    if capacity <= SLOTS_PER_SPLIT:
+        return 1
+    return int(max(1, min(capacity // SLOTS_PER_SPLIT, 256 // (batch * spec.n_kv_heads))))
+
+
+def _kernel(qkv_ref, k_ref, v_ref, lengths_ref, freq_ref, qn_ref, kn_ref, *out_refs, spec: AttentionSpec,
+            S: int, half: int, hp: int, bs: int, chunk: int, splits: int):
+    o_ref, k_out, v_out = out_refs[:3]
+    b, g, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    H, K, Dh, G = spec.n_heads, spec.n_kv_heads, spec.head_dim, spec.n_heads // spec.n_kv_heads
+    rows = jnp.arange(GROUP_ROWS)
+    row_ok = rows < G
+    d_ok = jnp.arange(hp) < half
+    # Head halves padded to hp lanes: masks keep the loads and stores inside the head,
+    # but Pallas rejects a static slice that passes an array's end, so the start is
+    # a traced zero plus the offset.
+    zero = b * 0
+    halves = (pl.ds(zero, hp), pl.ds(zero + half, hp))
+    pos = lengths_ref[b]
+    slot = jnp.minimum(pos, S - 1)  # where XLA's dynamic_update_slice would write
+
+    def head_rows(first, n_ok):  # [GROUP_ROWS, hp] x 2 of qkv, rows first, first + 1, ...
+        return [plgpu.load(qkv_ref.at[b, pl.ds(first, GROUP_ROWS), h],
+                           mask=n_ok[:, None] & d_ok[None, :], other=0.0).astype(jnp.float32)
+                for h in halves]
+
+    def norm(x1, x2, scale_ref):
+        ms = (jnp.sum(x1 * x1, axis=1, keepdims=True) + jnp.sum(x2 * x2, axis=1, keepdims=True)) / Dh
+        r = jax.lax.rsqrt(ms + spec.norm_eps)
+        w = [spec.norm_offset + plgpu.load(scale_ref.at[h], mask=d_ok, other=0.0).astype(jnp.float32)
+             for h in halves]
+        return x1 * r * w[0][None, :], x2 * r * w[1][None, :]
+
+    def rotate(x1, x2):
+        angle = pos.astype(jnp.float32) * plgpu.load(freq_ref.at[halves[0]], mask=d_ok, other=0.0)
+        cos, sin = jnp.cos(angle)[None, :], jnp.sin(angle)[None, :]
+        return x1 * cos - x2 * sin, x2 * cos + x1 * sin
+
+    q1, q2 = head_rows(g * G, row_ok)
+    one = rows < 1
+    k1, k2 = head_rows(H + g, one)
+    v1, v2 = head_rows(H + K + g, one)
+    if spec.qk_norm:
+        q1, q2 = norm(q1, q2, qn_ref)
+        k1, k2 = norm(k1, k2, kn_ref)
+    if spec.rope:
+        q1, q2 = rotate(q1, q2)
+        k1, k2 = rotate(k1, k2)
+    dtype = k_ref.dtype
+    # The new key and value as vectors [hp] (their tiles hold one row). The cache
+    # keeps them in its dtype; the new token's score uses the same rounded values
+    # that later steps will read back.
+    k1, k2, v1, v2 = (jnp.sum(t, axis=0).astype(dtype) for t in (k1, k2, v1, v2))
+
+    @pl.when(split == 0)
+    def _():
+        for h, kh, vh in ((halves[0], k1, v1), (halves[1], k2, v2)):
+            plgpu.store(k_out.at[b, slot, g, h], kh, mask=d_ok)
+            plgpu.store(v_out.at[b, slot, g, h], vh, mask=d_ok)
+
+    k1, k2, v1, v2 = (t.astype(jnp.float32) for t in (k1, k2, v1, v2))
+    q1, q2 = q1.astype(dtype), q2.astype(dtype)
+
+    def scores_of(s):  # [GROUP_ROWS, n] float32, scaled and capped
+        s = s * spec.scale
+        if spec.softcap is not None:
+            s = spec.softcap * jnp.tanh(s / spec.softcap)
+        return s
+
+    # The new token's own score starts split 0's softmax; other splits start empty.
+    s_new = scores_of(jnp.sum(q1.astype(jnp.float32) * k1[None, :], axis=1)
+                      + jnp.sum(q2.astype(jnp.float32) * k2[None, :], axis=1))  # [GROUP_ROWS]
+    own = (split == 0).astype(jnp.float32)  # 1 in split 0, else 0
+    m = s_new * own + MASKED * (1.0 - own)
+    l = jnp.full_like(s_new, 1.0) * own
+    acc1 = own * jnp.broadcast_to(v1[None, :], (GROUP_ROWS, hp))
+    acc2 = own * jnp.broadcast_to(v2[None, :], (GROUP_ROWS, hp))
+
+    lo = jnp.int32(0) if spec.window is None else jnp.maximum(pos - spec.window + 1, 0)
+    start = jnp.maximum(lo, split * chunk)
+    stop = jnp.minimum(jnp.minimum(pos + 1, S), (split + 1) * chunk)  # exclusive
+    n_blocks = jnp.maximum(stop - start + bs - 1, 0) // bs
+
+    def body(i, carry):
+        m, l, acc1, acc2 = carry
+        s0 = start + i * bs
+        slots = s0 + jnp.arange(bs)
+        ok = (slots < stop) & (slots != slot)
+        blk = [plgpu.load(ref.at[b, pl.ds(s0, bs), g, h], mask=ok[:, None] & d_ok[None, :], other=0.0)
+               for ref in (k_ref, v_ref) for h in halves]
+        s = plgpu.dot(q1, blk[0], trans_b=True) + plgpu.dot(q2, blk[1], trans_b=True)
+        s = jnp.where(ok[None, :], scores_of(s), MASKED)  # [GROUP_ROWS, bs]
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        alpha = jnp.exp(m - m_new)
+        p = jnp.where(ok[None, :], jnp.exp(s - m_new[:, None]), 0.0)
+        l = l * alpha + jnp.sum(p, axis=1)
+        p = p.astype(dtype)
+        acc1 = acc1 * alpha[:, None] + plgpu.dot(p, blk[2])
+        acc2 = acc2 * alpha[:, None] + plgpu.dot(p, blk[3])
+        return m_new, l, acc1, acc2
+
+    m, l, acc1, acc2 = jax.lax.fori_loop(0, n_blocks, body, (m, l, acc1, acc2))
+    out_mask = row_ok[:, None] & d_ok[None, :]
+    if splits == 1:
+        for h, acc in zip(halves, (acc1, acc2)):
+            plgpu.store(o_ref.at[b, pl.ds(g * G, GROUP_ROWS), h], (acc / l[:, None]).astype(o_ref.dtype),
+                        mask=out_mask)
+    else:
+        m_ref, l_ref = out_refs[3:5]
+        plgpu.store(m_ref.at[b, g, split], m)
+        plgpu.store(l_ref.at[b, g, split], l)
+        for h, acc in zip(halves, (acc1, acc2)):
+            plgpu.store(o_ref.at[b, g, split, :, h], acc,
+                        mask=jnp.broadcast_to(d_ok[None, :], (GROUP_ROWS, hp)))
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "block_slots", "num_warps", "num_stages",
+                                             "interpret"), donate_argnames=("k_cache", "v_cache"))
+def decode_attention_pallas(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array,
+                            inv_freq: Optional[jax.Array], q_norm: Optional[jax.Array],
+                            k_norm: Optional[jax.Array], *, spec: AttentionSpec, block_slots: int = 64,
+                            num_warps: int = 4, num_stages: int = 3, interpret: bool = False):
+    """qkv [B, (H + 2K) * Dh] of one new token per row at positions lengths [B]; caches
+    [B, S, K, Dh]; inv_freq [Dh / 2] (rope); q_norm, k_norm [Dh] (qk_norm).
+    Returns (attention output [B, H * Dh] in qkv's dtype, k_cache, v_cache) with the
+    new keys and values written at slot min(lengths[b], S - 1)."""
+    B, S, K, Dh = k_cache.shape
+    H = spec.n_heads
+    half = Dh // 2
+    hp = max(16, _pow2(half))
+    bs = max(16, min(block_slots, _pow2(S)))
+    splits = _splits(B, spec, S)
+    chunk = pl.cdiv(S, splits)
+    qkv3 = qkv.reshape(B, H + 2 * K, Dh)
+    dummy = jnp.zeros((hp,), jnp.float32)
+    operands = (qkv3, k_cache, v_cache, lengths.astype(jnp.int32),
+                dummy if inv_freq is None else inv_freq.astype(jnp.float32),
+                dummy if q_norm is None else q_norm, dummy if k_norm is None else k_norm)
+    cache_shapes = [jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
+                    jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)]
+    if splits == 1:
+        out_shape = [jax.ShapeDtypeStruct((B, H, Dh), qkv.dtype)] + cache_shapes
+    else:
+        out_shape = ([jax.ShapeDtypeStruct((B, K, splits, GROUP_ROWS, Dh), jnp.float32)] + cache_shapes
+                     + [jax.ShapeDtypeStruct((B, K, splits, GROUP_ROWS), jnp.float32)] * 2)
+    kernel = functools.partial(_kernel, spec=spec, S=S, half=half, hp=hp, bs=bs, chunk=chunk,
+                               splits=splits)
+    outs = pl.pallas_call(
+        kernel, out_shape=out_shape, grid=(B, K, splits),
+        input_output_aliases={1: 1, 2: 2}, interpret=interpret,
+        compiler_params=None if interpret else plgpu.CompilerParams(num_warps=num_warps,
+                                                                    num_stages=num_stages),
+    )(*operands)
+    if splits == 1:
+        out, k_cache, v_cache = outs
+        return out.reshape(B, H * Dh), k_cache, v_cache
+    acc, k_cache, v_cache, m, l = outs
+    G = H // K
+    weight = jnp.exp(m - m.max(axis=2, keepdims=True))  # [B, K, splits, GROUP_ROWS]
+    out = (weight[..., None] * acc).sum(2) / (weight * l).sum(2)[..., None]
+    out = out[:, :, :G].reshape(B, H * Dh).astype(qkv.dtype)
+    return out, k_cache, v_cache
