@@ -67,12 +67,11 @@ def add_norm(x: jax.Array, delta: Optional[Delta], p: Norm, config: ModelConfig)
     """The residual add of a block's output and the norm after it: (x + delta, its norm),
     x [..., D]. delta is None before the first layer, an array like x, or the
     PartialSums of a split-K projection, which one kernel adds together with the
-    residual and the norm (kernels/add_norm.py). For a plain delta XLA's two or three
-    small fusions were as fast as that kernel (llama8b, benchmarks/NOTES.md)."""
+    residual and the norm when there are few (kernels/add_norm.py)."""
     if delta is None:
         return x, apply_norm(x, p, config)
     rows, D = math.prod(x.shape[:-1]), x.shape[-1]
-    if isinstance(delta, PartialSums) and use_add_norm(config.kernels, D):
+    if use_add_norm(config.kernels, delta, D):
         x2, h2 = add_norm_pallas(
             x.reshape(rows, D), delta, p.scale, p.bias, layer_norm=config.norm == "layer",
             eps=config.norm_eps, offset=config.norm_weight_offset,
@@ -167,9 +166,10 @@ def use_decode_attention(config: ModelConfig) -> bool:
     return not config.qk_norm or config.norm == "rms"
 
 
-def decode_attention(p: Layer, config: ModelConfig, index: int, qkv, kv, starts):
-    """qkv [B, 1, q + 2kv] of one new token per row at positions starts [B] ->
-    (attention output [B, 1, q_size], kv) through kernels/decode_attention.py."""
+def decode_attention(p: Layer, config: ModelConfig, index: int, qkv: Delta, kv, starts, dtype):
+    """qkv [B, 1, q + 2kv] (or its PartialSums [S, B, q + 2kv]) of one new token per
+    row at positions starts [B] -> (attention output [B, 1, q_size] in dtype, kv)
+    through kernels/decode_attention.py."""
     rope = config.position == "rope"
     spec = AttentionSpec(
         n_heads=config.n_heads, n_kv_heads=config.n_kv_heads, head_dim=config.head_dim,
@@ -179,8 +179,8 @@ def decode_attention(p: Layer, config: ModelConfig, index: int, qkv, kv, starts)
     inv_freq = jnp.asarray(rope_inv_freq(config, config.layer_rope_theta(index))) if rope else None
     norms = (p.q_norm.scale, p.k_norm.scale) if config.qk_norm else (None, None)
     out, k_cache, v_cache = decode_attention_pallas(
-        qkv[:, 0], kv[0], kv[1], starts, inv_freq, *norms, spec=spec,
-        interpret=jax.default_backend() != "gpu")
+        qkv if isinstance(qkv, PartialSums) else qkv[:, 0], kv[0], kv[1], starts, inv_freq, *norms,
+        spec=spec, interpret=jax.default_backend() != "gpu", out_dtype=dtype)
     return out[:, None], (k_cache, v_cache)
 
 
@@ -210,10 +210,11 @@ def layer_forward(p: Layer, config: ModelConfig, index: int, x, delta: Optional[
     B, T, _ = x.shape
     Dh, window = config.head_dim, config.layer_window(index)
     x, h = add_norm(x, delta, p.attn_norm, config)
-    qkv = linear(h, p.wqkv, p.bqkv, config.kernels)
     if kv is not None and T == 1 and use_decode_attention(config):
-        attn, kv = decode_attention(p, config, index, qkv, kv, starts)
+        qkv = linear(h, p.wqkv, p.bqkv, config.kernels, partial=True)
+        attn, kv = decode_attention(p, config, index, qkv, kv, starts, x.dtype)
         return _after_attention(p, config, x, h, attn, kv)
+    qkv = linear(h, p.wqkv, p.bqkv, config.kernels)
     q, k, v = jnp.split(qkv, [config.q_size, config.q_size + config.kv_size], axis=-1)
     q = q.reshape(B, T, config.n_heads, Dh)
     k = k.reshape(B, T, config.n_kv_heads, Dh)

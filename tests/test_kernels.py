@@ -88,13 +88,17 @@ def numpy_decode_attention(qkv, k_cache, v_cache, lengths, freq, q_norm, k_norm,
     dict(B=1, S=33, K=3, G=1, Dh=32, lengths=[20], rope=False),
     dict(B=1, S=1100, K=2, G=2, Dh=16, lengths=[1000], window=700),  # several splits
     dict(B=3, S=24, K=2, G=2, Dh=16, lengths=[27, 0, 17], dtype=jnp.bfloat16),  # past the end: clamped
+    dict(B=2, S=40, K=2, G=2, Dh=32, lengths=[7, 20], qkv_splits=5),  # the projection's partial sums
+    dict(B=1, S=40, K=2, G=2, Dh=32, lengths=[11], qkv_splits=40),  # too many: summed by XLA first
 ])
 def test_decode_attention_matches_float64(case):
     from jaxllm.kernels.decode_attention import AttentionSpec, _splits, decode_attention_pallas
+    from jaxllm.kernels.matvec import PartialSums
 
     case = dict(case)
     B, S, K, G, Dh = (case.pop(k) for k in ("B", "S", "K", "G", "Dh"))
     lengths, dtype = np.array(case.pop("lengths"), np.int32), case.pop("dtype", jnp.float32)
+    qkv_splits = case.pop("qkv_splits", None)
     spec = AttentionSpec(n_heads=K * G, n_kv_heads=K, head_dim=Dh, scale=Dh ** -0.5,
                          rope=case.pop("rope", True), norm_eps=1e-6, **case)
     rng = np.random.default_rng(np.random.randint(1 << 30))
@@ -106,8 +110,12 @@ def test_decode_attention_matches_float64(case):
     qkv, k_cache, v_cache = cast(qkv), cast(k_cache), cast(v_cache)
     ref_out, ref_k, ref_v = numpy_decode_attention(qkv, k_cache, v_cache, lengths, freq, q_norm,
                                                    k_norm, spec)
+    qkv_in = jnp.asarray(qkv, dtype)
+    if qkv_splits:  # random parts adding up to qkv
+        parts = rng.standard_normal((qkv_splits - 1, B, qkv.shape[1])).astype(np.float32)
+        qkv_in = PartialSums(jnp.asarray(np.concatenate([parts, (qkv - parts.sum(0))[None]])))
     out, new_k, new_v = decode_attention_pallas(
-        jnp.asarray(qkv, dtype), jnp.asarray(k_cache, dtype), jnp.asarray(v_cache, dtype),
+        qkv_in, jnp.asarray(k_cache, dtype), jnp.asarray(v_cache, dtype),
         jnp.asarray(lengths), jnp.asarray(freq), jnp.asarray(q_norm), jnp.asarray(k_norm),
         spec=spec, interpret=jax.default_backend() != "gpu")
     assert (S > 512) == (_splits(B, spec, S) > 1)

@@ -35,11 +35,14 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .matvec import _pow2
+from .matvec import PartialSums, _pow2
 
 GROUP_ROWS = 16  # query heads per program padded to the tensor cores' smallest M
 SLOTS_PER_SPLIT = 512  # caches longer than this are read by several programs per head
 MASKED = -1e30  # finite: an empty block must not produce exp(-inf + inf)
+# The projection's split-K partial sums are added here, one load per split, unrolled
+# (independent loads, so their latencies overlap); more splits are summed by XLA first.
+MAX_QKV_SPLITS = 32
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,7 @@ def _splits(batch: int, spec: AttentionSpec, capacity: int) -> int:
 
 
 def _kernel(qkv_ref, k_ref, v_ref, lengths_ref, freq_ref, qn_ref, kn_ref, *out_refs, spec: AttentionSpec,
-            S: int, half: int, hp: int, bs: int, chunk: int, splits: int):
+            S: int, half: int, hp: int, bs: int, chunk: int, splits: int, qkv_splits: int):
     o_ref, k_out, v_out = out_refs[:3]
     b, g, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     H, K, Dh, G = spec.n_heads, spec.n_kv_heads, spec.head_dim, spec.n_heads // spec.n_kv_heads
@@ -83,9 +86,10 @@ def _kernel(qkv_ref, k_ref, v_ref, lengths_ref, freq_ref, qn_ref, kn_ref, *out_r
     slot = jnp.minimum(pos, S - 1)  # where XLA's dynamic_update_slice would write
 
     def head_rows(first, n_ok):  # [GROUP_ROWS, hp] x 2 of qkv, rows first, first + 1, ...
-        return [plgpu.load(qkv_ref.at[b, pl.ds(first, GROUP_ROWS), h],
-                           mask=n_ok[:, None] & d_ok[None, :], other=0.0).astype(jnp.float32)
-                for h in halves]
+        def load(i, h):  # qkv_ref [splits, B, H + 2K, Dh]: the projection's partial sums
+            return plgpu.load(qkv_ref.at[zero + i, b, pl.ds(first, GROUP_ROWS), h],
+                              mask=n_ok[:, None] & d_ok[None, :], other=0.0).astype(jnp.float32)
+        return [sum(load(i, h) for i in range(qkv_splits)) for h in halves]
 
     def norm(x1, x2, scale_ref):
         ms = (jnp.sum(x1 * x1, axis=1, keepdims=True) + jnp.sum(x2 * x2, axis=1, keepdims=True)) / Dh
@@ -178,36 +182,43 @@ def _kernel(qkv_ref, k_ref, v_ref, lengths_ref, freq_ref, qn_ref, kn_ref, *out_r
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "block_slots", "num_warps", "num_stages",
-                                             "interpret"), donate_argnames=("k_cache", "v_cache"))
-def decode_attention_pallas(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array,
+                                             "interpret", "out_dtype"), donate_argnames=("k_cache", "v_cache"))
+def decode_attention_pallas(qkv: jax.Array | PartialSums, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array,
                             inv_freq: Optional[jax.Array], q_norm: Optional[jax.Array],
                             k_norm: Optional[jax.Array], *, spec: AttentionSpec, block_slots: int = 64,
-                            num_warps: int = 4, num_stages: int = 3, interpret: bool = False):
-    """qkv [B, (H + 2K) * Dh] of one new token per row at positions lengths [B]; caches
-    [B, S, K, Dh]; inv_freq [Dh / 2] (rope); q_norm, k_norm [Dh] (qk_norm).
-    Returns (attention output [B, H * Dh] in qkv's dtype, k_cache, v_cache) with the
-    new keys and values written at slot min(lengths[b], S - 1)."""
+                            num_warps: int = 4, num_stages: int = 3, interpret: bool = False,
+                            out_dtype=None):
+    """qkv [B, (H + 2K) * Dh] (or its PartialSums [splits, B, (H + 2K) * Dh]) of one
+    new token per row at positions lengths [B]; caches [B, S, K, Dh]; inv_freq
+    [Dh / 2] (rope); q_norm, k_norm [Dh] (qk_norm).
+    Returns (attention output [B, H * Dh] in out_dtype (default: qkv's, or the cache's
+    for partial sums), k_cache, v_cache) with the new keys and values written at slot
+    min(lengths[b], S - 1)."""
     B, S, K, Dh = k_cache.shape
+    dtype = out_dtype or (k_cache.dtype if isinstance(qkv, PartialSums) else qkv.dtype)
+    if isinstance(qkv, PartialSums) and qkv.sums.shape[0] > MAX_QKV_SPLITS:
+        qkv = qkv.total(dtype)
+    qkv_parts = qkv.sums if isinstance(qkv, PartialSums) else qkv[None]
     H = spec.n_heads
     half = Dh // 2
     hp = max(16, _pow2(half))
     bs = max(16, min(block_slots, _pow2(S)))
     splits = _splits(B, spec, S)
     chunk = pl.cdiv(S, splits)
-    qkv3 = qkv.reshape(B, H + 2 * K, Dh)
+    qkv4 = qkv_parts.reshape(qkv_parts.shape[0], B, H + 2 * K, Dh)
     dummy = jnp.zeros((hp,), jnp.float32)
-    operands = (qkv3, k_cache, v_cache, lengths.astype(jnp.int32),
+    operands = (qkv4, k_cache, v_cache, lengths.astype(jnp.int32),
                 dummy if inv_freq is None else inv_freq.astype(jnp.float32),
                 dummy if q_norm is None else q_norm, dummy if k_norm is None else k_norm)
     cache_shapes = [jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
                     jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)]
     if splits == 1:
-        out_shape = [jax.ShapeDtypeStruct((B, H, Dh), qkv.dtype)] + cache_shapes
+        out_shape = [jax.ShapeDtypeStruct((B, H, Dh), dtype)] + cache_shapes
     else:
         out_shape = ([jax.ShapeDtypeStruct((B, K, splits, GROUP_ROWS, Dh), jnp.float32)] + cache_shapes
                      + [jax.ShapeDtypeStruct((B, K, splits, GROUP_ROWS), jnp.float32)] * 2)
     kernel = functools.partial(_kernel, spec=spec, S=S, half=half, hp=hp, bs=bs, chunk=chunk,
-                               splits=splits)
+                               splits=splits, qkv_splits=qkv4.shape[0])
     outs = pl.pallas_call(
         kernel, out_shape=out_shape, grid=(B, K, splits),
         input_output_aliases={1: 1, 2: 2}, interpret=interpret,
@@ -221,5 +232,5 @@ def decode_attention_pallas(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Arr
     G = H // K
     weight = jnp.exp(m - m.max(axis=2, keepdims=True))  # [B, K, splits, GROUP_ROWS]
     out = (weight[..., None] * acc).sum(2) / (weight * l).sum(2)[..., None]
-    out = out[:, :, :G].reshape(B, H * Dh).astype(qkv.dtype)
+    out = out[:, :, :G].reshape(B, H * Dh).astype(dtype)
     return out, k_cache, v_cache

@@ -19,17 +19,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 MAX_ROWS = 4
-# Partial sums are handed to the consumer only when one program adds them quickly:
-# smol135m's o-projection (18 x 576 values) took 2.9 us in kernels/add_norm.py, its
-# down-projection (48 x 576) 5.3 us and llama1b's (132 x 2048) 18 us, against XLA's
-# parallel reduction at 1.3-1.9 us (H100, benchmarks/NOTES.md).
-MAX_PARTIAL_VALUES = 16384
 
 
 class PartialSums(NamedTuple):
     """A projection's output left as split-K partial sums [S, M, N] float32 (its value
     is sums.sum(0)), so that a consumer kernel adds them instead of a separate
-    reduction kernel (kernels/add_norm.py)."""
+    reduction kernel (kernels/add_norm.py, kernels/decode_attention.py). A consumer
+    that cannot calls total()."""
 
     sums: jax.Array
 
@@ -127,9 +123,5 @@ def matvec_pallas(x: jax.Array, w: jax.Array, out_dtype=None, *, block_n: int = 
 
 
 def finish(partial_sums: jax.Array, dtype, sum_splits: bool):
-    """The split-K partial sums [S, M, N] added up in dtype, or left as PartialSums
-    when asked for and small enough (MAX_PARTIAL_VALUES)."""
-    S, _, N = partial_sums.shape
-    if sum_splits or S * N > MAX_PARTIAL_VALUES:
-        return partial_sums.sum(0).astype(dtype)
-    return PartialSums(partial_sums)
+    """The split-K partial sums [S, M, N] added up in dtype, or left as PartialSums."""
+    return partial_sums.sum(0).astype(dtype) if sum_splits else PartialSums(partial_sums)
