@@ -32,6 +32,7 @@ class PartialSums(NamedTuple):
     def total(self, dtype) -> jax.Array:
         return self.sums.sum(0).astype(dtype)
 
+
 # "auto" uses the kernel when one side of the weight is at most this: measured faster
 # than XLA on every such decode shape on the H100 (smol135m, llama1b), slower inside
 # llama8b, whose projections are all >= 4096 on both sides (benchmarks/NOTES.md).
