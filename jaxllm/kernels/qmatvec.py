@@ -42,45 +42,60 @@ def _unpack(v, h: int, bits: int, has_mins: bool):
     return nibble.astype(jnp.float32) - (0.0 if has_mins else 8.0)
 
 
-def _kernel(x_ref, v_ref, s_ref, *rest, M, K, Nv, G, bits, has_mins, block_n, groups, steps):
-    m_ref = rest[0] if has_mins else None
+def _halves(bits: int, Nv: int) -> tuple[int, ...]:
+    """First output column of each half a value row holds: one for int8, two (N/2 apart) for 4-bit."""
+    return (0,) if bits == 8 else (0, Nv)
+
+
+def _step(v_ref, s_ref, m_ref, i, *, j, split, K, Nv, G, bits, has_mins, block_n, groups, steps):
+    """What loop step i of program (j, split) reads, in both kernels: the inputs' offset
+    k0 and mask [BK], the value tile [bn, BK], and per half the groups' scales and
+    minimums [groups, bn] in float32 (minimums None without)."""
+    BK = G * groups
+    k0 = (split * steps + i) * BK
+    k_ok = k0 + jnp.arange(BK) < K
+    g0 = k0 // G
+    g_ok = g0 + jnp.arange(groups) < K // G
+    vrow_ok = j * block_n + jnp.arange(block_n) < Nv
+    v = plgpu.load(v_ref.at[pl.ds(j * block_n, block_n), pl.ds(k0, BK)],
+                   mask=vrow_ok[:, None] & k_ok[None, :], other=0)
+    mask = g_ok[:, None] & vrow_ok[None, :]
+    group_params = []
+    for col0 in _halves(bits, Nv):
+        at = (pl.ds(g0, groups), pl.ds(col0 + j * block_n, block_n))
+        scales = plgpu.load(s_ref.at[at], mask=mask, other=0.0).astype(jnp.float32)
+        mins = plgpu.load(m_ref.at[at], mask=mask, other=0.0).astype(jnp.float32) if has_mins else None
+        group_params.append((scales, mins))
+    return k0, k_ok, v, group_params
+
+
+def _kernel(x_ref, v_ref, s_ref, *rest, M, **tiling):
+    m_ref = rest[0] if tiling["has_mins"] else None
     o_ref = rest[-1]
     j, split = pl.program_id(0), pl.program_id(1)
-    BK = G * groups  # inputs per step: several groups, so each row reads >= 128 contiguous bytes
-    n_groups = K // G
-    vrows = j * block_n + jnp.arange(block_n)
-    vrow_ok = vrows < Nv
-    halves = (0,) if bits == 8 else (0, Nv)
+    G, block_n, Nv, bits = tiling["G"], tiling["block_n"], tiling["Nv"], tiling["bits"]
+    BK = G * tiling["groups"]  # inputs per step: several groups, so each row reads >= 128 contiguous bytes
+    halves = _halves(bits, Nv)
 
     def body(i, accs):
-        k0 = (split * steps + i) * BK
-        k_ok = k0 + jnp.arange(BK) < K
-        g0 = k0 // G
-        g_ok = g0 + jnp.arange(groups) < n_groups
-        v = plgpu.load(v_ref.at[pl.ds(j * block_n, block_n), pl.ds(k0, BK)],
-                       mask=vrow_ok[:, None] & k_ok[None, :], other=0)  # [bn, BK]
+        k0, k_ok, v, group_params = _step(v_ref, s_ref, m_ref, i, j=j, split=split, **tiling)
         xs = [plgpu.load(x_ref.at[pl.ds(r, 1), pl.ds(k0, BK)], mask=k_ok[None, :],
                          other=0.0).astype(jnp.float32) for r in range(M)]  # M x [1, BK]
-        qs = [_unpack(v, h, bits, has_mins) for h in range(len(halves))]
         new = list(accs)
-        for h, (q, col0) in enumerate(zip(qs, halves)):
-            cols = pl.ds(col0 + j * block_n, block_n)
-            mask = g_ok[:, None] & vrow_ok[None, :]
-            s = plgpu.load(s_ref.at[pl.ds(g0, groups), cols], mask=mask, other=0.0).astype(jnp.float32)
-            if has_mins:
-                mn = plgpu.load(m_ref.at[pl.ds(g0, groups), cols], mask=mask, other=0.0).astype(jnp.float32)
-            q3 = q.reshape(block_n, groups, G)
+        for h, (s, mn) in enumerate(group_params):
+            q3 = _unpack(v, h, bits, mn is not None).reshape(block_n, tiling["groups"], G)
             for r in range(M):
-                x3 = xs[r].reshape(groups, G)
+                x3 = xs[r].reshape(tiling["groups"], G)
                 per_group = jnp.sum(q3 * x3[None, :, :], axis=2)  # [bn, groups]
                 out = jnp.sum(per_group * s.T, axis=1)  # [bn]
-                if has_mins:
+                if mn is not None:
                     out = out + jnp.sum(mn * jnp.sum(x3, axis=1)[:, None], axis=0)
                 new[h * M + r] = new[h * M + r] + out
         return tuple(new)
 
     zeros = tuple(jnp.zeros((block_n,), jnp.float32) for _ in range(len(halves) * M))
-    accs = jax.lax.fori_loop(0, steps, body, zeros)
+    accs = jax.lax.fori_loop(0, tiling["steps"], body, zeros)
+    vrow_ok = j * block_n + jnp.arange(block_n) < Nv
     for h, col0 in enumerate(halves):
         for r in range(M):
             plgpu.store(o_ref.at[split, pl.ds(r, 1), pl.ds(col0 + j * block_n, block_n)],
@@ -148,39 +163,30 @@ def use_qmatmul(kernels: str, rows: int) -> bool:
     return kernels == "pallas" or jax.default_backend() == "gpu"
 
 
-def _matmul_kernel(x_ref, v_ref, s_ref, *rest, K, Nv, G, bits, has_mins, block_n, groups, steps):
-    m_ref = rest[0] if has_mins else None
+def _matmul_kernel(x_ref, v_ref, s_ref, *rest, **tiling):
+    m_ref = rest[0] if tiling["has_mins"] else None
     o_ref = rest[-1]
     j, split = pl.program_id(0), pl.program_id(1)
-    BK = G * groups
-    n_groups = K // G
-    vrow_ok = j * block_n + jnp.arange(block_n) < Nv
-    halves = (0,) if bits == 8 else (0, Nv)
+    G, block_n, Nv, bits = tiling["G"], tiling["block_n"], tiling["Nv"], tiling["bits"]
+    BK = G * tiling["groups"]
+    halves = _halves(bits, Nv)
 
     def body(i, accs):
-        k0 = (split * steps + i) * BK
-        k_ok = k0 + jnp.arange(BK) < K
-        g0 = k0 // G
-        g_ok = g0 + jnp.arange(groups) < n_groups
-        v = plgpu.load(v_ref.at[pl.ds(j * block_n, block_n), pl.ds(k0, BK)],
-                       mask=vrow_ok[:, None] & k_ok[None, :], other=0)  # [bn, BK]
+        k0, k_ok, v, group_params = _step(v_ref, s_ref, m_ref, i, j=j, split=split, **tiling)
         x = plgpu.load(x_ref.at[:, pl.ds(k0, BK)], mask=k_ok[None, :], other=0.0)  # [Mp, BK]
         new = []
-        for h, col0 in enumerate(halves):
-            cols = pl.ds(col0 + j * block_n, block_n)
-            mask = g_ok[:, None] & vrow_ok[None, :]
-            s = plgpu.load(s_ref.at[pl.ds(g0, groups), cols], mask=mask, other=0.0).astype(jnp.float32)
-            w = _unpack(v, h, bits, has_mins).reshape(block_n, groups, G) * s.T[:, :, None]
-            if has_mins:
-                mn = plgpu.load(m_ref.at[pl.ds(g0, groups), cols], mask=mask, other=0.0)
-                w = w + mn.astype(jnp.float32).T[:, :, None]
+        for h, (s, mn) in enumerate(group_params):
+            w = _unpack(v, h, bits, mn is not None).reshape(block_n, tiling["groups"], G) * s.T[:, :, None]
+            if mn is not None:
+                w = w + mn.T[:, :, None]
             w = w.reshape(block_n, BK).astype(x.dtype)
             new.append(accs[h] + plgpu.dot(x, w, trans_b=True))  # [Mp, bn], float32
         return tuple(new)
 
     Mp = x_ref.shape[0]
     zeros = tuple(jnp.zeros((Mp, block_n), jnp.float32) for _ in halves)
-    accs = jax.lax.fori_loop(0, steps, body, zeros)
+    accs = jax.lax.fori_loop(0, tiling["steps"], body, zeros)
+    vrow_ok = j * block_n + jnp.arange(block_n) < Nv
     for h, col0 in enumerate(halves):
         plgpu.store(o_ref.at[split, :, pl.ds(col0 + j * block_n, block_n)], accs[h],
                     mask=vrow_ok[None, :])
