@@ -23,6 +23,7 @@ import numpy as np
 from .cache import KVCache, write_rows
 from .config import ModelConfig
 from .kernels.add_norm import Delta, add_norm_pallas, use_add_norm
+from .kernels.cpu_qmatvec import qmatvec_cpu, use_native
 from .kernels.decode_attention import AttentionSpec, decode_attention_pallas
 from .kernels.matvec import PartialSums, matvec_pallas, use_pallas
 from .kernels.qmatvec import KERNEL_BITS, qmatmul_pallas, qmatvec_pallas, use_qmatmul
@@ -45,6 +46,8 @@ def linear(x: jax.Array, w, b: Optional[jax.Array] = None, kernels: str = "auto"
             y = qmatvec_pallas(x2, w, out_dtype, interpret=interpret, sum_splits=not partial)
             if isinstance(y, PartialSums):
                 return y
+        elif use_native(kernels, rows, w):
+            y = qmatvec_cpu(x2, w, out_dtype)
         elif w.bits in KERNEL_BITS and use_qmatmul(kernels, rows):
             y = qmatmul_pallas(x2, w, out_dtype, interpret=interpret)
         else:

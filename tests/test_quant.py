@@ -1,6 +1,7 @@
 """Quantized weights: storage forms against float64 NumPy, GGUF blocks repacked
-without loss against the gguf package, the XLA path and the Pallas kernel (in
-interpret mode), and quantized models against their dense twins."""
+without loss against the gguf package, the XLA path, the Pallas kernel (in
+interpret mode) and the native CPU kernel, and quantized models against their
+dense twins."""
 
 import itertools
 
@@ -14,6 +15,8 @@ from test_dequant import random_blocks
 
 import jaxllm
 from jaxllm import quant
+from jaxllm.generate import decode, start
+from jaxllm.kernels import cpu_qmatvec
 from jaxllm.kernels.qmatvec import KERNEL_BITS, qmatmul_pallas, qmatvec_pallas
 from jaxllm.loading.dequant import FORMATS, blocks
 from jaxllm.model import linear
@@ -56,6 +59,10 @@ def test_pack_dequantize_and_linear_match_float64(bits, mins, G):
         if bits in KERNEL_BITS and M <= 16:
             kernel = qmatvec_pallas if M <= 4 else qmatmul_pallas
             got = kernel(jnp.asarray(x), w, interpret=True)
+            np.testing.assert_allclose(np.asarray(got), ref, atol=1e-5 * scale)
+        if M <= cpu_qmatvec.MAX_ROWS:
+            assert cpu_qmatvec.available(), "the native CPU kernel did not build"
+            got = jax.jit(cpu_qmatvec.qmatvec_cpu)(jnp.asarray(x), w)
             np.testing.assert_allclose(np.asarray(got), ref, atol=1e-5 * scale)
         # the switch: a kernel where one fits (4 or 8 bits, <= 16 rows), else XLA
         np.testing.assert_allclose(np.asarray(linear(jnp.asarray(x), w, kernels="pallas")), ref,
@@ -141,6 +148,41 @@ def test_quantized_model_matches_its_dequantized_twin():
         out_d = jaxllm.generate(dense, config, [[3, 4, 5], [7]], max_new_tokens=6,
                                 settings=jaxllm.SamplerSettings.greedy(), stop_tokens=[])
         assert out_q.tokens == out_d.tokens
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_native_cpu_kernel_wide_inputs_and_both_code_paths(bits):
+    """K spanning several 512-input chunks, groups of 32 (the vectorised path) and 64,
+    float16 and float32 scales, symmetric and with minimums, 1-4 rows."""
+    rng = np.random.default_rng()
+    for G, mins, half in ((32, False, True), (64, True, False), (32, True, True)):
+        b = random_host_blocks(rng, bits, mins, G, N=96, K=1344)
+        if half:
+            b = quant.HostBlocks(b.q, b.scales.astype(np.float16).astype(np.float32), None if b.mins is None
+                                 else b.mins.astype(np.float16).astype(np.float32), bits)
+        w = quant.pack(b)
+        assert (w.scales.dtype == jnp.float16) == half
+        for M in (1, 2, 4):
+            x = rng.standard_normal((M, 1344)).astype(np.float32)
+            ref = x.astype(np.float64) @ dense64(b)
+            got = jax.jit(cpu_qmatvec.qmatvec_cpu)(jnp.asarray(x), w)
+            np.testing.assert_allclose(np.asarray(got), ref, atol=1e-5 * np.abs(ref).max())
+
+
+def test_decode_loop_keeps_weights_quantized_on_the_cpu():
+    """XLA:CPU hoists a dequantization out of the decode loop, holding the whole model
+    in float32 while it decodes; through the native kernel the loop's scratch memory
+    stays a small fraction of the dense weights."""
+    config = tiny(vocab_size=512, d_model=256, d_ff=512, head_dim=32, n_layers=2)
+    params = jaxllm.quantize(jaxllm.init_params(config, jax.random.PRNGKey(0)), "int4", group_size=32)
+    dense_bytes = sum(w.shape[0] * w.shape[1] * 4 for w in jax.tree.leaves(
+        params, is_leaf=lambda x: isinstance(x, jaxllm.QuantizedWeight)) if isinstance(w, jaxllm.QuantizedWeight))
+    settings = jaxllm.SamplerSettings.greedy()
+    state, stop_ids, max_new = start(params, config, [[1, 2, 3]], max_new_tokens=8, settings=settings,
+                                     stop_tokens=[])
+    compiled = decode.lower(params, config, settings, state, stop_ids, max_new, max_new).compile()
+    assert "jaxllm_qmatvec_cpu" in compiled.as_text()
+    assert compiled.memory_analysis().temp_size_in_bytes < 0.1 * dense_bytes
 
 
 def test_quantize_rejects_bad_arguments():
