@@ -25,7 +25,7 @@ from .config import ModelConfig
 from .kernels.add_norm import Delta, add_norm_pallas, use_add_norm
 from .kernels.cpu_qmatvec import qmatvec_cpu, use_native
 from .kernels.decode_attention import AttentionSpec, decode_attention_pallas
-from .kernels.matvec import PartialSums, matvec_pallas, use_pallas
+from .kernels.matvec import MAX_GATED_SPLITS, GatedInput, PartialSums, matvec_pallas, use_pallas
 from .kernels.qmatvec import KERNEL_BITS, qmatmul_pallas, qmatvec_pallas, use_qmatmul
 from .params import Layer, Norm, Params
 from .quant import QuantizedWeight, linear_reference, take_rows
@@ -36,7 +36,20 @@ def linear(x: jax.Array, w, b: Optional[jax.Array] = None, kernels: str = "auto"
     """x [..., In] @ w [In, Out] (+ b [Out]) with float32 accumulation, in out_dtype
     (default x's). Every projection goes through here; w is a dense array or a
     QuantizedWeight standing for one. partial=True lets a split-K kernel return its
-    `PartialSums` [S, rows, Out] for `add_norm` to add up."""
+    `PartialSums` [S, rows, Out] for `add_norm` to add up. x may be a `GatedInput`
+    [S, rows, 2 In] (the MLP's down projection at decode), which the kernels take whole."""
+    if isinstance(x, GatedInput):
+        rows = x.sums.shape[1]
+        quantized = isinstance(w, QuantizedWeight)
+        if use_pallas(kernels, rows, w.shape, quantized) and (not quantized or w.bits in KERNEL_BITS):
+            kernel = qmatvec_pallas if quantized else matvec_pallas
+            y = kernel(x, w, out_dtype, interpret=jax.default_backend() != "gpu",
+                       sum_splits=not (partial and b is None))
+            if isinstance(y, PartialSums):
+                return y
+            y = y[:, None]  # [rows, 1, Out]: one new token per row
+            return y if b is None else y + b.astype(y.dtype)
+        x = x.value(out_dtype)[:, None]
     rows = math.prod(x.shape[:-1])
     partial = partial and b is None
     interpret = jax.default_backend() != "gpu"
@@ -188,7 +201,20 @@ def decode_attention(p: Layer, config: ModelConfig, index: int, qkv: Delta, kv, 
 
 
 def mlp(x: jax.Array, p: Layer, config: ModelConfig, partial: bool = False) -> Delta:
-    h = linear(x, p.w_in, p.b_in, config.kernels)
+    gated = config.mlp == "swiglu" or (config.mlp == "geglu" and config.gelu_approximate)
+    if gated and x.shape[1] == 1 and p.b_in is None and p.b_out is None:
+        # Decode: the down projection's kernel applies the activation to the gate-up
+        # partial sums itself (kernels/matvec.py, GatedInput).
+        h = linear(x, p.w_in, None, config.kernels, partial=True)
+        if isinstance(h, PartialSums) and h.sums.shape[0] <= MAX_GATED_SPLITS:
+            act = "silu" if config.mlp == "swiglu" else "gelu_tanh"
+            out = linear(GatedInput(h.sums, act), p.w_out, None, config.kernels, out_dtype=x.dtype,
+                         partial=partial)
+            return out if isinstance(out, PartialSums) else out.reshape(*x.shape[:-1], -1)
+        if isinstance(h, PartialSums):
+            h = h.total(x.dtype).reshape(*x.shape[:-1], -1)
+    else:
+        h = linear(x, p.w_in, p.b_in, config.kernels)
     if config.mlp == "gelu":
         hidden = jax.nn.gelu(h, approximate=config.gelu_approximate)
     else:

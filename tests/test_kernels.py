@@ -163,3 +163,35 @@ def test_add_norm_matches_float64(D, M, splits, layer_norm, bias, dtype):
                                       jnp.asarray(b) if bias else None, **kw)
     np.testing.assert_allclose(np.asarray(got_h, np.float32), np.asarray(ref_h, np.float32),
                                rtol=tol * 5, atol=tol * 5)
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("M, splits", [(1, 1), (3, 5)])
+def test_down_projection_kernels_apply_the_gate_to_partial_sums(act, M, splits):
+    """GatedInput: act(gate) * up formed from the gate-up projection's partial sums
+    inside the bf16 and quantized matrix-vector kernels, against float64."""
+    from jaxllm import quant
+    from jaxllm.kernels.matvec import GatedInput
+    from jaxllm.kernels.qmatvec import qmatvec_pallas
+
+    rng = np.random.default_rng()
+    F, N = 96, 40
+    sums = rng.standard_normal((splits, M, 2 * F)).astype(np.float32)
+    h = sums.astype(np.float64).sum(0)
+    gate, up = h[:, :F], h[:, F:]
+    if act == "silu":
+        hidden = gate / (1 + np.exp(-gate)) * up
+    else:
+        hidden = 0.5 * gate * (1 + np.tanh(np.sqrt(2 / np.pi) * (gate + 0.044715 * gate ** 3))) * up
+    w = rng.standard_normal((F, N)).astype(np.float32)
+    x = GatedInput(jnp.asarray(sums), act)
+    ref = hidden @ w.astype(np.float64)
+    got = matvec_pallas(x, jnp.asarray(w), jnp.float32, block_n=16, block_k=32, target_programs=8,
+                        interpret=True)
+    np.testing.assert_allclose(np.asarray(got), ref, atol=1e-5 * np.abs(ref).max())
+    qw = quant.quantize_weight(jnp.asarray(w), "int8", 32)
+    dense = np.asarray(quant.dequantize(qw, jnp.float32), np.float64)
+    ref = hidden @ dense
+    got = qmatvec_pallas(x, qw, jnp.float32, block_k=64, target_programs=8, interpret=True)
+    np.testing.assert_allclose(np.asarray(got), ref, atol=1e-5 * np.abs(ref).max())
+    np.testing.assert_allclose(np.asarray(x.value(jnp.float32)), hidden, rtol=1e-5, atol=1e-5)

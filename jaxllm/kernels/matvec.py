@@ -16,6 +16,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from flax import struct
 from jax.experimental.pallas import triton as plgpu
 
 MAX_ROWS = 4
@@ -31,6 +32,46 @@ class PartialSums(NamedTuple):
 
     def total(self, dtype) -> jax.Array:
         return self.sums.sum(0).astype(dtype)
+
+
+@struct.dataclass
+class GatedInput:
+    """A gated MLP's down-projection input left as its gate-up projection's split-K
+    partial sums [S, M, 2F] float32: x = act(gate) * up, gate and up the two halves of
+    the summed last axis. The down projection's kernel forms its slice of x from these
+    in registers, where XLA would run a reduction kernel and an activation kernel."""
+
+    sums: jax.Array
+    act: str = struct.field(pytree_node=False)  # "silu" or "gelu_tanh"
+
+    def value(self, dtype) -> jax.Array:
+        gate, up = jnp.split(self.sums.sum(0), 2, axis=-1)
+        return (activate(gate, self.act) * up).astype(dtype)
+
+
+# Each split costs each program two more loads per step: with the bf16 kernels' 16-18
+# gate-up splits (smol135m, llama1b) decode fell by a third on the H100, while the
+# quantized kernels' 1-4 splits gained (benchmarks/NOTES.md). More are summed first.
+MAX_GATED_SPLITS = 4
+
+
+def activate(g: jax.Array, act: str) -> jax.Array:
+    """SiLU or tanh GELU in float32, written with exp only (it lowers everywhere)."""
+    if act == "silu":
+        return g / (1.0 + jnp.exp(-g))
+    inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)  # tanh(z) = 2 sigmoid(2z) - 1
+    return 0.5 * g * (2.0 / (1.0 + jnp.exp(-2.0 * inner)))
+
+
+def load_gated(ref, row, k0, width: int, mask, splits: int, F: int):
+    """act(gate) * up [rows, width] float32 at inputs k0.. from the partial sums ref
+    [S, M, 2F] (rows `row`, a pl.ds over M): one load per split, unrolled."""
+    zero = k0 * 0  # a traced index: integer ref indices fail in interpret mode
+    gate = sum(plgpu.load(ref.at[zero + i, row, pl.ds(k0, width)], mask=mask, other=0.0)
+               for i in range(splits))
+    up = sum(plgpu.load(ref.at[zero + i, row, pl.ds(F + k0, width)], mask=mask, other=0.0)
+             for i in range(splits))
+    return gate, up
 
 
 # "auto" uses the kernel when one side of the weight is at most this: measured faster
@@ -71,7 +112,7 @@ def _plan(M: int, K: int, N: int, block_n: int, block_k: int, target_programs: i
     return col_blocks, splits, steps
 
 
-def _kernel(x_ref, w_ref, o_ref, *, M, K, N, block_n, block_k, steps, rows):
+def _kernel(x_ref, w_ref, o_ref, *, M, K, N, block_n, block_k, steps, rows, gated):
     j, s = pl.program_id(0), pl.program_id(1)
     cols = j * block_n + jnp.arange(block_n)
     col_ok = cols < N
@@ -83,8 +124,13 @@ def _kernel(x_ref, w_ref, o_ref, *, M, K, N, block_n, block_k, steps, rows):
         k_ok = ks < K
         w = plgpu.load(w_ref.at[pl.ds(k0, block_k), pl.ds(j * block_n, block_n)],
                     mask=k_ok[:, None] & col_ok[None, :], other=0.0).astype(jnp.float32)
-        x = plgpu.load(x_ref.at[pl.ds(0, rows), pl.ds(k0, block_k)],
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0).astype(jnp.float32)
+        mask = row_ok[:, None] & k_ok[None, :]
+        if gated is None:
+            x = plgpu.load(x_ref.at[pl.ds(0, rows), pl.ds(k0, block_k)], mask=mask,
+                           other=0.0).astype(jnp.float32)
+        else:
+            gate, up = load_gated(x_ref, pl.ds(0, rows), k0, block_k, mask, gated[0], K)
+            x = activate(gate, gated[1]) * up
         # [rows, block_k, 1] * [1, block_k, block_n] summed over k: stays in registers.
         return acc + jnp.sum(x[:, :, None] * w[None, :, :], axis=1)
 
@@ -95,13 +141,14 @@ def _kernel(x_ref, w_ref, o_ref, *, M, K, N, block_n, block_k, steps, rows):
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "block_n", "block_k", "target_programs",
                                              "num_warps", "num_stages", "interpret", "sum_splits"))
-def matvec_pallas(x: jax.Array, w: jax.Array, out_dtype=None, *, block_n: int = 256, block_k: int = 32,
+def matvec_pallas(x, w: jax.Array, out_dtype=None, *, block_n: int = 256, block_k: int = 32,
                   target_programs: int = 1056, num_warps: int = 4, num_stages: int = 3,
                   interpret: bool = False, sum_splits: bool = True):
     """x [M, K] @ w [K, N] for M <= 4, float32 accumulation, in out_dtype (default x's).
-    sum_splits=False returns the split-K partial sums as `PartialSums` for a consumer
-    that adds them itself (kernels/add_norm.py)."""
-    M, K = x.shape
+    x may be a `GatedInput` (whose dtype is float32). sum_splits=False returns the
+    split-K partial sums as `PartialSums` for a consumer that adds them itself
+    (kernels/add_norm.py)."""
+    x, M, K, gated = gated_operand(x)
     N = w.shape[1]
     if M > MAX_ROWS:
         raise ValueError(f"matvec_pallas handles at most {MAX_ROWS} rows, got {M}")
@@ -109,7 +156,7 @@ def matvec_pallas(x: jax.Array, w: jax.Array, out_dtype=None, *, block_n: int = 
     block_k = max(8, block_k // rows)  # the register accumulator holds rows * block_k * block_n
     col_blocks, splits, steps = _plan(M, K, N, block_n, block_k, target_programs)
     kernel = functools.partial(_kernel, M=M, K=K, N=N, block_n=block_n, block_k=block_k,
-                               steps=steps, rows=rows)
+                               steps=steps, rows=rows, gated=gated)
     compiler_params = None
     if not interpret:
         compiler_params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
@@ -121,6 +168,15 @@ def matvec_pallas(x: jax.Array, w: jax.Array, out_dtype=None, *, block_n: int = 
         compiler_params=compiler_params,
     )(x, w)
     return finish(partial_sums[:, :M], out_dtype or x.dtype, sum_splits)
+
+
+def gated_operand(x):
+    """(operand, M, K, gated) for a kernel's input: an array [M, K], or a GatedInput,
+    whose partial sums [S, M, 2K] are passed whole with gated = (S, act)."""
+    if isinstance(x, GatedInput):
+        S, M, F2 = x.sums.shape
+        return x.sums, M, F2 // 2, (S, x.act)
+    return x, x.shape[0], x.shape[1], None
 
 
 def finish(partial_sums: jax.Array, dtype, sum_splits: bool):

@@ -23,7 +23,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from ..quant import QuantizedWeight, linear_reference
-from .matvec import MAX_ROWS, _plan, _pow2, finish
+from .matvec import MAX_ROWS, _plan, _pow2, activate, finish, gated_operand, load_gated
 
 
 KERNEL_BITS = (4, 8)  # 5- and 6-bit weights (Q5_*, Q6_K files) take the XLA path
@@ -69,7 +69,7 @@ def _step(v_ref, s_ref, m_ref, i, *, j, split, K, Nv, G, bits, has_mins, block_n
     return k0, k_ok, v, group_params
 
 
-def _kernel(x_ref, v_ref, s_ref, *rest, M, **tiling):
+def _kernel(x_ref, v_ref, s_ref, *rest, M, gated, **tiling):
     m_ref = rest[0] if tiling["has_mins"] else None
     o_ref = rest[-1]
     j, split = pl.program_id(0), pl.program_id(1)
@@ -79,8 +79,14 @@ def _kernel(x_ref, v_ref, s_ref, *rest, M, **tiling):
 
     def body(i, accs):
         k0, k_ok, v, group_params = _step(v_ref, s_ref, m_ref, i, j=j, split=split, **tiling)
-        xs = [plgpu.load(x_ref.at[pl.ds(r, 1), pl.ds(k0, BK)], mask=k_ok[None, :],
-                         other=0.0).astype(jnp.float32) for r in range(M)]  # M x [1, BK]
+        if gated is None:
+            xs = [plgpu.load(x_ref.at[pl.ds(r, 1), pl.ds(k0, BK)], mask=k_ok[None, :],
+                             other=0.0).astype(jnp.float32) for r in range(M)]  # M x [1, BK]
+        else:
+            xs = []
+            for r in range(M):
+                gate, up = load_gated(x_ref, pl.ds(r, 1), k0, BK, k_ok[None, :], gated[0], tiling["K"])
+                xs.append(activate(gate, gated[1]) * up)
         new = list(accs)
         for h, (s, mn) in enumerate(group_params):
             q3 = _unpack(v, h, bits, mn is not None).reshape(block_n, tiling["groups"], G)
@@ -108,14 +114,16 @@ def qmatvec_pallas(x: jax.Array, w: QuantizedWeight, out_dtype=None, *, block_n:
                    block_k: int | None = None, target_programs: int = 1056, num_warps: int = 4,
                    num_stages: int | None = None, interpret: bool = False, sum_splits: bool = True):
     """x [M, K] @ W [K, N] for M <= 4 and a QuantizedWeight W; float32 accumulation.
+    x may be a `GatedInput` (whose dtype is float32).
 
     Default tiling, from benchmarks/qmatvec_tune.py on the H100: 32 value rows per
     program, 256 inputs per step in 4 stages for int8, 512 in 3 stages for int4
     (the same bytes per row per step)."""
     block_k = block_k or (256 if w.bits == 8 else 512)
     num_stages = num_stages or (4 if w.bits == 8 else 3)
-    if x.shape[0] > MAX_ROWS:
-        raise ValueError(f"qmatvec_pallas handles at most {MAX_ROWS} rows, got {x.shape[0]}")
+    _, M, _, _ = gated_operand(x)
+    if M > MAX_ROWS:
+        raise ValueError(f"qmatvec_pallas handles at most {MAX_ROWS} rows, got {M}")
     return _launch(_kernel, x, w, out_dtype, block_n, block_k, target_programs, num_warps,
                    num_stages, interpret, "qmatvec_pallas", with_rows=True, sum_splits=sum_splits)
 
@@ -127,7 +135,7 @@ def _launch(kernel, x, w: QuantizedWeight, out_dtype, block_n, block_k, target_p
     the kernel as M (with_rows) or taken from its (padded) shape."""
     if w.bits not in KERNEL_BITS:
         raise ValueError(f"{name} handles {KERNEL_BITS}-bit weights, not {w.bits}-bit")
-    M, K = x.shape
+    x, M, K, gated = gated_operand(x)
     N = w.shape[1]
     G = w.group_size
     Nv = w.values.shape[0]
@@ -136,7 +144,7 @@ def _launch(kernel, x, w: QuantizedWeight, out_dtype, block_n, block_k, target_p
     has_mins = w.mins is not None
     kernel = functools.partial(kernel, K=K, Nv=Nv, G=G, bits=w.bits, has_mins=has_mins,
                                block_n=block_n, groups=groups, steps=steps,
-                               **({"M": M} if with_rows else {}))
+                               **({"M": M, "gated": gated} if with_rows else {}))
     operands = (x, w.values, w.scales) + ((w.mins,) if has_mins else ())
     compiler_params = None
     if not interpret:
