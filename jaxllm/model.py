@@ -38,21 +38,17 @@ def linear(x: jax.Array, w, b: Optional[jax.Array] = None, kernels: str = "auto"
     QuantizedWeight standing for one. partial=True lets a split-K kernel return its
     `PartialSums` [S, rows, Out] for `add_norm` to add up. x may be a `GatedInput`
     [S, rows, 2 In] (the MLP's down projection at decode), which the kernels take whole."""
-    if isinstance(x, GatedInput):
-        rows = x.sums.shape[1]
-        quantized = isinstance(w, QuantizedWeight)
-        if use_pallas(kernels, rows, w.shape, quantized) and (not quantized or w.bits in KERNEL_BITS):
-            kernel = qmatvec_pallas if quantized else matvec_pallas
-            y = kernel(x, w, out_dtype, interpret=jax.default_backend() != "gpu",
-                       sum_splits=not (partial and b is None))
-            if isinstance(y, PartialSums):
-                return y
-            y = y[:, None]  # [rows, 1, Out]: one new token per row
-            return y if b is None else y + b.astype(y.dtype)
-        x = x.value(out_dtype)[:, None]
-    rows = math.prod(x.shape[:-1])
     partial = partial and b is None
     interpret = jax.default_backend() != "gpu"
+    if isinstance(x, GatedInput):
+        quantized = isinstance(w, QuantizedWeight)
+        if (use_pallas(kernels, x.sums.shape[1], w.shape, quantized)
+                and (not quantized or w.bits in KERNEL_BITS)):
+            kernel = qmatvec_pallas if quantized else matvec_pallas
+            y = kernel(x, w, out_dtype, interpret=interpret, sum_splits=not partial)
+            return y if b is None or isinstance(y, PartialSums) else y + b.astype(y.dtype)
+        x = x.value(out_dtype or jnp.float32)
+    rows = math.prod(x.shape[:-1])
     if isinstance(w, QuantizedWeight):
         x2 = x.reshape(rows, x.shape[-1])
         if w.bits in KERNEL_BITS and use_pallas(kernels, rows, w.shape, quantized=True):

@@ -97,7 +97,3 @@ def qmatvec_cpu(x: jax.Array, w: QuantizedWeight, out_dtype=None) -> jax.Array:
              has_high=w.high is not None, has_mins=w.mins is not None)
     return y.astype(out_dtype or x.dtype)
 
-
-def qmatvec_cpu_reference(x: jax.Array, w: QuantizedWeight, out_dtype=None) -> jax.Array:
-    """The XLA path with the kernel's signature."""
-    return linear_reference(x, w, out_dtype)

@@ -9,8 +9,9 @@
 // that runs at half the speed of its float32 dot (benchmarks/NOTES.md). Here each
 // weight byte is read once and turned into floats in registers.
 //
-// Built at first use by jaxllm/kernels/cpu_qmatvec.py with -O3 -march=native: the
-// inner loops are written as 8-lane arrays for the compiler to vectorize.
+// Built at first use by jaxllm/kernels/cpu_qmatvec.py with -O3 -march=native. 4- and
+// 8-bit weights with groups of 32k use AVX2 intrinsics where the CPU has them; other
+// forms a generic loop written as 8-lane arrays for the compiler to vectorize.
 
 #include <algorithm>
 #include <atomic>
@@ -22,6 +23,11 @@
 
 #include "xla/ffi/api/ffi.h"
 
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define JAXLLM_AVX2 1
+#endif
+
 namespace ffi = xla::ffi;
 
 namespace {
@@ -29,6 +35,9 @@ namespace {
 constexpr int kLanes = 8;
 
 float HalfToFloat(uint16_t h) {
+#ifdef JAXLLM_AVX2
+  return _cvtsh_ss(h);
+#else
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16;
   uint32_t exponent = (h >> 10) & 0x1f;
   uint32_t mantissa = h & 0x3ff;
@@ -50,6 +59,7 @@ float HalfToFloat(uint16_t h) {
   float f;
   std::memcpy(&f, &bits, sizeof f);
   return f;
+#endif
 }
 
 struct Weight {
@@ -140,14 +150,7 @@ void Rows(const Weight& w, const float* x, const float* group_sums, int64_t M, i
   }
 }
 
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#include <immintrin.h>
-#define JAXLLM_AVX2 1
-
-inline float LoadScale(const Weight& w, const void* table, int64_t g, int64_t n) {
-  const int64_t i = g * w.N + n;
-  return w.half ? _cvtsh_ss(static_cast<const uint16_t*>(table)[i]) : static_cast<const float*>(table)[i];
-}
+#ifdef JAXLLM_AVX2
 
 // 16 levels (unsigned bytes, or signed for int8) as two vectors of 8 floats.
 template <bool kSigned>
@@ -200,13 +203,13 @@ void RowsAvx2(const Weight& w, const float* x, const float* group_sums, int64_t 
     const uint8_t* v = w.values + vr * w.K;
     const int64_t n_high = vr + w.N / 2;
     for (int64_t g = 0; g < groups; ++g) {
-      const __m256 s0 = _mm256_set1_ps(LoadScale(w, w.scales, g, vr));
+      const __m256 s0 = _mm256_set1_ps(w.Scale(w.scales, g, vr));
       if (!nibbles) {
         for (int64_t k = g * w.G; k < (g + 1) * w.G; k += 32)
           Dot32<true>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + k)), x + k, w.K, M, s0, acc[0]);
         continue;
       }
-      const __m256 s1 = _mm256_set1_ps(LoadScale(w, w.scales, g, n_high));
+      const __m256 s1 = _mm256_set1_ps(w.Scale(w.scales, g, n_high));
       for (int64_t k = g * w.G; k < (g + 1) * w.G; k += 32) {
         const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + k));
         Dot32<false>(_mm256_and_si256(b, low4), x + k, w.K, M, s0, acc[0]);
@@ -219,10 +222,10 @@ void RowsAvx2(const Weight& w, const float* x, const float* group_sums, int64_t 
         float total = Sum8(acc[h][r]);
         if (w.mins != nullptr) {
           for (int64_t g = 0; g < groups; ++g)
-            total += LoadScale(w, w.mins, g, n) * group_sums[r * groups + g];
+            total += w.Scale(w.mins, g, n) * group_sums[r * groups + g];
         } else if (nibbles) {
           for (int64_t g = 0; g < groups; ++g)
-            total -= 8.0f * LoadScale(w, w.scales, g, n) * group_sums[r * groups + g];
+            total -= 8.0f * w.Scale(w.scales, g, n) * group_sums[r * groups + g];
         }
         y[r * w.N + n] = total;
       }
