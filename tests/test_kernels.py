@@ -32,14 +32,16 @@ def test_model_with_pallas_kernels_matches_xla_path(arch):
     params = jaxllm.init_params(c, jax.random.PRNGKey(np.random.randint(1 << 30)))
     tokens = jnp.asarray(np.random.randint(0, c.vocab_size, (2, 9)))  # 2 rows: the kernel path
     results = []
-    for config in (c.replace(kernels="xla"), c.replace(kernels="pallas")):
-        cache = jaxllm.init_cache(config, 2, 16, jnp.float32)
-        logits, cache = jaxllm.extend(params, config, tokens[:, :3], jnp.array([3, 2]), cache)
-        steps = [logits]
-        for t in range(3, 9):
-            logits, cache = jaxllm.decode_step(params, config, tokens[:, t], cache)
-            steps.append(logits)
-        results.append((steps, cache))
+    # float32 dots in full precision: on a GPU XLA's default is TF32, 1e-3 apart
+    with jax.default_matmul_precision("highest"):
+        for config in (c.replace(kernels="xla"), c.replace(kernels="pallas")):
+            cache = jaxllm.init_cache(config, 2, 16, jnp.float32)
+            logits, cache = jaxllm.extend(params, config, tokens[:, :3], jnp.array([3, 2]), cache)
+            steps = [logits]
+            for t in range(3, 9):
+                logits, cache = jaxllm.decode_step(params, config, tokens[:, t], cache)
+                steps.append(logits)
+            results.append((steps, cache))
     (ref, ref_cache), (got, got_cache) = results
     for g, r in zip(got, ref):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
