@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +31,44 @@ from .params import Layer, Norm, Params
 from .quant import QuantizedWeight, linear_reference, take_rows
 
 
+class DeferredNorm(NamedTuple):
+    """An RMSNorm output left as x * weight [..., D] (in x's dtype) and the rows' sums
+    of squares [..., 1] float32: norm(x) @ W = (x * weight) @ W * factor with factor =
+    rsqrt(square_sum / D + eps), applied by the kernel after the projection (the
+    activation's, or decode attention's). XLA computes the product and the sum in one
+    kernel, where a norm written out took two (the sum, then the normalised product),
+    and no kernel is spent on the factor alone (benchmarks/NOTES.md, variant 15)."""
+
+    scaled: jax.Array
+    square_sum: jax.Array
+    eps: float
+
+    @property
+    def factor(self) -> jax.Array:
+        return jax.lax.rsqrt(self.square_sum / self.scaled.shape[-1] + self.eps)
+
+    @property
+    def shape(self):
+        return self.scaled.shape
+
+    @property
+    def dtype(self):
+        return self.scaled.dtype
+
+
+# On by default; benchmarks/decode_variants.py switches it off to compare.
+DEFERRED_NORM = True
+
+
+def defer_norm(config: ModelConfig, norm: Norm, w, rows: int) -> bool:
+    """Whether the norm before projection w is left to it (`DeferredNorm`): RMSNorm
+    without bias, on the GPU, where w takes XLA's matrix multiply. (The final norm is
+    not deferred: on the H100 that gained nothing measurable, one kernel per step.)"""
+    return (DEFERRED_NORM and config.norm == "rms" and norm.bias is None and config.kernels == "auto"
+            and jax.default_backend() == "gpu" and not isinstance(w, QuantizedWeight)
+            and not use_pallas(config.kernels, rows, w.shape))
+
+
 def linear(x: jax.Array, w, b: Optional[jax.Array] = None, kernels: str = "auto",
            out_dtype=None, partial: bool = False):
     """x [..., In] @ w [In, Out] (+ b [Out]) with float32 accumulation, in out_dtype
@@ -38,6 +76,10 @@ def linear(x: jax.Array, w, b: Optional[jax.Array] = None, kernels: str = "auto"
     QuantizedWeight standing for one. partial=True lets a split-K kernel return its
     `PartialSums` [S, rows, Out] for `add_norm` to add up. x may be a `GatedInput`
     [S, rows, 2 In] (the MLP's down projection at decode), which the kernels take whole."""
+    if isinstance(x, DeferredNorm):
+        # The product stays in x's dtype: float32 outputs change XLA's fusions (NOTES, variant 7).
+        y = (linear(x.scaled, w, None, kernels).astype(jnp.float32) * x.factor).astype(out_dtype or x.dtype)
+        return y if b is None else y + b.astype(y.dtype)
     partial = partial and b is None
     interpret = jax.default_backend() != "gpu"
     if isinstance(x, GatedInput):
@@ -75,11 +117,17 @@ def linear(x: jax.Array, w, b: Optional[jax.Array] = None, kernels: str = "auto"
     return y if b is None else y + b.astype(y.dtype)
 
 
-def add_norm(x: jax.Array, delta: Optional[Delta], p: Norm, config: ModelConfig):
+def add_norm(x: jax.Array, delta: Optional[Delta], p: Norm, config: ModelConfig, deferred: bool = False):
     """The residual add of a block's output and the norm after it: (x + delta, its norm),
     x [..., D]. delta is None before the first layer, an array like x, or the
     PartialSums of a split-K projection, which one kernel adds together with the
-    residual and the norm when there are few (kernels/add_norm.py)."""
+    residual and the norm when there are few (kernels/add_norm.py). deferred: the norm
+    as a `DeferredNorm` for the projection after it."""
+    if deferred:
+        x = x if delta is None else x + total(delta, x)
+        x32 = x.astype(jnp.float32)
+        scaled = x32 * (config.norm_weight_offset + p.scale.astype(jnp.float32))
+        return x, DeferredNorm(scaled.astype(x.dtype), (x32 * x32).sum(-1, keepdims=True), config.norm_eps)
     if delta is None:
         return x, apply_norm(x, p, config)
     rows, D = math.prod(x.shape[:-1]), x.shape[-1]
@@ -178,10 +226,12 @@ def use_decode_attention(config: ModelConfig) -> bool:
     return not config.qk_norm or config.norm == "rms"
 
 
-def decode_attention(p: Layer, config: ModelConfig, index: int, qkv: Delta, kv, starts, dtype):
+def decode_attention(p: Layer, config: ModelConfig, index: int, qkv: Delta, kv, starts, dtype,
+                     square_sum: Optional[jax.Array] = None):
     """qkv [B, 1, q + 2kv] (or its PartialSums [S, B, q + 2kv]) of one new token per
     row at positions starts [B] -> (attention output [B, 1, q_size] in dtype, kv)
-    through kernels/decode_attention.py."""
+    through kernels/decode_attention.py. square_sum [B]: the projection's input was a
+    DeferredNorm's product, and the kernel applies its factor."""
     rope = config.position == "rope"
     spec = AttentionSpec(
         n_heads=config.n_heads, n_kv_heads=config.n_kv_heads, head_dim=config.head_dim,
@@ -192,16 +242,19 @@ def decode_attention(p: Layer, config: ModelConfig, index: int, qkv: Delta, kv, 
     norms = (p.q_norm.scale, p.k_norm.scale) if config.qk_norm else (None, None)
     out, k_cache, v_cache = decode_attention_pallas(
         qkv if isinstance(qkv, PartialSums) else qkv[:, 0], kv[0], kv[1], starts, inv_freq, *norms,
-        spec=spec, interpret=jax.default_backend() != "gpu", out_dtype=dtype)
+        square_sum, spec=spec, norm_width=config.d_model, interpret=jax.default_backend() != "gpu",
+        out_dtype=dtype)
     return out[:, None], (k_cache, v_cache)
 
 
 def mlp(x: jax.Array, p: Layer, config: ModelConfig, partial: bool = False) -> Delta:
     gated = config.mlp == "swiglu" or (config.mlp == "geglu" and config.gelu_approximate)
+    # A deferred norm's factor is applied in float32, in the activation's kernel.
+    h_dtype = jnp.float32 if isinstance(x, DeferredNorm) else None
     if gated and x.shape[1] == 1 and p.b_in is None and p.b_out is None:
         # Decode: the down projection's kernel applies the activation to the gate-up
         # partial sums itself (kernels/matvec.py, GatedInput).
-        h = linear(x, p.w_in, None, config.kernels, partial=True)
+        h = linear(x, p.w_in, None, config.kernels, h_dtype, partial=True)
         if isinstance(h, PartialSums) and h.sums.shape[0] <= MAX_GATED_SPLITS:
             act = "silu" if config.mlp == "swiglu" else "gelu_tanh"
             out = linear(GatedInput(h.sums, act), p.w_out, None, config.kernels, out_dtype=x.dtype,
@@ -210,7 +263,7 @@ def mlp(x: jax.Array, p: Layer, config: ModelConfig, partial: bool = False) -> D
         if isinstance(h, PartialSums):
             h = h.total(x.dtype).reshape(*x.shape[:-1], -1)
     else:
-        h = linear(x, p.w_in, p.b_in, config.kernels)
+        h = linear(x, p.w_in, p.b_in, config.kernels, h_dtype)
     if config.mlp == "gelu":
         hidden = jax.nn.gelu(h, approximate=config.gelu_approximate)
     else:
@@ -218,7 +271,7 @@ def mlp(x: jax.Array, p: Layer, config: ModelConfig, partial: bool = False) -> D
         act = jax.nn.silu(gate) if config.mlp == "swiglu" else jax.nn.gelu(
             gate, approximate=config.gelu_approximate)
         hidden = act * up
-    return linear(hidden, p.w_out, p.b_out, config.kernels, partial=partial)
+    return linear(hidden.astype(x.dtype), p.w_out, p.b_out, config.kernels, partial=partial)
 
 
 def layer_forward(p: Layer, config: ModelConfig, index: int, x, delta: Optional[Delta], positions,
@@ -234,10 +287,13 @@ def layer_forward(p: Layer, config: ModelConfig, index: int, x, delta: Optional[
     """
     B, T, _ = x.shape
     Dh, window = config.head_dim, config.layer_window(index)
-    x, h = add_norm(x, delta, p.attn_norm, config)
+    x, h = add_norm(x, delta, p.attn_norm, config, defer_norm(config, p.attn_norm, p.wqkv, B * T))
     if kv is not None and T == 1 and use_decode_attention(config):
-        qkv = linear(h, p.wqkv, p.bqkv, config.kernels, partial=True)
-        attn, kv = decode_attention(p, config, index, qkv, kv, starts, x.dtype)
+        qkv_in, square_sum = h, None
+        if isinstance(h, DeferredNorm) and p.bqkv is None:  # the kernel applies the factor
+            qkv_in, square_sum = h.scaled, h.square_sum.reshape(B)
+        qkv = linear(qkv_in, p.wqkv, p.bqkv, config.kernels, partial=True)
+        attn, kv = decode_attention(p, config, index, qkv, kv, starts, x.dtype, square_sum)
         return _after_attention(p, config, x, h, attn, kv)
     qkv = linear(h, p.wqkv, p.bqkv, config.kernels)
     q, k, v = jnp.split(qkv, [config.q_size, config.q_size + config.kv_size], axis=-1)
@@ -268,7 +324,8 @@ def _after_attention(p: Layer, config: ModelConfig, x, h, attn, kv):
         attn = apply_norm(attn, p.post_attn_norm, config)
     if config.parallel_block:
         return x, attn + mlp(h, p, config), kv
-    x, h = add_norm(x, attn, p.mlp_norm, config)
+    x, h = add_norm(x, attn, p.mlp_norm, config,
+                    defer_norm(config, p.mlp_norm, p.w_in, math.prod(x.shape[:-1])))
     out = mlp(h, p, config, partial=not config.sandwich_norm)
     if config.sandwich_norm:
         out = apply_norm(out, p.post_mlp_norm, config)

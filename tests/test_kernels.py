@@ -25,28 +25,65 @@ def test_matvec_matches_reference(M, K, N, tiling):
     np.testing.assert_allclose(got, matvec_reference(x, w), rtol=1e-4, atol=1e-4)
 
 
+def prefill_and_steps(params, config, tokens):
+    """Logits of a 3-token prefill and 6 decode steps over tokens [2, 9] (row 1's prompt
+    is 2 long), and the cache after them."""
+    cache = jaxllm.init_cache(config, 2, 16, jnp.float32)
+    logits, cache = jaxllm.extend(params, config, tokens[:, :3], jnp.array([3, 2]), cache)
+    steps = [logits]
+    for t in range(3, 9):
+        logits, cache = jaxllm.decode_step(params, config, tokens[:, t], cache)
+        steps.append(logits)
+    return steps, cache
+
+
+def assert_same_run(got, ref):
+    (got, got_cache), (ref, ref_cache) = got, ref
+    for g, r in zip(got, ref):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+    for g, r in zip(jax.tree.leaves(got_cache), jax.tree.leaves(ref_cache)):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("arch", sorted(ARCH_CONFIGS))
 def test_model_with_pallas_kernels_matches_xla_path(arch):
     """Prefill, then decode steps (matvec and decode-attention kernels) against the XLA path."""
     c = ARCH_CONFIGS[arch].replace(tie_embeddings=False)
     params = jaxllm.init_params(c, jax.random.PRNGKey(np.random.randint(1 << 30)))
     tokens = jnp.asarray(np.random.randint(0, c.vocab_size, (2, 9)))  # 2 rows: the kernel path
-    results = []
     # float32 dots in full precision: on a GPU XLA's default is TF32, 1e-3 apart
     with jax.default_matmul_precision("highest"):
-        for config in (c.replace(kernels="xla"), c.replace(kernels="pallas")):
-            cache = jaxllm.init_cache(config, 2, 16, jnp.float32)
-            logits, cache = jaxllm.extend(params, config, tokens[:, :3], jnp.array([3, 2]), cache)
-            steps = [logits]
-            for t in range(3, 9):
-                logits, cache = jaxllm.decode_step(params, config, tokens[:, t], cache)
-                steps.append(logits)
-            results.append((steps, cache))
-    (ref, ref_cache), (got, got_cache) = results
-    for g, r in zip(got, ref):
-        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
-    for g, r in zip(jax.tree.leaves(got_cache), jax.tree.leaves(ref_cache)):
-        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
+        ref = prefill_and_steps(params, c.replace(kernels="xla"), tokens)
+        got = prefill_and_steps(params, c.replace(kernels="pallas"), tokens)
+    assert_same_run(got, ref)
+
+
+@pytest.fixture
+def deferred_norms(monkeypatch):
+    """Every RMSNorm without bias left to the projection after it (model.DeferredNorm,
+    which the library uses on the GPU before XLA's matrix multiplies), except on the
+    XLA reference path. Compiled functions are dropped before and after."""
+    from jaxllm import model
+
+    monkeypatch.setattr(model, "defer_norm", lambda config, norm, w, rows: (
+        config.kernels != "xla" and config.norm == "rms" and norm.bias is None))
+    jax.clear_caches()
+    yield
+    jax.clear_caches()
+
+
+@pytest.mark.parametrize("arch", ["llama3", "qwen2", "gemma"])
+def test_deferred_norms_match_the_xla_path(arch, deferred_norms):
+    """The norm's factor applied after the projection (by the decode-attention kernel
+    for q/k/v, in float32 before the activation for the MLP): the same logits and cache.
+    qwen2's q/k/v bias keeps the factor in linear(); gemma has a norm weight offset."""
+    c = ARCH_CONFIGS[arch]
+    params = jaxllm.init_params(c, jax.random.PRNGKey(np.random.randint(1 << 30)))
+    tokens = jnp.asarray(np.random.randint(0, c.vocab_size, (2, 9)))
+    with jax.default_matmul_precision("highest"):
+        ref = prefill_and_steps(params, c.replace(kernels="xla"), tokens)
+        got = prefill_and_steps(params, c.replace(kernels="pallas"), tokens)
+    assert_same_run(got, ref)
 
 
 # --- decode attention ---------------------------------------------------------------
@@ -92,6 +129,9 @@ def numpy_decode_attention(qkv, k_cache, v_cache, lengths, freq, q_norm, k_norm,
     dict(B=3, S=24, K=2, G=2, Dh=16, lengths=[27, 0, 17], dtype=jnp.bfloat16),  # past the end: clamped
     dict(B=2, S=40, K=2, G=2, Dh=32, lengths=[7, 20], qkv_splits=5),  # the projection's partial sums
     dict(B=1, S=40, K=2, G=2, Dh=32, lengths=[11], qkv_splits=40),  # too many: summed by XLA first
+    # the factor of a deferred norm (model.DeferredNorm), applied by the kernel
+    dict(B=2, S=40, K=2, G=2, Dh=32, lengths=[3, 30], qkv_splits=3, row_normed=True),
+    dict(B=2, S=40, K=1, G=2, Dh=16, lengths=[9, 2], qk_norm=True, row_normed=True),
 ])
 def test_decode_attention_matches_float64(case):
     from jaxllm.kernels.decode_attention import AttentionSpec, _splits, decode_attention_pallas
@@ -100,7 +140,7 @@ def test_decode_attention_matches_float64(case):
     case = dict(case)
     B, S, K, G, Dh = (case.pop(k) for k in ("B", "S", "K", "G", "Dh"))
     lengths, dtype = np.array(case.pop("lengths"), np.int32), case.pop("dtype", jnp.float32)
-    qkv_splits = case.pop("qkv_splits", None)
+    qkv_splits, row_scaled = case.pop("qkv_splits", None), case.pop("row_normed", False)
     spec = AttentionSpec(n_heads=K * G, n_kv_heads=K, head_dim=Dh, scale=Dh ** -0.5,
                          rope=case.pop("rope", True), norm_eps=1e-6, **case)
     rng = np.random.default_rng(np.random.randint(1 << 30))
@@ -112,14 +152,20 @@ def test_decode_attention_matches_float64(case):
     qkv, k_cache, v_cache = cast(qkv), cast(k_cache), cast(v_cache)
     ref_out, ref_k, ref_v = numpy_decode_attention(qkv, k_cache, v_cache, lengths, freq, q_norm,
                                                    k_norm, spec)
-    qkv_in = jnp.asarray(qkv, dtype)
+    # Given a row's sum of squares over its `width` inputs, the kernel multiplies the
+    # row by rsqrt(sum / width + eps).
+    factor, width = (rng.uniform(0.3, 3.0, B) if row_scaled else None), 40
+    square_sum = ((factor ** -2 - spec.norm_eps) * width).astype(np.float32) if row_scaled else None
+    given = (qkv / factor[:, None]).astype(np.float32) if row_scaled else qkv
+    qkv_in = jnp.asarray(given, dtype)
     if qkv_splits:  # random parts adding up to qkv
         parts = rng.standard_normal((qkv_splits - 1, B, qkv.shape[1])).astype(np.float32)
-        qkv_in = PartialSums(jnp.asarray(np.concatenate([parts, (qkv - parts.sum(0))[None]])))
+        qkv_in = PartialSums(jnp.asarray(np.concatenate([parts, (given - parts.sum(0))[None]])))
     out, new_k, new_v = decode_attention_pallas(
         qkv_in, jnp.asarray(k_cache, dtype), jnp.asarray(v_cache, dtype),
         jnp.asarray(lengths), jnp.asarray(freq), jnp.asarray(q_norm), jnp.asarray(k_norm),
-        spec=spec, interpret=jax.default_backend() != "gpu")
+        None if square_sum is None else jnp.asarray(square_sum), spec=spec, norm_width=width,
+        interpret=jax.default_backend() != "gpu")
     assert (S > 512) == (_splits(B, spec, S) > 1)
     # float32 on the GPU: the kernel's dots run in TF32 (~3e-4), as XLA's do by default.
     tol = 2e-2 if dtype == jnp.bfloat16 else 2e-3 if jax.default_backend() == "gpu" else 1e-5

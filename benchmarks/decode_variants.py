@@ -1,0 +1,90 @@
+"""tg128 decode of one compiled model under several settings of the library's tiling
+switches, in one process, so that variants are compared on the same device.
+
+    python benchmarks/decode_variants.py --runs llama8b:bf16:base,defer smol135m:int4:base \\
+        [--profile] [--out results.json]
+
+A variant is a name from VARIANTS: module attributes set before the decode loop is
+traced again (jax.clear_caches()). Each run reports tok/s (median of --reps, as
+scripts/bench.py's tg128), the fast path's relative error against the XLA path,
+and with --profile the kernels per step from benchmarks/profile_decode.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts"))
+
+import jaxllm  # noqa: E402
+from jaxllm import PRESETS, model  # noqa: E402
+from bench import fast_path_error, measure_decode, measure_prefill  # noqa: E402
+from profile_decode import profile  # noqa: E402
+
+# Module attributes of jaxllm.model per variant. Variants 14 and 16 (capped gate-up
+# splits so that every down projection takes the gate, and capped o/down splits so
+# that add_norm adds them) were measured with experiments/gated-splits-and-fit.patch
+# applied and are not kept (benchmarks/NOTES.md).
+VARIANTS = {
+    "base": {"DEFERRED_NORM": False},
+    "defer": {"DEFERRED_NORM": True},
+}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", nargs="+", required=True, help="shape:weights:variant,variant,...")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--prefill", action="store_true", help="also pp512 (batch 1)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+              "date": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()),
+              "command": "python " + " ".join(sys.argv), "runs": []}
+    rows = []
+    for spec in args.runs:
+        shape, weights, names = spec.split(":")
+        config = PRESETS[shape]
+        params = jax.block_until_ready(jaxllm.init_params(config, jax.random.PRNGKey(0), jnp.bfloat16))
+        if weights != "bf16":
+            params = jax.block_until_ready(jaxllm.quantize(params, weights, group_size=32))
+        for name in names.split(","):
+            for attr, value in VARIANTS[name].items():
+                setattr(model, attr, value)
+            jax.clear_caches()
+            print(f"{shape} {weights} {name} ...", file=sys.stderr, flush=True)
+            r = {"shape": shape, "weights": weights, "variant": name, "settings": VARIANTS[name],
+                 **measure_decode(params, config, 1, 128, args.reps),
+                 "rel_err_vs_xla": fast_path_error(params, config)}
+            if args.prefill:
+                r["pp512_tok_s"] = measure_prefill(params, config, 1, 512, args.reps)["tok_s"]
+            if args.profile:
+                p = profile(params, config, 32)
+                r["profile"] = {k: v for k, v in p.items() if k != "kernels"}
+                r["profile"]["top_kernels"] = p["kernels"][:30]
+            report["runs"].append(r)
+            rows.append(r)
+            print(f"  {r['tok_s']:.1f} tok/s, rel err {r['rel_err_vs_xla']:.1e}", file=sys.stderr, flush=True)
+            if args.out:
+                with open(args.out, "w") as f:
+                    json.dump(report, f, indent=1)
+        del params
+    print("\nshape     weights variant     tok/s   rel err   kernels/step   pp512 tok/s")
+    for r in rows:
+        k = r.get("profile", {}).get("kernels_per_step", float("nan"))
+        print(f"{r['shape']:9} {r['weights']:7} {r['variant']:10} {r['tok_s']:8.1f} {r['rel_err_vs_xla']:9.1e} "
+              f"{k:8.1f} {r.get('pp512_tok_s', float('nan')):12.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
