@@ -32,20 +32,23 @@ from .quant import QuantizedWeight, linear_reference, take_rows
 
 
 class DeferredNorm(NamedTuple):
-    """An RMSNorm output left as x * weight [..., D] (in x's dtype) and the rows' sums
-    of squares [..., 1] float32: norm(x) @ W = (x * weight) @ W * factor with factor =
-    rsqrt(square_sum / D + eps), applied by the kernel after the projection (the
-    activation's, or decode attention's). XLA computes the product and the sum in one
-    kernel, where a norm written out took two (the sum, then the normalised product),
-    and no kernel is spent on the factor alone (benchmarks/NOTES.md, variant 15)."""
+    """An RMSNorm of x [..., D] left as the product x * weight (in x's dtype) and x
+    itself: norm(x) @ W = (x * weight) @ W * factor, factor = rsqrt(mean(x^2) + eps)
+    [..., 1], applied by the kernel after the projection. Decode attention computes
+    the factor from x itself, so the norm costs no kernel of its own: XLA writes the
+    product together with the residual add. Before XLA's matrix multiplies, the
+    activation's kernel applies it, and XLA computes the product and the sum of
+    squares in one kernel where a norm written out took two (benchmarks/NOTES.md,
+    variant 15)."""
 
     scaled: jax.Array
-    square_sum: jax.Array
+    x: jax.Array
     eps: float
 
     @property
     def factor(self) -> jax.Array:
-        return jax.lax.rsqrt(self.square_sum / self.scaled.shape[-1] + self.eps)
+        x32 = self.x.astype(jnp.float32)
+        return jax.lax.rsqrt((x32 * x32).mean(-1, keepdims=True) + self.eps)
 
     @property
     def shape(self):
@@ -60,13 +63,18 @@ class DeferredNorm(NamedTuple):
 DEFERRED_NORM = True
 
 
-def defer_norm(config: ModelConfig, norm: Norm, w, rows: int) -> bool:
-    """Whether the norm before projection w is left to it (`DeferredNorm`): RMSNorm
-    without bias, on the GPU, where w takes XLA's matrix multiply. (The final norm is
-    not deferred: on the H100 that gained nothing measurable, one kernel per step.)"""
-    return (DEFERRED_NORM and config.norm == "rms" and norm.bias is None and config.kernels == "auto"
-            and jax.default_backend() == "gpu" and not isinstance(w, QuantizedWeight)
-            and not use_pallas(config.kernels, rows, w.shape))
+def defer_norm(config: ModelConfig, norm: Norm, w, rows: int, kernel_applies: bool = False) -> bool:
+    """Whether the norm before projection w is left to the kernels after it
+    (`DeferredNorm`): RMSNorm without bias, either where the kernel after w applies the
+    factor itself (kernel_applies: decode attention, on any fast path), or on the GPU
+    where w takes XLA's matrix multiply. (The final norm is not deferred: on the H100
+    that gained nothing measurable, one kernel per step.)"""
+    if not (DEFERRED_NORM and config.norm == "rms" and norm.bias is None and config.kernels != "xla"):
+        return False
+    if kernel_applies:
+        return True
+    return (config.kernels == "auto" and jax.default_backend() == "gpu"
+            and not isinstance(w, QuantizedWeight) and not use_pallas(config.kernels, rows, w.shape))
 
 
 def linear(x: jax.Array, w, b: Optional[jax.Array] = None, kernels: str = "auto",
@@ -125,9 +133,8 @@ def add_norm(x: jax.Array, delta: Optional[Delta], p: Norm, config: ModelConfig,
     as a `DeferredNorm` for the projection after it."""
     if deferred:
         x = x if delta is None else x + total(delta, x)
-        x32 = x.astype(jnp.float32)
-        scaled = x32 * (config.norm_weight_offset + p.scale.astype(jnp.float32))
-        return x, DeferredNorm(scaled.astype(x.dtype), (x32 * x32).sum(-1, keepdims=True), config.norm_eps)
+        scaled = x.astype(jnp.float32) * (config.norm_weight_offset + p.scale.astype(jnp.float32))
+        return x, DeferredNorm(scaled.astype(x.dtype), x, config.norm_eps)
     if delta is None:
         return x, apply_norm(x, p, config)
     rows, D = math.prod(x.shape[:-1]), x.shape[-1]
@@ -227,11 +234,11 @@ def use_decode_attention(config: ModelConfig) -> bool:
 
 
 def decode_attention(p: Layer, config: ModelConfig, index: int, qkv: Delta, kv, starts, dtype,
-                     square_sum: Optional[jax.Array] = None):
+                     norm_rows: Optional[jax.Array] = None):
     """qkv [B, 1, q + 2kv] (or its PartialSums [S, B, q + 2kv]) of one new token per
     row at positions starts [B] -> (attention output [B, 1, q_size] in dtype, kv)
-    through kernels/decode_attention.py. square_sum [B]: the projection's input was a
-    DeferredNorm's product, and the kernel applies its factor."""
+    through kernels/decode_attention.py. norm_rows [B, D]: the projection's input was
+    a DeferredNorm of these rows, whose factor the kernel applies."""
     rope = config.position == "rope"
     spec = AttentionSpec(
         n_heads=config.n_heads, n_kv_heads=config.n_kv_heads, head_dim=config.head_dim,
@@ -242,8 +249,7 @@ def decode_attention(p: Layer, config: ModelConfig, index: int, qkv: Delta, kv, 
     norms = (p.q_norm.scale, p.k_norm.scale) if config.qk_norm else (None, None)
     out, k_cache, v_cache = decode_attention_pallas(
         qkv if isinstance(qkv, PartialSums) else qkv[:, 0], kv[0], kv[1], starts, inv_freq, *norms,
-        square_sum, spec=spec, norm_width=config.d_model, interpret=jax.default_backend() != "gpu",
-        out_dtype=dtype)
+        norm_rows, spec=spec, interpret=jax.default_backend() != "gpu", out_dtype=dtype)
     return out[:, None], (k_cache, v_cache)
 
 
@@ -287,13 +293,15 @@ def layer_forward(p: Layer, config: ModelConfig, index: int, x, delta: Optional[
     """
     B, T, _ = x.shape
     Dh, window = config.head_dim, config.layer_window(index)
-    x, h = add_norm(x, delta, p.attn_norm, config, defer_norm(config, p.attn_norm, p.wqkv, B * T))
-    if kv is not None and T == 1 and use_decode_attention(config):
-        qkv_in, square_sum = h, None
+    fused_attention = kv is not None and T == 1 and use_decode_attention(config)
+    x, h = add_norm(x, delta, p.attn_norm, config, defer_norm(
+        config, p.attn_norm, p.wqkv, B * T, kernel_applies=fused_attention and p.bqkv is None))
+    if fused_attention:
+        qkv_in, norm_rows = h, None
         if isinstance(h, DeferredNorm) and p.bqkv is None:  # the kernel applies the factor
-            qkv_in, square_sum = h.scaled, h.square_sum.reshape(B)
+            qkv_in, norm_rows = h.scaled, h.x.reshape(B, -1)
         qkv = linear(qkv_in, p.wqkv, p.bqkv, config.kernels, partial=True)
-        attn, kv = decode_attention(p, config, index, qkv, kv, starts, x.dtype, square_sum)
+        attn, kv = decode_attention(p, config, index, qkv, kv, starts, x.dtype, norm_rows)
         return _after_attention(p, config, x, h, attn, kv)
     qkv = linear(h, p.wqkv, p.bqkv, config.kernels)
     q, k, v = jnp.split(qkv, [config.q_size, config.q_size + config.kv_size], axis=-1)

@@ -61,11 +61,12 @@ def test_model_with_pallas_kernels_matches_xla_path(arch):
 @pytest.fixture
 def deferred_norms(monkeypatch):
     """Every RMSNorm without bias left to the projection after it (model.DeferredNorm,
-    which the library uses on the GPU before XLA's matrix multiplies), except on the
-    XLA reference path. Compiled functions are dropped before and after."""
+    which the library uses on the GPU before XLA's matrix multiplies, and before decode
+    attention everywhere), except on the XLA reference path. Compiled functions are
+    dropped before and after."""
     from jaxllm import model
 
-    monkeypatch.setattr(model, "defer_norm", lambda config, norm, w, rows: (
+    monkeypatch.setattr(model, "defer_norm", lambda config, norm, w, rows, kernel_applies=False: (
         config.kernels != "xla" and config.norm == "rms" and norm.bias is None))
     jax.clear_caches()
     yield
@@ -152,10 +153,9 @@ def test_decode_attention_matches_float64(case):
     qkv, k_cache, v_cache = cast(qkv), cast(k_cache), cast(v_cache)
     ref_out, ref_k, ref_v = numpy_decode_attention(qkv, k_cache, v_cache, lengths, freq, q_norm,
                                                    k_norm, spec)
-    # Given a row's sum of squares over its `width` inputs, the kernel multiplies the
-    # row by rsqrt(sum / width + eps).
-    factor, width = (rng.uniform(0.3, 3.0, B) if row_scaled else None), 40
-    square_sum = ((factor ** -2 - spec.norm_eps) * width).astype(np.float32) if row_scaled else None
+    # Given rows x [B, 40], the kernel multiplies row b by rsqrt(mean(x[b]^2) + eps).
+    norm_rows = rng.standard_normal((B, 40)).astype(np.float32) * rng.uniform(0.3, 3.0, (B, 1))
+    factor = 1 / np.sqrt((norm_rows.astype(np.float64) ** 2).mean(1) + spec.norm_eps)
     given = (qkv / factor[:, None]).astype(np.float32) if row_scaled else qkv
     qkv_in = jnp.asarray(given, dtype)
     if qkv_splits:  # random parts adding up to qkv
@@ -164,7 +164,7 @@ def test_decode_attention_matches_float64(case):
     out, new_k, new_v = decode_attention_pallas(
         qkv_in, jnp.asarray(k_cache, dtype), jnp.asarray(v_cache, dtype),
         jnp.asarray(lengths), jnp.asarray(freq), jnp.asarray(q_norm), jnp.asarray(k_norm),
-        None if square_sum is None else jnp.asarray(square_sum), spec=spec, norm_width=width,
+        jnp.asarray(norm_rows, dtype) if row_scaled else None, spec=spec,
         interpret=jax.default_backend() != "gpu")
     assert (S > 512) == (_splits(B, spec, S) > 1)
     # float32 on the GPU: the kernel's dots run in TF32 (~3e-4), as XLA's do by default.

@@ -69,7 +69,7 @@ def _splits(batch: int, spec: AttentionSpec, capacity: int) -> int:
     return int(max(1, min(capacity // SLOTS_PER_SPLIT, 256 // (batch * spec.n_kv_heads))))
 
 
-def _kernel(qkv_ref, k_ref, v_ref, lengths_ref, freq_ref, qn_ref, kn_ref, ss_ref, *out_refs,
+def _kernel(qkv_ref, k_ref, v_ref, lengths_ref, freq_ref, qn_ref, kn_ref, nr_ref, *out_refs,
             spec: AttentionSpec, S: int, half: int, hp: int, bs: int, chunk: int, splits: int,
             qkv_splits: int, norm_width: Optional[int]):
     o_ref, k_out, v_out = out_refs[:3]
@@ -91,10 +91,13 @@ def _kernel(qkv_ref, k_ref, v_ref, lengths_ref, freq_ref, qn_ref, kn_ref, ss_ref
             return plgpu.load(qkv_ref.at[zero + i, b, pl.ds(first, GROUP_ROWS), h],
                               mask=n_ok[:, None] & d_ok[None, :], other=0.0).astype(jnp.float32)
         parts = [sum(load(i, h) for i in range(qkv_splits)) for h in halves]
-        if norm_width is None:
-            return parts
-        factor = jax.lax.rsqrt(ss_ref[b] / norm_width + spec.norm_eps)
-        return [t * factor for t in parts]
+        return parts if norm_width is None else [t * norm_factor for t in parts]
+
+    if norm_width is not None:  # the RMSNorm factor of row b of the projection's input
+        wp = _pow2(norm_width)
+        xr = plgpu.load(nr_ref.at[b, pl.ds(zero, wp)], mask=jnp.arange(wp) < norm_width,
+                        other=0.0).astype(jnp.float32)
+        norm_factor = jax.lax.rsqrt(jnp.sum(xr * xr) / norm_width + spec.norm_eps)
 
     def norm(x1, x2, scale_ref):
         ms = (jnp.sum(x1 * x1, axis=1, keepdims=True) + jnp.sum(x2 * x2, axis=1, keepdims=True)) / Dh
@@ -186,27 +189,23 @@ def _kernel(qkv_ref, k_ref, v_ref, lengths_ref, freq_ref, qn_ref, kn_ref, ss_ref
                         mask=jnp.broadcast_to(d_ok[None, :], (GROUP_ROWS, hp)))
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "norm_width", "block_slots", "num_warps",
-                                             "num_stages", "interpret", "out_dtype"),
+@functools.partial(jax.jit, static_argnames=("spec", "block_slots", "num_warps", "num_stages",
+                                             "interpret", "out_dtype"),
                    donate_argnames=("k_cache", "v_cache"))
 def decode_attention_pallas(qkv: jax.Array | PartialSums, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array,
                             inv_freq: Optional[jax.Array], q_norm: Optional[jax.Array],
-                            k_norm: Optional[jax.Array], row_square_sum: Optional[jax.Array] = None, *,
-                            spec: AttentionSpec, norm_width: Optional[int] = None, block_slots: int = 64,
-                            num_warps: int = 4, num_stages: int = 3, interpret: bool = False,
-                            out_dtype=None):
+                            k_norm: Optional[jax.Array], norm_rows: Optional[jax.Array] = None, *,
+                            spec: AttentionSpec, block_slots: int = 64, num_warps: int = 4,
+                            num_stages: int = 3, interpret: bool = False, out_dtype=None):
     """qkv [B, (H + 2K) * Dh] (or its PartialSums [splits, B, (H + 2K) * Dh]) of one
     new token per row at positions lengths [B]; caches [B, S, K, Dh]; inv_freq
-    [Dh / 2] (rope); q_norm, k_norm [Dh] (qk_norm). With row_square_sum [B] float32
-    (the sum of squares of each row's norm_width inputs), each row of qkv is first
-    multiplied by rsqrt(row_square_sum / norm_width + norm_eps): the factor of the
-    RMSNorm before the projection, left to this kernel (model.DeferredNorm).
+    [Dh / 2] (rope); q_norm, k_norm [Dh] (qk_norm). With norm_rows [B, D], each row
+    of qkv is first multiplied by rsqrt(mean(norm_rows[b]^2) + norm_eps): the factor
+    of the RMSNorm before the projection, left to this kernel (model.DeferredNorm).
     Returns (attention output [B, H * Dh] in out_dtype (default: qkv's, or the cache's
     for partial sums), k_cache, v_cache) with the new keys and values written at slot
     min(lengths[b], S - 1)."""
     B, S, K, Dh = k_cache.shape
-    if row_square_sum is not None and norm_width is None:
-        raise ValueError("row_square_sum needs norm_width, the number of inputs it sums over")
     dtype = out_dtype or (k_cache.dtype if isinstance(qkv, PartialSums) else qkv.dtype)
     if isinstance(qkv, PartialSums) and qkv.sums.shape[0] > MAX_QKV_SPLITS:
         qkv = qkv.total(dtype)
@@ -222,7 +221,7 @@ def decode_attention_pallas(qkv: jax.Array | PartialSums, k_cache: jax.Array, v_
     operands = (qkv4, k_cache, v_cache, lengths.astype(jnp.int32),
                 dummy if inv_freq is None else inv_freq.astype(jnp.float32),
                 dummy if q_norm is None else q_norm, dummy if k_norm is None else k_norm,
-                dummy if row_square_sum is None else row_square_sum.astype(jnp.float32))
+                dummy[None] if norm_rows is None else norm_rows)
     cache_shapes = [jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
                     jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)]
     if splits == 1:
@@ -232,7 +231,7 @@ def decode_attention_pallas(qkv: jax.Array | PartialSums, k_cache: jax.Array, v_
                      + [jax.ShapeDtypeStruct((B, K, splits, GROUP_ROWS), jnp.float32)] * 2)
     kernel = functools.partial(_kernel, spec=spec, S=S, half=half, hp=hp, bs=bs, chunk=chunk,
                                splits=splits, qkv_splits=qkv4.shape[0],
-                               norm_width=None if row_square_sum is None else norm_width)
+                               norm_width=None if norm_rows is None else norm_rows.shape[1])
     outs = pl.pallas_call(
         kernel, out_shape=out_shape, grid=(B, K, splits),
         input_output_aliases={1: 1, 2: 2}, interpret=interpret,
