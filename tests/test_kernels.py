@@ -141,7 +141,7 @@ def test_decode_attention_matches_float64(case):
     case = dict(case)
     B, S, K, G, Dh = (case.pop(k) for k in ("B", "S", "K", "G", "Dh"))
     lengths, dtype = np.array(case.pop("lengths"), np.int32), case.pop("dtype", jnp.float32)
-    qkv_splits, row_scaled = case.pop("qkv_splits", None), case.pop("row_normed", False)
+    qkv_splits, row_normed = case.pop("qkv_splits", None), case.pop("row_normed", False)
     spec = AttentionSpec(n_heads=K * G, n_kv_heads=K, head_dim=Dh, scale=Dh ** -0.5,
                          rope=case.pop("rope", True), norm_eps=1e-6, **case)
     rng = np.random.default_rng(np.random.randint(1 << 30))
@@ -156,7 +156,7 @@ def test_decode_attention_matches_float64(case):
     # Given rows x [B, 40], the kernel multiplies row b by rsqrt(mean(x[b]^2) + eps).
     norm_rows = rng.standard_normal((B, 40)).astype(np.float32) * rng.uniform(0.3, 3.0, (B, 1))
     factor = 1 / np.sqrt((norm_rows.astype(np.float64) ** 2).mean(1) + spec.norm_eps)
-    given = (qkv / factor[:, None]).astype(np.float32) if row_scaled else qkv
+    given = (qkv / factor[:, None]).astype(np.float32) if row_normed else qkv
     qkv_in = jnp.asarray(given, dtype)
     if qkv_splits:  # random parts adding up to qkv
         parts = rng.standard_normal((qkv_splits - 1, B, qkv.shape[1])).astype(np.float32)
@@ -164,7 +164,7 @@ def test_decode_attention_matches_float64(case):
     out, new_k, new_v = decode_attention_pallas(
         qkv_in, jnp.asarray(k_cache, dtype), jnp.asarray(v_cache, dtype),
         jnp.asarray(lengths), jnp.asarray(freq), jnp.asarray(q_norm), jnp.asarray(k_norm),
-        jnp.asarray(norm_rows, dtype) if row_scaled else None, spec=spec,
+        jnp.asarray(norm_rows, dtype) if row_normed else None, spec=spec,
         interpret=jax.default_backend() != "gpu")
     assert (S > 512) == (_splits(B, spec, S) > 1)
     # float32 on the GPU: the kernel's dots run in TF32 (~3e-4), as XLA's do by default.
