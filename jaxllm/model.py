@@ -85,7 +85,8 @@ def linear(x: jax.Array, w, b: Optional[jax.Array] = None, kernels: str = "auto"
     `PartialSums` [S, rows, Out] for `add_norm` to add up. x may be a `GatedInput`
     [S, rows, 2 In] (the MLP's down projection at decode), which the kernels take whole."""
     if isinstance(x, DeferredNorm):
-        # The product stays in x's dtype: float32 outputs change XLA's fusions (NOTES, variant 7).
+        # The projection returns x's dtype (asking XLA for float32 outputs changes its
+        # fusions, NOTES variant 7); the factor is applied in float32 after it.
         y = (linear(x.scaled, w, None, kernels).astype(jnp.float32) * x.factor).astype(out_dtype or x.dtype)
         return y if b is None else y + b.astype(y.dtype)
     partial = partial and b is None
