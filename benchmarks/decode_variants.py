@@ -13,6 +13,7 @@ and with --profile the kernels per step from benchmarks/profile_decode.py.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -36,7 +37,16 @@ from profile_decode import profile  # noqa: E402
 VARIANTS = {
     "base": {"DEFERRED_NORM": False},
     "defer": {"DEFERRED_NORM": True},
+    # the quantized matrix-vector kernel's float path and integer dot products
+    "floatx": {"qmatvec.INT8_ACTIVATIONS": False},
+    "int8x": {"qmatvec.INT8_ACTIVATIONS": True},
 }
+
+
+def set_switch(name: str, value) -> None:
+    """A module attribute of jaxllm.model, or of a kernel module ("qmatvec.NAME")."""
+    module, _, attr = name.rpartition(".")
+    setattr(importlib.import_module(f"jaxllm.kernels.{module}") if module else model, attr, value)
 
 
 def main(argv=None) -> int:
@@ -59,7 +69,7 @@ def main(argv=None) -> int:
             params = jax.block_until_ready(jaxllm.quantize(params, weights, group_size=32))
         for name in names.split(","):
             for attr, value in VARIANTS[name].items():
-                setattr(model, attr, value)
+                set_switch(attr, value)
             jax.clear_caches()
             print(f"{shape} {weights} {name} ...", file=sys.stderr, flush=True)
             r = {"shape": shape, "weights": weights, "variant": name, "settings": VARIANTS[name],

@@ -1,7 +1,10 @@
 """Quantized matrix-vector kernel (kernels/qmatvec.py) vs its XLA reference and the
 bf16 kernel on decode shapes: correctness against float64 NumPy on fresh random
 data, then GB/s of weight bytes read (values + scales + minimums) per tiling.
-Run on the GPU: python benchmarks/qmatvec_tune.py [--quick | --batch ROWS]"""
+Run on the GPU: python benchmarks/qmatvec_tune.py [--quick | --batch ROWS | --activations]
+
+--activations compares the batch-1 kernel's integer dot products (activations rounded
+to int8) with its float path, at the default tiling and a few others."""
 
 import itertools
 import os
@@ -55,7 +58,52 @@ def check(rng):
                 print(f"MISMATCH {name} bits={bits} mins={mins} G={G} M={M}: rel err {err:.2e}")
     print(f"correctness: worst relative error vs float64 over all forms {worst:.1e} "
           "(bfloat16 activations)")
+    # float32 activations on the int8 grid of each group: the integer path is exact
+    for bits, mins, M in itertools.product((8, 4), (False, True), (1, 3)):
+        G, N, K = 32, 384, 1024
+        lo, hi = ((-8, 7) if not mins else (0, 15)) if bits == 4 else (-127, 127)
+        blocks = quant.HostBlocks(rng.integers(lo, hi + 1, (N, K)).astype(np.int8),
+                                  rng.uniform(0.001, 0.02, (N, K // G)).astype(np.float32),
+                                  rng.normal(0, 0.05, (N, K // G)).astype(np.float32) if mins else None, bits)
+        levels = rng.integers(-127, 128, (M, K // G, G))
+        levels[:, :, 0] = 127
+        x = (levels * rng.uniform(0.005, 0.05, (M, K // G, 1))).reshape(M, K).astype(np.float32)
+        ref = x.astype(np.float64) @ blocks.dequantize().T.astype(np.float64)
+        got = np.asarray(qmatvec_pallas(jnp.asarray(x), quant.pack(blocks), jnp.float32,
+                                        int8_activations=True), np.float64)
+        err = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+        worst = max(worst, err)
+        print(f"int8 activations on the grid bits={bits} mins={mins} M={M}: rel err {err:.1e}"
+              + ("  MISMATCH" if err > 1e-5 else ""))
     return worst
+
+
+def activations():
+    """The integer path against the float path (GB/s of weight bytes), default tiling,
+    then a few tilings of the integer path."""
+    tilings = [(32, 512, 3, 1056, 4), (64, 512, 3, 1056, 4), (64, 256, 4, 1056, 4),
+               (32, 256, 4, 2112, 4), (128, 512, 3, 1056, 8)]
+    for K, N in SHAPES:
+        for mode in ("int8", "int4"):
+            x, ws, bytes_ = chained_weights(K, N, mode)
+            ref = np.asarray(qmatvec_pallas(x, ws[0], jnp.float32, int8_activations=False))
+            fl = bytes_ / time_chain(lambda x, w: qmatvec_pallas(x, w, int8_activations=False), x, ws,
+                                     reps=10) / 1e9
+            i8 = bytes_ / time_chain(lambda x, w: qmatvec_pallas(x, w, int8_activations=True), x, ws,
+                                     reps=10) / 1e9
+            got = np.asarray(qmatvec_pallas(x, ws[0], jnp.float32, int8_activations=True))
+            err = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+            line = f"K={K:5d} N={N:6d} {mode} float={fl:6.0f} GB/s  int8={i8:6.0f} (rel diff {err:.1e})"
+            for bn, bk, st, tp, nw in tilings:
+                fn = lambda x, w, bn=bn, bk=bk, st=st, tp=tp, nw=nw: qmatvec_pallas(
+                    x, w, block_n=bn, block_k=bk, num_stages=st, target_programs=tp, num_warps=nw,
+                    int8_activations=True)
+                try:
+                    line += f"  {(bn, bk, st, tp, nw)}={bytes_ / time_chain(fn, x, ws, reps=10) / 1e9:.0f}"
+                except Exception as e:  # noqa: BLE001 - a tiling that does not compile
+                    line += f"  {(bn, bk, st, tp, nw)}=fail:{type(e).__name__}"
+            print(line, flush=True)
+            del ws
 
 
 def small_batch(rows=8):
@@ -90,6 +138,8 @@ def main():
     quick = "--quick" in sys.argv
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}")
     check(np.random.default_rng())
+    if "--activations" in sys.argv:
+        return activations()
     configs = [(32, 256, 4, 1056), (64, 256, 4, 1056), (128, 256, 4, 1056), (64, 128, 4, 1056),
                (64, 512, 3, 1056), (32, 512, 3, 1056), (64, 256, 3, 2112), (32, 256, 4, 2112)]
     if quick:

@@ -32,6 +32,15 @@ def random_host_blocks(rng, bits, mins, G, N=64, K=128):
                             rng.normal(0, 0.05, (N, K // G)).astype(np.float32) if mins else None, bits)
 
 
+def on_int8_grid(rng, M, K, G) -> np.ndarray:
+    """x [M, K] float32 whose every group of G is an int8 level times the group's
+    absmax / 127, so that the quantized kernels' rounding of activations to int8
+    (kernels/qmatvec.py) is exact and the float64 reference needs no emulation of it."""
+    levels = rng.integers(-127, 128, (M, K // G, G))
+    levels[:, :, 0] = rng.choice([-127, 127], (M, K // G))
+    return (levels * rng.uniform(0.005, 0.05, (M, K // G, 1))).reshape(M, K).astype(np.float32)
+
+
 def dense64(b: quant.HostBlocks) -> np.ndarray:
     """W [K, N] in float64, straight from the definition."""
     N, K = b.q.shape
@@ -52,13 +61,16 @@ def test_pack_dequantize_and_linear_match_float64(bits, mins, G):
     assert w.nbytes == 128 * 64 * bits // 8 + (1 + mins) * (128 // G) * 64 * w.scales.dtype.itemsize
     np.testing.assert_allclose(np.asarray(quant.dequantize(w), np.float64), dense64(b), rtol=1e-6, atol=1e-7)
     for M in (1, 3, 6, 16, 17):
-        x = rng.standard_normal((M, 128)).astype(np.float32)
+        x = on_int8_grid(rng, M, 128, G)
         ref = x.astype(np.float64) @ dense64(b)
         scale = np.abs(ref).max()
         np.testing.assert_allclose(np.asarray(quant.linear_reference(jnp.asarray(x), w)), ref, atol=1e-5 * scale)
-        if bits in KERNEL_BITS and M <= 16:
-            kernel = qmatvec_pallas if M <= 4 else qmatmul_pallas
-            got = kernel(jnp.asarray(x), w, interpret=True)
+        if bits in KERNEL_BITS and M <= 4:  # integer dot products, and the float path
+            for int8_activations in (True, False):
+                got = qmatvec_pallas(jnp.asarray(x), w, interpret=True, int8_activations=int8_activations)
+                np.testing.assert_allclose(np.asarray(got), ref, atol=1e-5 * scale)
+        elif bits in KERNEL_BITS and M <= 16:
+            got = qmatmul_pallas(jnp.asarray(x), w, interpret=True)
             np.testing.assert_allclose(np.asarray(got), ref, atol=1e-5 * scale)
         if M <= cpu_qmatvec.MAX_ROWS:
             assert cpu_qmatvec.available(), "the native CPU kernel did not build"
@@ -70,6 +82,28 @@ def test_pack_dequantize_and_linear_match_float64(bits, mins, G):
     ids = jnp.asarray(rng.integers(0, 64, (2, 7)))
     np.testing.assert_allclose(np.asarray(quant.take_rows(w, ids)), dense64(b).T[np.asarray(ids)],
                                rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("bits, mins", [(8, False), (4, False), (4, True)])
+def test_kernel_rounds_activations_to_int8_per_group(bits, mins):
+    """Off the int8 grid: each group of x is rounded to int8 at absmax / 127 (half up).
+    Against that rounding emulated in float64, and within the rounding's size of the
+    exact product."""
+    rng = np.random.default_rng()
+    G, K, M = 32, 256, 2
+    b = random_host_blocks(rng, bits, mins, G, K=K)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    x3 = x.astype(np.float64).reshape(M, K // G, G)
+    step = np.abs(x3).max(-1, keepdims=True) / 127
+    rounded = (np.floor(x3 / step + 0.5) * step).reshape(M, K)
+    emulated = rounded @ dense64(b)
+    exact = x.astype(np.float64) @ dense64(b)
+    got = np.asarray(qmatvec_pallas(jnp.asarray(x), quant.pack(b), jnp.float32, interpret=True,
+                                    block_k=64, target_programs=8, int8_activations=True), np.float64)
+    rounding = np.linalg.norm(emulated - exact)
+    assert 0 < rounding < 2e-2 * np.linalg.norm(exact)
+    # float32 may round a level the other way where float64 lands within 1e-7 of a half
+    assert np.linalg.norm(got - emulated) < 0.05 * rounding
 
 
 def test_linear_switch_selects_kernel_or_reference():

@@ -11,6 +11,15 @@ the totals in registers. One group per step (32 bytes per row) reached only
 enough bytes are in flight to fill HBM; partial sums are added afterwards.
 
 The minimum term needs no dequantization: sum_k x_k (s q_k + m) = s (x . q) + m sum_k x_k.
+
+Integer dot products (INT8_ACTIVATIONS, on by default), as llama.cpp's MMVQ kernels
+do: each program rounds its slice of x to int8 with one scale per weight group
+(absmax / 127), and the group sums become integer dot products of 4 weights with 4
+activations in one instruction (PTX dp4a), where the float path converts every
+weight to float32 (a quarter-rate instruction on Hopper) and multiplies it. The
+4-bit nibbles of 4 bytes are masked out of one 32-bit word in one instruction.
+The rounding of x adds an error of about 0.4% of a group's largest activation per
+element, as llama.cpp's Q8_1 activations do; the float path stays as the switch.
 """
 
 from __future__ import annotations
@@ -27,6 +36,20 @@ from .matvec import MAX_ROWS, _plan, _pow2, activate, finish, gated_operand, loa
 
 
 KERNEL_BITS = (4, 8)  # 5- and 6-bit weights (Q5_*, Q6_K files) take the XLA path
+# On by default; benchmarks/qmatvec_tune.py and decode_variants.py switch it off to compare.
+INT8_ACTIVATIONS = True
+
+# Per 4 packed bytes (pack=4 puts 4 consecutive elements of a thread in one 32-bit
+# register): the dot product of the weight levels with the activations, in the first
+# of the 4 outputs, zeros in the others, so that a sum over each group is unchanged.
+# One asm per output: jax's lowering of a multi-output inline asm returns one value.
+_DP4A = {
+    "int8": "dp4a.s32.s32 $0, $4, $5, 0;",
+    # 4 bits: the low nibbles of the 4 bytes (one output row), or the high ones (another)
+    "low": "{\n.reg .b32 w;\nand.b32 w, $4, 0x0F0F0F0F;\ndp4a.u32.s32 $0, w, $5, 0;\n}",
+    "high": "{\n.reg .b32 w;\nshr.u32 w, $4, 4;\nand.b32 w, w, 0x0F0F0F0F;\ndp4a.u32.s32 $0, w, $5, 0;\n}",
+}
+_ZEROS = "\nmov.b32 $1, 0;\nmov.b32 $2, 0;\nmov.b32 $3, 0;"
 
 
 def qmatvec_reference(x: jax.Array, w: QuantizedWeight, out_dtype=None) -> jax.Array:
@@ -40,6 +63,34 @@ def _unpack(v, h: int, bits: int, has_mins: bool):
         return v.astype(jnp.float32)
     nibble = (v >> 4) if h else (v & 15)
     return nibble.astype(jnp.float32) - (0.0 if has_mins else 8.0)
+
+
+def _quantize_activations(x, groups: int, G: int):
+    """x [1, groups * G] float32 rounded to int8 per group: (levels int8 [1, groups * G],
+    scales [groups], level sums [groups]) with x ~ level * scale."""
+    x3 = x.reshape(groups, G)
+    amax = jnp.max(jnp.abs(x3), axis=1)
+    inv = jnp.where(amax > 0, 127.0 / amax, 0.0)
+    levels = jnp.floor(x3 * inv[:, None] + 0.5)  # |levels| <= 127
+    return levels.astype(jnp.int8).reshape(x.shape), amax * (1.0 / 127.0), jnp.sum(levels, axis=1)
+
+
+def _group_dots(v, levels, bits: int, groups: int, G: int, interpret: bool):
+    """Per half of the value tile v [bn, BK] (one for int8, the low and high nibbles
+    for 4 bits), int32 [bn, groups]: the integer dot products over each group of the
+    weight levels (unsigned for 4 bits) with the int8 levels [1, BK]."""
+    bn, BK = v.shape
+    levels = jnp.broadcast_to(levels, v.shape)
+    if interpret:  # the same group sums, one product per element
+        x = levels.astype(jnp.int32)
+        halves = (v.astype(jnp.int32) * x,) if bits == 8 else (
+            (v & 15).astype(jnp.int32) * x, (v >> 4).astype(jnp.int32) * x)
+    else:
+        halves = [plgpu.elementwise_inline_asm(
+            _DP4A[half] + _ZEROS, args=[v, levels], constraints="=r,=r,=r,=r,r,r", pack=4,
+            result_shape_dtypes=[jax.ShapeDtypeStruct(v.shape, jnp.int32)])[0]
+            for half in (("int8",) if bits == 8 else ("low", "high"))]
+    return tuple(jnp.sum(d.reshape(bn, groups, G), axis=2) for d in halves)
 
 
 def _halves(bits: int, Nv: int) -> tuple[int, ...]:
@@ -69,7 +120,7 @@ def _step(v_ref, s_ref, m_ref, i, *, j, split, K, Nv, G, bits, has_mins, block_n
     return k0, k_ok, v, group_params
 
 
-def _kernel(x_ref, v_ref, s_ref, *rest, M, gated, **tiling):
+def _kernel(x_ref, v_ref, s_ref, *rest, M, gated, int8_x, interpret, **tiling):
     m_ref = rest[0] if tiling["has_mins"] else None
     o_ref = rest[-1]
     j, split = pl.program_id(0), pl.program_id(1)
@@ -88,6 +139,19 @@ def _kernel(x_ref, v_ref, s_ref, *rest, M, gated, **tiling):
                 gate, up = load_gated(x_ref, pl.ds(r, 1), k0, BK, k_ok[None, :], gated[0], tiling["K"])
                 xs.append(activate(gate, gated[1]) * up)
         new = list(accs)
+        if int8_x:
+            for r in range(M):
+                levels, x_scale, level_sum = _quantize_activations(xs[r], tiling["groups"], G)
+                dots = _group_dots(v, levels, bits, tiling["groups"], G, interpret)
+                for h, ((s, mn), d) in enumerate(zip(group_params, dots)):
+                    per_group = d.astype(jnp.float32)
+                    if bits < 8 and mn is None:  # symmetric: level - 8
+                        per_group = per_group - (1 << (bits - 1)) * level_sum[None, :]
+                    out = jnp.sum(per_group * (s.T * x_scale[None, :]), axis=1)  # [bn]
+                    if mn is not None:  # the rounded x here too: its error is then x's times w
+                        out = out + jnp.sum(mn * (level_sum * x_scale)[:, None], axis=0)
+                    new[h * M + r] = new[h * M + r] + out
+            return tuple(new)
         for h, (s, mn) in enumerate(group_params):
             q3 = _unpack(v, h, bits, mn is not None).reshape(block_n, tiling["groups"], G)
             for r in range(M):
@@ -109,12 +173,15 @@ def _kernel(x_ref, v_ref, s_ref, *rest, M, gated, **tiling):
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "block_n", "block_k", "target_programs",
-                                             "num_warps", "num_stages", "interpret", "sum_splits"))
+                                             "num_warps", "num_stages", "interpret", "sum_splits",
+                                             "int8_activations"))
 def qmatvec_pallas(x: jax.Array, w: QuantizedWeight, out_dtype=None, *, block_n: int = 32,
                    block_k: int | None = None, target_programs: int = 1056, num_warps: int = 4,
-                   num_stages: int | None = None, interpret: bool = False, sum_splits: bool = True):
+                   num_stages: int | None = None, interpret: bool = False, sum_splits: bool = True,
+                   int8_activations: bool | None = None):
     """x [M, K] @ W [K, N] for M <= 4 and a QuantizedWeight W; float32 accumulation.
-    x may be a `GatedInput` (whose dtype is float32).
+    x may be a `GatedInput` (whose dtype is float32). int8_activations (default
+    INT8_ACTIVATIONS): x rounded to int8 per weight group and integer dot products.
 
     Default tiling, from benchmarks/qmatvec_tune.py on the H100: 32 value rows per
     program, 256 inputs per step in 4 stages for int8, 512 in 3 stages for int4
@@ -124,8 +191,10 @@ def qmatvec_pallas(x: jax.Array, w: QuantizedWeight, out_dtype=None, *, block_n:
     _, M, _, _ = gated_operand(x)
     if M > MAX_ROWS:
         raise ValueError(f"qmatvec_pallas handles at most {MAX_ROWS} rows, got {M}")
-    return _launch(_kernel, x, w, out_dtype, block_n, block_k, target_programs, num_warps,
-                   num_stages, interpret, "qmatvec_pallas", with_rows=True, sum_splits=sum_splits)
+    int8_x = INT8_ACTIVATIONS if int8_activations is None else int8_activations
+    return _launch(functools.partial(_kernel, int8_x=int8_x, interpret=interpret), x, w, out_dtype,
+                   block_n, block_k, target_programs, num_warps, num_stages, interpret,
+                   "qmatvec_pallas", with_rows=True, sum_splits=sum_splits)
 
 
 def _launch(kernel, x, w: QuantizedWeight, out_dtype, block_n, block_k, target_programs, num_warps,
