@@ -35,18 +35,35 @@ from profile_decode import profile  # noqa: E402
 # that add_norm adds them) were measured with experiments/gated-splits-and-fit.patch
 # applied and are not kept (benchmarks/NOTES.md).
 VARIANTS = {
+    "default": {},  # the library's settings
     "base": {"DEFERRED_NORM": False},
     "defer": {"DEFERRED_NORM": True},
     # the quantized matrix-vector kernel's float path and integer dot products
     "floatx": {"qmatvec.INT8_ACTIVATIONS": False},
     "int8x": {"qmatvec.INT8_ACTIVATIONS": True},
 }
+# tilings of the quantized batch-1 kernel (4-bit weights) around its earlier default
+# (block_n 32; now 16: NOTES variant 17c)
+_INT4 = dict(block_n=32, block_k=512, num_stages=3, num_warps=4, target_programs=1056)
+for _name, _change in {"bk1024": dict(block_k=1024, num_stages=2), "bk256": dict(block_k=256, num_stages=4),
+                       "bn64": dict(block_n=64), "bn16": dict(block_n=16), "bn32": {}, "warps8": dict(num_warps=8),
+                       "progs2112": dict(target_programs=2112), "stages4": dict(num_stages=4),
+                       "bn16-progs2112": dict(block_n=16, target_programs=2112),
+                       "bn16-bk256": dict(block_n=16, block_k=256, num_stages=4),
+                       "bk256-progs2112": dict(block_k=256, num_stages=4, target_programs=2112),
+                       "bn16-progs4224": dict(block_n=16, target_programs=4224)}.items():
+    VARIANTS["int4-" + _name] = {"qmatvec.TILING": {8: dict(_INT4, block_k=256, num_stages=4),
+                                                    4: dict(_INT4, **_change)}}
 
 
-def set_switch(name: str, value) -> None:
-    """A module attribute of jaxllm.model, or of a kernel module ("qmatvec.NAME")."""
+def _owner(name: str):
+    """jaxllm.model for "NAME", a kernel module for "qmatvec.NAME"; and the attribute."""
     module, _, attr = name.rpartition(".")
-    setattr(importlib.import_module(f"jaxllm.kernels.{module}") if module else model, attr, value)
+    return (importlib.import_module(f"jaxllm.kernels.{module}") if module else model), attr
+
+
+# the library's own settings, restored before each variant applies its changes
+DEFAULTS = {name: getattr(*_owner(name)) for v in VARIANTS.values() for name in v}
 
 
 def main(argv=None) -> int:
@@ -68,8 +85,8 @@ def main(argv=None) -> int:
         if weights != "bf16":
             params = jax.block_until_ready(jaxllm.quantize(params, weights, group_size=32))
         for name in names.split(","):
-            for attr, value in VARIANTS[name].items():
-                set_switch(attr, value)
+            for switch, value in {**DEFAULTS, **VARIANTS[name]}.items():
+                setattr(*_owner(switch), value)
             jax.clear_caches()
             print(f"{shape} {weights} {name} ...", file=sys.stderr, flush=True)
             r = {"shape": shape, "weights": weights, "variant": name, "settings": VARIANTS[name],

@@ -66,7 +66,7 @@ def test_pack_dequantize_and_linear_match_float64(bits, mins, G):
         scale = np.abs(ref).max()
         np.testing.assert_allclose(np.asarray(quant.linear_reference(jnp.asarray(x), w)), ref, atol=1e-5 * scale)
         if bits in KERNEL_BITS and M <= 4:  # integer dot products, and the float path
-            for int8_activations in (True, False):
+            for int8_activations in (True, False) if M == 1 else (True,):
                 got = qmatvec_pallas(jnp.asarray(x), w, interpret=True, int8_activations=int8_activations)
                 np.testing.assert_allclose(np.asarray(got), ref, atol=1e-5 * scale)
         elif bits in KERNEL_BITS and M <= 16:

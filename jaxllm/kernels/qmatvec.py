@@ -38,6 +38,11 @@ from .matvec import MAX_ROWS, _plan, _pow2, activate, finish, gated_operand, loa
 KERNEL_BITS = (4, 8)  # 5- and 6-bit weights (Q5_*, Q6_K files) take the XLA path
 # On by default; benchmarks/qmatvec_tune.py and decode_variants.py switch it off to compare.
 INT8_ACTIVATIONS = True
+# Default tiling per weight width, on the H100: 256 inputs per step in 4 stages for
+# int8, 512 in 3 for 4 bits (the same bytes per row per step; benchmarks/qmatvec_tune.py);
+# 16 packed rows per 4-bit program (llama8b int4 tg128 +2% over 32, NOTES variant 17c).
+TILING = {8: dict(block_n=32, block_k=256, num_stages=4, num_warps=4, target_programs=1056),
+          4: dict(block_n=16, block_k=512, num_stages=3, num_warps=4, target_programs=1056)}
 
 # Per 4 packed bytes (pack=4 puts 4 consecutive elements of a thread in one 32-bit
 # register): the dot product of the weight levels with the activations, in the first
@@ -175,19 +180,19 @@ def _kernel(x_ref, v_ref, s_ref, *rest, M, gated, int8_x, interpret, **tiling):
 @functools.partial(jax.jit, static_argnames=("out_dtype", "block_n", "block_k", "target_programs",
                                              "num_warps", "num_stages", "interpret", "sum_splits",
                                              "int8_activations"))
-def qmatvec_pallas(x: jax.Array, w: QuantizedWeight, out_dtype=None, *, block_n: int = 32,
-                   block_k: int | None = None, target_programs: int = 1056, num_warps: int = 4,
-                   num_stages: int | None = None, interpret: bool = False, sum_splits: bool = True,
+def qmatvec_pallas(x: jax.Array, w: QuantizedWeight, out_dtype=None, *, block_n: int | None = None,
+                   block_k: int | None = None, target_programs: int | None = None,
+                   num_warps: int | None = None, num_stages: int | None = None,
+                   interpret: bool = False, sum_splits: bool = True,
                    int8_activations: bool | None = None):
     """x [M, K] @ W [K, N] for M <= 4 and a QuantizedWeight W; float32 accumulation.
     x may be a `GatedInput` (whose dtype is float32). int8_activations (default
     INT8_ACTIVATIONS): x rounded to int8 per weight group and integer dot products.
-
-    Default tiling, from benchmarks/qmatvec_tune.py on the H100: 32 value rows per
-    program, 256 inputs per step in 4 stages for int8, 512 in 3 stages for int4
-    (the same bytes per row per step)."""
-    block_k = block_k or (256 if w.bits == 8 else 512)
-    num_stages = num_stages or (4 if w.bits == 8 else 3)
+    Tiling arguments left None take TILING's."""
+    default = TILING.get(w.bits, TILING[8])  # other widths fail in _launch
+    block_n, block_k = block_n or default["block_n"], block_k or default["block_k"]
+    target_programs = target_programs or default["target_programs"]
+    num_warps, num_stages = num_warps or default["num_warps"], num_stages or default["num_stages"]
     _, M, _, _ = gated_operand(x)
     if M > MAX_ROWS:
         raise ValueError(f"qmatvec_pallas handles at most {MAX_ROWS} rows, got {M}")
