@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import jaxllm  # noqa: E402
 from jaxllm import PRESETS, model  # noqa: E402
+from jaxllm.kernels import qmatvec  # noqa: E402
 from bench import fast_path_error, measure_decode, measure_prefill  # noqa: E402
 from profile_decode import profile  # noqa: E402
 
@@ -52,8 +53,7 @@ for _name, _change in {"bk1024": dict(block_k=1024, num_stages=2), "bk256": dict
                        "bn16-bk256": dict(block_n=16, block_k=256, num_stages=4),
                        "bk256-progs2112": dict(block_k=256, num_stages=4, target_programs=2112),
                        "bn16-progs4224": dict(block_n=16, target_programs=4224)}.items():
-    VARIANTS["int4-" + _name] = {"qmatvec.TILING": {8: dict(_INT4, block_k=256, num_stages=4),
-                                                    4: dict(_INT4, **_change)}}
+    VARIANTS["int4-" + _name] = {"qmatvec.TILING": {**qmatvec.TILING, 4: dict(_INT4, **_change)}}
 
 
 def _owner(name: str):

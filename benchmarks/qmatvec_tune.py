@@ -37,15 +37,20 @@ def chained_weights(K, N, mode, rows=1):
     return x, ws, sum(w.nbytes for w in ws)
 
 
+def random_blocks(rng, bits, mins, G, N=384, K=1024) -> quant.HostBlocks:
+    """Random levels, scales (and minimums) of one storage form."""
+    lo, hi = ((-8, 7) if not mins else (0, 15)) if bits == 4 else (-127, 127)
+    return quant.HostBlocks(rng.integers(lo, hi + 1, (N, K)).astype(np.int8),
+                            rng.uniform(0.001, 0.02, (N, K // G)).astype(np.float32),
+                            rng.normal(0, 0.05, (N, K // G)).astype(np.float32) if mins else None, bits)
+
+
 def check(rng):
     """Every storage form and row count against float64 NumPy."""
     worst = 0.0
     for bits, mins, G, M in itertools.product((8, 4), (False, True), (16, 32), (1, 2, 4)):
         N, K = 384, 1024
-        lo, hi = ((-8, 7) if not mins else (0, 15)) if bits == 4 else (-127, 127)
-        blocks = quant.HostBlocks(rng.integers(lo, hi + 1, (N, K)).astype(np.int8),
-                                  rng.uniform(0.001, 0.02, (N, K // G)).astype(np.float32),
-                                  rng.normal(0, 0.05, (N, K // G)).astype(np.float32) if mins else None, bits)
+        blocks = random_blocks(rng, bits, mins, G, N, K)
         w = quant.pack(blocks, jnp.bfloat16)
         x = rng.standard_normal((M, K)).astype(np.float32)
         ref = x.astype(np.float64) @ blocks.dequantize().T.astype(np.float64)
@@ -61,10 +66,7 @@ def check(rng):
     # float32 activations on the int8 grid of each group: the integer path is exact
     for bits, mins, M in itertools.product((8, 4), (False, True), (1, 3)):
         G, N, K = 32, 384, 1024
-        lo, hi = ((-8, 7) if not mins else (0, 15)) if bits == 4 else (-127, 127)
-        blocks = quant.HostBlocks(rng.integers(lo, hi + 1, (N, K)).astype(np.int8),
-                                  rng.uniform(0.001, 0.02, (N, K // G)).astype(np.float32),
-                                  rng.normal(0, 0.05, (N, K // G)).astype(np.float32) if mins else None, bits)
+        blocks = random_blocks(rng, bits, mins, G, N, K)
         levels = rng.integers(-127, 128, (M, K // G, G))
         levels[:, :, 0] = 127
         x = (levels * rng.uniform(0.005, 0.05, (M, K // G, 1))).reshape(M, K).astype(np.float32)

@@ -47,8 +47,7 @@ class DeferredNorm(NamedTuple):
 
     @property
     def factor(self) -> jax.Array:
-        x32 = self.x.astype(jnp.float32)
-        return jax.lax.rsqrt((x32 * x32).mean(-1, keepdims=True) + self.eps)
+        return rms_factor(self.x.astype(jnp.float32), self.eps)
 
     @property
     def shape(self):
@@ -134,7 +133,7 @@ def add_norm(x: jax.Array, delta: Optional[Delta], p: Norm, config: ModelConfig,
     as a `DeferredNorm` for the projection after it."""
     if deferred:
         x = x if delta is None else x + total(delta, x)
-        scaled = x.astype(jnp.float32) * (config.norm_weight_offset + p.scale.astype(jnp.float32))
+        scaled = x.astype(jnp.float32) * norm_weight(p, config)
         return x, DeferredNorm(scaled.astype(x.dtype), x, config.norm_eps)
     if delta is None:
         return x, apply_norm(x, p, config)
@@ -156,13 +155,22 @@ def total(delta: Delta, like: jax.Array) -> jax.Array:
     return delta
 
 
+def rms_factor(x32: jax.Array, eps: float) -> jax.Array:
+    """rsqrt(mean(x^2) + eps) over the last axis, kept as [..., 1]."""
+    return jax.lax.rsqrt((x32 * x32).mean(-1, keepdims=True) + eps)
+
+
+def norm_weight(p: Norm, config: ModelConfig) -> jax.Array:
+    """The norm's float32 weight, with the architecture's offset (Gemma's 1 + scale)."""
+    return config.norm_weight_offset + p.scale.astype(jnp.float32)
+
+
 def apply_norm(x: jax.Array, p: Norm, config: ModelConfig) -> jax.Array:
     """RMSNorm or LayerNorm over the last axis, computed in float32."""
     x32 = x.astype(jnp.float32)
     if config.norm == "layer":
         x32 = x32 - x32.mean(-1, keepdims=True)
-    y = x32 * jax.lax.rsqrt((x32 * x32).mean(-1, keepdims=True) + config.norm_eps)
-    y = y * (config.norm_weight_offset + p.scale.astype(jnp.float32))
+    y = x32 * rms_factor(x32, config.norm_eps) * norm_weight(p, config)
     if p.bias is not None:
         y = y + p.bias.astype(jnp.float32)
     return y.astype(x.dtype)
