@@ -38,11 +38,14 @@ def chained_weights(K, N, mode, rows=1):
 
 
 def random_blocks(rng, bits, mins, G, N=384, K=1024) -> quant.HostBlocks:
-    """Random levels, scales (and minimums) of one storage form."""
+    """Random levels, scales (and minimums) of one storage form: float16 for groups of
+    32 (minimums paired with the scales, as `jaxllm.quantize` stores them), float32 else."""
     lo, hi = ((-8, 7) if not mins else (0, 15)) if bits == 4 else (-127, 127)
+    dtype = np.float16 if G == 32 else np.float32
     return quant.HostBlocks(rng.integers(lo, hi + 1, (N, K)).astype(np.int8),
-                            rng.uniform(0.001, 0.02, (N, K // G)).astype(np.float32),
-                            rng.normal(0, 0.05, (N, K // G)).astype(np.float32) if mins else None, bits)
+                            rng.uniform(0.001, 0.02, (N, K // G)).astype(dtype).astype(np.float32),
+                            rng.normal(0, 0.05, (N, K // G)).astype(dtype).astype(np.float32) if mins else None,
+                            bits)
 
 
 def check(rng):

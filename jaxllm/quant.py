@@ -27,6 +27,12 @@ Scales are [K/G, N] so a GPU program reads the scales of its output columns
 contiguously. GGUF's float16 scales stay float16; K-quant scales (a float16 super
 scale times a 6-bit sub-scale) are kept in float32 when float16 cannot hold them
 exactly, so repacking loses nothing beyond the file's own quantization.
+
+float16 minimums are paired with their scales: `scales` is then uint32 [K/G, N],
+the scale in the low 16 bits and the minimum in the high 16, and `mins` is None.
+The GPU kernels then read one 32-bit word per group and output column where they
+read two 16-bit tiles from two arrays (H100, llama8b int4 tg128 354 -> 378 tok/s;
+benchmarks/NOTES.md). `group_scales` and `group_mins` read either form.
 """
 
 from __future__ import annotations
@@ -49,8 +55,8 @@ PROJECTIONS = ("wqkv", "wo", "w_in", "w_out")
 @struct.dataclass
 class QuantizedWeight:
     values: jax.Array  # int8 [N, K] (bits 8) or uint8 [N/2, K] (bits 4-6: the low nibbles)
-    scales: jax.Array  # [K/G, N] float16 or float32
-    mins: Optional[jax.Array] = None  # [K/G, N] like scales; None: symmetric
+    scales: jax.Array  # [K/G, N] float16 or float32, or uint32 (scale, minimum) float16 pairs
+    mins: Optional[jax.Array] = None  # [K/G, N] float32; None: symmetric, or paired in scales
     high: Optional[jax.Array] = None  # bits 5, 6: uint8 [N/8, K] or [N/4, K], the bits above 4
     bits: int = struct.field(pytree_node=False, default=8)
     compute_dtype: str = struct.field(pytree_node=False, default="float32")
@@ -63,6 +69,25 @@ class QuantizedWeight:
     @property
     def group_size(self) -> int:
         return self.values.shape[1] // self.scales.shape[0]
+
+    @property
+    def paired(self) -> bool:
+        """Minimums stored in the high halves of `scales` (module docstring)."""
+        return self.scales.dtype == jnp.uint32
+
+    @property
+    def has_mins(self) -> bool:
+        return self.paired or self.mins is not None
+
+    def group_scales(self) -> jax.Array:
+        """float32 [K/G, N]."""
+        return (unpair(self.scales)[0] if self.paired else self.scales).astype(jnp.float32)
+
+    def group_mins(self) -> Optional[jax.Array]:
+        """float32 [K/G, N], or None for symmetric weights."""
+        if self.paired:
+            return unpair(self.scales)[1].astype(jnp.float32)
+        return None if self.mins is None else self.mins.astype(jnp.float32)
 
     @property
     def dtype(self):
@@ -166,7 +191,20 @@ def _pack(q, scales, mins, bits: int, scale_dtype, compute_dtype: str) -> Quanti
         if bits > 4:
             high = _interleave(levels >> 4, _SLICES[bits], bits - 4)
     cols = lambda a: None if a is None else a.T.astype(scale_dtype)
+    if mins is not None and jnp.dtype(scale_dtype) == jnp.float16:
+        return QuantizedWeight(values, pair(cols(scales), cols(mins)), None, high, bits, compute_dtype)
     return QuantizedWeight(values, cols(scales), cols(mins), high, bits, compute_dtype)
+
+
+def pair(scales: jax.Array, mins: jax.Array) -> jax.Array:
+    """float16 scales and minimums [K/G, N] -> uint32 [K/G, N], the scale in the low half."""
+    return jax.lax.bitcast_convert_type(jnp.stack([scales, mins], axis=-1), jnp.uint32)
+
+
+def unpair(pairs: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Inverse of `pair`."""
+    halves = jax.lax.bitcast_convert_type(pairs, jnp.float16)
+    return halves[..., 0], halves[..., 1]
 
 
 def _interleave(parts: jax.Array, slices: int, width: int) -> jax.Array:
@@ -200,7 +238,7 @@ def _levels(w: QuantizedWeight) -> jax.Array:
     levels = _split(w.values, 2, 4)
     if w.high is not None:
         levels = levels | (_split(w.high, _SLICES[w.bits], w.bits - 4) << 4)
-    return levels.astype(jnp.float32) - (0.0 if w.mins is not None else _offset(w.bits))
+    return levels.astype(jnp.float32) - (0.0 if w.has_mins else _offset(w.bits))
 
 
 def _scaled_levels(w: QuantizedWeight, dtype) -> jax.Array:
@@ -208,15 +246,15 @@ def _scaled_levels(w: QuantizedWeight, dtype) -> jax.Array:
     stored bytes, so XLA fuses it into the dot that consumes it."""
     N, K = w.shape[1], w.shape[0]
     G = w.group_size
-    scales = w.scales.astype(jnp.float32).T.reshape(N, K // G, 1)
+    scales = w.group_scales().T.reshape(N, K // G, 1)
     return (_levels(w).reshape(N, K // G, G) * scales).reshape(N, K).astype(dtype)
 
 
 def dequantize(w: QuantizedWeight, dtype=None) -> jax.Array:
     """The dense [K, N] weight (reference path, training, tests)."""
     dense = _scaled_levels(w, jnp.float32).T
-    if w.mins is not None:
-        dense = dense + jnp.repeat(w.mins.astype(jnp.float32), w.group_size, axis=0)
+    if w.has_mins:
+        dense = dense + jnp.repeat(w.group_mins(), w.group_size, axis=0)
     return dense.astype(dtype or w.dtype)
 
 
@@ -227,10 +265,10 @@ def linear_reference(x: jax.Array, w: QuantizedWeight, out_dtype=None) -> jax.Ar
     loop; with more rows it dequantizes, then multiplies (benchmarks/NOTES.md)."""
     K, G = w.shape[0], w.group_size
     y = jnp.dot(_scaled_levels(w, x.dtype), x.T, preferred_element_type=jnp.float32).T
-    if w.mins is not None:
+    if w.has_mins:
         # sum_k x_k m_g(k) = (sum of x over each group) @ mins: kept out of the big loop.
         group_sums = x.astype(jnp.float32).reshape(x.shape[0], K // G, G).sum(-1)
-        y = y + group_sums @ w.mins.astype(jnp.float32)
+        y = y + group_sums @ w.group_mins()
     return y.astype(out_dtype or x.dtype)
 
 
@@ -250,10 +288,10 @@ def take_rows(w: QuantizedWeight, ids: jax.Array) -> jax.Array:
         levels = plane(w.values, 2, 4)
         if w.high is not None:
             levels = levels | (plane(w.high, _SLICES[w.bits], w.bits - 4) << 4)
-        q = levels.astype(jnp.float32) - (0.0 if w.mins is not None else _offset(w.bits))
-    out = q * jnp.repeat(w.scales.T[ids].astype(jnp.float32), G, axis=-1)
-    if w.mins is not None:
-        out = out + jnp.repeat(w.mins.T[ids].astype(jnp.float32), G, axis=-1)
+        q = levels.astype(jnp.float32) - (0.0 if w.has_mins else _offset(w.bits))
+    out = q * jnp.repeat(w.group_scales().T[ids], G, axis=-1)
+    if w.has_mins:
+        out = out + jnp.repeat(w.group_mins().T[ids], G, axis=-1)
     return out.reshape(*ids.shape, K).astype(w.dtype)
 
 

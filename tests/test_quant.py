@@ -24,12 +24,16 @@ from jaxllm.model import linear
 FORMS = list(itertools.product((8, 6, 5, 4), (False, True), (16, 32)))  # bits, has mins, group
 
 
-def random_host_blocks(rng, bits, mins, G, N=64, K=128):
+def random_host_blocks(rng, bits, mins, G, N=64, K=128, float16=False):
+    """float16=True: scales and minimums that float16 holds exactly, so that `pack`
+    stores them as float16 (paired where there are minimums)."""
     half = 1 << (bits - 1)
     lo, hi = (0, 2 * half - 1) if mins and bits < 8 else (-half, half - 1)
+    dtype = np.float16 if float16 else np.float32
     return quant.HostBlocks(rng.integers(lo, hi + 1, (N, K)).astype(np.int8),
-                            rng.uniform(0.001, 0.05, (N, K // G)).astype(np.float32),
-                            rng.normal(0, 0.05, (N, K // G)).astype(np.float32) if mins else None, bits)
+                            rng.uniform(0.001, 0.05, (N, K // G)).astype(dtype).astype(np.float32),
+                            rng.normal(0, 0.05, (N, K // G)).astype(dtype).astype(np.float32) if mins else None,
+                            bits)
 
 
 def on_int8_grid(rng, M, K, G) -> np.ndarray:
@@ -54,11 +58,13 @@ def dense64(b: quant.HostBlocks) -> np.ndarray:
 @pytest.mark.parametrize("bits,mins,G", FORMS)
 def test_pack_dequantize_and_linear_match_float64(bits, mins, G):
     rng = np.random.default_rng()
-    b = random_host_blocks(rng, bits, mins, G)
+    float16 = G == 32  # float16 scales (paired with float16 minimums) and float32 ones
+    b = random_host_blocks(rng, bits, mins, G, float16=float16)
     w = quant.pack(b)
     assert w.shape == (128, 64) and w.bits == bits and w.group_size == G
+    assert w.has_mins == mins and w.paired == (mins and float16)
     # stored in `bits` bits per weight plus the scales (and minimums)
-    assert w.nbytes == 128 * 64 * bits // 8 + (1 + mins) * (128 // G) * 64 * w.scales.dtype.itemsize
+    assert w.nbytes == 128 * 64 * bits // 8 + (1 + mins) * (128 // G) * 64 * (2 if float16 else 4)
     np.testing.assert_allclose(np.asarray(quant.dequantize(w), np.float64), dense64(b), rtol=1e-6, atol=1e-7)
     for M in (1, 3, 6, 16, 17):
         x = on_int8_grid(rng, M, 128, G)
@@ -190,12 +196,9 @@ def test_native_cpu_kernel_wide_inputs_and_both_code_paths(bits):
     float16 and float32 scales, symmetric and with minimums, 1-4 rows."""
     rng = np.random.default_rng()
     for G, mins, half in ((32, False, True), (64, True, False), (32, True, True)):
-        b = random_host_blocks(rng, bits, mins, G, N=96, K=1344)
-        if half:
-            b = quant.HostBlocks(b.q, b.scales.astype(np.float16).astype(np.float32), None if b.mins is None
-                                 else b.mins.astype(np.float16).astype(np.float32), bits)
+        b = random_host_blocks(rng, bits, mins, G, N=96, K=1344, float16=half)
         w = quant.pack(b)
-        assert (w.scales.dtype == jnp.float16) == half
+        assert (w.scales.dtype in (jnp.float16, jnp.uint32)) == half
         for M in (1, 2, 4):
             x = rng.standard_normal((M, 1344)).astype(np.float32)
             ref = x.astype(np.float64) @ dense64(b)

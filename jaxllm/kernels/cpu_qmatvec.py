@@ -94,6 +94,6 @@ def qmatvec_cpu(x: jax.Array, w: QuantizedWeight, out_dtype=None) -> jax.Array:
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((M, w.shape[1]), jnp.float32))
     y = call(x.astype(jnp.float32), w.values, empty if w.high is None else w.high, w.scales,
              empty if w.mins is None else w.mins, bits=np.int32(w.bits),
-             has_high=w.high is not None, has_mins=w.mins is not None)
+             has_high=w.high is not None, has_mins=w.has_mins)
     return y.astype(out_dtype or x.dtype)
 

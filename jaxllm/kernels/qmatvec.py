@@ -119,14 +119,19 @@ def _step(v_ref, s_ref, m_ref, i, *, j, split, K, Nv, G, bits, has_mins, block_n
     group_params = []
     for col0 in _halves(bits, Nv):
         at = (pl.ds(g0, groups), pl.ds(col0 + j * block_n, block_n))
-        scales = plgpu.load(s_ref.at[at], mask=mask, other=0.0).astype(jnp.float32)
-        mins = plgpu.load(m_ref.at[at], mask=mask, other=0.0).astype(jnp.float32) if has_mins else None
-        group_params.append((scales, mins))
+        if s_ref.dtype == jnp.uint32:  # float16 (scale, minimum) pairs: one load for both
+            pairs = plgpu.load(s_ref.at[at], mask=mask, other=0)
+            half = lambda u: jax.lax.bitcast_convert_type(u.astype(jnp.uint16), jnp.float16)
+            scales, mins = half(pairs & 0xFFFF), half(pairs >> 16)
+        else:
+            scales = plgpu.load(s_ref.at[at], mask=mask, other=0.0)
+            mins = plgpu.load(m_ref.at[at], mask=mask, other=0.0) if has_mins else None
+        group_params.append((scales.astype(jnp.float32), None if mins is None else mins.astype(jnp.float32)))
     return k0, k_ok, v, group_params
 
 
 def _kernel(x_ref, v_ref, s_ref, *rest, M, gated, int8_x, interpret, **tiling):
-    m_ref = rest[0] if tiling["has_mins"] else None
+    m_ref = rest[0] if len(rest) == 2 else None  # separate float32 minimums
     o_ref = rest[-1]
     j, split = pl.program_id(0), pl.program_id(1)
     G, block_n, Nv, bits = tiling["G"], tiling["block_n"], tiling["Nv"], tiling["bits"]
@@ -215,11 +220,11 @@ def _launch(kernel, x, w: QuantizedWeight, out_dtype, block_n, block_k, target_p
     Nv = w.values.shape[0]
     groups = max(1, min(block_k, _pow2(K)) // G)  # groups per step (a power of two)
     row_blocks, splits, steps = _plan(M, K, Nv, block_n, G * groups, target_programs)
-    has_mins = w.mins is not None
+    has_mins = w.has_mins
     kernel = functools.partial(kernel, K=K, Nv=Nv, G=G, bits=w.bits, has_mins=has_mins,
                                block_n=block_n, groups=groups, steps=steps,
                                **({"M": M, "gated": gated} if with_rows else {}))
-    operands = (x, w.values, w.scales) + ((w.mins,) if has_mins else ())
+    operands = (x, w.values, w.scales) + ((w.mins,) if w.mins is not None else ())  # else paired or none
     compiler_params = None
     if not interpret:
         compiler_params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
@@ -246,7 +251,7 @@ def use_qmatmul(kernels: str, rows: int) -> bool:
 
 
 def _matmul_kernel(x_ref, v_ref, s_ref, *rest, **tiling):
-    m_ref = rest[0] if tiling["has_mins"] else None
+    m_ref = rest[0] if len(rest) == 2 else None  # separate float32 minimums
     o_ref = rest[-1]
     j, split = pl.program_id(0), pl.program_id(1)
     G, block_n, Nv, bits = tiling["G"], tiling["block_n"], tiling["Nv"], tiling["bits"]

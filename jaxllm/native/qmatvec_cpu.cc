@@ -1,7 +1,8 @@
 // Matrix-vector products with blockwise-quantized weights on the CPU, for XLA's
 // FFI: y [M, N] float32 = x [M, K] float32 @ W [K, N], W a QuantizedWeight in the
 // layout of jaxllm/quant.py (values [N / slices, K] with row-split nibbles, an
-// optional plane of high bits, scales and minimums [K / G, N]).
+// optional plane of high bits, scales and minimums [K / G, N], or float16 scales and
+// minimums paired in one uint32 array).
 //
 // Why native code: XLA:CPU either dequantizes the weight into a float32 buffer
 // before its dot (and in a decode loop hoists that out of the loop, so the whole
@@ -68,11 +69,12 @@ struct Weight {
   const void* scales;     // [K / G, N], float16 or float32
   const void* mins;       // like scales, or null
   bool half;              // scales and minimums are float16
+  int64_t stride;         // 2 where they are float16 pairs (scale, minimum), else 1
   int bits;
   int64_t K, N, G;
 
   float Scale(const void* table, int64_t g, int64_t n) const {
-    const int64_t i = g * N + n;
+    const int64_t i = (g * N + n) * stride;
     return half ? HalfToFloat(static_cast<const uint16_t*>(table)[i])
                 : static_cast<const float*>(table)[i];
   }
@@ -247,9 +249,11 @@ ffi::Error QMatvec(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer
   Weight w;
   w.values = static_cast<const uint8_t*>(values.untyped_data());
   w.high = has_high ? static_cast<const uint8_t*>(high.untyped_data()) : nullptr;
+  const bool paired = scales.element_type() == ffi::DataType::U32;
   w.scales = scales.untyped_data();
-  w.mins = has_mins ? mins.untyped_data() : nullptr;
-  w.half = scales.element_type() == ffi::DataType::F16;
+  w.mins = !has_mins ? nullptr : paired ? static_cast<const uint16_t*>(w.scales) + 1 : mins.untyped_data();
+  w.half = paired || scales.element_type() == ffi::DataType::F16;
+  w.stride = paired ? 2 : 1;
   w.bits = bits;
   w.K = K;
   w.N = N;
