@@ -103,7 +103,7 @@ def _halves(bits: int, Nv: int) -> tuple[int, ...]:
     return (0,) if bits == 8 else (0, Nv)
 
 
-def _step(v_ref, s_ref, m_ref, i, *, j, split, K, Nv, G, bits, has_mins, block_n, groups, steps):
+def _step(v_ref, s_ref, m_ref, i, *, j, split, K, Nv, G, bits, block_n, groups, steps):
     """What loop step i of program (j, split) reads, in both kernels: the inputs' offset
     k0 and mask [BK], the value tile [bn, BK], and per half the groups' scales and
     minimums [groups, bn] in float32 (minimums None without)."""
@@ -119,13 +119,13 @@ def _step(v_ref, s_ref, m_ref, i, *, j, split, K, Nv, G, bits, has_mins, block_n
     group_params = []
     for col0 in _halves(bits, Nv):
         at = (pl.ds(g0, groups), pl.ds(col0 + j * block_n, block_n))
-        if s_ref.dtype == jnp.uint32:  # float16 (scale, minimum) pairs: one load for both
+        if s_ref.dtype == jnp.uint32:  # float16 (scale, minimum) pairs, one load (quant.unpair per word)
             pairs = plgpu.load(s_ref.at[at], mask=mask, other=0)
             half = lambda u: jax.lax.bitcast_convert_type(u.astype(jnp.uint16), jnp.float16)
             scales, mins = half(pairs & 0xFFFF), half(pairs >> 16)
         else:
             scales = plgpu.load(s_ref.at[at], mask=mask, other=0.0)
-            mins = plgpu.load(m_ref.at[at], mask=mask, other=0.0) if has_mins else None
+            mins = None if m_ref is None else plgpu.load(m_ref.at[at], mask=mask, other=0.0)
         group_params.append((scales.astype(jnp.float32), None if mins is None else mins.astype(jnp.float32)))
     return k0, k_ok, v, group_params
 
@@ -220,8 +220,7 @@ def _launch(kernel, x, w: QuantizedWeight, out_dtype, block_n, block_k, target_p
     Nv = w.values.shape[0]
     groups = max(1, min(block_k, _pow2(K)) // G)  # groups per step (a power of two)
     row_blocks, splits, steps = _plan(M, K, Nv, block_n, G * groups, target_programs)
-    has_mins = w.has_mins
-    kernel = functools.partial(kernel, K=K, Nv=Nv, G=G, bits=w.bits, has_mins=has_mins,
+    kernel = functools.partial(kernel, K=K, Nv=Nv, G=G, bits=w.bits,
                                block_n=block_n, groups=groups, steps=steps,
                                **({"M": M, "gated": gated} if with_rows else {}))
     operands = (x, w.values, w.scales) + ((w.mins,) if w.mins is not None else ())  # else paired or none
