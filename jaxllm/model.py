@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .cache import KVCache, write_rows
+from .calibration import InputTap
 from .config import ModelConfig
 from .kernels.add_norm import Delta, add_norm_pallas, use_add_norm
 from .kernels.cpu_qmatvec import qmatvec_cpu, use_native
@@ -82,7 +83,11 @@ def linear(x: jax.Array, w, b: Optional[jax.Array] = None, kernels: str = "auto"
     (default x's). Every projection goes through here; w is a dense array or a
     QuantizedWeight standing for one. partial=True lets a split-K kernel return its
     `PartialSums` [S, rows, Out] for `add_norm` to add up. x may be a `GatedInput`
-    [S, rows, 2 In] (the MLP's down projection at decode), which the kernels take whole."""
+    [S, rows, 2 In] (the MLP's down projection at decode), which the kernels take whole.
+    An `InputTap` w (calibration.py) records x, then stands for its weight."""
+    if isinstance(w, InputTap):
+        w.observe(x)
+        w = w.weight
     if isinstance(x, DeferredNorm):
         # The projection returns x's dtype (asking XLA for float32 outputs changes its
         # fusions, NOTES variant 7); the factor is applied in float32 after it.

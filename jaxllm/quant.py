@@ -298,11 +298,14 @@ def take_rows(w: QuantizedWeight, ids: jax.Array) -> jax.Array:
 # ---- quantizing dense weights --------------------------------------------------
 
 @partial(jax.jit, static_argnums=(1, 2))
-def _quantize_rows(w: jax.Array, bits: int, group_size: int):
+def _quantize_rows(w: jax.Array, bits: int, group_size: int, importance: Optional[jax.Array] = None):
     """Dense rows w [N, K] -> (q int8 [N, K], scales, mins or None [N, K/G]).
     8 bits: symmetric, scale = max|w| / 127 (llama.cpp's Q8_0). 4 bits: asymmetric
     (Q4_1's form: 16 levels from a minimum), the range searched per group. Scales and minimums are rounded to
-    float16 first, so the values are chosen for the scales actually stored."""
+    float16 first, so the values are chosen for the scales actually stored.
+    importance [K] (4 bits): how much an error on each input costs, the mean square
+    of that input over calibration text (`calibration.py`); the search and the
+    refits then minimise the weighted squared error. None weighs inputs alike."""
     N, K = w.shape
     g = w.astype(jnp.float32).reshape(N, K // group_size, group_size)
     f16 = lambda a: a.astype(jnp.float16).astype(jnp.float32)
@@ -311,6 +314,15 @@ def _quantize_rows(w: jax.Array, bits: int, group_size: int):
         scale = f16(jnp.abs(g).max(-1) / 127)
         q = jnp.clip(jnp.round(g * safe_inv(scale)[..., None]), -127, 127)
         return q.astype(jnp.int8).reshape(N, K), scale, None
+    if importance is None:
+        a = jnp.ones((1, K // group_size, group_size), jnp.float32)
+    else:  # normalised per group, so a group's weights sum to G and all-zero inputs count alike
+        a = importance.astype(jnp.float32).reshape(1, K // group_size, group_size)
+        total = a.sum(-1, keepdims=True)
+        a = jnp.where(total > 0, a * group_size / jnp.where(total > 0, total, 1), 1.0)
+    mean = lambda v: (a * v).sum(-1, keepdims=True) / a.sum(-1, keepdims=True)
+    g_mean = mean(g)[..., 0]
+
     # Clipping the range of a group trades a few large errors for finer steps
     # everywhere else; try ranges shrunk at either end and keep, per group, the one
     # with the least squared error (a small version of llama.cpp's make_qkx search).
@@ -321,40 +333,45 @@ def _quantize_rows(w: jax.Array, bits: int, group_size: int):
         lo = f16(g.min(-1) * low)
         scale = f16((g.max(-1) * high - g.min(-1) * low) / 15)
         q = jnp.clip(jnp.round((g - lo[..., None]) * safe_inv(scale)[..., None]), 0, 15)
-        for _ in range(2):  # refit scale and minimum to the chosen levels (least squares)
-            qm = q.mean(-1, keepdims=True)
-            var = ((q - qm) ** 2).sum(-1)
-            fit = jnp.where(var > 0, ((q - qm) * g).sum(-1) / jnp.where(var > 0, var, 1), scale)
+        for _ in range(2):  # refit scale and minimum to the chosen levels (weighted least squares)
+            qm = mean(q)
+            var = (a * (q - qm) ** 2).sum(-1)
+            fit = jnp.where(var > 0, (a * (q - qm) * g).sum(-1) / jnp.where(var > 0, var, 1), scale)
             scale = f16(jnp.maximum(fit, 0))
-            lo = f16(g.mean(-1) - scale * qm[..., 0])
+            lo = f16(g_mean - scale * qm[..., 0])
             q = jnp.clip(jnp.round((g - lo[..., None]) * safe_inv(scale)[..., None]), 0, 15)
-        err = jnp.sum((q * scale[..., None] + lo[..., None] - g) ** 2, axis=-1)
+        err = jnp.sum(a * (q * scale[..., None] + lo[..., None] - g) ** 2, axis=-1)
         return err, q, scale, lo
 
     def keep_better(best, fractions):  # a loop, not an unrolled search: compiles once
         new = candidate(fractions)
         better = new[0] < best[0]
-        return tuple(jnp.where(better[..., None] if a.ndim == 3 else better, n, a)
-                     for a, n in zip(best, new)), None
+        return tuple(jnp.where(better[..., None] if old.ndim == 3 else better, n, old)
+                     for old, n in zip(best, new)), None
     search = jnp.asarray(CLIP_SEARCH, jnp.float32)
     best, _ = jax.lax.scan(keep_better, candidate(search[0]), search[1:])
     _, q, scale, lo = best
     return q.astype(jnp.int8).reshape(N, K), scale, lo
 
 
-def quantize_weight(w: jax.Array, mode: str, group_size: int = 32) -> QuantizedWeight:
-    """A dense [K, N] weight -> QuantizedWeight computing in w's dtype, on the device."""
+def quantize_weight(w: jax.Array, mode: str, group_size: int = 32,
+                    importance: Optional[jax.Array] = None) -> QuantizedWeight:
+    """A dense [K, N] weight -> QuantizedWeight computing in w's dtype, on the device.
+    importance [K]: the mean square of each input over calibration text (int4)."""
     if mode not in MODES:
         raise ValueError(f"unknown quantization mode {mode!r} (choose from {', '.join(MODES)})")
     K, N = w.shape
     if K % group_size:
         raise ValueError(f"group_size {group_size} does not divide the input width {K}")
+    if importance is not None and importance.shape != (K,):
+        raise ValueError(f"importance has shape {importance.shape}; the weight has {K} inputs")
     bits = MODES[mode] if N % 2 == 0 else 8
-    q, scales, mins = _quantize_rows(w.T, MODES[mode], group_size)
+    q, scales, mins = _quantize_rows(w.T, MODES[mode], group_size, importance)
     return _pack(q, scales, mins, bits, jnp.float16, jnp.dtype(w.dtype).name)
 
 
-def quantize(params, mode: str, group_size: int = 32, embeddings: str | None = "int8"):
+def quantize(params, mode: str, group_size: int = 32, embeddings: str | None = "int8",
+             importance=None):
     """Quantize a dense Params pytree (bf16, float32, or a Hugging Face checkpoint).
 
     Every layer projection becomes `mode` ("int8" or "int4") with groups of
@@ -362,14 +379,23 @@ def quantize(params, mode: str, group_size: int = 32, embeddings: str | None = "
     `embeddings` ("int8" by default; None keeps them dense): the output layer is
     the most sensitive to quantization, which is why llama.cpp's 4-bit files keep
     it at 6 or 8 bits.
+
+    importance: per layer, a dict from projection name to the mean square [K] of its
+    inputs over calibration text, as `calibration.input_importance` returns. int4
+    then fits each group's range to the inputs that matter (llama.cpp's imatrix).
     """
     if mode not in MODES:
         raise ValueError(f"unknown quantization mode {mode!r} (choose from {', '.join(MODES)})")
     if embeddings is not None and embeddings not in MODES:
         raise ValueError(f"unknown embeddings mode {embeddings!r}")
-    q = lambda w, m: w if isinstance(w, QuantizedWeight) else quantize_weight(w, m, group_size)
-    layers = tuple(layer.replace(**{name: q(getattr(layer, name), mode) for name in PROJECTIONS})
-                   for layer in params.layers)
+    if importance is not None and len(importance) != len(params.layers):
+        raise ValueError(f"importance has {len(importance)} layers; the model has {len(params.layers)}")
+
+    def q(w, m, weights=None):
+        return w if isinstance(w, QuantizedWeight) else quantize_weight(w, m, group_size, weights)
+    layers = tuple(layer.replace(**{
+        name: q(getattr(layer, name), mode, None if importance is None else importance[i][name])
+        for name in PROJECTIONS}) for i, layer in enumerate(params.layers))
     params = params.replace(layers=layers)
     if embeddings is not None:
         if not isinstance(params.embed, QuantizedWeight):  # stored [V, D]; quantized as the [D, V] head

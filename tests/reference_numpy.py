@@ -64,8 +64,8 @@ def rope(x, pos, f):
     return out
 
 
-def forward_one(p, c, tokens):
-    """Logits [T, V] for one sequence, float64."""
+def forward_one(p, c, tokens, tap=lambda layer, projection, x: None):
+    """Logits [T, V] for one sequence, float64. tap sees each projection's input."""
     T = len(tokens)
     pos = np.arange(T)
     x = p.embed[tokens]
@@ -77,6 +77,7 @@ def forward_one(p, c, tokens):
     for i, L in enumerate(p.layers):
         window = c.layer_window(i)
         h = norm(x, L.attn_norm, c)
+        tap(i, "wqkv", h)
         qkv = h @ L.wqkv + (L.bqkv if L.bqkv is not None else 0)
         q, k, v = np.split(qkv, [c.q_size, c.q_size + c.kv_size], axis=-1)
         q = q.reshape(T, c.n_heads, c.head_dim)
@@ -101,12 +102,14 @@ def forward_one(p, c, tokens):
             s = np.exp(s - s.max(-1, keepdims=True))
             s /= s.sum(-1, keepdims=True)
             out[:, hd] = s @ v[:, kv]
+        tap(i, "wo", out.reshape(T, -1))
         a = out.reshape(T, -1) @ L.wo + (L.bo if L.bo is not None else 0)
         if c.sandwich_norm:
             a = norm(a, L.post_attn_norm, c)
         x_attn = x + a
         if not c.parallel_block:  # Phi-2's MLP reads the same normed input h
             h = norm(x_attn, L.mlp_norm, c)
+        tap(i, "w_in", h)
         a = h @ L.w_in + (L.b_in if L.b_in is not None else 0)
         if c.mlp == "swiglu":
             g, up = np.split(a, 2, axis=-1)
@@ -116,6 +119,7 @@ def forward_one(p, c, tokens):
             hidden = gelu(g, c.gelu_approximate) * up
         else:
             hidden = gelu(a, c.gelu_approximate)
+        tap(i, "w_out", hidden)
         m = hidden @ L.w_out + (L.b_out if L.b_out is not None else 0)
         if c.sandwich_norm:
             m = norm(m, L.post_mlp_norm, c)

@@ -69,6 +69,19 @@ def test_generate_json_on_tiny_model(tiny_gguf):
     assert all(len(row["ids"]) <= 5 and set(row) == {"prompt", "prompt_ids", "ids", "text"} for row in rows)
 
 
+def test_int4_calibration_text(tmp_path):
+    c = tiny(vocab_size=300, max_seq_len=64, d_model=64, head_dim=16, d_ff=96)
+    model = str(write_gguf(tmp_path / "m.gguf", c, jaxllm.init_params(c, jax.random.PRNGKey(0))))
+    assert_usage_error(run("score", "--model", model, "--weights", "int4", "--calibration",
+                           str(tmp_path / "missing.txt"), "some text"), "calibration text", "missing.txt")
+    (tmp_path / "text.txt").write_text("Calibration text for the tiny model. " * 4)
+    r = run("score", "--json", "--model", model, "--weights", "int4", "--calibration",
+            str(tmp_path / "text.txt"), "some text")
+    assert r.returncode == 0, r.stderr
+    assert "calibrating int4 on 148 tokens" in r.stderr
+    assert len(json.loads(r.stdout)["nll"]) == len("some text") - 1
+
+
 @pytest.mark.slow
 def test_real_model_cli_matches_reference():
     with open(REFERENCE) as f:

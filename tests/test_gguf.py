@@ -61,6 +61,52 @@ def test_truncated_file(tmp_path, tiny_model):
             jaxllm.load(str(tmp_path / "cut.gguf"))
 
 
+def test_reader_matches_the_gguf_package(tmp_path, tiny_model):
+    """gguf_reader.py against the `gguf` package's reader on a file with every kind
+    of metadata value and float16, float32 and block-quantized tensors."""
+    from gguf import GGUFReader, GGUFWriter  # noqa: PLC0415
+
+    rng = np.random.default_rng()
+    path = str(tmp_path / "all.gguf")
+    w = GGUFWriter(path, "llama")
+    w.add_uint8("t.u8", 7)
+    w.add_int16("t.i16", -300)
+    w.add_uint64("t.u64", 1 << 40)
+    w.add_float64("t.f64", 0.125)
+    w.add_bool("t.bool", True)
+    w.add_string("t.str", "naïve — ✓")
+    w.add_array("t.ints", [int(i) for i in rng.integers(-1000, 1000, 50)])
+    w.add_array("t.floats", [float(f) for f in rng.standard_normal(9)])
+    w.add_array("t.strs", ["a", "", "ünï", "<0x0A>"])
+    w.add_tensor("f32", rng.standard_normal((3, 64)).astype(np.float32))
+    w.add_tensor("f16", rng.standard_normal((5, 32)).astype(np.float16))
+    q8 = rng.integers(0, 256, (4, 2 * 34), dtype=np.uint8)
+    w.add_tensor("q8", q8, raw_shape=q8.shape, raw_dtype=GGMLQuantizationType.Q8_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    reference = GGUFReader(path)
+    g = GGUFFile(path)
+    for key, field in reference.fields.items():
+        if not key.startswith("GGUF."):
+            assert g.array(key) == field.contents(), key
+    assert g.version == 3
+    for t in reference.tensors:
+        mine = g.tensors[t.name]
+        assert mine.type_name == t.tensor_type.name and mine.shape == tuple(reversed(t.shape.tolist()))
+        np.testing.assert_array_equal(mine.data, t.data)
+
+
+def test_cut_anywhere_is_a_clear_error(tmp_path, tiny_model):
+    c, params = tiny_model
+    data = write_gguf(tmp_path / "t.gguf", c, params).read_bytes()
+    for cut in (0, 3, 4, 10, 30, *np.random.default_rng().integers(30, len(data) - 1, 25)):
+        (tmp_path / "cut.gguf").write_bytes(data[:cut])
+        with pytest.raises(ModelFileError):
+            GGUFFile(str(tmp_path / "cut.gguf"))
+
+
 def test_unsupported_architecture(tmp_path, tiny_model):
     c, params = tiny_model
     path = write_gguf(tmp_path / "m.gguf", c, params, arch="mamba")

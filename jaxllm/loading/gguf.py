@@ -1,6 +1,6 @@
 """GGUF files (llama.cpp, ollama): metadata to ModelConfig, tensors to Params.
 
-Read with the `gguf` package's memory-mapped reader. GGUF stores a matrix as
+Read with gguf_reader.py, memory-mapped. GGUF stores a matrix as
 [out, in] rows of blocks; we dequantize to float32 and transpose to [in, out].
 """
 
@@ -18,78 +18,57 @@ from ..errors import ModelFileError, UnsupportedArchitectureError, UnsupportedTe
 from ..params import Layer, Norm, Params
 from ..quant import HostBlocks, concat_rows, pack
 from .dequant import FORMATS, SUPPORTED_TYPES, blocks, dequantize
+from .gguf_reader import GGUFFormatError, read_gguf
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "phi2", "phi3", "gpt2", "gemma2", "gemma3")
-GGUF_MAGIC = b"GGUF"
+# the tokenizer's vocabulary-sized arrays, kept out of `metadata` (which `jaxllm info` prints)
+ARRAY_KEYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.scores",
+              "tokenizer.ggml.token_type")
 
 
 class GGUFFile:
     """An opened, validated GGUF file: `metadata` (dict) and tensors by name."""
 
     def __init__(self, path: str):
-        from gguf import GGUFReader  # noqa: PLC0415
-
         if not os.path.isfile(path):
             raise ModelFileError(f"{path}: no such file")
-        with open(path, "rb") as f:
-            magic = f.read(4)
-        if magic != GGUF_MAGIC:
-            raise ModelFileError(f"{path}: not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r})")
         try:
-            self.reader = GGUFReader(path)
-        except Exception as e:  # noqa: BLE001 - the reader raises many kinds on bad files
-            raise ModelFileError(f"{path}: cannot parse GGUF header ({type(e).__name__}: {e}); "
-                                 "the file may be truncated") from e
+            self.version, fields, self.tensors = read_gguf(path)
+        except GGUFFormatError as e:
+            raise ModelFileError(f"{path}: {e}") from None
         self.path = path
-        size = os.path.getsize(path)
-        self.tensors = {}
-        for t in self.reader.tensors:
-            if t.data_offset + t.n_bytes > size:
-                raise ModelFileError(f"{path}: truncated (tensor {t.name} ends past the file's "
-                                     f"{size} bytes)")
-            self.tensors[t.name] = t
-        self.metadata = {}
-        for key, field in self.reader.fields.items():
-            if key.startswith("GGUF.") or key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges",
-                                                 "tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
-                continue
-            try:
-                self.metadata[key] = field.contents()
-            except Exception:  # noqa: BLE001 - skip fields of types we never read
-                pass
-        self.version = int(self.reader.fields["GGUF.version"].contents())
+        self._arrays = {key: fields.pop(key) for key in ARRAY_KEYS if key in fields}
+        self.metadata = fields
 
     def array(self, key: str) -> list[Any] | None:
         """A metadata array (tokens, merges, scores, token types), or None."""
-        field = self.reader.fields.get(key)
-        return None if field is None else field.contents()
+        return self._arrays.get(key, self.metadata.get(key))
 
     def tensor_type(self, name: str) -> str:
-        return self.tensors[name].tensor_type.name
+        return self.tensors[name].type_name
 
     def _checked(self, name: str):
         t = self.tensors.get(name)
         if t is None:
             raise ModelFileError(f"{self.path}: tensor {name} is missing")
-        if t.tensor_type.name not in SUPPORTED_TYPES:
+        if t.type_name not in SUPPORTED_TYPES:
             raise UnsupportedTensorTypeError(
-                f"{self.path}: tensor {name} has type {t.tensor_type.name}, which jaxllm cannot "
+                f"{self.path}: tensor {name} has type {t.type_name}, which jaxllm cannot "
                 f"dequantize (supported: {', '.join(SUPPORTED_TYPES)})")
         return t
 
     def load(self, name: str) -> np.ndarray:
         """Dequantized float32 tensor in GGUF's row order ([out, in] for matrices)."""
         t = self._checked(name)
-        shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists the fastest axis first
-        return dequantize(np.asarray(t.data), t.tensor_type.name).reshape(shape)
+        return dequantize(np.asarray(t.data), t.type_name).reshape(t.shape)
 
     def load_blocks(self, name: str) -> HostBlocks | None:
         """A block-quantized matrix kept quantized ([out, in] rows), or None for
         float tensors."""
         t = self._checked(name)
-        if t.tensor_type.name not in FORMATS:
+        if t.type_name not in FORMATS:
             return None
-        return blocks(np.asarray(t.data), t.tensor_type.name)
+        return blocks(np.asarray(t.data), t.type_name)
 
 
 def config_from_gguf(g: GGUFFile) -> ModelConfig:
