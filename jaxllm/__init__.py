@@ -9,6 +9,7 @@
 """
 
 from .cache import KVCache, init_cache
+from .calibration import input_importance
 from .config import PRESETS, ModelConfig, RopeScaling
 from .generate import (ContextLengthError, DecodeState, GenerationResult, generate,
                        generate_stream)
@@ -23,7 +24,7 @@ __all__ = [
     "ContextLengthError", "DecodeState", "GenerationResult", "KVCache", "Layer", "ModelConfig",
     "Norm", "PRESETS", "Params", "QuantizedWeight", "RopeScaling", "SamplerSettings", "decode_step", "dequantize_params",
     "extend", "filter_logits", "forward", "generate", "generate_stream", "init_cache", "init_params",
-    "quantize", "sample",
+    "input_importance", "quantize", "sample",
 ]
 
 from .chat import render_chat  # noqa: E402
