@@ -95,7 +95,7 @@ FINETUNE = [
                       "in `notebooks/data`, adapters as a separate pytree merged at call time."),
     new_code_cell("import jax, jax.numpy as jnp, numpy as np\nimport matplotlib.pyplot as plt\n"
                   "import jaxllm\nfrom jaxllm.train import TrainConfig, init_train_state, train_step, merge_lora\n"
-                  "model = jaxllm.load('smollm2-135m-instruct', verbose=True)\n"
+                  "model = jaxllm.load('smollm2-135m-instruct', verbose=True, weights='dense')\n"
                   "text = open('data/tiny_corpus.txt').read()\n"
                   "blocks = [b.strip() for b in text.split('\\n\\n') if b.strip()]\n"
                   "rows = [model.tokenizer.encode(b + '\\n') for b in blocks]\n"
@@ -108,7 +108,7 @@ FINETUNE = [
                   "                          settings=jaxllm.SamplerSettings.greedy())\n"
                   "    return model.tokenizer.decode(out.tokens[0])\n"
                   "before = answer(model.params); print('before:', before)"),
-    new_code_cell("tc = TrainConfig(learning_rate=2e-3, warmup_steps=3, total_steps=30, lora_rank=8)\n"
+    new_code_cell("tc = TrainConfig(learning_rate=3e-3, warmup_steps=2, total_steps=14, lora_rank=8)\n"
                   "state = init_train_state(model.params, tc, jax.random.PRNGKey(0))\nlosses = []\n"
                   "for step in range(tc.total_steps):\n"
                   "    state, loss = train_step(model.params, model.config, tc, state, jnp.asarray(tokens), jnp.asarray(mask))\n"
@@ -122,10 +122,14 @@ FINETUNE = [
 
 
 def main():
-    """--execute: run each notebook and keep its outputs, so readers see the plots."""
+    """--execute: run each notebook and keep its outputs, so readers see the plots.
+    Names given (e.g. 03_finetune) build only those."""
     execute = "--execute" in sys.argv
+    names = [a for a in sys.argv[1:] if not a.startswith("--")]
     for name, cells in [("01_quickstart", QUICKSTART), ("02_benchmarks", BENCHMARKS),
                         ("03_finetune", FINETUNE)]:
+        if names and name not in names:
+            continue
         nb = new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
                                                                 "language": "python"}})
         if execute:

@@ -35,10 +35,14 @@ MAX_ROWS = 4
 NATIVE_BITS = (4, 5, 6, 8)
 
 
+def cache_root() -> Path:
+    """jaxllm's files kept between runs: $JAXLLM_CACHE, else ~/.cache/jaxllm."""
+    return Path(os.environ.get("JAXLLM_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "jaxllm"))
+
+
 def cache_dir() -> Path:
-    root = os.environ.get("JAXLLM_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "jaxllm")
-    return Path(root) / "native"
+    return cache_root() / "native"
 
 
 def _compile(out: Path) -> None:
