@@ -99,7 +99,6 @@ def input_importance(params: Params, config: ModelConfig, token_ids: Sequence[Se
     return jax.tree.map(lambda s: s / count, total)
 
 
-
 def read_calibration_text(source: str) -> str:
     """"builtin" (the bundled text) or the path of a UTF-8 text file."""
     path = BUILTIN_TEXT if source == "builtin" else source
