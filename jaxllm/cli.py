@@ -31,7 +31,9 @@ def status(message: str) -> None:
 
 def _load(args):
     from .loading.models import load  # noqa: PLC0415 - keep `--help` fast
-    calibration = None if args.calibration == "none" else args.calibration
+    if args.calibration is not None and args.weights != "int4":
+        raise CliError(f"--calibration applies to --weights int4, not {args.weights}")
+    calibration = {None: "builtin", "none": None}.get(args.calibration, args.calibration)
     return load(args.model, verbose=True, weights=args.weights, calibration=calibration)
 
 
@@ -236,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--weights", default="file", choices=WEIGHTS,
                        help="file: keep a GGUF file's quantized tensors quantized (default); "
                             "dense: dequantize; int8/int4: quantize dense weights")
-        p.add_argument("--calibration", default="builtin", metavar="TEXT_FILE",
+        p.add_argument("--calibration", metavar="TEXT_FILE",
                        help="int4: text whose activations weigh the rounding error (a bundled "
                             "text by default; 'none' weighs all inputs alike)")
         p.set_defaults(fn=fn)

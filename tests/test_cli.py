@@ -74,6 +74,8 @@ def test_int4_calibration_text(tmp_path):
     model = str(write_gguf(tmp_path / "m.gguf", c, jaxllm.init_params(c, jax.random.PRNGKey(0))))
     assert_usage_error(run("score", "--model", model, "--weights", "int4", "--calibration",
                            str(tmp_path / "missing.txt"), "some text"), "calibration text", "missing.txt")
+    assert_usage_error(run("score", "--model", model, "--weights", "int8", "--calibration", "none", "x y"),
+                       "--calibration applies to --weights int4")
     (tmp_path / "text.txt").write_text("Calibration text for the tiny model. " * 4)
     r = run("score", "--json", "--model", model, "--weights", "int4", "--calibration",
             str(tmp_path / "text.txt"), "some text")
