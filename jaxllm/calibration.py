@@ -41,10 +41,6 @@ class InputTap:
         self.valid = valid.astype(jnp.float32).reshape(-1, 1)  # 0 on padding rows
         self.squares: Optional[jax.Array] = None  # [K], summed over every valid row seen
 
-    @property
-    def shape(self):
-        return self.weight.shape
-
     def observe(self, x: jax.Array) -> None:
         x32 = x.astype(jnp.float32).reshape(-1, x.shape[-1])
         squares = (self.valid * x32 * x32).sum(0)

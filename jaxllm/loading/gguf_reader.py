@@ -37,20 +37,13 @@ class GGUFFormatError(ValueError):
 class TensorInfo:
     name: str
     shape: tuple[int, ...]  # NumPy order: the row (GGUF's first, fastest axis) last
-    type_id: int
+    tensor_type: GGMLQuantizationType
     n_bytes: int
-    data: np.ndarray  # memory-mapped: typed [*shape] for float types, else uint8 [..., row bytes]
+    data: np.ndarray  # memory-mapped uint8 [*shape[:-1], bytes per row], any type
 
     @property
     def type_name(self) -> str:
-        try:
-            return GGMLQuantizationType(self.type_id).name
-        except ValueError:
-            return f"unknown type {self.type_id}"
-
-    @property
-    def tensor_type(self) -> GGMLQuantizationType:
-        return GGMLQuantizationType(self.type_id)
+        return self.tensor_type.name
 
 
 class _Cursor:
@@ -130,7 +123,8 @@ def read_gguf(path: str) -> tuple[int, dict, dict[str, TensorInfo]]:
     for name, dims, type_id, offset in infos:
         shape = tuple(int(d) for d in reversed(dims))
         try:
-            block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(type_id)]
+            tensor_type = GGMLQuantizationType(type_id)
+            block, block_bytes = GGML_QUANT_SIZES[tensor_type]
         except (ValueError, KeyError):
             raise GGUFFormatError(f"tensor {name} has an unknown type id {type_id}") from None
         if shape[-1] % block:
@@ -139,18 +133,6 @@ def read_gguf(path: str) -> tuple[int, dict, dict[str, TensorInfo]]:
         n_bytes = int(np.prod(shape, dtype=np.int64)) // block * block_bytes
         if start + offset + n_bytes > len(data):
             raise GGUFFormatError(f"truncated: tensor {name} ends past the file's {len(data)} bytes")
-        raw = data[start + offset:start + offset + n_bytes]
-        if block == 1:  # F32, F16, BF16, ... : one element per "block"
-            raw = raw.view(np.dtype(f"<u{block_bytes}") if type_id == GGMLQuantizationType.BF16
-                           else _float_dtype(type_id)).reshape(shape)
-        else:
-            raw = raw.reshape(*shape[:-1], shape[-1] // block * block_bytes)
-        tensors[name] = TensorInfo(name, shape, type_id, n_bytes, raw)
+        rows = data[start + offset:start + offset + n_bytes].reshape(*shape[:-1], -1)
+        tensors[name] = TensorInfo(name, shape, tensor_type, n_bytes, rows)
     return version, metadata, tensors
-
-
-def _float_dtype(type_id: int):
-    return {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16,
-            GGMLQuantizationType.F64: np.float64, GGMLQuantizationType.I8: np.int8,
-            GGMLQuantizationType.I16: np.int16, GGMLQuantizationType.I32: np.int32,
-            GGMLQuantizationType.I64: np.int64}[GGMLQuantizationType(type_id)]

@@ -104,11 +104,10 @@ def _calibrate(model: Model, source: str, verbose: bool):
     start = time.perf_counter()
 
     def progress(done, total):
-        if verbose:
-            print(f"\rcalibrating int4 on {sum(map(len, windows))} tokens: window {done}/{total}",
-                  end="" if done < total else f" ({time.perf_counter() - start:.1f}s)\n",
-                  file=sys.stderr, flush=True)
-    return input_importance(model.params, model.config, windows, progress=progress)
+        print(f"\rcalibrating int4 on {sum(map(len, windows))} tokens: window {done}/{total}",
+              end="" if done < total else f" ({time.perf_counter() - start:.1f}s)\n",
+              file=sys.stderr, flush=True)
+    return input_importance(model.params, model.config, windows, progress=progress if verbose else None)
 
 
 def load(path_or_name: str = DEFAULT_MODEL, dtype=None, verbose: bool = False,
