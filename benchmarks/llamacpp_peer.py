@@ -1,0 +1,278 @@
+"""llama.cpp's decode and prefill speed on the GPU at hand, written as a peer-figures
+file in the format of ../shared/anchors/*.json, so that scripts/bench.py can judge
+jaxllm against llama.cpp on the same device (`--anchors FILE`).
+
+It measures what the shared anchors measured: llama.cpp as vendored in
+llama-cpp-python 0.3.36 (commit 0c1e570), built for sm_90 with CUDA, flash attention
+on, every layer on the GPU, `llama-bench -p 512 -n 128 -r 3`, on GGUF files of random
+weights with the anchors' shapes (speed does not depend on the values). F16 files are
+written directly; Q8_0, Q4_0 and Q4_1 files come from llama-quantize's default rules.
+
+    # here, where PyPI can be reached: a trimmed source tree (~9 MB) to carry
+    python benchmarks/llamacpp_peer.py pack --out .peer/llama.cpp.tar.gz
+    # on the GPU machine: build, write models, measure; the JSON is rewritten after
+    # every measurement, so a run cut short keeps what it measured
+    python benchmarks/llamacpp_peer.py run --source .peer/llama.cpp.tar.gz \\
+        --work .peerwork --out anchors.json --datasheet-tbps 4.8
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import datetime
+import glob
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHARED_ANCHORS = os.path.join(HERE, "..", "..", "shared", "anchors", "h100-2026-11-23.json")
+SDIST = "llama-cpp-python==0.3.36"
+VERSION = "llama.cpp as vendored in llama-cpp-python 0.3.36 (commit 0c1e570), {build}, llama-bench -p 512 -n 128 -r 3"
+GPU_BUILD = "CUDA {cuda}, sm_90, flash attention on, all layers on GPU"
+# Parts of the tree llama-bench and llama-quantize do not need: vocabularies, docs,
+# tests, other backends. What is left packs to ~9 MB (the sdist is 77 MB).
+PRUNE = ("models", "docs", "media", "tests", "benches", "examples", ".git", "tools/server/public",
+         "ggml/src/ggml-sycl", "ggml/src/ggml-vulkan", "ggml/src/ggml-opencl",
+         "ggml/src/ggml-metal", "ggml/src/ggml-hexagon")
+CMAKE_FLAGS = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_CUDA=ON", "-DCMAKE_CUDA_ARCHITECTURES=90",
+               "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
+               "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_OPENSSL=OFF"]
+# The quantized types the shared anchors list, per shape.
+QUANT_TYPES = {"smol135m": ("Q8_0", "Q4_1", "Q4_0"), "llama1b": ("Q8_0", "Q4_0"),
+               "llama8b": ("Q8_0", "Q4_0")}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def pack(out: str) -> None:
+    """Download the sdist and write the trimmed llama.cpp tree as a .tar.gz."""
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                        SDIST, "-d", tmp], check=True)
+        (sdist,) = glob.glob(os.path.join(tmp, "*.tar.gz"))
+        with tarfile.open(sdist) as t:
+            t.extractall(tmp, filter="data")
+        (tree,) = glob.glob(os.path.join(tmp, "llama_cpp_python-*", "vendor", "llama.cpp"))
+        pruned = {os.path.join("llama.cpp", p) for p in PRUNE}
+
+        def keep(info: tarfile.TarInfo):
+            return None if any(info.name == p or info.name.startswith(p + "/") for p in pruned) else info
+
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with tarfile.open(out, "w:gz") as t:
+            t.add(tree, arcname="llama.cpp", filter=keep)
+    log(f"wrote {out} ({os.path.getsize(out) / 1e6:.1f} MB)")
+
+
+def build(source: str, work: str, jobs: int, cuda: bool = True) -> str:
+    """llama-bench and llama-quantize built under work/build (kept if already there)."""
+    bin_dir = os.path.join(work, "build", "bin")
+    if all(os.path.exists(os.path.join(bin_dir, b)) for b in ("llama-bench", "llama-quantize")):
+        return bin_dir
+    tree = os.path.join(work, "llama.cpp")
+    if not os.path.isdir(tree):
+        with tarfile.open(source) as t:
+            t.extractall(work, filter="data")
+    flags = CMAKE_FLAGS if cuda else [f for f in CMAKE_FLAGS if "CUDA" not in f]
+    log(f"building llama.cpp ({'CUDA' if cuda else 'CPU only'}, {jobs} jobs) ...")
+    t0 = time.time()
+    subprocess.run(["cmake", "-S", tree, "-B", os.path.join(work, "build"), "-G", "Ninja", *flags],
+                   check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(["cmake", "--build", os.path.join(work, "build"), "--target", "llama-bench",
+                    "llama-quantize", "-j", str(jobs)], check=True, stdout=subprocess.DEVNULL)
+    log(f"built in {time.time() - t0:.0f} s")
+    return bin_dir
+
+
+def write_random_gguf(path: str, shape: dict, seed: int = 0) -> None:
+    """A Llama-architecture F16 GGUF of random weights (norms F32) with the anchors'
+    shape, and a SentencePiece-style vocabulary of placeholder pieces (llama-bench
+    draws random token ids, so the pieces are never read)."""
+    import gguf
+
+    d, L, F, V = shape["d_model"], shape["layers"], shape["d_ff"], shape["vocab"]
+    H, KV = shape["heads"], shape["kv_heads"]
+    hd = d // H
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_context_length(8192)
+    w.add_embedding_length(d)
+    w.add_block_count(L)
+    w.add_feed_forward_length(F)
+    w.add_head_count(H)
+    w.add_head_count_kv(KV)
+    w.add_rope_dimension_count(hd)
+    w.add_rope_freq_base(shape["rope_theta"])
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(V)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    specials = ["<unk>", "<s>", "</s>"]
+    byte_pieces = [f"<0x{b:02X}>" for b in range(256)]
+    tokens = specials + byte_pieces + [f"t{i}" for i in range(V - len(specials) - 256)]
+    T = gguf.TokenType
+    types = [T.UNKNOWN, T.CONTROL, T.CONTROL] + [T.BYTE] * 256 + [T.NORMAL] * (V - 259)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores([0.0] * V)
+    w.add_token_types(types)
+    w.add_unk_token_id(0)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+
+    # One random block repeated: drawing 8e9 normals would take minutes.
+    block = (np.random.default_rng(seed).standard_normal(1 << 20) * 0.02).astype(np.float16)
+    rand = lambda *s: np.resize(block, s)  # noqa: E731
+    ones = lambda n: np.ones(n, np.float32)  # noqa: E731
+    w.add_tensor("token_embd.weight", rand(V, d))
+    for i in range(L):
+        p = f"blk.{i}."
+        w.add_tensor(p + "attn_norm.weight", ones(d))
+        w.add_tensor(p + "attn_q.weight", rand(H * hd, d))
+        w.add_tensor(p + "attn_k.weight", rand(KV * hd, d))
+        w.add_tensor(p + "attn_v.weight", rand(KV * hd, d))
+        w.add_tensor(p + "attn_output.weight", rand(d, H * hd))
+        w.add_tensor(p + "ffn_norm.weight", ones(d))
+        w.add_tensor(p + "ffn_gate.weight", rand(F, d))
+        w.add_tensor(p + "ffn_up.weight", rand(F, d))
+        w.add_tensor(p + "ffn_down.weight", rand(d, F))
+    w.add_tensor("output_norm.weight", ones(d))
+    if not shape.get("tied_embeddings"):
+        w.add_tensor("output.weight", rand(V, d))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def f16_path(work: str, name: str, shape: dict) -> str:
+    """work/NAME-F16.gguf, written first if it is not there."""
+    path = os.path.join(work, f"{name}-F16.gguf")
+    if not os.path.exists(path):
+        log(f"{name}: writing random F16 GGUF ...")
+        write_random_gguf(path + ".part", shape)
+        os.replace(path + ".part", path)
+    return path
+
+
+def llama_bench(bin_dir: str, model: str, gpu: bool, extra: list[str]) -> dict:
+    """tg128 and pp512 tok/s (mean of -r 3) from llama-bench's JSON output."""
+    cmd = [os.path.join(bin_dir, "llama-bench"), "-m", model, "-p", "512", "-n", "128", "-r", "3",
+           "-o", "json", *(["-fa", "1", "-ngl", "99"] if gpu else []), *extra]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    figures = {}
+    for rec in json.loads(out):
+        key = "tg128" if rec["n_gen"] else "pp512"
+        figures[key] = rec["avg_ts"]
+        figures[key + "_stddev"] = rec["stddev_ts"]
+        figures["gpu_info"] = rec.get("gpu_info")
+    return figures
+
+
+def device_name() -> str:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                             check=True, capture_output=True, text=True).stdout.strip().splitlines()[0]
+        name, driver = (s.strip() for s in out.split(","))
+        return f"{name} (driver {driver})"
+    except (OSError, subprocess.CalledProcessError):
+        return "CPU"
+
+
+def cuda_version() -> str:
+    try:
+        out = subprocess.run(["nvcc", "--version"], check=True, capture_output=True, text=True).stdout
+        return out.split("release ")[1].split(",")[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        return "none"
+
+
+def run(args) -> dict:
+    t_end = time.time() + args.deadline_s
+    shapes_src = json.load(open(args.shapes_from))["shapes"]
+    shapes = {s: shapes_src[s] for s in args.shapes.split(",")}
+    os.makedirs(args.work, exist_ok=True)
+    gpu = not args.cpu
+    # The F16 files are written while llama.cpp compiles (numpy and the disk, not the cores).
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        building = pool.submit(build, args.source, args.work, args.jobs, gpu)
+        for shape in shapes:
+            f16_path(args.work, shape, shapes[shape])
+        bin_dir = building.result()
+    report = {
+        "what": (f"Decode (tg128) and prefill (pp512) tokens/s of llama.cpp on one {device_name()}, "
+                 "batch 1, random weights of real architecture shapes; written by "
+                 "benchmarks/llamacpp_peer.py"),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": device_name(),
+        "command": " ".join(["python", "benchmarks/llamacpp_peer.py", *sys.argv[1:]]),
+        "ceilings_measured": {"datasheet_hbm_TBps": args.datasheet_tbps},
+        "shapes": shapes,
+        "llama_cpp": {"version": VERSION.format(build=GPU_BUILD.format(cuda=cuda_version()) if gpu else "CPU build"), "tg128": {}, "pp512": {},
+                      "stddev": {}},
+    }
+    jobs = [(s, "F16") for s in shapes] + [(s, q) for s in shapes for q in QUANT_TYPES.get(s, ())
+                                           if q in args.types.split(",")]
+    for shape, qtype in jobs:
+        if time.time() > t_end:
+            log(f"deadline reached: {shape} {qtype} not measured")
+            continue
+        f16 = f16_path(args.work, shape, shapes[shape])
+        model = f16
+        if qtype != "F16":
+            model = os.path.join(args.work, f"{shape}-{qtype}.gguf")
+            if not os.path.exists(model):
+                log(f"{shape}: llama-quantize {qtype} ...")
+                subprocess.run([os.path.join(bin_dir, "llama-quantize"), f16, model + ".part", qtype,
+                                str(args.jobs)], check=True, capture_output=True)
+                os.replace(model + ".part", model)
+        log(f"{shape} {qtype}: llama-bench ...")
+        fig = llama_bench(bin_dir, model, gpu, args.bench_args.split() if args.bench_args else [])
+        lc = report["llama_cpp"]
+        lc["tg128"].setdefault(shape, {})[qtype] = round(fig["tg128"], 1)
+        lc["pp512"].setdefault(shape, {})[qtype] = round(fig["pp512"], 1)
+        lc["stddev"].setdefault(shape, {})[qtype] = {"tg128": round(fig["tg128_stddev"], 2),
+                                                     "pp512": round(fig["pp512_stddev"], 1)}
+        lc["gpu_info"] = fig.get("gpu_info")
+        log(f"{shape} {qtype}: tg128 {fig['tg128']:.1f}  pp512 {fig['pp512']:.0f} tok/s")
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+    return report
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    pk = sub.add_parser("pack", help="download llama.cpp's source and write a trimmed tarball")
+    pk.add_argument("--out", default=".peer/llama.cpp.tar.gz")
+    r = sub.add_parser("run", help="build llama.cpp, write random models, run llama-bench")
+    r.add_argument("--source", default=".peer/llama.cpp.tar.gz")
+    r.add_argument("--work", default=".peerwork", help="build and model files (kept for a re-run)")
+    r.add_argument("--out", required=True, help="peer-figures JSON to write")
+    r.add_argument("--shapes", default="smol135m,llama1b,llama8b")
+    r.add_argument("--shapes-from", default=SHARED_ANCHORS, help="anchors JSON whose 'shapes' to use")
+    r.add_argument("--types", default="Q8_0,Q4_0,Q4_1", help="quantized types besides F16")
+    r.add_argument("--datasheet-tbps", type=float, required=True,
+                   help="the card's datasheet memory bandwidth (H100 SXM 3.35, H200 4.8)")
+    r.add_argument("--jobs", type=int, default=os.cpu_count())
+    r.add_argument("--deadline-s", type=float, default=1e9, help="stop starting measurements after this")
+    r.add_argument("--cpu", action="store_true", help="CPU-only build and run (a check of this script)")
+    r.add_argument("--bench-args", default="", help="extra llama-bench arguments, e.g. '-t 2'")
+    args = p.parse_args(argv)
+    if args.cmd == "pack":
+        pack(args.out)
+    else:
+        run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
