@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import jaxllm  # noqa: E402
 from jaxllm import PRESETS, model  # noqa: E402
-from jaxllm.kernels import matvec, qmatvec  # noqa: E402
+from jaxllm.kernels import qmatvec  # noqa: E402
 from bench import fast_path_error, measure_decode, measure_prefill  # noqa: E402
 from profile_decode import profile  # noqa: E402
 
@@ -54,14 +54,6 @@ for _name, _change in {"bk1024": dict(block_k=1024, num_stages=2), "bk256": dict
                        "bk256-progs2112": dict(block_k=256, num_stages=4, target_programs=2112),
                        "bn16-progs4224": dict(block_n=16, target_programs=4224)}.items():
     VARIANTS["int4-" + _name] = {"qmatvec.TILING": {**qmatvec.TILING, 4: dict(_INT4, **_change)}}
-
-# the bf16 kernel with a tile accumulator (summed over k once, after the loop), and tilings
-for _name, _change in {"tileacc": {}, "tileacc-bk16": dict(block_k=16), "tileacc-bk64": dict(block_k=64),
-                       "tileacc-bn128": dict(block_n=128), "tileacc-warps8": dict(num_warps=8),
-                       "tileacc-stages4": dict(num_stages=4)}.items():
-    VARIANTS["bf16-" + _name] = {"matvec.TILING": dict(matvec.TILING, accumulate_tile=True, **_change)}
-# ... and used for every projection, also where both sides of the weight exceed 2048 (llama8b)
-VARIANTS["bf16-tileacc-everywhere"] = {**VARIANTS["bf16-tileacc"], "matvec.AUTO_MAX_SMALL_SIDE": 1 << 30}
 
 
 def _owner(name: str):

@@ -1,9 +1,7 @@
 """Pallas matrix-vector kernel vs XLA on decode shapes: correctness against the XLA
-reference on fresh random data, then GB/s of weight read for several tilings, each
-with the per-step sum over k and with the tile accumulator (TILING's accumulate_tile).
-Run on the GPU: python benchmarks/matvec_tune.py [--shapes 2048x3072,8192x2048]"""
+reference on fresh random data, then GB/s of weight read for several tilings.
+Run on the GPU: python benchmarks/matvec_tune.py"""
 
-import argparse
 import itertools
 import os
 import statistics
@@ -18,8 +16,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from jaxllm.kernels.matvec import matvec_pallas, matvec_reference  # noqa: E402
 
-SHAPES = [(576, 960), (576, 3072), (1536, 576), (2048, 3072), (2048, 2048), (2048, 16384),
-          (8192, 2048), (4096, 6144), (4096, 28672), (14336, 4096), (4096, 4096)]
+SHAPES = [(576, 960), (576, 3072), (1536, 576), (2048, 3072), (2048, 16384), (8192, 2048),
+          (4096, 6144), (4096, 28672), (14336, 4096), (4096, 4096)]
 
 
 def time_chain(fn, x, ws, reps=20):
@@ -34,15 +32,9 @@ def time_chain(fn, x, ws, reps=20):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shapes", help="KxN,... (default: every decode shape in SHAPES)")
-    ap.add_argument("--programs", default="264,1056", help="target program counts to try")
-    args = ap.parse_args()
-    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}")
-    configs = list(itertools.product([128, 256], [16, 32, 64], [int(p) for p in args.programs.split(",")],
-                                     [False, True]))
-    for K, N in shapes:
+    configs = list(itertools.product([128, 256], [16, 32, 64], [264, 1056]))
+    for K, N in SHAPES:
         chain = max(4, min(64, int(2e9 // (K * N * 2 * 8))))  # >= ~250 MB per call, beats L2
         keys = jax.random.split(jax.random.PRNGKey(K + N), chain + 1)
         x = jax.random.normal(keys[0], (1, K), jnp.bfloat16)
@@ -52,21 +44,17 @@ def main():
         err = np.linalg.norm(got - ref) / np.linalg.norm(ref)
         bytes_ = chain * K * N * 2
         xla = bytes_ / time_chain(matvec_reference, x, ws) / 1e9
-        got_tile = np.asarray(matvec_pallas(x, ws[0], accumulate_tile=True), np.float32)
-        err_tile = np.linalg.norm(got_tile - ref) / np.linalg.norm(ref)
-        best = {False: (0, None), True: (0, None)}
-        for bn, bk, tp, acc in configs:
-            fn = lambda x, w, bn=bn, bk=bk, tp=tp, acc=acc: matvec_pallas(
-                x, w, block_n=bn, block_k=bk, target_programs=tp, accumulate_tile=acc)
+        best = (0, None)
+        for bn, bk, tp in configs:
+            fn = lambda x, w, bn=bn, bk=bk, tp=tp: matvec_pallas(x, w, block_n=bn, block_k=bk, target_programs=tp)
             try:
                 gbps = bytes_ / time_chain(fn, x, ws, reps=10) / 1e9
             except Exception as e:  # noqa: BLE001 - a tiling that does not compile
-                print("  fail", bn, bk, tp, acc, type(e).__name__)
+                print("  fail", bn, bk, tp, type(e).__name__)
                 continue
-            best[acc] = max(best[acc], (gbps, (bn, bk, tp)))
-        print(f"K={K:5d} N={N:5d} chain={chain:3d} rel_err={err:.1e}/{err_tile:.1e}  xla={xla:6.0f} GB/s  "
-              f"pallas best={best[False][0]:6.0f} GB/s at (block_n, block_k, programs)={best[False][1]}"
-              f"  tile accumulator best={best[True][0]:6.0f} GB/s at {best[True][1]}", flush=True)
+            best = max(best, (gbps, (bn, bk, tp)))
+        print(f"K={K:5d} N={N:5d} chain={chain:3d} rel_err={err:.1e}  xla={xla:6.0f} GB/s  "
+              f"pallas best={best[0]:6.0f} GB/s at (block_n, block_k, programs)={best[1]}", flush=True)
 
 
 if __name__ == "__main__":

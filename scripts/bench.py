@@ -35,8 +35,11 @@ from jaxllm.generate import decode, start  # noqa: E402
 from jaxllm.model import decode_step, extend  # noqa: E402
 from jaxllm.quant import weight_bytes  # noqa: E402
 
-ANCHORS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "anchors",
-                       "h100-2026-11-23.json")
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+ANCHORS = os.path.join(ROOT, "..", "shared", "anchors", "h100-2026-11-23.json")
+# Peer figures per GPU, by a part of its name: the shared H100 file, and llama.cpp measured
+# on an H200 by benchmarks/llamacpp_peer.py. Anything else (the CPU too) uses ANCHORS.
+PEER_FILES = {"H200": os.path.join(ROOT, "benchmarks", "results", "NVIDIA-H200-2026-11-29-llamacpp.json")}
 # Datasheet memory bandwidth, TB/s, where the peer-figures file does not give one.
 DATASHEET_TBPS = {"H100": 3.35, "H200": 4.8}
 GREEDY = SamplerSettings.greedy()
@@ -269,13 +272,19 @@ def smollm_cpu_decode(reps: int, n_tokens: int, weights: str = "file") -> dict:
 def run(args) -> dict:
     backend = jax.default_backend()
     suite = args.suite or ("gpu" if backend == "gpu" else "cpu")
+    device_kind = jax.devices()[0].device_kind
+    if args.anchors is None:
+        args.anchors = next((f for k, f in PEER_FILES.items() if k in device_kind), ANCHORS)
     anchors = json.load(open(args.anchors)) if os.path.exists(args.anchors) else {}
     if not anchors:
         log(f"warning: no peer figures at {args.anchors}; milestones M1, M3-M5 are not judged")
+    elif backend == "gpu" and device_kind not in anchors.get("device", ""):
+        log(f"warning: the peer figures in {args.anchors} were measured on {anchors.get('device')}, "
+            f"not on this {device_kind}: the ratios compare two devices")
     llama_cpp = anchors.get("llama_cpp", {})
     anchors_name = os.path.basename(args.anchors)
     datasheet_tbps = anchors.get("ceilings_measured", {}).get("datasheet_hbm_TBps") or next(
-        (v for k, v in DATASHEET_TBPS.items() if k in jax.devices()[0].device_kind), None)
+        (v for k, v in DATASHEET_TBPS.items() if k in device_kind), None)
     only = set(args.only.split(",")) if args.only else None
     want = lambda m: only is None or m in only
     reps = 5
@@ -443,6 +452,7 @@ def run(args) -> dict:
     return {"device": jax.devices()[0].device_kind, "backend": backend, "jax_version": jax.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": " ".join(["python", "scripts/bench.py", *sys.argv[1:]]),
+            "anchors": os.path.relpath(args.anchors, ROOT), "anchors_device": anchors.get("device"),
             "suite": suite, "results": results, "milestones": milestones}
 
 
@@ -475,7 +485,9 @@ def main(argv=None) -> int:
     p.add_argument("--only", help="comma-separated milestones, e.g. M1,M3")
     p.add_argument("--quick", action="store_true", help="tiny shapes, few repetitions (CI)")
     p.add_argument("--no-peers", action="store_true", help="skip the transformers peer")
-    p.add_argument("--anchors", default=ANCHORS, help="peer figures (JSON)")
+    p.add_argument("--anchors", default=None,
+                   help="peer figures (JSON); default: the file for this GPU in PEER_FILES, else "
+                        "../shared/anchors/h100-2026-11-23.json")
     p.add_argument("--kernels", default="auto", choices=["auto", "xla", "pallas"], help="fast-path switch")
     p.add_argument("--batches", default="1,8,32,64", help="decode batch sizes")
     p.add_argument("--steps-per-sync", type=int, default=16,

@@ -18,11 +18,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("result")
-    p.add_argument("--anchors", default=os.path.join(HERE, "..", "..", "shared", "anchors",
-                                                     "h100-2026-11-23.json"))
+    p.add_argument("--anchors", help="peer figures (default: the file the result names, as bench.py "
+                                     "recorded it, else ../shared/anchors/h100-2026-11-23.json)")
     p.add_argument("--out", default=os.path.join(HERE, "..", "benchmarks", "tg128.png"))
     args = p.parse_args()
     report = json.load(open(args.result))
+    if args.anchors is None:
+        recorded = report.get("anchors")
+        args.anchors = (os.path.join(HERE, "..", recorded) if recorded else
+                        os.path.join(HERE, "..", "..", "shared", "anchors", "h100-2026-11-23.json"))
     anchors = json.load(open(args.anchors)) if os.path.exists(args.anchors) else {}
     rows = {r["shape"]: r for r in report["results"] if r["bench"] == "tg128"}
     hf = {r["shape"]: r.get("tok_s") for r in report["results"] if r["bench"] == "tg128_hf_transformers"}
@@ -41,8 +45,10 @@ def main():
     fig, ax = plt.subplots(figsize=(9, 4.5))
     for i, (name, vals) in enumerate(series.items()):
         ax.bar(x + i * width, vals, width, label=name)
-    roof = [3.35e12 / rows[s]["weight_bytes_per_step"] for s in shapes]
-    ax.bar(x + len(series) * width, roof, width, label="roofline: weights at 3.35 TB/s", color="lightgray")
+    datasheet = next((r["datasheet_TBps"] for r in rows.values() if r.get("datasheet_TBps")), 3.35)
+    roof = [datasheet * 1e12 / rows[s]["weight_bytes_per_step"] for s in shapes]
+    ax.bar(x + len(series) * width, roof, width, label=f"roofline: weights at {datasheet} TB/s",
+           color="lightgray")
     if copy_bw:
         for i, s in enumerate(shapes):
             ax.plot([x[i] - width / 2, x[i] + (len(series) + 0.5) * width],

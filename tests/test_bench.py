@@ -1,9 +1,12 @@
-"""scripts/bench.py --quick runs end to end on the CPU and writes the documented schema."""
+"""scripts/bench.py --quick runs end to end on the CPU and writes the documented schema;
+benchmarks/llamacpp_peer.py writes the models its peer figures are measured on."""
 
 import json
 import os
 import subprocess
 import sys
+
+import numpy as np
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -28,3 +31,25 @@ def test_unknown_shape_is_a_usage_error():
     r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench.py"), "--shapes", "gpt5"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "unknown shape" in r.stderr
+
+
+def test_llamacpp_peer_models_have_the_anchor_shapes(tmp_path):
+    """benchmarks/llamacpp_peer.py's random-weight GGUFs (what llama.cpp is timed on) read
+    back through jaxllm's own loader with the shape asked for, tied or not, and fresh
+    random values rather than zeros."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import llamacpp_peer  # noqa: PLC0415
+
+    import jaxllm  # noqa: PLC0415
+
+    for tied in (True, False):
+        shape = {"layers": 2, "d_model": 128, "d_ff": 320, "heads": 4, "kv_heads": 2, "vocab": 600,
+                 "tied_embeddings": tied, "rope_theta": 5e5}
+        path = str(tmp_path / f"tied{tied}.gguf")
+        llamacpp_peer.write_random_gguf(path, shape)
+        model = jaxllm.load(path)
+        c = model.config
+        assert (c.n_layers, c.d_model, c.d_ff, c.n_heads, c.n_kv_heads, c.vocab_size) == (2, 128, 320, 4, 2, 600)
+        assert c.tie_embeddings == tied and c.rope_theta == 5e5
+        embed = np.asarray(model.params.embed, np.float32)
+        assert embed.std() > 0.01 and np.isfinite(embed).all()

@@ -112,7 +112,7 @@ def _plan(M: int, K: int, N: int, block_n: int, block_k: int, target_programs: i
     return col_blocks, splits, steps
 
 
-def _kernel(x_ref, w_ref, o_ref, *, M, K, N, block_n, block_k, steps, rows, gated, accumulate_tile):
+def _kernel(x_ref, w_ref, o_ref, *, M, K, N, block_n, block_k, steps, rows, gated):
     j, s = pl.program_id(0), pl.program_id(1)
     cols = j * block_n + jnp.arange(block_n)
     col_ok = cols < N
@@ -131,57 +131,35 @@ def _kernel(x_ref, w_ref, o_ref, *, M, K, N, block_n, block_k, steps, rows, gate
         else:
             gate, up = load_gated(x_ref, pl.ds(0, rows), k0, block_k, mask, gated[0], K)
             x = activate(gate, gated[1]) * up
-        # [rows, block_k, 1] * [1, block_k, block_n], summed over k now or after the loop.
-        product = x[:, :, None] * w[None, :, :]
-        return acc + (product if accumulate_tile else jnp.sum(product, axis=1))
+        # [rows, block_k, 1] * [1, block_k, block_n] summed over k: stays in registers.
+        return acc + jnp.sum(x[:, :, None] * w[None, :, :], axis=1)
 
-    shape = (rows, block_k, block_n) if accumulate_tile else (rows, block_n)
-    acc = jax.lax.fori_loop(0, steps, body, jnp.zeros(shape, jnp.float32))
-    if accumulate_tile:
-        acc = jnp.sum(acc, axis=1)
+    acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((rows, block_n), jnp.float32))
     plgpu.store(o_ref.at[s, pl.ds(0, rows), pl.ds(j * block_n, block_n)], acc,
              mask=row_ok[:, None] & col_ok[None, :])
 
 
-# The default tiling (benchmarks/matvec_tune.py, H100): 256 columns by 32 inputs per
-# step, K split until about eight programs per multiprocessor.
-TILING = dict(block_n=256, block_k=32, target_programs=1056, num_warps=4, num_stages=3,
-              accumulate_tile=False)
-
-
 @functools.partial(jax.jit, static_argnames=("out_dtype", "block_n", "block_k", "target_programs",
-                                             "num_warps", "num_stages", "interpret", "sum_splits",
-                                             "accumulate_tile"))
-def matvec_pallas(x, w: jax.Array, out_dtype=None, *, block_n: int | None = None,
-                  block_k: int | None = None, target_programs: int | None = None,
-                  num_warps: int | None = None, num_stages: int | None = None,
-                  interpret: bool = False, sum_splits: bool = True,
-                  accumulate_tile: bool | None = None):
+                                             "num_warps", "num_stages", "interpret", "sum_splits"))
+def matvec_pallas(x, w: jax.Array, out_dtype=None, *, block_n: int = 256, block_k: int = 32,
+                  target_programs: int = 1056, num_warps: int = 4, num_stages: int = 3,
+                  interpret: bool = False, sum_splits: bool = True):
     """x [M, K] @ w [K, N] for M <= 4, float32 accumulation, in out_dtype (default x's).
     x may be a `GatedInput` (whose dtype is float32). sum_splits=False returns the
     split-K partial sums as `PartialSums` for a consumer that adds them itself
-    (kernels/add_norm.py). Tiling arguments left None take TILING's.
-
-    accumulate_tile: each program keeps a [rows, block_k, block_n] accumulator and sums
-    over k once after its loop, instead of summing each step's product over k. Triton
-    lays the tile's k rows across warps, so a per-step sum is a shared-memory round trip
-    per step."""
-    t = {k: v if v is not None else TILING[k] for k, v in dict(
-        block_n=block_n, block_k=block_k, target_programs=target_programs, num_warps=num_warps,
-        num_stages=num_stages, accumulate_tile=accumulate_tile).items()}
+    (kernels/add_norm.py)."""
     x, M, K, gated = gated_operand(x)
     N = w.shape[1]
     if M > MAX_ROWS:
         raise ValueError(f"matvec_pallas handles at most {MAX_ROWS} rows, got {M}")
     rows = _pow2(M)
-    block_n = t["block_n"]
-    block_k = max(8, t["block_k"] // rows)  # the register accumulator holds rows * block_k * block_n
-    col_blocks, splits, steps = _plan(M, K, N, block_n, block_k, t["target_programs"])
+    block_k = max(8, block_k // rows)  # the register accumulator holds rows * block_k * block_n
+    col_blocks, splits, steps = _plan(M, K, N, block_n, block_k, target_programs)
     kernel = functools.partial(_kernel, M=M, K=K, N=N, block_n=block_n, block_k=block_k,
-                               steps=steps, rows=rows, gated=gated, accumulate_tile=t["accumulate_tile"])
+                               steps=steps, rows=rows, gated=gated)
     compiler_params = None
     if not interpret:
-        compiler_params = plgpu.CompilerParams(num_warps=t["num_warps"], num_stages=t["num_stages"])
+        compiler_params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     partial_sums = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((splits, rows, N), jnp.float32),
