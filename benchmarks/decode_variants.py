@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import jaxllm  # noqa: E402
 from jaxllm import PRESETS, model  # noqa: E402
-from jaxllm.kernels import qmatvec  # noqa: E402
+from jaxllm.kernels import matvec, qmatvec  # noqa: E402
 from bench import fast_path_error, measure_decode, measure_prefill  # noqa: E402
 from profile_decode import profile  # noqa: E402
 
@@ -54,6 +54,15 @@ for _name, _change in {"bk1024": dict(block_k=1024, num_stages=2), "bk256": dict
                        "bk256-progs2112": dict(block_k=256, num_stages=4, target_programs=2112),
                        "bn16-progs4224": dict(block_n=16, target_programs=4224)}.items():
     VARIANTS["int4-" + _name] = {"qmatvec.TILING": {**qmatvec.TILING, 4: dict(_INT4, **_change)}}
+
+# tilings of the bf16 batch-1 kernel around its default (block_n 256, block_k 32, 1056
+# programs, 4 warps, 3 stages)
+for _name, _change in {"bn128": dict(block_n=128), "bn512": dict(block_n=512), "bk16": dict(block_k=16),
+                       "bk64": dict(block_k=64), "progs528": dict(target_programs=528),
+                       "progs2112": dict(target_programs=2112), "stages2": dict(num_stages=2),
+                       "stages4": dict(num_stages=4), "warps8": dict(num_warps=8),
+                       "bn512-bk16": dict(block_n=512, block_k=16)}.items():
+    VARIANTS["bf16-" + _name] = {"matvec.TILING": dict(matvec.TILING, **_change)}
 
 
 def _owner(name: str):

@@ -139,15 +139,25 @@ def _kernel(x_ref, w_ref, o_ref, *, M, K, N, block_n, block_k, steps, rows, gate
              mask=row_ok[:, None] & col_ok[None, :])
 
 
+# The default tiling (benchmarks/matvec_tune.py, H100; still the best of eleven on the
+# H200, NOTES variant 21): 256 columns by 32 inputs per step, K split until about eight
+# programs per multiprocessor.
+TILING = dict(block_n=256, block_k=32, target_programs=1056, num_warps=4, num_stages=3)
+
+
 @functools.partial(jax.jit, static_argnames=("out_dtype", "block_n", "block_k", "target_programs",
                                              "num_warps", "num_stages", "interpret", "sum_splits"))
-def matvec_pallas(x, w: jax.Array, out_dtype=None, *, block_n: int = 256, block_k: int = 32,
-                  target_programs: int = 1056, num_warps: int = 4, num_stages: int = 3,
+def matvec_pallas(x, w: jax.Array, out_dtype=None, *, block_n: int | None = None,
+                  block_k: int | None = None, target_programs: int | None = None,
+                  num_warps: int | None = None, num_stages: int | None = None,
                   interpret: bool = False, sum_splits: bool = True):
     """x [M, K] @ w [K, N] for M <= 4, float32 accumulation, in out_dtype (default x's).
     x may be a `GatedInput` (whose dtype is float32). sum_splits=False returns the
     split-K partial sums as `PartialSums` for a consumer that adds them itself
-    (kernels/add_norm.py)."""
+    (kernels/add_norm.py). Tiling arguments left None take TILING's."""
+    block_n, block_k = block_n or TILING["block_n"], block_k or TILING["block_k"]
+    target_programs = target_programs or TILING["target_programs"]
+    num_warps, num_stages = num_warps or TILING["num_warps"], num_stages or TILING["num_stages"]
     x, M, K, gated = gated_operand(x)
     N = w.shape[1]
     if M > MAX_ROWS:
