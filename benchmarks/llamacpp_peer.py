@@ -216,8 +216,9 @@ def run(args) -> dict:
         "command": " ".join(["python", "benchmarks/llamacpp_peer.py", *sys.argv[1:]]),
         "ceilings_measured": {"datasheet_hbm_TBps": args.datasheet_tbps},
         "shapes": shapes,
-        "llama_cpp": {"version": VERSION.format(build=GPU_BUILD.format(cuda=cuda_version()) if gpu else "CPU build"), "tg128": {}, "pp512": {},
-                      "stddev": {}},
+        "llama_cpp": {"version": VERSION.format(build=GPU_BUILD.format(cuda=cuda_version()) if gpu
+                                                else "CPU build"),
+                      "tg128": {}, "pp512": {}, "stddev": {}},
     }
     jobs = [(s, "F16") for s in shapes] + [(s, q) for s in shapes for q in QUANT_TYPES.get(s, ())
                                            if q in args.types.split(",")]
@@ -235,7 +236,11 @@ def run(args) -> dict:
                                 str(args.jobs)], check=True, capture_output=True)
                 os.replace(model + ".part", model)
         log(f"{shape} {qtype}: llama-bench ...")
-        fig = llama_bench(bin_dir, model, gpu, args.bench_args.split() if args.bench_args else [])
+        try:
+            fig = llama_bench(bin_dir, model, gpu, args.bench_args.split() if args.bench_args else [])
+        except subprocess.CalledProcessError as e:  # one failed model must not cost the others
+            log(f"{shape} {qtype}: llama-bench failed ({e.returncode}): {(e.stderr or '')[-800:]}")
+            continue
         lc = report["llama_cpp"]
         lc["tg128"].setdefault(shape, {})[qtype] = round(fig["tg128"], 1)
         lc["pp512"].setdefault(shape, {})[qtype] = round(fig["pp512"], 1)
@@ -269,9 +274,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.cmd == "pack":
         pack(args.out)
-    else:
-        run(args)
-    return 0
+        return 0
+    measured = run(args)["llama_cpp"]["tg128"]
+    if not measured:
+        log("nothing was measured")
+    return 0 if measured else 1
 
 
 if __name__ == "__main__":

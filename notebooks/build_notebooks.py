@@ -61,33 +61,40 @@ QUICKSTART = [
 
 BENCHMARKS = [
     new_markdown_cell("# Benchmarks\nRun the quick suite here (CPU in CI), then plot the committed "
-                      "GPU results against llama.cpp, Hugging Face transformers and the bandwidth roofline."),
+                      "GPU results against llama.cpp on the same card and the bandwidth roofline."),
     new_code_cell("import json, os, subprocess, sys, glob\nimport matplotlib.pyplot as plt\nimport numpy as np\n"
                   "root = os.path.abspath('..')\n"
                   "subprocess.run([sys.executable, os.path.join(root, 'scripts', 'bench.py'), '--quick',\n"
                   "                '--out', 'quick.json'], check=True)\n"
                   "quick = json.load(open('quick.json'))\n"
                   "[(r['bench'], round(r['tok_s'] or 0, 1)) for r in quick['results']]"),
-    new_code_cell("path = os.path.join(root, 'benchmarks', 'results', 'NVIDIA-H100-80GB-HBM3-2026-11-24.json')\n"
-                  "gpu = json.load(open(path))\n"
-                  "anchors = json.load(open(os.path.join(root, '..', 'shared', 'anchors', 'h100-2026-11-23.json')))\n"
-                  "tg = {r['shape']: r for r in gpu['results'] if r['bench'] == 'tg128'}\n"
-                  "shapes = list(tg)\nx = np.arange(len(shapes))\n"
-                  "ours = [tg[s]['tok_s'] for s in shapes]\n"
-                  "peer = [anchors['llama_cpp']['tg128'][s]['F16'] for s in shapes]\n"
-                  "roof = [3.35e12 / tg[s]['weight_bytes_per_step'] for s in shapes]\n"
-                  "plt.figure(figsize=(7, 3.5))\n"
-                  "plt.bar(x - 0.25, ours, 0.25, label='jaxllm bf16')\n"
-                  "plt.bar(x, peer, 0.25, label='llama.cpp F16')\n"
-                  "plt.bar(x + 0.25, roof, 0.25, label='roofline 3.35 TB/s', color='lightgray')\n"
-                  "plt.xticks(x, shapes); plt.yscale('log'); plt.ylabel('tg128 tok/s'); plt.legend()\n"
-                  "plt.title(f\"{gpu['device']}, jax {gpu['jax_version']}, {gpu['date'][:10]}\"); plt.show()"),
-    new_code_cell("batches = sorted({r['batch'] for r in gpu['results'] if r['bench'] in ('tg128', 'decode')})\n"
+    new_code_cell("results = os.path.join(root, 'benchmarks', 'results')\n"
+                  "# (our run, llama.cpp on the same card): the shared H100 anchors, and llama.cpp built\n"
+                  "# and timed on the H200 by benchmarks/llamacpp_peer.py\n"
+                  "runs = [('NVIDIA-H100-80GB-HBM3-2026-11-24-attention-norm-all.json', os.path.join(root, '..', 'shared', 'anchors', 'h100-2026-11-23.json')),\n"
+                  "        ('NVIDIA-H200-2026-11-29-bf16-vs-llamacpp.json', os.path.join(results, 'NVIDIA-H200-2026-11-29-llamacpp.json'))]\n"
+                  "fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)\n"
+                  "for ax, (name, peer_file) in zip(axes, runs):\n"
+                  "    gpu = json.load(open(os.path.join(results, name)))\n"
+                  "    peers = json.load(open(peer_file))['llama_cpp']['tg128']\n"
+                  "    tg = {r['shape']: r for r in gpu['results'] if r['bench'] == 'tg128' and r['weights'] == 'bf16'}\n"
+                  "    shapes = list(tg); x = np.arange(len(shapes))\n"
+                  "    datasheet = next((r['datasheet_TBps'] for r in tg.values() if r.get('datasheet_TBps')), 3.35)\n"
+                  "    ax.bar(x - 0.25, [tg[s]['tok_s'] for s in shapes], 0.25, label='jaxllm bf16')\n"
+                  "    ax.bar(x, [peers[s]['F16'] for s in shapes], 0.25, label='llama.cpp F16')\n"
+                  "    ax.bar(x + 0.25, [datasheet * 1e12 / tg[s]['weight_bytes_per_step'] for s in shapes], 0.25,\n"
+                  "           label=f'roofline {datasheet} TB/s', color='lightgray')\n"
+                  "    ax.set_xticks(x, shapes); ax.set_yscale('log'); ax.legend(fontsize=8)\n"
+                  "    ax.set_title(f\"{gpu['device']}, jax {gpu['jax_version']}, {gpu['date'][:10]}\", fontsize=9)\n"
+                  "axes[0].set_ylabel('tg128 tok/s, batch 1'); plt.tight_layout(); plt.show()"),
+    new_code_cell("gpu = json.load(open(os.path.join(results, 'NVIDIA-H100-80GB-HBM3-2026-11-24.json')))  # batches 1-64\n"
+                  "shapes = sorted({r['shape'] for r in gpu['results'] if r['bench'] == 'tg128'})\n"
+                  "batches = sorted({r['batch'] for r in gpu['results'] if r['bench'] in ('tg128', 'decode')})\n"
                   "plt.figure(figsize=(6, 3.5))\nfor s in shapes:\n"
                   "    rows = {r['batch']: r['tok_s'] for r in gpu['results'] if r['shape'] == s and r['bench'] in ('tg128', 'decode')}\n"
                   "    plt.plot(batches, [rows[b] for b in batches], 'o-', label=s)\n"
                   "plt.xscale('log', base=2); plt.yscale('log'); plt.xlabel('batch'); plt.ylabel('total tok/s')\n"
-                  "plt.legend(); plt.title('batched decode'); plt.show()"),
+                  "plt.legend(); plt.title(f\"batched decode, {gpu['device']}\"); plt.show()"),
 ]
 
 FINETUNE = [
