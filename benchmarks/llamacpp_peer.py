@@ -207,12 +207,13 @@ def run(args) -> dict:
         for shape in shapes:
             f16_path(args.work, shape, shapes[shape])
         bin_dir = building.result()
+    device = device_name()
     report = {
-        "what": (f"Decode (tg128) and prefill (pp512) tokens/s of llama.cpp on one {device_name()}, "
+        "what": (f"Decode (tg128) and prefill (pp512) tokens/s of llama.cpp on one {device}, "
                  "batch 1, random weights of real architecture shapes; written by "
                  "benchmarks/llamacpp_peer.py"),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": device_name(),
+        "device": device,
         "command": " ".join(["python", "benchmarks/llamacpp_peer.py", *sys.argv[1:]]),
         "ceilings_measured": {"datasheet_hbm_TBps": args.datasheet_tbps},
         "shapes": shapes,

@@ -301,7 +301,7 @@ def run(args) -> dict:
                            "target": target, "peer": {"value": peer, "source": peer_source},
                            "ratio": ratio, "passed": bool(passed)})
 
-    log(f"device: {jax.devices()[0].device_kind} ({backend}), jax {jax.__version__}, suite {suite}")
+    log(f"device: {device_kind} ({backend}), jax {jax.__version__}, suite {suite}")
     copy_bw = None
     if suite in ("gpu", "all") or args.quick:
         log("measuring copy bandwidth ...")
@@ -449,7 +449,7 @@ def run(args) -> dict:
                   {k: v[1] for k, v in quant_ratios.items()},
                   f"{anchors_name} llama_cpp.tg128 Q8_0 / Q4_0", worst, worst >= 1.0)
 
-    return {"device": jax.devices()[0].device_kind, "backend": backend, "jax_version": jax.__version__,
+    return {"device": device_kind, "backend": backend, "jax_version": jax.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": " ".join(["python", "scripts/bench.py", *sys.argv[1:]]),
             "anchors": os.path.relpath(args.anchors, ROOT), "anchors_device": anchors.get("device"),
