@@ -2,10 +2,12 @@
 switches, in one process, so that variants are compared on the same device.
 
     python benchmarks/decode_variants.py --runs llama8b:bf16:base,defer smol135m:int4:base \\
-        [--profile] [--out results.json]
+        llama1b:bf16+rows:default [--profile] [--out results.json]
 
 A variant is a name from VARIANTS: module attributes set before the decode loop is
-traced again (jax.clear_caches()). Each run reports tok/s (median of --reps, as
+traced again (jax.clear_caches()). Weights "W" take the library's layout for the
+backend (jaxllm.layout.for_backend), "W+rows" store every dense projection by output
+row, "W+kn" none. Each run reports tok/s (median of --reps, as
 scripts/bench.py's tg128), the fast path's relative error against the XLA path,
 and with --profile the kernels per step from benchmarks/profile_decode.py.
 """
@@ -27,7 +29,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import jaxllm  # noqa: E402
 from jaxllm import PRESETS, model  # noqa: E402
-from jaxllm.kernels import matvec, qmatvec  # noqa: E402
+from jaxllm.kernels import matvec, qmatvec, rowmatvec  # noqa: E402
+from jaxllm.layout import for_backend, transpose_projections  # noqa: E402
 from bench import fast_path_error, measure_decode, measure_prefill  # noqa: E402
 from profile_decode import profile  # noqa: E402
 
@@ -65,6 +68,23 @@ for _name, _change in {"bn128": dict(block_n=128), "bn512": dict(block_n=512), "
     VARIANTS["bf16-" + _name] = {"matvec.TILING": dict(matvec.TILING, **_change)}
 
 
+# the row-major kernel (weights "+rows"): on every weight, or only where one side is
+# <= 2048 (XLA's dot on llama8b); tilings around its default (256 inputs per step,
+# >= 264 programs, 4 warps, 3 stages)
+VARIANTS["rows-xla-large"] = {"rowmatvec.AUTO_MAX_SMALL_SIDE": 2048}
+for _name, _change in {"bk256": dict(block_k=256), "bk1024": dict(block_k=1024), "bk2048-rowacc": dict(
+                           block_k=2048, tile_acc=False), "step4096": dict(step_elements=4096),
+                       "step16384": dict(step_elements=16384), "progs256": dict(min_programs=256, min_programs_short=256),
+                       "progs128": dict(min_programs=128, min_programs_short=128), "progs528": dict(min_programs=528, min_programs_short=528),
+                       "progs1056": dict(min_programs=1056, min_programs_short=1056), "stages1": dict(num_stages=1),
+                       "short-off": dict(min_programs_short=264),
+                       "stages2": dict(num_stages=2), "stages4": dict(num_stages=4),
+                       "warps8": dict(num_warps=8), "step16384-warps8": dict(step_elements=16384, num_warps=8),
+                       "rowacc": dict(tile_acc=False), "step16384-rowacc": dict(step_elements=16384, tile_acc=False)
+                       }.items():
+    VARIANTS["rows-" + _name] = {"rowmatvec.TILING": dict(rowmatvec.TILING, **_change)}
+
+
 def _owner(name: str):
     """jaxllm.model for "NAME", a kernel module for "qmatvec.NAME"; and the attribute."""
     module, _, attr = name.rpartition(".")
@@ -91,8 +111,13 @@ def main(argv=None) -> int:
         shape, weights, names = spec.split(":")
         config = PRESETS[shape]
         params = jax.block_until_ready(jaxllm.init_params(config, jax.random.PRNGKey(0), jnp.bfloat16))
-        if weights != "bf16":
-            params = jax.block_until_ready(jaxllm.quantize(params, weights, group_size=32))
+        dtype, _, layout = weights.partition("+")
+        if dtype != "bf16":
+            params = jax.block_until_ready(jaxllm.quantize(params, dtype, group_size=32))
+        if layout == "rows":
+            params = jax.block_until_ready(transpose_projections(params))
+        elif layout != "kn":  # the library's layout for this backend
+            params = jax.block_until_ready(for_backend(params))
         for name in names.split(","):
             for switch, value in {**DEFAULTS, **VARIANTS[name]}.items():
                 setattr(*_owner(switch), value)

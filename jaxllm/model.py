@@ -26,25 +26,34 @@ from .config import ModelConfig
 from .kernels.add_norm import Delta, add_norm_pallas, use_add_norm
 from .kernels.cpu_qmatvec import qmatvec_cpu, use_native
 from .kernels.decode_attention import AttentionSpec, decode_attention_pallas
-from .kernels.matvec import MAX_GATED_SPLITS, GatedInput, PartialSums, matvec_pallas, use_pallas
+from .kernels.matvec import MAX_GATED_SPLITS, GatedInput, PartialSums, activate, matvec_pallas, use_pallas
 from .kernels.qmatvec import KERNEL_BITS, qmatmul_pallas, qmatvec_pallas, use_qmatmul
+from .kernels.rowmatvec import rowmatvec_pallas, use_rowmatvec
+from .layout import TransposedWeight
 from .params import Layer, Norm, Params
 from .quant import QuantizedWeight, linear_reference, take_rows
 
 
 class DeferredNorm(NamedTuple):
-    """An RMSNorm of x [..., D] left as the product x * weight (in x's dtype) and x
-    itself: norm(x) @ W = (x * weight) @ W * factor, factor = rsqrt(mean(x^2) + eps)
-    [..., 1], applied by the kernel after the projection. Decode attention computes
-    the factor from x itself, so the norm costs no kernel of its own: XLA writes the
-    product together with the residual add. Before XLA's matrix multiplies, the
+    """An RMSNorm of x [..., D] left to the kernels around the projection after it:
+    norm(x) @ W = (x * weight) @ W * factor, weight = offset + scale, factor =
+    rsqrt(mean(x^2) + eps) [..., 1]. The row-major kernel (kernels/rowmatvec.py)
+    takes x and the weight and does both. Before the other kernels, XLA forms the
+    product `scaled` (together with the residual add) and the kernel after the
+    projection applies the factor: decode attention computes it from x itself, so
+    the norm costs no kernel of its own; before XLA's matrix multiplies, the
     activation's kernel applies it, and XLA computes the product and the sum of
     squares in one kernel where a norm written out took two (benchmarks/NOTES.md,
     variant 15)."""
 
-    scaled: jax.Array
     x: jax.Array
+    scale: jax.Array
+    offset: float
     eps: float
+
+    @property
+    def scaled(self) -> jax.Array:
+        return (self.x.astype(jnp.float32) * (self.offset + self.scale.astype(jnp.float32))).astype(self.x.dtype)
 
     @property
     def factor(self) -> jax.Array:
@@ -52,11 +61,11 @@ class DeferredNorm(NamedTuple):
 
     @property
     def shape(self):
-        return self.scaled.shape
+        return self.x.shape
 
     @property
     def dtype(self):
-        return self.scaled.dtype
+        return self.x.dtype
 
 
 # On by default; benchmarks/decode_variants.py switches it off to compare.
@@ -71,23 +80,50 @@ def defer_norm(config: ModelConfig, norm: Norm, w, rows: int, kernel_applies: bo
     that gained nothing measurable, one kernel per step.)"""
     if not (DEFERRED_NORM and config.norm == "rms" and norm.bias is None and config.kernels != "xla"):
         return False
-    if kernel_applies:
+    if kernel_applies or fused_projection(w, config.kernels, rows):
         return True
     return (config.kernels == "auto" and jax.default_backend() == "gpu"
             and not isinstance(w, QuantizedWeight) and not use_pallas(config.kernels, rows, w.shape))
 
 
+def fused_projection(w, kernels: str, rows: int) -> bool:
+    """Whether w's kernel takes a DeferredNorm whole and applies a gate and a residual
+    add itself: a TransposedWeight on the row-major kernel (kernels/rowmatvec.py)."""
+    return isinstance(w, TransposedWeight) and use_rowmatvec(kernels, rows, w.shape)
+
+
 def linear(x: jax.Array, w, b: Optional[jax.Array] = None, kernels: str = "auto",
-           out_dtype=None, partial: bool = False):
+           out_dtype=None, partial: bool = False, gate: Optional[str] = None,
+           residual: Optional[jax.Array] = None):
     """x [..., In] @ w [In, Out] (+ b [Out]) with float32 accumulation, in out_dtype
-    (default x's). Every projection goes through here; w is a dense array or a
-    QuantizedWeight standing for one. partial=True lets a split-K kernel return its
-    `PartialSums` [S, rows, Out] for `add_norm` to add up. x may be a `GatedInput`
-    [S, rows, 2 In] (the MLP's down projection at decode), which the kernels take whole.
-    An `InputTap` w (calibration.py) records x, then stands for its weight."""
+    (default x's). Every projection goes through here; w is a dense array, or a
+    QuantizedWeight or TransposedWeight standing for one. partial=True lets a split-K
+    kernel return its `PartialSums` [S, rows, Out] for `add_norm` to add up. x may be
+    a `GatedInput` [S, rows, 2 In] (the MLP's down projection at decode), which the
+    kernels take whole. gate ("silu" or "gelu_tanh"): act(y1) * y2 of the output's two
+    halves; residual [..., Out]: residual + y in its dtype. Both are applied by the
+    row-major kernel where it runs (`fused_projection`). An `InputTap` w
+    (calibration.py) records x, then stands for its weight."""
     if isinstance(w, InputTap):
         w.observe(x)
         w = w.weight
+    rows = math.prod(x.shape[:-1]) if not isinstance(x, GatedInput) else x.sums.shape[1]
+    if b is None and fused_projection(w, kernels, rows):
+        norm, x_in = {}, x
+        if isinstance(x, DeferredNorm):
+            norm, x_in = dict(norm_scale=x.scale, norm_offset=x.offset, norm_eps=x.eps), x.x
+        y = rowmatvec_pallas(
+            x_in.reshape(rows, -1), w.t, out_dtype, gate=gate, **norm,
+            residual=None if residual is None else residual.reshape(rows, -1),
+            interpret=jax.default_backend() != "gpu")
+        return y.reshape(*x.shape[:-1], -1)
+    if gate is not None or residual is not None:
+        y = linear(x, w, b, kernels, jnp.float32)
+        if gate is not None:
+            g, u = jnp.split(y, 2, axis=-1)
+            y = activate(g, gate) * u
+        return (y.astype(out_dtype or x.dtype) if residual is None
+                else residual + y.astype(residual.dtype))
     if isinstance(x, DeferredNorm):
         # The projection returns x's dtype (asking XLA for float32 outputs changes its
         # fusions, NOTES variant 7); the factor is applied in float32 after it.
@@ -117,6 +153,8 @@ def linear(x: jax.Array, w, b: Optional[jax.Array] = None, kernels: str = "auto"
         else:
             y = linear_reference(x2, w, out_dtype)
         y = y.reshape(*x.shape[:-1], w.shape[1])
+    elif isinstance(w, TransposedWeight):
+        y = jnp.einsum("...i,oi->...o", x, w.t.astype(x.dtype), preferred_element_type=out_dtype)
     elif use_pallas(kernels, rows, w.shape):
         y = matvec_pallas(x.reshape(rows, x.shape[-1]), w, out_dtype, interpret=interpret,
                           sum_splits=not partial)
@@ -137,9 +175,8 @@ def add_norm(x: jax.Array, delta: Optional[Delta], p: Norm, config: ModelConfig,
     residual and the norm when there are few (kernels/add_norm.py). deferred: the norm
     as a `DeferredNorm` for the projection after it."""
     if deferred:
-        x = x if delta is None else x + total(delta, x)
-        scaled = x.astype(jnp.float32) * norm_weight(p, config)
-        return x, DeferredNorm(scaled.astype(x.dtype), x, config.norm_eps)
+        x = add_delta(x, delta)
+        return x, DeferredNorm(x, p.scale, config.norm_weight_offset, config.norm_eps)
     if delta is None:
         return x, apply_norm(x, p, config)
     rows, D = math.prod(x.shape[:-1]), x.shape[-1]
@@ -151,6 +188,11 @@ def add_norm(x: jax.Array, delta: Optional[Delta], p: Norm, config: ModelConfig,
         return x2.reshape(x.shape), h2.reshape(x.shape)
     x = x + total(delta, x)
     return x, apply_norm(x, p, config)
+
+
+def add_delta(x: jax.Array, delta: Optional[Delta]) -> jax.Array:
+    """The residual stream x plus a layer's output delta (None: already added)."""
+    return x if delta is None else x + total(delta, x)
 
 
 def total(delta: Delta, like: jax.Array) -> jax.Array:
@@ -267,8 +309,16 @@ def decode_attention(p: Layer, config: ModelConfig, index: int, qkv: Delta, kv, 
     return out[:, None], (k_cache, v_cache)
 
 
-def mlp(x: jax.Array, p: Layer, config: ModelConfig, partial: bool = False) -> Delta:
+def mlp(x: jax.Array, p: Layer, config: ModelConfig, partial: bool = False,
+        residual: Optional[jax.Array] = None) -> Delta:
+    """The MLP's output delta, or residual + delta when a residual is given."""
     gated = config.mlp == "swiglu" or (config.mlp == "geglu" and config.gelu_approximate)
+    act = "silu" if config.mlp == "swiglu" else "gelu_tanh"
+    if gated and p.b_in is None and fused_projection(p.w_in, config.kernels, math.prod(x.shape[:-1])):
+        hidden = linear(x, p.w_in, None, config.kernels, gate=act)  # the kernel applies the gate
+        return linear(hidden, p.w_out, p.b_out, config.kernels, residual=residual)
+    if residual is not None:
+        return residual + total(mlp(x, p, config), residual)
     # A deferred norm's factor is applied in float32, in the activation's kernel.
     h_dtype = jnp.float32 if isinstance(x, DeferredNorm) else None
     if gated and x.shape[1] == 1 and p.b_in is None and p.b_out is None:
@@ -276,7 +326,6 @@ def mlp(x: jax.Array, p: Layer, config: ModelConfig, partial: bool = False) -> D
         # partial sums itself (kernels/matvec.py, GatedInput).
         h = linear(x, p.w_in, None, config.kernels, h_dtype, partial=True)
         if isinstance(h, PartialSums) and h.sums.shape[0] <= MAX_GATED_SPLITS:
-            act = "silu" if config.mlp == "swiglu" else "gelu_tanh"
             out = linear(GatedInput(h.sums, act), p.w_out, None, config.kernels, out_dtype=x.dtype,
                          partial=partial)
             return out if isinstance(out, PartialSums) else out.reshape(*x.shape[:-1], -1)
@@ -312,7 +361,8 @@ def layer_forward(p: Layer, config: ModelConfig, index: int, x, delta: Optional[
         config, p.attn_norm, p.wqkv, B * T, kernel_applies=fused_attention and p.bqkv is None))
     if fused_attention:
         qkv_in, norm_rows = h, None
-        if isinstance(h, DeferredNorm) and p.bqkv is None:  # the kernel applies the factor
+        if (isinstance(h, DeferredNorm) and p.bqkv is None  # decode attention applies the factor
+                and not fused_projection(p.wqkv, config.kernels, B)):
             qkv_in, norm_rows = h.scaled, h.x.reshape(B, -1)
         qkv = linear(qkv_in, p.wqkv, p.bqkv, config.kernels, partial=True)
         attn, kv = decode_attention(p, config, index, qkv, kv, starts, x.dtype, norm_rows)
@@ -341,6 +391,12 @@ def layer_forward(p: Layer, config: ModelConfig, index: int, x, delta: Optional[
 def _after_attention(p: Layer, config: ModelConfig, x, h, attn, kv):
     """Output projection, residual and the MLP: attn [B, T, q_size] -> (x, delta, kv)."""
     plain = not (config.sandwich_norm or config.parallel_block)
+    rows = math.prod(x.shape[:-1])
+    if plain and p.bo is None and p.b_out is None and fused_projection(p.wo, config.kernels, rows):
+        # The row-major kernels add the residual themselves: the stream leaves complete.
+        x = linear(attn, p.wo, None, config.kernels, residual=x)
+        _, h = add_norm(x, None, p.mlp_norm, config, defer_norm(config, p.mlp_norm, p.w_in, rows))
+        return mlp(h, p, config, residual=x), None, kv
     attn = linear(attn, p.wo, p.bo, config.kernels, partial=plain)
     if config.sandwich_norm:
         attn = apply_norm(attn, p.post_attn_norm, config)
@@ -393,7 +449,7 @@ def forward(params: Params, config: ModelConfig, tokens: jax.Array) -> jax.Array
     x, delta = embed(params, config, tokens, positions), None
     for i, layer in enumerate(params.layers):
         x, delta, _ = layer_forward(layer, config, i, x, delta, positions)
-    return unembed(params, config, x + total(delta, x))
+    return unembed(params, config, add_delta(x, delta))
 
 
 def extend_hidden(params: Params, config: ModelConfig, tokens: jax.Array, n_new: jax.Array,
@@ -413,7 +469,7 @@ def extend_hidden(params: Params, config: ModelConfig, tokens: jax.Array, n_new:
                                          (cache.k[i], cache.v[i]), cache.lengths, span)
         ks.append(k)
         vs.append(v)
-    return x + total(delta, x), KVCache(k=tuple(ks), v=tuple(vs), lengths=cache.lengths + n_new.astype(jnp.int32))
+    return add_delta(x, delta), KVCache(k=tuple(ks), v=tuple(vs), lengths=cache.lengths + n_new.astype(jnp.int32))
 
 
 @partial(jax.jit, static_argnames=("config",), donate_argnames=("cache",))

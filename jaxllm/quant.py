@@ -46,6 +46,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from .layout import dense
+
 MODES = {"int8": 8, "int4": 4}
 # int4: (low, high) fractions of each group's minimum and maximum tried as its range
 CLIP_SEARCH = tuple((lo, hi) for lo in (1.0, 0.9, 0.8, 0.7) for hi in (1.0, 0.9, 0.8, 0.7))
@@ -392,7 +394,7 @@ def quantize(params, mode: str, group_size: int = 32, embeddings: str | None = "
         raise ValueError(f"importance has {len(importance)} layers; the model has {len(params.layers)}")
 
     def q(w, m, weights=None):
-        return w if isinstance(w, QuantizedWeight) else quantize_weight(w, m, group_size, weights)
+        return w if isinstance(w, QuantizedWeight) else quantize_weight(dense(w), m, group_size, weights)
     layers = tuple(layer.replace(**{
         name: q(getattr(layer, name), mode, None if importance is None else importance[i][name])
         for name in PROJECTIONS}) for i, layer in enumerate(params.layers))

@@ -19,6 +19,7 @@ import optax
 from flax import struct
 
 from .config import ModelConfig
+from .layout import add_to
 from .model import forward
 from .params import Params
 
@@ -76,8 +77,7 @@ def merge_lora(params: Params, lora, scale: float) -> Params:
     """Base weights plus scale * A @ B for every adapted weight (a pure function)."""
     layers = []
     for layer, adapters in zip(params.layers, lora):
-        updates = {name: getattr(layer, name) + (scale * ad.a @ ad.b).astype(getattr(layer, name).dtype)
-                   for name, ad in adapters.items()}
+        updates = {name: add_to(getattr(layer, name), scale * ad.a @ ad.b) for name, ad in adapters.items()}
         layers.append(layer.replace(**updates))
     return params.replace(layers=tuple(layers))
 

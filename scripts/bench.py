@@ -32,6 +32,7 @@ import jaxllm  # noqa: E402
 from jaxllm import PRESETS, ModelConfig, SamplerSettings  # noqa: E402
 from jaxllm.cache import init_cache  # noqa: E402
 from jaxllm.generate import decode, start  # noqa: E402
+from jaxllm.layout import for_backend  # noqa: E402
 from jaxllm.model import decode_step, extend  # noqa: E402
 from jaxllm.quant import weight_bytes  # noqa: E402
 
@@ -76,7 +77,7 @@ def weight_bytes_per_token(params) -> int:
     embedding only one row)."""
     layers = sum(x.nbytes for x in jax.tree_util.tree_leaves(params.layers))
     head = params.embed if params.lm_head is None else params.lm_head
-    return layers + params.final_norm.scale.nbytes + head.nbytes
+    return layers + params.final_norm.scale.nbytes + sum(x.nbytes for x in jax.tree_util.tree_leaves(head))
 
 
 # --- measurements ---------------------------------------------------------------------
@@ -355,6 +356,7 @@ def run(args) -> dict:
         if mode != "bf16":
             params = block(jaxllm.quantize(params, mode, group_size=32))
             weights_name = mode
+        params = block(for_backend(params))  # on the GPU, projections stored by output row
         wbytes = weight_bytes_per_token(params)
         peer_format = LLAMA_CPP_FORMAT[mode]
         peer_tg = llama_cpp.get("tg128", {}).get(shape, {}).get(peer_format)

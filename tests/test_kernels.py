@@ -244,3 +244,92 @@ def test_down_projection_kernels_apply_the_gate_to_partial_sums(act, M, splits):
                          int8_activations=False)  # rounded activations: test_quant.py
     np.testing.assert_allclose(np.asarray(got), ref, atol=1e-5 * np.abs(ref).max())
     np.testing.assert_allclose(np.asarray(x.value(jnp.float32)), hidden, rtol=1e-5, atol=1e-5)
+
+
+# --- weights stored by output row ---------------------------------------------------
+
+@pytest.mark.parametrize("M, K, N, gate, norm, residual", [
+    (1, 576, 960, None, True, False),  # q/k/v: the norm before it
+    (1, 200, 70, "silu", True, False),  # gate-up
+    (3, 300, 33, "gelu_tanh", False, False),
+    (4, 1000, 64, None, False, True),  # o / down: the residual after it
+    (2, 64, 1000, None, True, True),
+])
+@pytest.mark.parametrize("tiling", [{}, dict(block_n=2, block_k=64, tile_acc=False),
+                                    dict(block_k=128, min_programs=4)])
+def test_rowmatvec_matches_float64(M, K, N, gate, norm, residual, tiling):
+    """y = residual + act(g) * u of norm(x) @ t.T, against float64 NumPy."""
+    from jaxllm.kernels.rowmatvec import rowmatvec_pallas, rowmatvec_reference
+
+    rng = np.random.default_rng(np.random.randint(1 << 30))
+    x = rng.standard_normal((M, K)).astype(np.float32) * rng.uniform(0.3, 3.0, (M, 1)).astype(np.float32)
+    t = rng.standard_normal(((2 if gate else 1) * N, K)).astype(np.float32) / np.sqrt(K)
+    scale = rng.uniform(0.5, 1.5, K).astype(np.float32)
+    res = rng.standard_normal((M, N)).astype(np.float32)
+    kw = dict(gate=gate)
+    if norm:
+        kw.update(norm_scale=jnp.asarray(scale), norm_offset=0.5, norm_eps=1e-5)
+    if residual:
+        kw.update(residual=jnp.asarray(res))
+    got = np.asarray(rowmatvec_pallas(jnp.asarray(x), jnp.asarray(t), interpret=True, **kw, **tiling), np.float64)
+
+    x64 = x.astype(np.float64)
+    if norm:
+        x64 = x64 / np.sqrt((x64 ** 2).mean(-1, keepdims=True) + 1e-5) * (0.5 + scale)
+    y = x64 @ t.astype(np.float64).T
+    if gate:
+        g, u = y[:, :N], y[:, N:]
+        y = (g / (1 + np.exp(-g)) if gate == "silu" else
+             0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g ** 3)))) * u
+    if residual:
+        y = res + y
+    assert got.shape == (M, N)
+    assert np.linalg.norm(got - y) / np.linalg.norm(y) < 1e-5
+    ref = rowmatvec_reference(jnp.asarray(x), jnp.asarray(t), norm=(kw["norm_scale"], 0.5, 1e-5) if norm else None,
+                              gate=gate, residual=kw.get("residual"))
+    np.testing.assert_allclose(got, np.asarray(ref), rtol=1e-4, atol=1e-4 * np.abs(y).max())
+
+
+def test_rowmatvec_rejects_a_mismatched_weight():
+    from jaxllm.kernels.rowmatvec import rowmatvec_pallas
+
+    with pytest.raises(ValueError, match="does not match"):
+        rowmatvec_pallas(jnp.ones((1, 64)), jnp.ones((32, 48)), interpret=True)
+
+
+@pytest.mark.parametrize("arch", ["llama3", "gemma", "qwen2", "phi2"])
+def test_model_with_transposed_projections_matches_xla_path(arch):
+    """Projections stored by output row (jaxllm.layout): decode through the row-major
+    kernel, with the norm, gate and residual add inside it where the architecture
+    allows (Gemma's sandwich norms and Phi-2's parallel block do not), and prefill
+    through XLA's dot on the transposed weights: the same logits and cache as the XLA
+    path on the usual layout."""
+    from jaxllm.layout import TransposedWeight, transpose_projections
+
+    c = ARCH_CONFIGS[arch].replace(tie_embeddings=False)
+    params = jaxllm.init_params(c, jax.random.PRNGKey(np.random.randint(1 << 30)))
+    rows = transpose_projections(params)
+    assert isinstance(rows.layers[0].w_in, TransposedWeight) and isinstance(rows.lm_head, TransposedWeight)
+    tokens = jnp.asarray(np.random.randint(0, c.vocab_size, (2, 9)))
+    with jax.default_matmul_precision("highest"):
+        ref = prefill_and_steps(params, c.replace(kernels="xla"), tokens)
+        assert_same_run(prefill_and_steps(rows, c.replace(kernels="pallas"), tokens), ref)
+        assert_same_run(prefill_and_steps(rows, c.replace(kernels="xla"), tokens), ref)
+
+
+def test_a_llama_layer_decodes_in_five_kernels_with_transposed_projections():
+    """q/k/v (with the attention norm), decode attention, o (with the residual add),
+    gate-up (with the MLP norm and the gate), down (with the residual add): nothing
+    between them falls back to a separate projection or norm."""
+    import re
+
+    from jaxllm.layout import transpose_projections
+
+    c = ARCH_CONFIGS["llama3"].replace(kernels="pallas", tie_embeddings=True)
+    params = transpose_projections(jaxllm.init_params(c, jax.random.PRNGKey(0)))
+    cache = jaxllm.init_cache(c, 1, 16, jnp.float32)
+    text = str(jax.make_jaxpr(lambda p, t, kv: jaxllm.decode_step(p, c, t, kv))(params, jnp.array([1]), cache))
+    calls = re.findall(r"name=(\w+_pallas)\b", text)
+    assert calls.count("rowmatvec_pallas") == 4 * c.n_layers
+    assert calls.count("decode_attention_pallas") == c.n_layers
+    assert "add_norm_pallas" not in calls and "matvec_pallas" not in calls

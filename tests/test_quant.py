@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny
+from conftest import ARCH_CONFIGS, tiny
 from gguf import GGMLQuantizationType, quants
 from test_dequant import random_blocks
 
@@ -275,3 +275,32 @@ def test_gemma_file_weights_and_int4_quantization_cost(reference_texts):
     importance = input_importance(dense.params, dense.config, windows)
     int4 = jaxllm.quantize(dense.params, "int4", importance=importance)
     assert nll(dense, int4, texts) / base - 1 < 0.06
+
+
+def test_transposed_projections_quantize_and_merge_like_the_usual_layout():
+    """jaxllm.layout: weights stored by output row quantize to the same weights, take
+    LoRA merges, and are left alone off the GPU and above the size limit."""
+    from jaxllm import train
+    from jaxllm.layout import TransposedWeight, dense, for_backend, transpose_projections
+
+    c = ARCH_CONFIGS["llama3"]
+    params = jaxllm.init_params(c, jax.random.PRNGKey(np.random.randint(1 << 30)))
+    rows = transpose_projections(params)
+    w = params.layers[0].wqkv
+    assert rows.layers[0].wqkv.shape == w.shape
+    np.testing.assert_array_equal(dense(rows.layers[0].wqkv), w)
+    for a, b in zip(jax.tree.leaves(jaxllm.quantize(rows, "int4", group_size=16)),
+                    jax.tree.leaves(jaxllm.quantize(params, "int4", group_size=16))):
+        np.testing.assert_array_equal(a, b)
+    lora = train.init_lora(params, 2, jax.random.PRNGKey(1))
+    lora = jax.tree.map(lambda a: a + 0.1, lora)
+    merged_rows, merged = train.merge_lora(rows, lora, 0.5), train.merge_lora(params, lora, 0.5)
+    assert isinstance(merged_rows.layers[1].wo, TransposedWeight)  # the layout is kept
+    for a, b in zip(merged_rows.layers, merged.layers):
+        for name in train.LORA_TARGETS:
+            np.testing.assert_allclose(dense(getattr(a, name)), getattr(b, name), rtol=1e-6)
+    small = transpose_projections(params, max_small_side=min(w.shape) - 1)
+    assert not any(isinstance(x, TransposedWeight) for x in jax.tree.leaves(
+        small, is_leaf=lambda x: isinstance(x, TransposedWeight)))
+    if jax.default_backend() != "gpu":
+        assert for_backend(params) is params

@@ -125,6 +125,7 @@ def load(path_or_name: str = DEFAULT_MODEL, dtype=None, verbose: bool = False,
     the path of a UTF-8 text file, or None to weigh every input alike. On Gemma 3
     270M it cuts int4's NLL cost from ~8% to ~3% (benchmarks/NOTES.md).
     """
+    from ..layout import for_backend  # noqa: PLC0415
     from ..quant import quantize  # noqa: PLC0415
     from .gguf import GGUFFile, config_from_gguf, params_from_gguf  # noqa: PLC0415
     from .hf import load_hf_folder  # noqa: PLC0415
@@ -162,6 +163,7 @@ def load(path_or_name: str = DEFAULT_MODEL, dtype=None, verbose: bool = False,
         importance = _calibrate(model, calibration, verbose)
     if weights in ("int8", "int4"):
         model.params = quantize(model.params, weights, group_size, importance=importance)
+    model.params = for_backend(model.params)  # on the GPU, projections stored by output row
     if verbose:
         print(f"loaded {os.path.basename(path.rstrip(os.sep))} ({config.arch}, "
               f"{config.param_count() / 1e6:.0f}M parameters) in {time.perf_counter() - start:.1f}s",

@@ -1,0 +1,180 @@
+"""Small-batch matrix-vector products over weights stored by output row (w.T [N, K],
+PyTorch's and GGUF's order), with the layer's norm, gate and residual add fused in.
+
+kernels/matvec.py reads w [K, N]: a program owns a strip of columns, and small N
+leaves too few programs, so K is split across programs and the partial sums are
+added by later kernels. Stored by output row, every program owns a few whole rows
+and walks all of K: no split, the outputs complete, and the program that reads
+every input of a row can also
+
+  - normalise the input (RMSNorm: it sums the squares as it goes and scales the
+    dot products at the end, the factor commuting with the projection),
+  - apply the gate (gate-up weights [2F, K]: the program owns rows n of both halves
+    and writes act(gate) * up [M, F]),
+  - add the residual (y = residual + x @ w, in the residual's dtype),
+
+which on the split-K path are separate XLA kernels of 1.3-1.7 us each, four to
+seven per layer (benchmarks/NOTES.md, variant 22).
+
+Each program keeps a [rows, block_n, block_k] tile of products in registers and
+reduces it across threads once, after the loop.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from .matvec import MAX_ROWS, _pow2, activate
+
+
+# "auto" uses the kernel on the GPU for weights whose smaller side is at most this
+# (None: every weight); layout.for_backend stores only those by output row. llama8b's
+# projections (all >= 4096 on both sides) ran at 211.6 tok/s here against 247.9 with
+# XLA's dots (H200, benchmarks/NOTES.md, variant 22).
+AUTO_MAX_SMALL_SIDE = 2048
+
+
+def use_rowmatvec(kernels: str, rows: int, weight_shape: tuple[int, int]) -> bool:
+    """The switch between rowmatvec_pallas and XLA's dot for a TransposedWeight."""
+    if kernels == "xla" or rows > MAX_ROWS:
+        return False
+    if kernels == "pallas":
+        return True
+    return jax.default_backend() == "gpu" and (
+        AUTO_MAX_SMALL_SIDE is None or min(weight_shape) <= AUTO_MAX_SMALL_SIDE)
+
+
+# block_n (rows per program): the largest power of two <= 16 that leaves min_programs
+# programs, or min_programs_short for short rows (K * halves <= short_row): a program
+# reads those in one or two steps, and more programs put more bytes in flight (llama1b
+# on the H200: qkv 7.2 -> 6.6 us, o 5.0 -> 4.7; gate-up and down slower so;
+# benchmarks/NOTES.md, variant 22). block_k (inputs per step) so that a step reads
+# step_elements weights (over both halves of a gated weight), at most K.
+TILING = dict(step_elements=8192, min_programs=264, min_programs_short=528, short_row=2048,
+              num_warps=4, num_stages=3, tile_acc=True)
+
+
+def rowmatvec_reference(x: jax.Array, t: jax.Array, out_dtype=None, *, norm=None, gate=None,
+                        residual=None) -> jax.Array:
+    """The XLA path with the kernel's signature (see rowmatvec_pallas)."""
+    x32 = x.astype(jnp.float32)
+    if norm is not None:
+        scale, offset, eps = norm
+        x32 = x32 * jax.lax.rsqrt((x32 * x32).mean(-1, keepdims=True) + eps) * (
+            offset + scale.astype(jnp.float32))
+    y = jnp.dot(x32.astype(t.dtype), t.T, preferred_element_type=jnp.float32)
+    if gate is not None:
+        g, u = jnp.split(y, 2, axis=-1)
+        y = activate(g, gate) * u
+    if residual is not None:
+        return residual + y.astype(residual.dtype)
+    return y.astype(out_dtype or x.dtype)
+
+
+def _kernel(x_ref, t_ref, *refs, M, K, N, block_n, block_k, rows, steps, norm, gate, residual,
+            tile_acc):
+    scale_ref = refs[0] if norm is not None else None
+    res_ref = refs[1 if norm is not None else 0] if residual else None
+    o_ref = refs[-1]
+    j = pl.program_id(0)
+    n_ok = j * block_n + jnp.arange(block_n) < N
+    row_ok = jnp.arange(rows) < M
+    halves = (0, N) if gate else (0,)  # first weight row of each half
+
+    def body(i, carry):
+        accs, squares = carry
+        k0 = i * block_k
+        k_ok = k0 + jnp.arange(block_k) < K
+        x = plgpu.load(x_ref.at[pl.ds(0, rows), pl.ds(k0, block_k)],
+                       mask=row_ok[:, None] & k_ok[None, :], other=0.0).astype(jnp.float32)
+        if norm is not None:
+            squares = squares + x * x
+            s = plgpu.load(scale_ref.at[pl.ds(k0, block_k)], mask=k_ok, other=0.0)
+            x = x * (norm[0] + s.astype(jnp.float32))[None, :]
+        new = []
+        for acc, h0 in zip(accs, halves):
+            w = plgpu.load(t_ref.at[pl.ds(h0 + j * block_n, block_n), pl.ds(k0, block_k)],
+                           mask=n_ok[:, None] & k_ok[None, :], other=0.0).astype(jnp.float32)
+            products = x[:, None, :] * w[None, :, :]
+            new.append(acc + (products if tile_acc else jnp.sum(products, axis=2)))
+        return tuple(new), squares
+
+    acc = jnp.zeros((rows, block_n, block_k) if tile_acc else (rows, block_n), jnp.float32)
+    accs, squares = jax.lax.fori_loop(0, steps, body, (tuple(acc for _ in halves),
+                                                       jnp.zeros((rows, block_k), jnp.float32)))
+    ys = [jnp.sum(acc, axis=2) if tile_acc else acc for acc in accs]  # [rows, block_n]
+    if norm is not None:
+        factor = jax.lax.rsqrt(jnp.sum(squares, axis=1) / K + norm[1])
+        ys = [y * factor[:, None] for y in ys]
+    y = activate(ys[0], gate) * ys[1] if gate else ys[0]
+    at = (pl.ds(0, rows), pl.ds(j * block_n, block_n))
+    mask = row_ok[:, None] & n_ok[None, :]
+    if residual:
+        r = plgpu.load(res_ref.at[at], mask=mask, other=0.0)
+        y = r + y.astype(r.dtype)
+    plgpu.store(o_ref.at[at], y.astype(o_ref.dtype), mask=mask)
+
+
+def rows_per_program(N: int, min_programs: int) -> int:
+    """The largest power of two <= 16 rows that still gives min_programs programs."""
+    block_n = 16
+    while block_n > 1 and pl.cdiv(N, block_n) < min_programs:
+        block_n //= 2
+    return block_n
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype", "norm_offset", "norm_eps", "gate",
+                                             "block_n", "block_k", "min_programs", "num_warps",
+                                             "num_stages", "tile_acc", "interpret"))
+def rowmatvec_pallas(x: jax.Array, t: jax.Array, out_dtype=None, *,
+                     norm_scale: Optional[jax.Array] = None, norm_offset: float = 0.0,
+                     norm_eps: float = 1e-6, gate: Optional[str] = None,
+                     residual: Optional[jax.Array] = None, block_n: int | None = None,
+                     block_k: int | None = None, min_programs: int | None = None,
+                     num_warps: int | None = None, num_stages: int | None = None,
+                     tile_acc: bool | None = None, interpret: bool = False) -> jax.Array:
+    """y [M, N] = f(x) [M, K] @ t.T for M <= 4 and t [N, K] (or [2N, K] with a gate),
+    float32 accumulation, where
+      f(x) = RMSNorm(x) * (norm_offset + norm_scale) when norm_scale [K] is given, else x;
+      gate ("silu" or "gelu_tanh"): y = act(g) * u of the two halves g, u of t's rows;
+      residual [M, N]: y = residual + y, in the residual's dtype (else out_dtype, default x's).
+    Tiling arguments left None take TILING's."""
+    given = dict(block_n=block_n, block_k=block_k, min_programs=min_programs, num_warps=num_warps,
+                 num_stages=num_stages, tile_acc=tile_acc)
+    tiling = {**TILING, **{k: v for k, v in given.items() if v is not None}}
+    M, K = x.shape
+    N = t.shape[0] // (2 if gate else 1)
+    if M > MAX_ROWS:
+        raise ValueError(f"rowmatvec_pallas handles at most {MAX_ROWS} rows, got {M}")
+    if t.shape[1] != K:
+        raise ValueError(f"input width {K} does not match the weight's rows {t.shape}")
+    rows, halves = _pow2(M), 2 if gate else 1
+    min_programs = tiling["min_programs_short" if K * halves <= tiling["short_row"] else "min_programs"]
+    block_n = tiling.get("block_n") or rows_per_program(N, min_programs)
+    # the register tile holds rows * halves * block_n * block_k products
+    block_k = tiling.get("block_k") or tiling["step_elements"] // (halves * block_n)
+    block_k = min(max(16, block_k // rows), _pow2(K))
+    norm = None if norm_scale is None else (norm_offset, norm_eps)
+    kernel = functools.partial(_kernel, M=M, K=K, N=N, block_n=block_n, block_k=block_k, rows=rows,
+                               steps=pl.cdiv(K, block_k), norm=norm, gate=gate,
+                               residual=residual is not None, tile_acc=tiling["tile_acc"])
+    operands = (x, t) + ((norm_scale,) if norm is not None else ()) + (
+        (residual,) if residual is not None else ())
+    dtype = residual.dtype if residual is not None else (out_dtype or x.dtype)
+    compiler_params = None
+    if not interpret:
+        compiler_params = plgpu.CompilerParams(num_warps=tiling["num_warps"],
+                                               num_stages=tiling["num_stages"])
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((M, N), dtype),
+        grid=(pl.cdiv(N, block_n),),
+        interpret=interpret,
+        compiler_params=compiler_params,
+    )(*operands)
