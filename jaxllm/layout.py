@@ -39,6 +39,21 @@ def dense(w):
     return w.t.T if isinstance(w, TransposedWeight) else w
 
 
+def _is_transposed(x) -> bool:
+    return isinstance(x, TransposedWeight)
+
+
+def untranspose(params):
+    """params with every TransposedWeight back as its [K, N] array (saving to files)."""
+    return jax.tree.map(dense, params, is_leaf=_is_transposed)
+
+
+def with_layout_of(params, like):
+    """Dense params stored as `like` stores them: transposed where like is."""
+    return jax.tree.map(lambda ref, w: TransposedWeight(w.T) if _is_transposed(ref) else w,
+                        like, params, is_leaf=_is_transposed)
+
+
 def add_to(w, delta: jax.Array):
     """w + delta [K, N], stored as w is."""
     if isinstance(w, TransposedWeight):

@@ -348,8 +348,8 @@ def layer_forward(p: Layer, config: ModelConfig, index: int, x, delta: Optional[
     """One decoder layer.
 
     The residual stream arrives as x [B, T, D] plus the previous layer's output delta
-    (None for the first layer), added here together with the attention norm, and
-    leaves the same way: (x, delta, kv). positions [B, T]. With `kv` = (k_cache, v_cache) [B, S, K, Dh],
+    (None for the first layer, or when the row-major kernels added it already), added
+    here together with the attention norm, and leaves the same way: (x, delta, kv). positions [B, T]. With `kv` = (k_cache, v_cache) [B, S, K, Dh],
     the new keys and values are written at slots starts[b] + t and attention reads
     the whole cache, or its first `span` slots when every row's keys lie there;
     without, attention reads the T tokens themselves.

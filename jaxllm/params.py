@@ -1,8 +1,9 @@
 """Parameter pytrees and random initialisation.
 
-Weights are stored [in, out] so every projection is `x @ w`. Absent parts (biases
-a model does not have, Gemma's extra norms) are None, which pytrees treat as
-empty: one dataclass serves every architecture.
+Weights are stored [in, out] so every projection is `x @ w` (on the GPU,
+`layout.for_backend` stores those its decode kernel reads by output row). Absent
+parts (biases a model does not have, Gemma's extra norms) are None, which pytrees
+treat as empty: one dataclass serves every architecture.
 
 Layers are a tuple, not one stacked array: the decoder unrolls them, so XLA sees
 each layer's weights as separate buffers and never copies a layer slice out of a

@@ -19,7 +19,7 @@ import optax
 from flax import struct
 
 from .config import ModelConfig
-from .layout import add_to
+from .layout import add_to, untranspose, with_layout_of
 from .model import forward
 from .params import Params
 
@@ -138,20 +138,23 @@ def _flatten(params: Params) -> dict[str, np.ndarray]:
 
 
 def save_params(path: str, params: Params) -> None:
-    """Write every weight to a safetensors file (float32), keyed by pytree path."""
+    """Write every weight to a safetensors file (float32), keyed by pytree path. Weights
+    stored by output row (jaxllm.layout) are written [in, out], so files do not depend
+    on the device that wrote them."""
     from safetensors.numpy import save_file  # noqa: PLC0415
-    save_file(_flatten(params), path)
+    save_file(_flatten(untranspose(params)), path)
 
 
 def load_params(path: str, like: Params) -> Params:
-    """Read weights saved by save_params into the structure (and dtypes) of `like`."""
+    """Read weights saved by save_params into the structure (and dtypes) of `like`,
+    and its layout (jaxllm.layout)."""
     from safetensors.numpy import load_file  # noqa: PLC0415
     stored = load_file(path)
-    leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(like)
+    leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(untranspose(like))
     leaves = []
     for path_, leaf in leaves_with_path:
         key = jax.tree_util.keystr(path_)
         if key not in stored:
             raise KeyError(f"{path}: weight {key} missing")
         leaves.append(jnp.asarray(stored[key], leaf.dtype))
-    return jax.tree_util.tree_unflatten(treedef, leaves)
+    return with_layout_of(jax.tree_util.tree_unflatten(treedef, leaves), like)

@@ -67,3 +67,20 @@ def test_save_and_load_round_trip(tmp_path):
     save_params(str(tmp_path / "w.safetensors"), params)
     loaded = load_params(str(tmp_path / "w.safetensors"), params)
     np.testing.assert_array_equal(jaxllm.forward(loaded, c, tokens), jaxllm.forward(params, c, tokens))
+
+
+def test_saved_weights_do_not_depend_on_the_layout(tmp_path):
+    """A file written from weights stored by output row (jaxllm.layout, the GPU's) is the
+    file written from the usual layout, and loads into either."""
+    from jaxllm.layout import TransposedWeight, transpose_projections
+
+    c, params, tokens, _ = setup()
+    rows = transpose_projections(params)
+    save_params(str(tmp_path / "rows.safetensors"), rows)
+    save_params(str(tmp_path / "plain.safetensors"), params)
+    assert (tmp_path / "rows.safetensors").read_bytes() == (tmp_path / "plain.safetensors").read_bytes()
+    into_rows = load_params(str(tmp_path / "plain.safetensors"), rows)
+    assert isinstance(into_rows.layers[0].wqkv, TransposedWeight)
+    np.testing.assert_array_equal(into_rows.layers[0].wqkv.t, rows.layers[0].wqkv.t)
+    np.testing.assert_allclose(jaxllm.forward(into_rows, c, tokens), jaxllm.forward(params, c, tokens),
+                               rtol=1e-5, atol=1e-5)
