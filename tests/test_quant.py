@@ -277,7 +277,7 @@ def test_gemma_file_weights_and_int4_quantization_cost(reference_texts):
     assert nll(dense, int4, texts) / base - 1 < 0.06
 
 
-def test_transposed_projections_quantize_and_merge_like_the_usual_layout():
+def test_transposed_projections_quantize_and_merge_like_the_usual_layout(monkeypatch):
     """jaxllm.layout: weights stored by output row quantize to the same weights, take
     LoRA merges, and are left alone off the GPU and above the size limit."""
     from jaxllm import train
@@ -304,3 +304,10 @@ def test_transposed_projections_quantize_and_merge_like_the_usual_layout():
         small, is_leaf=lambda x: isinstance(x, TransposedWeight)))
     if jax.default_backend() != "gpu":
         assert for_backend(params) is params
+    # On the GPU: the layer projections the row-major kernel reads; an untied head stays.
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    untied = jaxllm.init_params(c.replace(tie_embeddings=False), jax.random.PRNGKey(0))
+    on_gpu = for_backend(untied)
+    assert all(isinstance(getattr(layer, name), TransposedWeight)
+               for layer in on_gpu.layers for name in ("wqkv", "wo", "w_in", "w_out"))
+    assert not isinstance(on_gpu.lm_head, TransposedWeight)
