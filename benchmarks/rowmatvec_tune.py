@@ -48,8 +48,7 @@ def main():
             kw.update(norm_scale=jax.random.normal(keys[1], (K,), jnp.bfloat16))
         if fusion == "residual":
             kw.update(residual=jax.random.normal(keys[2], (1, N), jnp.bfloat16))
-        ref = rowmatvec_reference(x, ts[0], norm=(kw["norm_scale"], 0.0, 1e-6) if "norm_scale" in kw else None,
-                                  gate=kw.get("gate"), residual=kw.get("residual"))
+        ref = rowmatvec_reference(x, ts[0], **kw)
         got = rowmatvec_pallas(x, ts[0], **kw)
         err = float(jnp.linalg.norm((got - ref).astype(jnp.float32)) / jnp.linalg.norm(ref.astype(jnp.float32)))
         bytes_ = chain * K * rows_t * 2

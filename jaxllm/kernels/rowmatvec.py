@@ -60,14 +60,15 @@ TILING = dict(step_elements=8192, min_programs=264, min_programs_short=528, shor
               num_warps=4, num_stages=3, tile_acc=True)
 
 
-def rowmatvec_reference(x: jax.Array, t: jax.Array, out_dtype=None, *, norm=None, gate=None,
-                        residual=None) -> jax.Array:
-    """The XLA path with the kernel's signature (see rowmatvec_pallas)."""
+def rowmatvec_reference(x: jax.Array, t: jax.Array, out_dtype=None, *,
+                        norm_scale: Optional[jax.Array] = None, norm_offset: float = 0.0,
+                        norm_eps: float = 1e-6, gate: Optional[str] = None,
+                        residual: Optional[jax.Array] = None) -> jax.Array:
+    """The XLA path with the kernel's signature (see rowmatvec_pallas; no tiling)."""
     x32 = x.astype(jnp.float32)
-    if norm is not None:
-        scale, offset, eps = norm
-        x32 = x32 * jax.lax.rsqrt((x32 * x32).mean(-1, keepdims=True) + eps) * (
-            offset + scale.astype(jnp.float32))
+    if norm_scale is not None:
+        x32 = x32 * jax.lax.rsqrt((x32 * x32).mean(-1, keepdims=True) + norm_eps) * (
+            norm_offset + norm_scale.astype(jnp.float32))
     y = jnp.dot(x32.astype(t.dtype), t.T, preferred_element_type=jnp.float32)
     if gate is not None:
         g, u = jnp.split(y, 2, axis=-1)
