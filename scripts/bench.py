@@ -32,7 +32,7 @@ import jaxllm  # noqa: E402
 from jaxllm import PRESETS, ModelConfig, SamplerSettings  # noqa: E402
 from jaxllm.cache import init_cache  # noqa: E402
 from jaxllm.generate import decode, start  # noqa: E402
-from jaxllm.layout import for_backend  # noqa: E402
+from jaxllm.layout import TransposedWeight, for_backend  # noqa: E402
 from jaxllm.model import decode_step, extend  # noqa: E402
 from jaxllm.quant import weight_bytes  # noqa: E402
 
@@ -358,6 +358,8 @@ def run(args) -> dict:
             weights_name = mode
         params = block(for_backend(params))  # on the GPU, projections stored by output row
         wbytes = weight_bytes_per_token(params)
+        by_row = sum(isinstance(w, TransposedWeight) for w in jax.tree_util.tree_leaves(
+            params, is_leaf=lambda w: isinstance(w, TransposedWeight)))
         peer_format = LLAMA_CPP_FORMAT[mode]
         peer_tg = llama_cpp.get("tg128", {}).get(shape, {}).get(peer_format)
         peer_pp = llama_cpp.get("pp512", {}).get(shape, {}).get(peer_format)
@@ -372,7 +374,7 @@ def run(args) -> dict:
             r = measure_decode(params, config, b, 32 if args.quick else 128, 3 if args.quick else reps,
                                args.steps_per_sync)
             row = {"bench": "tg128" if b == 1 else "decode", "shape": shape, "weights": weights_name,
-                   "batch": b, **r, "weight_bytes_per_step": wbytes,
+                   "batch": b, **r, "weight_bytes_per_step": wbytes, "row_major_weights": by_row,
                    "steps_per_sync": args.steps_per_sync, "kernels": args.kernels}
             if copy_bw:
                 row["mbu_vs_copy"] = wbytes * r["tok_s"] / b / copy_bw

@@ -24,6 +24,7 @@ def test_quick_bench_writes_the_schema(tmp_path):
         assert {"bench", "shape", "weights", "batch", "tok_s"} <= set(row)
     tg = next(row for row in report["results"] if row["bench"] == "tg128")
     assert tg["tok_s"] > 0 and tg["min_ms"] <= tg["median_ms"] <= tg["max_ms"]
+    assert tg["row_major_weights"] == 0  # weights are stored by output row on the GPU only
     assert "tg128" in r.stdout  # the table is printed last
 
 
