@@ -108,14 +108,14 @@ def linear(x: jax.Array, w, b: Optional[jax.Array] = None, kernels: str = "auto"
         w.observe(x)
         w = w.weight
     rows = math.prod(x.shape[:-1]) if not isinstance(x, GatedInput) else x.sums.shape[1]
+    interpret = jax.default_backend() != "gpu"
     if b is None and fused_projection(w, kernels, rows):
         norm, x_in = {}, x
         if isinstance(x, DeferredNorm):
             norm, x_in = dict(norm_scale=x.scale, norm_offset=x.offset, norm_eps=x.eps), x.x
         y = rowmatvec_pallas(
             x_in.reshape(rows, -1), w.t, out_dtype, gate=gate, **norm,
-            residual=None if residual is None else residual.reshape(rows, -1),
-            interpret=jax.default_backend() != "gpu")
+            residual=None if residual is None else residual.reshape(rows, -1), interpret=interpret)
         return y.reshape(*x.shape[:-1], -1)
     if gate is not None or residual is not None:
         y = linear(x, w, b, kernels, jnp.float32)
@@ -130,16 +130,14 @@ def linear(x: jax.Array, w, b: Optional[jax.Array] = None, kernels: str = "auto"
         y = (linear(x.scaled, w, None, kernels).astype(jnp.float32) * x.factor).astype(out_dtype or x.dtype)
         return y if b is None else y + b.astype(y.dtype)
     partial = partial and b is None
-    interpret = jax.default_backend() != "gpu"
     if isinstance(x, GatedInput):
         quantized = isinstance(w, QuantizedWeight)
-        if (use_pallas(kernels, x.sums.shape[1], w.shape, quantized)
+        if (use_pallas(kernels, rows, w.shape, quantized)
                 and (not quantized or w.bits in KERNEL_BITS)):
             kernel = qmatvec_pallas if quantized else matvec_pallas
             y = kernel(x, w, out_dtype, interpret=interpret, sum_splits=not partial)
             return y if b is None or isinstance(y, PartialSums) else y + b.astype(y.dtype)
         x = x.value(out_dtype or jnp.float32)
-    rows = math.prod(x.shape[:-1])
     if isinstance(w, QuantizedWeight):
         x2 = x.reshape(rows, x.shape[-1])
         if w.bits in KERNEL_BITS and use_pallas(kernels, rows, w.shape, quantized=True):

@@ -72,7 +72,7 @@ BENCHMARKS = [
                   "# (our run, llama.cpp on the same card): the shared H100 anchors, and llama.cpp built\n"
                   "# and timed on the H200 by benchmarks/llamacpp_peer.py\n"
                   "runs = [('NVIDIA-H100-80GB-HBM3-2026-11-24-attention-norm-all.json', os.path.join(root, '..', 'shared', 'anchors', 'h100-2026-11-23.json')),\n"
-                  "        ('NVIDIA-H200-2026-11-29-bf16-vs-llamacpp.json', os.path.join(results, 'NVIDIA-H200-2026-11-29-llamacpp.json'))]\n"
+                  "        ('NVIDIA-H200-2026-11-29-rows-bf16-vs-llamacpp.json', os.path.join(results, 'NVIDIA-H200-2026-11-29-llamacpp.json'))]\n"
                   "fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)\n"
                   "for ax, (name, peer_file) in zip(axes, runs):\n"
                   "    gpu = json.load(open(os.path.join(results, name)))\n"
