@@ -45,6 +45,10 @@ VARIANTS = {
     # the quantized matrix-vector kernel's float path and integer dot products
     "floatx": {"qmatvec.INT8_ACTIVATIONS": False},
     "int8x": {"qmatvec.INT8_ACTIVATIONS": True},
+    # decode attention loading its cache blocks in program order (before variant 23)
+    "attn-noprefetch": {"decode_attention.PREFETCH": False},
+    # a tied head on XLA's gemm after a separate final norm (before variant 25)
+    "head-xla": {"ROW_MAJOR_HEAD": False},
 }
 # tilings of the quantized batch-1 kernel (4-bit weights) around its earlier default
 # (block_n 32; now 16: NOTES variant 17c)
@@ -69,8 +73,8 @@ for _name, _change in {"bn128": dict(block_n=128), "bn512": dict(block_n=512), "
 
 
 # the row-major kernel (weights "+rows"): on every weight, or only where one side is
-# <= 2048 (XLA's dot on llama8b); tilings around its default (256 inputs per step,
-# >= 264 programs, 4 warps, 3 stages)
+# <= 2048 (XLA's dot on llama8b); tilings around its default (4096 weights per step,
+# 8192 for short rows, >= 264 programs, 4 warps, 3 stages, loads one step ahead)
 VARIANTS["rows-xla-large"] = {"rowmatvec.AUTO_MAX_SMALL_SIDE": 2048}
 for _name, _change in {"bk256": dict(block_k=256), "bk1024": dict(block_k=1024), "bk2048-rowacc": dict(
                            block_k=2048, tile_acc=False), "step4096": dict(step_elements=4096),
@@ -80,7 +84,14 @@ for _name, _change in {"bk256": dict(block_k=256), "bk1024": dict(block_k=1024),
                        "short-off": dict(min_programs_short=264),
                        "stages2": dict(num_stages=2), "stages4": dict(num_stages=4),
                        "warps8": dict(num_warps=8), "step16384-warps8": dict(step_elements=16384, num_warps=8),
-                       "rowacc": dict(tile_acc=False), "step16384-rowacc": dict(step_elements=16384, tile_acc=False)
+                       "rowacc": dict(tile_acc=False), "step16384-rowacc": dict(step_elements=16384, tile_acc=False),
+                       "noprefetch": dict(prefetch=0), "evict-first": dict(eviction="evict_first"),
+                       "step8192": dict(step_elements=8192), "step8192-noprefetch": dict(step_elements=8192, prefetch=0),
+                       "prefetch2": dict(prefetch=2), "step2048-prefetch2": dict(step_elements=2048, prefetch=2),
+                       "step2048-prefetch3": dict(step_elements=2048, prefetch=3),
+                       "step4096-progs528": dict(step_elements=4096, min_programs=528),
+                       "progs528-all": dict(min_programs=528, min_programs_short=1056),
+                       "prefetch2-evict-first": dict(prefetch=2, eviction="evict_first"),
                        }.items():
     VARIANTS["rows-" + _name] = {"rowmatvec.TILING": dict(rowmatvec.TILING, **_change)}
 

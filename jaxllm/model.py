@@ -76,8 +76,9 @@ def defer_norm(config: ModelConfig, norm: Norm, w, rows: int, kernel_applies: bo
     """Whether the norm before projection w is left to the kernels after it
     (`DeferredNorm`): RMSNorm without bias, either where the kernel after w applies the
     factor itself (kernel_applies: decode attention, on any fast path), or on the GPU
-    where w takes XLA's matrix multiply. (The final norm is not deferred: on the H100
-    that gained nothing measurable, one kernel per step.)"""
+    where w takes XLA's matrix multiply. (The final norm is deferred only into the
+    row-major kernel, `unembed`: before XLA's gemm on the H100 that gained nothing
+    measurable, one kernel per step.)"""
     if not (DEFERRED_NORM and config.norm == "rms" and norm.bias is None and config.kernels != "xla"):
         return False
     if kernel_applies or fused_projection(w, config.kernels, rows):
@@ -421,8 +422,19 @@ def embed(params: Params, config: ModelConfig, tokens: jax.Array, positions: jax
     return x
 
 
+# The tied embedding table [V, D] is stored by output row already: where the row-major
+# kernel reads weights of its width, it projects the head with the final norm inside
+# (benchmarks/decode_variants.py's head-xla variant switches this off to compare).
+ROW_MAJOR_HEAD = True
+
+
 def unembed(params: Params, config: ModelConfig, x: jax.Array) -> jax.Array:
     """Final norm and output projection: x [..., D] -> float32 logits [..., V]."""
+    if ROW_MAJOR_HEAD and params.lm_head is None and not isinstance(params.embed, QuantizedWeight):
+        head, rows = TransposedWeight(params.embed), math.prod(x.shape[:-1])
+        if fused_projection(head, config.kernels, rows) and defer_norm(config, params.final_norm, head, rows):
+            x = DeferredNorm(x, params.final_norm.scale, config.norm_weight_offset, config.norm_eps)
+            return softcap_logits(linear(x, head, None, config.kernels, out_dtype=jnp.float32), config)
     x = apply_norm(x, params.final_norm, config)
     if params.lm_head is None and isinstance(params.embed, QuantizedWeight):
         logits = linear(x, params.embed, None, config.kernels, out_dtype=jnp.float32)  # stored [D, V]
@@ -430,8 +442,12 @@ def unembed(params: Params, config: ModelConfig, x: jax.Array) -> jax.Array:
         logits = jnp.einsum("...d,vd->...v", x, params.embed, preferred_element_type=jnp.float32)
     else:
         logits = linear(x, params.lm_head, params.lm_head_bias, config.kernels, out_dtype=jnp.float32)
+    return softcap_logits(logits, config)
+
+
+def softcap_logits(logits: jax.Array, config: ModelConfig) -> jax.Array:
     if config.final_softcap is not None:
-        logits = config.final_softcap * jnp.tanh(logits / config.final_softcap)
+        return config.final_softcap * jnp.tanh(logits / config.final_softcap)
     return logits
 
 

@@ -254,9 +254,11 @@ def test_down_projection_kernels_apply_the_gate_to_partial_sums(act, M, splits):
     (3, 300, 33, "gelu_tanh", False, False),
     (4, 1000, 64, None, False, True),  # o / down: the residual after it
     (2, 64, 1000, None, True, True),
+    (1, 1100, 40, "silu", True, False),  # rows longer than short_row: several steps ahead
+    (1, 2100, 24, None, False, True),
 ])
-@pytest.mark.parametrize("tiling", [{}, dict(block_n=2, block_k=64, tile_acc=False),
-                                    dict(block_k=128, min_programs=4)])
+@pytest.mark.parametrize("tiling", [{}, dict(block_n=2, block_k=64, tile_acc=False, prefetch=0),
+                                    dict(block_k=128, min_programs=4, prefetch=3)])
 def test_rowmatvec_matches_float64(M, K, N, gate, norm, residual, tiling):
     """y = residual + act(g) * u of norm(x) @ t.T, against float64 NumPy."""
     from jaxllm.kernels.rowmatvec import rowmatvec_pallas, rowmatvec_reference
@@ -296,19 +298,22 @@ def test_rowmatvec_rejects_a_mismatched_weight():
         rowmatvec_pallas(jnp.ones((1, 64)), jnp.ones((32, 48)), interpret=True)
 
 
-@pytest.mark.parametrize("arch", ["llama3", "gemma", "qwen2", "phi2"])
-def test_model_with_transposed_projections_matches_xla_path(arch):
+@pytest.mark.parametrize("arch, tied", [("llama3", False), ("llama3", True), ("gemma", False), ("gemma", True),
+                                        ("qwen2", False), ("phi2", False)])
+def test_model_with_transposed_projections_matches_xla_path(arch, tied):
     """Projections stored by output row (jaxllm.layout): decode through the row-major
     kernel, with the norm, gate and residual add inside it where the architecture
     allows (Gemma's sandwich norms and Phi-2's parallel block do not), and prefill
     through XLA's dot on the transposed weights: the same logits and cache as the XLA
-    path on the usual layout."""
+    path on the usual layout. A tied head (the embedding table, stored by row) takes
+    the kernel with the final norm inside, Gemma's final soft-cap after it."""
     from jaxllm.layout import TransposedWeight, transpose_projections
 
-    c = ARCH_CONFIGS[arch].replace(tie_embeddings=False)
+    c = ARCH_CONFIGS[arch].replace(tie_embeddings=tied)
     params = jaxllm.init_params(c, jax.random.PRNGKey(np.random.randint(1 << 30)))
     rows = transpose_projections(params)
-    assert isinstance(rows.layers[0].w_in, TransposedWeight) and isinstance(rows.lm_head, TransposedWeight)
+    assert isinstance(rows.layers[0].w_in, TransposedWeight)
+    assert (rows.lm_head is None) if tied else isinstance(rows.lm_head, TransposedWeight)
     tokens = jnp.asarray(np.random.randint(0, c.vocab_size, (2, 9)))
     with jax.default_matmul_precision("highest"):
         ref = prefill_and_steps(params, c.replace(kernels="xla"), tokens)
@@ -319,7 +324,8 @@ def test_model_with_transposed_projections_matches_xla_path(arch):
 def test_a_llama_layer_decodes_in_five_kernels_with_transposed_projections():
     """q/k/v (with the attention norm), decode attention, o (with the residual add),
     gate-up (with the MLP norm and the gate), down (with the residual add): nothing
-    between them falls back to a separate projection or norm."""
+    between them falls back to a separate projection or norm. The tied head is one
+    more call, with the final norm inside."""
     import re
 
     from jaxllm.layout import transpose_projections
@@ -329,6 +335,6 @@ def test_a_llama_layer_decodes_in_five_kernels_with_transposed_projections():
     cache = jaxllm.init_cache(c, 1, 16, jnp.float32)
     text = str(jax.make_jaxpr(lambda p, t, kv: jaxllm.decode_step(p, c, t, kv))(params, jnp.array([1]), cache))
     calls = re.findall(r"name=(\w+_pallas)\b", text)
-    assert calls.count("rowmatvec_pallas") == 4 * c.n_layers
+    assert calls.count("rowmatvec_pallas") == 4 * c.n_layers + 1
     assert calls.count("decode_attention_pallas") == c.n_layers
     assert "add_norm_pallas" not in calls and "matvec_pallas" not in calls

@@ -43,6 +43,11 @@ MASKED = -1e30  # finite: an empty block must not produce exp(-inf + inf)
 # The projection's split-K partial sums are added here, one load per split, unrolled
 # (independent loads, so their latencies overlap); more splits are summed by XLA first.
 MAX_QKV_SPLITS = 32
+# Load each block of the cache one step ahead: block 0 before the new token's queries
+# and keys, so that its memory latency overlaps theirs, and block i + 1 while block i
+# is scored. Without it the stores of the new key and value come first, and every
+# block waits out a full latency (a short cache is mostly latency).
+PREFETCH = True
 
 
 @dataclass(frozen=True)
@@ -71,7 +76,7 @@ def _splits(batch: int, spec: AttentionSpec, capacity: int) -> int:
 
 def _kernel(qkv_ref, k_ref, v_ref, lengths_ref, freq_ref, qn_ref, kn_ref, nr_ref, *out_refs,
             spec: AttentionSpec, S: int, half: int, hp: int, bs: int, chunk: int, splits: int,
-            qkv_splits: int, norm_width: Optional[int]):
+            qkv_splits: int, norm_width: Optional[int], prefetch: bool):
     o_ref, k_out, v_out = out_refs[:3]
     b, g, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     H, K, Dh, G = spec.n_heads, spec.n_kv_heads, spec.head_dim, spec.n_heads // spec.n_kv_heads
@@ -85,6 +90,22 @@ def _kernel(qkv_ref, k_ref, v_ref, lengths_ref, freq_ref, qn_ref, kn_ref, nr_ref
     halves = (pl.ds(zero, hp), pl.ds(zero + half, hp))
     pos = lengths_ref[b]
     slot = jnp.minimum(pos, S - 1)  # where XLA's dynamic_update_slice would write
+    lo = jnp.int32(0) if spec.window is None else jnp.maximum(pos - spec.window + 1, 0)
+    start = jnp.maximum(lo, split * chunk)
+    stop = jnp.minimum(jnp.minimum(pos + 1, S), (split + 1) * chunk)  # exclusive
+    n_blocks = jnp.maximum(stop - start + bs - 1, 0) // bs
+
+    def visible(i):  # [bs] the slots of block i this program reads
+        slots = start + i * bs + jnp.arange(bs)
+        return (slots < stop) & (slots != slot)
+
+    def load_block(i):  # block i's key and value halves [bs, hp], zero where not visible
+        ok = visible(i)
+        return tuple(plgpu.load(ref.at[b, pl.ds(start + i * bs, bs), g, h],
+                                mask=ok[:, None] & d_ok[None, :], other=0.0)
+                     for ref in (k_ref, v_ref) for h in halves)
+
+    first_block = load_block(0) if prefetch else None
 
     def head_rows(first, n_ok):  # [GROUP_ROWS, hp] x 2 of qkv, rows first, first + 1, ...
         def load(i, h):  # qkv_ref [splits, B, H + 2K, Dh]: the projection's partial sums
@@ -151,18 +172,8 @@ def _kernel(qkv_ref, k_ref, v_ref, lengths_ref, freq_ref, qn_ref, kn_ref, nr_ref
     acc1 = own * jnp.broadcast_to(v1[None, :], (GROUP_ROWS, hp))
     acc2 = own * jnp.broadcast_to(v2[None, :], (GROUP_ROWS, hp))
 
-    lo = jnp.int32(0) if spec.window is None else jnp.maximum(pos - spec.window + 1, 0)
-    start = jnp.maximum(lo, split * chunk)
-    stop = jnp.minimum(jnp.minimum(pos + 1, S), (split + 1) * chunk)  # exclusive
-    n_blocks = jnp.maximum(stop - start + bs - 1, 0) // bs
-
-    def body(i, carry):
-        m, l, acc1, acc2 = carry
-        s0 = start + i * bs
-        slots = s0 + jnp.arange(bs)
-        ok = (slots < stop) & (slots != slot)
-        blk = [plgpu.load(ref.at[b, pl.ds(s0, bs), g, h], mask=ok[:, None] & d_ok[None, :], other=0.0)
-               for ref in (k_ref, v_ref) for h in halves]
+    def attend(i, blk, m, l, acc1, acc2):
+        ok = visible(i)
         s = plgpu.dot(q1, blk[0], trans_b=True) + plgpu.dot(q2, blk[1], trans_b=True)
         s = jnp.where(ok[None, :], scores_of(s), MASKED)  # [GROUP_ROWS, bs]
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
@@ -174,7 +185,15 @@ def _kernel(qkv_ref, k_ref, v_ref, lengths_ref, freq_ref, qn_ref, kn_ref, nr_ref
         acc2 = acc2 * alpha[:, None] + plgpu.dot(p, blk[3])
         return m_new, l, acc1, acc2
 
-    m, l, acc1, acc2 = jax.lax.fori_loop(0, n_blocks, body, (m, l, acc1, acc2))
+    if prefetch:
+        def body(i, carry):
+            *state, blk = carry
+            ahead = load_block(i + 1)
+            return attend(i, blk, *state) + (ahead,)
+        m, l, acc1, acc2 = jax.lax.fori_loop(0, n_blocks, body, (m, l, acc1, acc2, first_block))[:4]
+    else:
+        m, l, acc1, acc2 = jax.lax.fori_loop(
+            0, n_blocks, lambda i, carry: attend(i, load_block(i), *carry), (m, l, acc1, acc2))
     out_mask = row_ok[:, None] & d_ok[None, :]
     if splits == 1:
         for h, acc in zip(halves, (acc1, acc2)):
@@ -231,7 +250,8 @@ def decode_attention_pallas(qkv: jax.Array | PartialSums, k_cache: jax.Array, v_
                      + [jax.ShapeDtypeStruct((B, K, splits, GROUP_ROWS), jnp.float32)] * 2)
     kernel = functools.partial(_kernel, spec=spec, S=S, half=half, hp=hp, bs=bs, chunk=chunk,
                                splits=splits, qkv_splits=qkv4.shape[0],
-                               norm_width=None if norm_rows is None else norm_rows.shape[1])
+                               norm_width=None if norm_rows is None else norm_rows.shape[1],
+                               prefetch=PREFETCH)
     outs = pl.pallas_call(
         kernel, out_shape=out_shape, grid=(B, K, splits),
         input_output_aliases={1: 1, 2: 2}, interpret=interpret,

@@ -53,11 +53,19 @@ def use_rowmatvec(kernels: str, rows: int, weight_shape: tuple[int, int]) -> boo
 # block_n (rows per program): the largest power of two <= 16 that leaves min_programs
 # programs, or min_programs_short for short rows (K * halves <= short_row): a program
 # reads those in one or two steps, and more programs put more bytes in flight (llama1b
-# on the H200: qkv 7.2 -> 6.6 us, o 5.0 -> 4.7; gate-up and down slower so;
-# benchmarks/NOTES.md, variant 22). block_k (inputs per step) so that a step reads
-# step_elements weights (over both halves of a gated weight), at most K.
-TILING = dict(step_elements=8192, min_programs=264, min_programs_short=528, short_row=2048,
-              num_warps=4, num_stages=3, tile_acc=True)
+# on the H200: qkv 7.2 -> 6.6 us, o 5.0 -> 4.7; gate-up and down slower so). block_k
+# (inputs per step) so that a step reads step_elements weights (over both halves of a
+# gated weight), at most K; short rows step_elements_short, at batch 1 a whole llama1b
+# row (in two steps qkv took 7.6 us, not 6.2). Long rows take smaller steps, loaded
+# `prefetch` steps ahead: llama1b's gate-up took 27.3 us at 8,192 weights a step,
+# 25.2 loaded one step ahead, 22.2 at 4,096 one step ahead (register pressure: the
+# tile and the loads in flight share the registers). The weights are read once per
+# step, so their loads ask L2 to evict them first, which keeps the KV cache and the
+# activations there (decode attention 3.86 -> 3.67 us). benchmarks/NOTES.md, variants
+# 22 and 23.
+TILING = dict(step_elements=4096, step_elements_short=8192, min_programs=264, min_programs_short=528,
+              short_row=2048, num_warps=4, num_stages=3, tile_acc=True, prefetch=1,
+              eviction="evict_first")
 
 
 def rowmatvec_reference(x: jax.Array, t: jax.Array, out_dtype=None, *,
@@ -79,7 +87,7 @@ def rowmatvec_reference(x: jax.Array, t: jax.Array, out_dtype=None, *,
 
 
 def _kernel(x_ref, t_ref, *refs, M, K, N, block_n, block_k, rows, steps, norm, gate, residual,
-            tile_acc):
+            tile_acc, prefetch, eviction):
     scale_ref = refs[0] if norm is not None else None
     res_ref = refs[1 if norm is not None else 0] if residual else None
     o_ref = refs[-1]
@@ -88,27 +96,42 @@ def _kernel(x_ref, t_ref, *refs, M, K, N, block_n, block_k, rows, steps, norm, g
     row_ok = jnp.arange(rows) < M
     halves = (0, N) if gate else (0,)  # first weight row of each half
 
-    def body(i, carry):
-        accs, squares = carry
-        k0 = i * block_k
+    def load(i):  # step i's inputs, norm weights and weight tiles, as stored (zero past K)
+        # traced, also for the first steps: Pallas rejects a static slice past K
+        k0 = (j * 0 + i) * block_k
         k_ok = k0 + jnp.arange(block_k) < K
         x = plgpu.load(x_ref.at[pl.ds(0, rows), pl.ds(k0, block_k)],
-                       mask=row_ok[:, None] & k_ok[None, :], other=0.0).astype(jnp.float32)
+                       mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        s = None if norm is None else plgpu.load(scale_ref.at[pl.ds(k0, block_k)], mask=k_ok, other=0.0)
+        ws = tuple(plgpu.load(t_ref.at[pl.ds(h0 + j * block_n, block_n), pl.ds(k0, block_k)],
+                              mask=n_ok[:, None] & k_ok[None, :], other=0.0, eviction_policy=eviction)
+                   for h0 in halves)
+        return x, s, ws
+
+    def accumulate(loaded, accs, squares):
+        x, s, ws = loaded
+        x = x.astype(jnp.float32)
         if norm is not None:
             squares = squares + x * x
-            s = plgpu.load(scale_ref.at[pl.ds(k0, block_k)], mask=k_ok, other=0.0)
             x = x * (norm[0] + s.astype(jnp.float32))[None, :]
         new = []
-        for acc, h0 in zip(accs, halves):
-            w = plgpu.load(t_ref.at[pl.ds(h0 + j * block_n, block_n), pl.ds(k0, block_k)],
-                           mask=n_ok[:, None] & k_ok[None, :], other=0.0).astype(jnp.float32)
-            products = x[:, None, :] * w[None, :, :]
+        for acc, w in zip(accs, ws):
+            products = x[:, None, :] * w.astype(jnp.float32)[None, :, :]
             new.append(acc + (products if tile_acc else jnp.sum(products, axis=2)))
         return tuple(new), squares
 
+    # Steps i + 1 ... i + prefetch are loaded before step i's products: Triton's
+    # pipeliner does not stage these loads (1 to 4 stages ran alike), so without this a
+    # program waits out a full memory latency per step.
+    def body(i, carry):
+        accs, squares, *loaded = carry
+        if not prefetch:
+            return accumulate(load(i), accs, squares)
+        return accumulate(loaded[0], accs, squares) + (*loaded[1:], load(i + prefetch))
+
     acc = jnp.zeros((rows, block_n, block_k) if tile_acc else (rows, block_n), jnp.float32)
-    accs, squares = jax.lax.fori_loop(0, steps, body, (tuple(acc for _ in halves),
-                                                       jnp.zeros((rows, block_k), jnp.float32)))
+    carry = (tuple(acc for _ in halves), jnp.zeros((rows, block_k), jnp.float32))
+    accs, squares = jax.lax.fori_loop(0, steps, body, carry + tuple(load(i) for i in range(prefetch)))[:2]
     ys = [jnp.sum(acc, axis=2) if tile_acc else acc for acc in accs]  # [rows, block_n]
     if norm is not None:
         factor = jax.lax.rsqrt(jnp.sum(squares, axis=1) / K + norm[1])
@@ -132,14 +155,15 @@ def rows_per_program(N: int, min_programs: int) -> int:
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "norm_offset", "norm_eps", "gate",
                                              "block_n", "block_k", "min_programs", "num_warps",
-                                             "num_stages", "tile_acc", "interpret"))
+                                             "num_stages", "tile_acc", "prefetch", "interpret"))
 def rowmatvec_pallas(x: jax.Array, t: jax.Array, out_dtype=None, *,
                      norm_scale: Optional[jax.Array] = None, norm_offset: float = 0.0,
                      norm_eps: float = 1e-6, gate: Optional[str] = None,
                      residual: Optional[jax.Array] = None, block_n: int | None = None,
                      block_k: int | None = None, min_programs: int | None = None,
                      num_warps: int | None = None, num_stages: int | None = None,
-                     tile_acc: bool | None = None, interpret: bool = False) -> jax.Array:
+                     tile_acc: bool | None = None, prefetch: int | None = None,
+                     interpret: bool = False) -> jax.Array:
     """y [M, N] = f(x) [M, K] @ t.T for M <= 4 and t [N, K] (or [2N, K] with a gate),
     float32 accumulation, where
       f(x) = RMSNorm(x) * (norm_offset + norm_scale) when norm_scale [K] is given, else x;
@@ -147,7 +171,7 @@ def rowmatvec_pallas(x: jax.Array, t: jax.Array, out_dtype=None, *,
       residual [M, N]: y = residual + y, in the residual's dtype (else out_dtype, default x's).
     Tiling arguments left None take TILING's."""
     given = dict(block_n=block_n, block_k=block_k, min_programs=min_programs, num_warps=num_warps,
-                 num_stages=num_stages, tile_acc=tile_acc)
+                 num_stages=num_stages, tile_acc=tile_acc, prefetch=prefetch)
     tiling = {**TILING, **{k: v for k, v in given.items() if v is not None}}
     M, K = x.shape
     N = t.shape[0] // (2 if gate else 1)
@@ -156,15 +180,18 @@ def rowmatvec_pallas(x: jax.Array, t: jax.Array, out_dtype=None, *,
     if t.shape[1] != K:
         raise ValueError(f"input width {K} does not match the weight's rows {t.shape}")
     rows, halves = _pow2(M), 2 if gate else 1
-    min_programs = tiling["min_programs_short" if K * halves <= tiling["short_row"] else "min_programs"]
-    block_n = tiling.get("block_n") or rows_per_program(N, min_programs)
+    short = K * halves <= tiling["short_row"]
+    block_n = tiling.get("block_n") or rows_per_program(
+        N, tiling["min_programs_short" if short else "min_programs"])
     # the register tile holds rows * halves * block_n * block_k products
-    block_k = tiling.get("block_k") or tiling["step_elements"] // (halves * block_n)
+    block_k = tiling.get("block_k") or tiling["step_elements_short" if short else "step_elements"] // (
+        halves * block_n)
     block_k = min(max(16, block_k // rows), _pow2(K))
     norm = None if norm_scale is None else (norm_offset, norm_eps)
     kernel = functools.partial(_kernel, M=M, K=K, N=N, block_n=block_n, block_k=block_k, rows=rows,
                                steps=pl.cdiv(K, block_k), norm=norm, gate=gate,
-                               residual=residual is not None, tile_acc=tiling["tile_acc"])
+                               residual=residual is not None, tile_acc=tiling["tile_acc"],
+                               prefetch=tiling["prefetch"], eviction=tiling["eviction"])
     operands = (x, t) + ((norm_scale,) if norm is not None else ()) + (
         (residual,) if residual is not None else ())
     dtype = residual.dtype if residual is not None else (out_dtype or x.dtype)
