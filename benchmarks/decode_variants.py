@@ -47,6 +47,8 @@ VARIANTS = {
     "int8x": {"qmatvec.INT8_ACTIVATIONS": True},
     # decode attention loading its cache blocks in program order (before variant 23)
     "attn-noprefetch": {"decode_attention.PREFETCH": False},
+    # ... and loading ahead also after split-K partial sums and a deferred norm (before variant 28)
+    "attn-prefetch-always": {"decode_attention.PREFETCH": True},
     # a tied head on XLA's gemm after a separate final norm (before variant 25)
     "head-xla": {"ROW_MAJOR_HEAD": False},
 }
@@ -94,6 +96,22 @@ for _name, _change in {"bk256": dict(block_k=256), "bk1024": dict(block_k=1024),
                        "prefetch2-evict-first": dict(prefetch=2, eviction="evict_first"),
                        }.items():
     VARIANTS["rows-" + _name] = {"rowmatvec.TILING": dict(rowmatvec.TILING, **_change)}
+
+# tilings of the tied head on the row-major kernel (weights of >= wide_rows rows, variant
+# 26): the short-row rule's 16 rows and 512 inputs a step, one step ahead, 4 warps, was
+# the default before it; 4 whole rows a step after
+for _name, _wide in {"bn16-bk512": dict(block_n=16, block_k=512), "bn16-bk256": dict(block_n=16, block_k=256),
+                     "bn32-bk256": dict(block_n=32, block_k=256), "bn8-bk1024": dict(block_n=8, block_k=1024),
+                     "bn4-bk2048": dict(block_n=4, block_k=2048), "bn2-bk2048": dict(block_n=2, block_k=2048),
+                     "bn64-bk128": dict(block_n=64, block_k=128),
+                     "bn16-bk512-w8": dict(block_n=16, block_k=512, num_warps=8),
+                     "bn32-bk512-w8": dict(block_n=32, block_k=512, num_warps=8),
+                     "bn4-bk2048-w2": dict(block_n=4, block_k=2048, num_warps=2),
+                     "bn4-bk2048-w8": dict(block_n=4, block_k=2048, num_warps=8),
+                     "bn8-bk2048-w8": dict(block_n=8, block_k=2048, num_warps=8),
+                     "bn16-bk512-pf2": dict(block_n=16, block_k=512, prefetch=2),
+                     "bn16-bk256-pf2": dict(block_n=16, block_k=256, prefetch=2)}.items():
+    VARIANTS["head-" + _name] = {"rowmatvec.TILING": dict(rowmatvec.TILING, wide=_wide)}
 
 
 def _owner(name: str):

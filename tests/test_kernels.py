@@ -291,6 +291,26 @@ def test_rowmatvec_matches_float64(M, K, N, gate, norm, residual, tiling):
     np.testing.assert_allclose(got, np.asarray(ref), rtol=1e-4, atol=1e-4 * np.abs(y).max())
 
 
+def test_rowmatvec_takes_the_wide_tiling_for_many_rows(monkeypatch):
+    """Weights of at least TILING["wide_rows"] rows (tied heads) take TILING["wide"]'s
+    settings: the grid shows block_n, and the result still matches float64."""
+    from jaxllm.kernels import rowmatvec
+
+    monkeypatch.setitem(rowmatvec.TILING, "wide_rows", 600)
+    monkeypatch.setitem(rowmatvec.TILING, "wide", dict(block_n=32, block_k=64, prefetch=2, num_warps=8))
+    rng = np.random.default_rng(np.random.randint(1 << 30))
+    x = rng.standard_normal((2, 300)).astype(np.float32)
+    scale = rng.uniform(0.5, 1.5, 300).astype(np.float32)
+    for N, block_n in ((1000, 32), (500, rowmatvec.rows_per_program(500, rowmatvec.TILING["min_programs"]))):
+        t = rng.standard_normal((N, 300)).astype(np.float32) / np.sqrt(300)
+        run = lambda x, t: rowmatvec.rowmatvec_pallas(x, t, norm_scale=jnp.asarray(scale), interpret=True)
+        assert f"grid=({-(-N // block_n)},)" in str(jax.make_jaxpr(run)(x, t))
+        x64 = x.astype(np.float64)
+        y = x64 / np.sqrt((x64 ** 2).mean(-1, keepdims=True) + 1e-6) * scale @ t.astype(np.float64).T
+        got = np.asarray(run(jnp.asarray(x), jnp.asarray(t)), np.float64)
+        assert np.linalg.norm(got - y) / np.linalg.norm(y) < 1e-5
+
+
 def test_rowmatvec_rejects_a_mismatched_weight():
     from jaxllm.kernels.rowmatvec import rowmatvec_pallas
 

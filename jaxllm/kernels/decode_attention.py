@@ -47,7 +47,13 @@ MAX_QKV_SPLITS = 32
 # and keys, so that its memory latency overlaps theirs, and block i + 1 while block i
 # is scored. Without it the stores of the new key and value come first, and every
 # block waits out a full latency (a short cache is mostly latency).
-PREFETCH = True
+#
+# "lean": only where the new token arrives as one q/k/v array with no norm factor to
+# compute (the row-major projections). Where q/k/v come as split-K partial sums with
+# the norm's input rows (the quantized kernels), their loads already fill the
+# registers, and loading ahead cost llama8b int8 3.2 us per layer (H200, NOTES variant
+# 28). True: always, False: never.
+PREFETCH = "lean"
 
 
 @dataclass(frozen=True)
@@ -251,7 +257,8 @@ def decode_attention_pallas(qkv: jax.Array | PartialSums, k_cache: jax.Array, v_
     kernel = functools.partial(_kernel, spec=spec, S=S, half=half, hp=hp, bs=bs, chunk=chunk,
                                splits=splits, qkv_splits=qkv4.shape[0],
                                norm_width=None if norm_rows is None else norm_rows.shape[1],
-                               prefetch=PREFETCH)
+                               prefetch=PREFETCH is True or (
+                                   PREFETCH == "lean" and qkv4.shape[0] == 1 and norm_rows is None))
     outs = pl.pallas_call(
         kernel, out_shape=out_shape, grid=(B, K, splits),
         input_output_aliases={1: 1, 2: 2}, interpret=interpret,

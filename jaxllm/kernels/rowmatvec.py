@@ -63,9 +63,15 @@ def use_rowmatvec(kernels: str, rows: int, weight_shape: tuple[int, int]) -> boo
 # step, so their loads ask L2 to evict them first, which keeps the KV cache and the
 # activations there (decode attention 3.86 -> 3.67 us). benchmarks/NOTES.md, variants
 # 22 and 23.
+#
+# Weights of at least wide_rows output rows (tied heads: 49k-262k rows) have programs to
+# spare at any block_n, and take the `wide` settings over these. There a program reads
+# 4 whole rows in one step: llama1b's 525 MB head took 137 us, against 153 us at 16 rows
+# of 512 inputs a step (the short-row rule) and 140-163 us at the other tilings tried
+# (H200, NOTES variant 26).
 TILING = dict(step_elements=4096, step_elements_short=8192, min_programs=264, min_programs_short=528,
               short_row=2048, num_warps=4, num_stages=3, tile_acc=True, prefetch=1,
-              eviction="evict_first")
+              eviction="evict_first", wide_rows=32768, wide=dict(block_n=4, block_k=2048))
 
 
 def rowmatvec_reference(x: jax.Array, t: jax.Array, out_dtype=None, *,
@@ -172,9 +178,10 @@ def rowmatvec_pallas(x: jax.Array, t: jax.Array, out_dtype=None, *,
     Tiling arguments left None take TILING's."""
     given = dict(block_n=block_n, block_k=block_k, min_programs=min_programs, num_warps=num_warps,
                  num_stages=num_stages, tile_acc=tile_acc, prefetch=prefetch)
-    tiling = {**TILING, **{k: v for k, v in given.items() if v is not None}}
     M, K = x.shape
     N = t.shape[0] // (2 if gate else 1)
+    tiling = {**TILING, **(TILING["wide"] if N >= TILING["wide_rows"] else {}),
+              **{k: v for k, v in given.items() if v is not None}}
     if M > MAX_ROWS:
         raise ValueError(f"rowmatvec_pallas handles at most {MAX_ROWS} rows, got {M}")
     if t.shape[1] != K:
@@ -188,10 +195,14 @@ def rowmatvec_pallas(x: jax.Array, t: jax.Array, out_dtype=None, *,
         halves * block_n)
     block_k = min(max(16, block_k // rows), _pow2(K))
     norm = None if norm_scale is None else (norm_offset, norm_eps)
+    steps = pl.cdiv(K, block_k)
+    # nothing to load ahead of a program's last step: a one-step row (q/k/v, o and the
+    # head at batch 1) would load a tile wholly past K, masked off
+    prefetch = min(tiling["prefetch"], steps - 1)
     kernel = functools.partial(_kernel, M=M, K=K, N=N, block_n=block_n, block_k=block_k, rows=rows,
-                               steps=pl.cdiv(K, block_k), norm=norm, gate=gate,
+                               steps=steps, norm=norm, gate=gate,
                                residual=residual is not None, tile_acc=tiling["tile_acc"],
-                               prefetch=tiling["prefetch"], eviction=tiling["eviction"])
+                               prefetch=prefetch, eviction=tiling["eviction"])
     operands = (x, t) + ((norm_scale,) if norm is not None else ()) + (
         (residual,) if residual is not None else ())
     dtype = residual.dtype if residual is not None else (out_dtype or x.dtype)
