@@ -296,12 +296,14 @@ def test_rowmatvec_takes_the_wide_tiling_for_many_rows(monkeypatch):
     settings: the grid shows block_n, and the result still matches float64."""
     from jaxllm.kernels import rowmatvec
 
+    jax.clear_caches()  # the jitted kernel reads TILING when it traces
     monkeypatch.setitem(rowmatvec.TILING, "wide_rows", 600)
     monkeypatch.setitem(rowmatvec.TILING, "wide", dict(block_n=32, block_k=64, prefetch=2, num_warps=8))
     rng = np.random.default_rng(np.random.randint(1 << 30))
     x = rng.standard_normal((2, 300)).astype(np.float32)
     scale = rng.uniform(0.5, 1.5, 300).astype(np.float32)
-    for N, block_n in ((1000, 32), (500, rowmatvec.rows_per_program(500, rowmatvec.TILING["min_programs"]))):
+    # 300 inputs make a short row: fewer rows than wide_rows take the short-row rule
+    for N, block_n in ((1000, 32), (500, rowmatvec.rows_per_program(500, rowmatvec.TILING["min_programs_short"]))):
         t = rng.standard_normal((N, 300)).astype(np.float32) / np.sqrt(300)
         run = lambda x, t: rowmatvec.rowmatvec_pallas(x, t, norm_scale=jnp.asarray(scale), interpret=True)
         assert f"grid=({-(-N // block_n)},)" in str(jax.make_jaxpr(run)(x, t))
@@ -309,6 +311,7 @@ def test_rowmatvec_takes_the_wide_tiling_for_many_rows(monkeypatch):
         y = x64 / np.sqrt((x64 ** 2).mean(-1, keepdims=True) + 1e-6) * scale @ t.astype(np.float64).T
         got = np.asarray(run(jnp.asarray(x), jnp.asarray(t)), np.float64)
         assert np.linalg.norm(got - y) / np.linalg.norm(y) < 1e-5
+    jax.clear_caches()
 
 
 def test_rowmatvec_rejects_a_mismatched_weight():
