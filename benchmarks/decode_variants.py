@@ -78,12 +78,18 @@ for _name, _change in {"bn128": dict(block_n=128), "bn512": dict(block_n=512), "
 # <= 2048 (XLA's dot on llama8b); tilings around its default (4096 weights per step,
 # 8192 for short rows, >= 264 programs, 4 warps, 3 stages, loads one step ahead)
 VARIANTS["rows-xla-large"] = {"rowmatvec.AUTO_MAX_SMALL_SIDE": 2048}
+
+
+def _short(**change):  # the short rows' settings, changed
+    return dict(short=dict(rowmatvec.TILING["short"], **change))
+
+
 for _name, _change in {"bk256": dict(block_k=256), "bk1024": dict(block_k=1024), "bk2048-rowacc": dict(
                            block_k=2048, tile_acc=False), "step4096": dict(step_elements=4096),
-                       "step16384": dict(step_elements=16384), "progs256": dict(min_programs=256, min_programs_short=256),
-                       "progs128": dict(min_programs=128, min_programs_short=128), "progs528": dict(min_programs=528, min_programs_short=528),
-                       "progs1056": dict(min_programs=1056, min_programs_short=1056), "stages1": dict(num_stages=1),
-                       "short-off": dict(min_programs_short=264),
+                       "step16384": dict(step_elements=16384), "progs256": dict(min_programs=256, **_short(min_programs=256)),
+                       "progs128": dict(min_programs=128, **_short(min_programs=128)), "progs528": dict(min_programs=528, **_short(min_programs=528)),
+                       "progs1056": dict(min_programs=1056, **_short(min_programs=1056)), "stages1": dict(num_stages=1),
+                       "short-off": _short(min_programs=264),
                        "stages2": dict(num_stages=2), "stages4": dict(num_stages=4),
                        "warps8": dict(num_warps=8), "step16384-warps8": dict(step_elements=16384, num_warps=8),
                        "rowacc": dict(tile_acc=False), "step16384-rowacc": dict(step_elements=16384, tile_acc=False),
@@ -92,7 +98,7 @@ for _name, _change in {"bk256": dict(block_k=256), "bk1024": dict(block_k=1024),
                        "prefetch2": dict(prefetch=2), "step2048-prefetch2": dict(step_elements=2048, prefetch=2),
                        "step2048-prefetch3": dict(step_elements=2048, prefetch=3),
                        "step4096-progs528": dict(step_elements=4096, min_programs=528),
-                       "progs528-all": dict(min_programs=528, min_programs_short=1056),
+                       "progs528-all": dict(min_programs=528, **_short(min_programs=1056)),
                        "prefetch2-evict-first": dict(prefetch=2, eviction="evict_first"),
                        }.items():
     VARIANTS["rows-" + _name] = {"rowmatvec.TILING": dict(rowmatvec.TILING, **_change)}

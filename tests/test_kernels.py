@@ -303,7 +303,7 @@ def test_rowmatvec_takes_the_wide_tiling_for_many_rows(monkeypatch):
     x = rng.standard_normal((2, 300)).astype(np.float32)
     scale = rng.uniform(0.5, 1.5, 300).astype(np.float32)
     # 300 inputs make a short row: fewer rows than wide_rows take the short-row rule
-    for N, block_n in ((1000, 32), (500, rowmatvec.rows_per_program(500, rowmatvec.TILING["min_programs_short"]))):
+    for N, block_n in ((1000, 32), (500, rowmatvec.rows_per_program(500, rowmatvec.TILING["short"]["min_programs"]))):
         t = rng.standard_normal((N, 300)).astype(np.float32) / np.sqrt(300)
         run = lambda x, t: rowmatvec.rowmatvec_pallas(x, t, norm_scale=jnp.asarray(scale), interpret=True)
         assert f"grid=({-(-N // block_n)},)" in str(jax.make_jaxpr(run)(x, t))

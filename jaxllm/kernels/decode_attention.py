@@ -257,8 +257,8 @@ def decode_attention_pallas(qkv: jax.Array | PartialSums, k_cache: jax.Array, v_
     kernel = functools.partial(_kernel, spec=spec, S=S, half=half, hp=hp, bs=bs, chunk=chunk,
                                splits=splits, qkv_splits=qkv4.shape[0],
                                norm_width=None if norm_rows is None else norm_rows.shape[1],
-                               prefetch=PREFETCH is True or (
-                                   PREFETCH == "lean" and qkv4.shape[0] == 1 and norm_rows is None))
+                               prefetch=(qkv4.shape[0] == 1 and norm_rows is None) if PREFETCH == "lean"
+                               else PREFETCH)
     outs = pl.pallas_call(
         kernel, out_shape=out_shape, grid=(B, K, splits),
         input_output_aliases={1: 1, 2: 2}, interpret=interpret,

@@ -51,27 +51,49 @@ def use_rowmatvec(kernels: str, rows: int, weight_shape: tuple[int, int]) -> boo
 
 
 # block_n (rows per program): the largest power of two <= 16 that leaves min_programs
-# programs, or min_programs_short for short rows (K * halves <= short_row): a program
-# reads those in one or two steps, and more programs put more bytes in flight (llama1b
-# on the H200: qkv 7.2 -> 6.6 us, o 5.0 -> 4.7; gate-up and down slower so). block_k
-# (inputs per step) so that a step reads step_elements weights (over both halves of a
-# gated weight), at most K; short rows step_elements_short, at batch 1 a whole llama1b
-# row (in two steps qkv took 7.6 us, not 6.2). Long rows take smaller steps, loaded
-# `prefetch` steps ahead: llama1b's gate-up took 27.3 us at 8,192 weights a step,
+# programs. block_k (inputs per step) so that a step reads step_elements weights (over
+# both halves of a gated weight), at most K.
+#
+# Two classes of weight take their own settings over these:
+# - `short` rows (K * halves <= short_row): a program reads them in one or two steps,
+#   and more programs put more bytes in flight (llama1b on the H200: qkv 7.2 -> 6.6 us,
+#   o 5.0 -> 4.7; gate-up and down slower so). A step of 8,192 weights is, at batch 1,
+#   a whole llama1b row (in two steps qkv took 7.6 us, not 6.2).
+# - `wide` weights, of at least wide_rows output rows (tied heads: 49k-262k rows), have
+#   programs to spare at any block_n. There a program reads 4 whole rows in one step:
+#   llama1b's 525 MB head took 137 us, against 153 us at the short rows' tiling and
+#   140-163 us at the other tilings tried (H200, NOTES variant 26). A wide weight with
+#   short rows takes both, wide last.
+#
+# Long rows take smaller steps, loaded `prefetch` steps ahead: llama1b's gate-up took
+# 27.3 us at 8,192 weights a step,
 # 25.2 loaded one step ahead, 22.2 at 4,096 one step ahead (register pressure: the
 # tile and the loads in flight share the registers). The weights are read once per
 # step, so their loads ask L2 to evict them first, which keeps the KV cache and the
 # activations there (decode attention 3.86 -> 3.67 us). benchmarks/NOTES.md, variants
 # 22 and 23.
-#
-# Weights of at least wide_rows output rows (tied heads: 49k-262k rows) have programs to
-# spare at any block_n, and take the `wide` settings over these. There a program reads
-# 4 whole rows in one step: llama1b's 525 MB head took 137 us, against 153 us at 16 rows
-# of 512 inputs a step (the short-row rule) and 140-163 us at the other tilings tried
-# (H200, NOTES variant 26).
-TILING = dict(step_elements=4096, step_elements_short=8192, min_programs=264, min_programs_short=528,
-              short_row=2048, num_warps=4, num_stages=3, tile_acc=True, prefetch=1,
-              eviction="evict_first", wide_rows=32768, wide=dict(block_n=4, block_k=2048))
+TILING = dict(step_elements=4096, min_programs=264, num_warps=4, num_stages=3, tile_acc=True, prefetch=1,
+              eviction="evict_first", short_row=2048, short=dict(step_elements=8192, min_programs=528),
+              wide_rows=32768, wide=dict(block_n=4, block_k=2048))
+
+
+def tiling_for(M: int, K: int, N: int, halves: int, **given) -> dict:
+    """TILING resolved for x [M, K] and a weight of N rows per half: the settings of the
+    weight's classes over the base ones, and `given` (those not None) over all; with
+    block_n, block_k, the number of steps and the steps loaded ahead worked out."""
+    short, wide = K * halves <= TILING["short_row"], N >= TILING["wide_rows"]
+    tiling = {**TILING, **(TILING["short"] if short else {}), **(TILING["wide"] if wide else {}),
+              **{k: v for k, v in given.items() if v is not None}}
+    rows = _pow2(M)
+    block_n = tiling.get("block_n") or rows_per_program(N, tiling["min_programs"])
+    # the register tile holds rows * halves * block_n * block_k products
+    block_k = tiling.get("block_k") or tiling["step_elements"] // (halves * block_n)
+    block_k = min(max(16, block_k // rows), _pow2(K))
+    steps = pl.cdiv(K, block_k)
+    # nothing to load ahead of a program's last step: a one-step row (q/k/v, o and the
+    # head at batch 1) would load a tile wholly past K, masked off
+    prefetch = min(tiling["prefetch"], steps - 1)
+    return {**tiling, "block_n": block_n, "block_k": block_k, "steps": steps, "prefetch": prefetch}
 
 
 def rowmatvec_reference(x: jax.Array, t: jax.Array, out_dtype=None, *,
@@ -175,34 +197,21 @@ def rowmatvec_pallas(x: jax.Array, t: jax.Array, out_dtype=None, *,
       f(x) = RMSNorm(x) * (norm_offset + norm_scale) when norm_scale [K] is given, else x;
       gate ("silu" or "gelu_tanh"): y = act(g) * u of the two halves g, u of t's rows;
       residual [M, N]: y = residual + y, in the residual's dtype (else out_dtype, default x's).
-    Tiling arguments left None take TILING's."""
-    given = dict(block_n=block_n, block_k=block_k, min_programs=min_programs, num_warps=num_warps,
-                 num_stages=num_stages, tile_acc=tile_acc, prefetch=prefetch)
+    Tiling arguments given override TILING's (`tiling_for`) for every class of weight."""
     M, K = x.shape
     N = t.shape[0] // (2 if gate else 1)
-    tiling = {**TILING, **(TILING["wide"] if N >= TILING["wide_rows"] else {}),
-              **{k: v for k, v in given.items() if v is not None}}
     if M > MAX_ROWS:
         raise ValueError(f"rowmatvec_pallas handles at most {MAX_ROWS} rows, got {M}")
     if t.shape[1] != K:
         raise ValueError(f"input width {K} does not match the weight's rows {t.shape}")
-    rows, halves = _pow2(M), 2 if gate else 1
-    short = K * halves <= tiling["short_row"]
-    block_n = tiling.get("block_n") or rows_per_program(
-        N, tiling["min_programs_short" if short else "min_programs"])
-    # the register tile holds rows * halves * block_n * block_k products
-    block_k = tiling.get("block_k") or tiling["step_elements_short" if short else "step_elements"] // (
-        halves * block_n)
-    block_k = min(max(16, block_k // rows), _pow2(K))
+    tiling = tiling_for(M, K, N, 2 if gate else 1, block_n=block_n, block_k=block_k,
+                        min_programs=min_programs, num_warps=num_warps, num_stages=num_stages,
+                        tile_acc=tile_acc, prefetch=prefetch)
     norm = None if norm_scale is None else (norm_offset, norm_eps)
-    steps = pl.cdiv(K, block_k)
-    # nothing to load ahead of a program's last step: a one-step row (q/k/v, o and the
-    # head at batch 1) would load a tile wholly past K, masked off
-    prefetch = min(tiling["prefetch"], steps - 1)
-    kernel = functools.partial(_kernel, M=M, K=K, N=N, block_n=block_n, block_k=block_k, rows=rows,
-                               steps=steps, norm=norm, gate=gate,
-                               residual=residual is not None, tile_acc=tiling["tile_acc"],
-                               prefetch=prefetch, eviction=tiling["eviction"])
+    kernel = functools.partial(_kernel, M=M, K=K, N=N, rows=_pow2(M), norm=norm, gate=gate,
+                               residual=residual is not None,
+                               **{k: tiling[k] for k in ("block_n", "block_k", "steps", "tile_acc",
+                                                         "prefetch", "eviction")})
     operands = (x, t) + ((norm_scale,) if norm is not None else ()) + (
         (residual,) if residual is not None else ())
     dtype = residual.dtype if residual is not None else (out_dtype or x.dtype)
@@ -213,7 +222,7 @@ def rowmatvec_pallas(x: jax.Array, t: jax.Array, out_dtype=None, *,
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((M, N), dtype),
-        grid=(pl.cdiv(N, block_n),),
+        grid=(pl.cdiv(N, tiling["block_n"]),),
         interpret=interpret,
         compiler_params=compiler_params,
     )(*operands)
