@@ -10,7 +10,7 @@ minutes for SmolLM2); prefill-based NLL (scripts, tests) never reaches this kern
 from __future__ import annotations
 
 import argparse
-import functools
+import dataclasses
 import json
 import os
 import sys
@@ -23,8 +23,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import jaxllm  # noqa: E402
-from jaxllm import model  # noqa: E402
-from jaxllm.kernels import qmatvec  # noqa: E402
+from jaxllm.policy import QMATVEC_TILINGS  # noqa: E402
 
 REFERENCES = {"smollm2-135m-instruct": "smollm2-135m-instruct-q4_1.llamacpp.json",
               "gemma-3-270m": "gemma-3-270m-q4_k_m.llamacpp.json"}
@@ -51,16 +50,15 @@ def main(argv=None) -> int:
     with open(os.path.join(shared, "reference", REFERENCES[args.model])) as f:
         texts = json.load(f)["score"]
     m = jaxllm.load(args.model)
+    tilings = QMATVEC_TILINGS
     if jax.default_backend() != "gpu":  # interpret mode runs programs one by one: fewer, longer ones
-        model.qmatvec_pallas = functools.partial(qmatvec.qmatvec_pallas, target_programs=8)
+        tilings = tuple((bits, dataclasses.replace(t, target_programs=8)) for bits, t in tilings)
     report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
               "date": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()),
               "command": "python " + " ".join(sys.argv), "model": args.model, "paths": {}}
-    for name, kernels, int8 in (("xla", "xla", None), ("kernel, float activations", "pallas", False),
-                                ("kernel, int8 activations", "pallas", True)):
-        if int8 is not None:
-            qmatvec.INT8_ACTIVATIONS = int8
-            jax.clear_caches()
+    for name, mode, int8 in (("xla", "xla", True), ("kernel, float activations", "pallas", False),
+                             ("kernel, int8 activations", "pallas", True)):
+        kernels = jaxllm.KernelPolicy.for_backend(mode, int8_activations=int8, qmatvec=tilings)
         start = time.perf_counter()
         nll = [decode_nll(m, m.config.replace(kernels=kernels), t["ids"]) for t in texts]
         mean = float(np.mean(np.concatenate(nll)))

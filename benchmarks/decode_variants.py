@@ -4,10 +4,11 @@ switches, in one process, so that variants are compared on the same device.
     python benchmarks/decode_variants.py --runs llama8b:bf16:base,defer smol135m:int4:base \\
         llama1b:bf16+rows:default [--profile] [--out results.json]
 
-A variant is a name from VARIANTS: module attributes set before the decode loop is
-traced again (jax.clear_caches()). Weights "W" take the library's layout for the
-backend (jaxllm.layout.for_backend), "W+rows" store every dense projection by output
-row, "W+kn" none. Each run reports tok/s (median of --reps, as
+A variant is a name from VARIANTS: changes to the kernel policy (jaxllm/policy.py)
+of the run's config. The policy is part of the jit key, so each variant compiles its
+own program. Weights "W" take the library's layout for the policy
+(jaxllm.layout.for_policy), "W+rows" store every dense projection by output row,
+"W+kn" none. Each run reports tok/s (median of --reps, as
 scripts/bench.py's tg128), the fast path's relative error against the XLA path,
 and with --profile the kernels per step from benchmarks/profile_decode.py.
 """
@@ -15,7 +16,7 @@ and with --profile the kernels per step from benchmarks/profile_decode.py.
 from __future__ import annotations
 
 import argparse
-import importlib
+import dataclasses
 import json
 import os
 import sys
@@ -28,33 +29,33 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts"))
 
 import jaxllm  # noqa: E402
-from jaxllm import PRESETS, model  # noqa: E402
-from jaxllm.kernels import matvec, qmatvec, rowmatvec  # noqa: E402
-from jaxllm.layout import for_backend, transpose_projections  # noqa: E402
+from jaxllm import PRESETS, KernelPolicy  # noqa: E402
+from jaxllm.layout import for_policy, transpose_projections  # noqa: E402
+from jaxllm.policy import QMATVEC_TILINGS, MatvecTiling, QMatvecTiling, RowTiling  # noqa: E402
 from bench import fast_path_error, measure_decode, measure_prefill  # noqa: E402
 from profile_decode import profile  # noqa: E402
 
-# Module attributes of jaxllm.model per variant. Variants 14 and 16 (capped gate-up
+# Policy fields per variant (KernelPolicy.replace). Variants 14 and 16 (capped gate-up
 # splits so that every down projection takes the gate, and capped o/down splits so
 # that add_norm adds them) were measured with experiments/gated-splits-and-fit.patch
 # applied and are not kept (benchmarks/NOTES.md).
 VARIANTS = {
     "default": {},  # the library's settings
-    "base": {"DEFERRED_NORM": False},
-    "defer": {"DEFERRED_NORM": True},
+    "base": {"deferred_norm": False},
+    "defer": {"deferred_norm": True},
     # the quantized matrix-vector kernel's float path and integer dot products
-    "floatx": {"qmatvec.INT8_ACTIVATIONS": False},
-    "int8x": {"qmatvec.INT8_ACTIVATIONS": True},
+    "floatx": {"int8_activations": False},
+    "int8x": {"int8_activations": True},
     # decode attention loading its cache blocks in program order (before variant 23)
-    "attn-noprefetch": {"decode_attention.PREFETCH": False},
+    "attn-noprefetch": {"attention_prefetch": False},
     # ... and loading ahead also after split-K partial sums and a deferred norm (before variant 28)
-    "attn-prefetch-always": {"decode_attention.PREFETCH": True},
+    "attn-prefetch-always": {"attention_prefetch": True},
     # a tied head on XLA's gemm after a separate final norm (before variant 25)
-    "head-xla": {"ROW_MAJOR_HEAD": False},
+    "head-xla": {"row_major_head": False},
 }
 # tilings of the quantized batch-1 kernel (4-bit weights) around its earlier default
 # (block_n 32; now 16: NOTES variant 17c)
-_INT4 = dict(block_n=32, block_k=512, num_stages=3, num_warps=4, target_programs=1056)
+_INT4 = QMatvecTiling(block_n=32, block_k=512, num_stages=3, num_warps=4, target_programs=1056)
 for _name, _change in {"bk1024": dict(block_k=1024, num_stages=2), "bk256": dict(block_k=256, num_stages=4),
                        "bn64": dict(block_n=64), "bn16": dict(block_n=16), "bn32": {}, "warps8": dict(num_warps=8),
                        "progs2112": dict(target_programs=2112), "stages4": dict(num_stages=4),
@@ -62,7 +63,7 @@ for _name, _change in {"bk1024": dict(block_k=1024, num_stages=2), "bk256": dict
                        "bn16-bk256": dict(block_n=16, block_k=256, num_stages=4),
                        "bk256-progs2112": dict(block_k=256, num_stages=4, target_programs=2112),
                        "bn16-progs4224": dict(block_n=16, target_programs=4224)}.items():
-    VARIANTS["int4-" + _name] = {"qmatvec.TILING": {**qmatvec.TILING, 4: dict(_INT4, **_change)}}
+    VARIANTS["int4-" + _name] = {"qmatvec": (dict(QMATVEC_TILINGS)[8], 4, dataclasses.replace(_INT4, **_change))}
 
 # tilings of the bf16 batch-1 kernel around its default (block_n 256, block_k 32, 1056
 # programs, 4 warps, 3 stages)
@@ -71,17 +72,17 @@ for _name, _change in {"bn128": dict(block_n=128), "bn512": dict(block_n=512), "
                        "progs2112": dict(target_programs=2112), "stages2": dict(num_stages=2),
                        "stages4": dict(num_stages=4), "warps8": dict(num_warps=8),
                        "bn512-bk16": dict(block_n=512, block_k=16)}.items():
-    VARIANTS["bf16-" + _name] = {"matvec.TILING": dict(matvec.TILING, **_change)}
+    VARIANTS["bf16-" + _name] = {"matvec": dataclasses.replace(MatvecTiling(), **_change)}
 
 
 # the row-major kernel (weights "+rows"): on every weight, or only where one side is
 # <= 2048 (XLA's dot on llama8b); tilings around its default (4096 weights per step,
 # 8192 for short rows, >= 264 programs, 4 warps, 3 stages, loads one step ahead)
-VARIANTS["rows-xla-large"] = {"rowmatvec.AUTO_MAX_SMALL_SIDE": 2048}
+VARIANTS["rows-xla-large"] = {"rowmatvec_max_small_side": 2048}
 
 
 def _short(**change):  # the short rows' settings, changed
-    return dict(short=dict(rowmatvec.TILING["short"], **change))
+    return dict(short=tuple({**dict(RowTiling().short), **change}.items()))
 
 
 for _name, _change in {"bk256": dict(block_k=256), "bk1024": dict(block_k=1024), "bk2048-rowacc": dict(
@@ -101,7 +102,7 @@ for _name, _change in {"bk256": dict(block_k=256), "bk1024": dict(block_k=1024),
                        "progs528-all": dict(min_programs=528, **_short(min_programs=1056)),
                        "prefetch2-evict-first": dict(prefetch=2, eviction="evict_first"),
                        }.items():
-    VARIANTS["rows-" + _name] = {"rowmatvec.TILING": dict(rowmatvec.TILING, **_change)}
+    VARIANTS["rows-" + _name] = {"rowmatvec": dataclasses.replace(RowTiling(), **_change)}
 
 # tilings of the tied head on the row-major kernel (weights of >= wide_rows rows, variant
 # 26): the short-row rule's 16 rows and 512 inputs a step, one step ahead, 4 warps, was
@@ -117,17 +118,21 @@ for _name, _wide in {"bn16-bk512": dict(block_n=16, block_k=512), "bn16-bk256": 
                      "bn8-bk2048-w8": dict(block_n=8, block_k=2048, num_warps=8),
                      "bn16-bk512-pf2": dict(block_n=16, block_k=512, prefetch=2),
                      "bn16-bk256-pf2": dict(block_n=16, block_k=256, prefetch=2)}.items():
-    VARIANTS["head-" + _name] = {"rowmatvec.TILING": dict(rowmatvec.TILING, wide=_wide)}
+    VARIANTS["head-" + _name] = {"rowmatvec": RowTiling(wide=tuple(_wide.items()))}
 
 
-def _owner(name: str):
-    """jaxllm.model for "NAME", a kernel module for "qmatvec.NAME"; and the attribute."""
-    module, _, attr = name.rpartition(".")
-    return (importlib.import_module(f"jaxllm.kernels.{module}") if module else model), attr
+def policy_of(variant: str) -> KernelPolicy:
+    """The default policy for this backend with the variant's changes."""
+    changes = dict(VARIANTS[variant])
+    if "qmatvec" in changes:  # (int8 tiling, bits, tiling): one width's tiling replaced
+        int8, bits, tiling = changes["qmatvec"]
+        changes["qmatvec"] = ((8, int8), (bits, tiling))
+    return KernelPolicy.for_backend("auto", **changes)
 
 
-# the library's own settings, restored before each variant applies its changes
-DEFAULTS = {name: getattr(*_owner(name)) for v in VARIANTS.values() for name in v}
+def _jsonable(settings: dict) -> dict:
+    return {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else repr(v) if isinstance(v, tuple) else v
+            for k, v in settings.items()}
 
 
 def main(argv=None) -> int:
@@ -151,14 +156,12 @@ def main(argv=None) -> int:
             params = jax.block_until_ready(jaxllm.quantize(params, dtype, group_size=32))
         if layout == "rows":
             params = jax.block_until_ready(transpose_projections(params))
-        elif layout != "kn":  # the library's layout for this backend
-            params = jax.block_until_ready(for_backend(params))
+        elif layout != "kn":  # the library's layout for the default policy
+            params = jax.block_until_ready(for_policy(params, config.kernels))
         for name in names.split(","):
-            for switch, value in {**DEFAULTS, **VARIANTS[name]}.items():
-                setattr(*_owner(switch), value)
-            jax.clear_caches()
+            config = config.replace(kernels=policy_of(name))
             print(f"{shape} {weights} {name} ...", file=sys.stderr, flush=True)
-            r = {"shape": shape, "weights": weights, "variant": name, "settings": VARIANTS[name],
+            r = {"shape": shape, "weights": weights, "variant": name, "settings": _jsonable(VARIANTS[name]),
                  **measure_decode(params, config, 1, 128, args.reps),
                  "rel_err_vs_xla": fast_path_error(params, config)}
             if args.prefill:

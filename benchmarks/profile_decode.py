@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import jaxllm  # noqa: E402
 from jaxllm import PRESETS, SamplerSettings  # noqa: E402
-from jaxllm.generate import decode, start  # noqa: E402
+from jaxllm.generate import start  # noqa: E402
 
 GREEDY = SamplerSettings.greedy()
 
@@ -50,12 +50,10 @@ def kernel_events(trace_dir: str):
 
 def profile(params, config, tokens: int) -> dict:
     def run():
-        state, stop_ids, max_new = start(params, config, [[1]], max_new_tokens=tokens + 1,
-                                         settings=GREEDY, stop_tokens=[])
-        jax.block_until_ready(state)
+        gen = start(params, config, [[1]], max_new_tokens=tokens + 1, settings=GREEDY, stop_tokens=[])
+        jax.block_until_ready(gen.state)
         t = time.perf_counter()
-        state = decode(params, config, GREEDY, state, stop_ids, max_new, max_new)
-        jax.block_until_ready(state)
+        jax.block_until_ready(gen.run(params, config, tokens + 1).tokens)
         return time.perf_counter() - t
 
     run()

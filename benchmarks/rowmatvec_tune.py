@@ -20,7 +20,8 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from jaxllm.kernels.matvec import matvec_pallas  # noqa: E402
-from jaxllm.kernels.rowmatvec import TILING, rowmatvec_pallas, rowmatvec_reference  # noqa: E402
+from jaxllm.kernels.rowmatvec import rowmatvec_pallas, rowmatvec_reference  # noqa: E402
+from jaxllm.policy import RowTiling  # noqa: E402
 from matvec_tune import time_chain  # noqa: E402
 
 # (name, K, N, fusion): N counts the outputs (a gated weight has 2N rows)
@@ -33,7 +34,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer tilings")
     args = ap.parse_args()
-    print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}; default tiling {TILING}")
+    print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}; default tiling {RowTiling()}")
     blocks_n = [4, 8, 16]
     blocks_k = [512, 1024, 2048]
     pipes = [(3, 4), (3, 8)] if args.quick else [(3, 4), (4, 4), (3, 8), (2, 8)]

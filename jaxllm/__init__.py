@@ -11,20 +11,25 @@
 from .cache import KVCache, init_cache
 from .calibration import input_importance
 from .config import PRESETS, ModelConfig, RopeScaling
-from .generate import (ContextLengthError, DecodeState, GenerationResult, generate,
-                       generate_stream)
+from .decoding import DecodeState
+from .errors import ContextLengthError
+from .generate import GenerationResult, generate, generate_stream
 from .model import decode_step, extend, forward
 from .params import Layer, Norm, Params, init_params
-from .quant import QuantizedWeight, dequantize_params, quantize
-from .sampling import SamplerSettings, filter_logits, sample
+from .policy import KernelPolicy
+from .quant import dequantize_params, quantize
+from .sampling import RowSampling, SamplerSettings, filter_logits, sample
+from .scoring import score_ids
+from .weights import QuantizedWeight, TransposedWeight
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ContextLengthError", "DecodeState", "GenerationResult", "KVCache", "Layer", "ModelConfig",
-    "Norm", "PRESETS", "Params", "QuantizedWeight", "RopeScaling", "SamplerSettings", "decode_step", "dequantize_params",
-    "extend", "filter_logits", "forward", "generate", "generate_stream", "init_cache", "init_params",
-    "input_importance", "quantize", "sample",
+    "ContextLengthError", "DecodeState", "GenerationResult", "KVCache", "KernelPolicy", "Layer",
+    "ModelConfig", "Norm", "PRESETS", "Params", "QuantizedWeight", "RopeScaling", "RowSampling",
+    "SamplerSettings", "TransposedWeight", "decode_step", "dequantize_params", "extend", "filter_logits",
+    "forward", "generate", "generate_stream", "init_cache", "init_params", "input_importance", "quantize",
+    "sample", "score_ids",
 ]
 
 from .chat import render_chat  # noqa: E402

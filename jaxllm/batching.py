@@ -1,13 +1,14 @@
-"""Continuous batching: a fixed number of slots in one batched KV cache.
+"""Continuous batching: a fixed number of rows ("slots") in one batched KV cache.
 
 Requests join free slots between decode chunks and leave when they finish, so
 concurrent requests share one compiled decode loop and nothing recompiles per
-request (prompts compile once per power-of-two length bucket). Each row keeps its
-own sampling parameters, PRNG key and token budget, and writes only its own cache
-row: a request never sees another request's tokens, and what it generates does
-not depend on who shares the batch.
+request (prompts compile once per power-of-two length bucket). The loop, the
+per-row state and the sampler are decoding.py's, the same as `generate`'s: each
+row keeps its own sampling parameters, PRNG key and token budget, and writes only
+its own cache row, so a request never sees another request's tokens, and what it
+generates does not depend on who shares the batch.
 
-The device half is three pure, jitted functions over a donated `Slots` pytree
+The device half is three pure, jitted functions over a donated `DecodeState`
 (`admit`, `decode_chunk`, `release`); `Engine` is the host half: a thread that
 owns the slots and turns queued `Request`s into tokens and text.
 """
@@ -24,61 +25,27 @@ from typing import Callable, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 
 from .cache import KVCache, init_cache
 from .config import ModelConfig
-from .generate import ContextLengthError, bucket_length
-from .model import extend, extend_hidden, unembed
+from .decoding import DecodeState, check_prompt, decode, init_state, prompt_seen, record, take_tokens
+from .generate import bucket_length
+from .model import extend
 from .params import Params
-from .sampling import RowSampling, SamplerSettings, sample_rows
+from .sampling import RowSampling, SamplerSettings, sample
 from .tokenizer import StreamDecoder, TextTokenizer
 
 
-@struct.dataclass
-class Slots:
-    """Device state of B slots. A slot is free or finished when `active` is False."""
-
-    cache: KVCache  # [B, S] per layer
-    last: jax.Array  # [B] int32: newest token of each slot, fed next
-    active: jax.Array  # [B] bool
-    n_generated: jax.Array  # [B] int32
-    max_new: jax.Array  # [B] int32: the slot's token budget
-    keys: jax.Array  # [B, 2] uint32: the request's PRNG key; token n draws fold_in(key, n)
-    sampling: RowSampling  # [B] each
-    seen: jax.Array  # [B, V] bool: tokens in the slot's context (repetition penalty)
-
-
-def init_slots(config: ModelConfig, n_slots: int, capacity: int, dtype) -> Slots:
-    zeros = lambda dtype_: jnp.zeros((n_slots,), dtype_)
-    return Slots(
-        cache=init_cache(config, n_slots, capacity, dtype), last=zeros(jnp.int32),
-        active=zeros(bool), n_generated=zeros(jnp.int32), max_new=zeros(jnp.int32),
-        keys=jnp.zeros((n_slots, 2), jnp.uint32),
-        sampling=RowSampling.from_settings([SamplerSettings.greedy()] * n_slots),
-        seen=jnp.zeros((n_slots, config.vocab_size), bool))
-
-
-def _record(slots: Slots, token, stop_ids) -> Slots:
-    """Account freshly sampled tokens [B] (-1 in inactive slots): a slot stops at a
-    stop id, at its budget, or when its cache row has no room for the token."""
-    active = slots.active
-    n = slots.n_generated + active
-    stopped = (jnp.isin(token, stop_ids) | (n >= slots.max_new)
-               | (slots.cache.lengths >= slots.cache.capacity))
-    seen = slots.seen.at[jnp.arange(token.shape[0]), jnp.maximum(token, 0)].max(active)
-    return slots.replace(last=jnp.where(active, token, slots.last), n_generated=n,
-                         active=active & ~stopped, seen=seen)
-
-
-def _sample(params, config, slots: Slots, x) -> jax.Array:
-    logits = unembed(params, config, x)
-    keys = jax.vmap(jax.random.fold_in)(slots.keys, slots.n_generated)
-    return sample_rows(logits, keys, slots.sampling, slots.seen)
+def init_slots(config: ModelConfig, n_slots: int, capacity: int, dtype) -> DecodeState:
+    """n_slots free rows of `capacity` positions each."""
+    return init_state(init_cache(config, n_slots, capacity, dtype), jnp.zeros((n_slots, 2), jnp.uint32),
+                      jnp.zeros((n_slots,), jnp.int32),
+                      RowSampling.from_settings([SamplerSettings.greedy()] * n_slots),
+                      track_seen=True, vocab_size=config.vocab_size)
 
 
 @partial(jax.jit, static_argnames=("config",), donate_argnames=("slots",))
-def admit(params: Params, config: ModelConfig, slots: Slots, slot, tokens, length, key,
+def admit(params: Params, config: ModelConfig, slots: DecodeState, slot, tokens, length, key,
           sampling: RowSampling, max_new, stop_ids):
     """Prefill one prompt (tokens [1, T], its first `length` real) into slot `slot`
     and sample its first token with the request's key, parameters (a one-row
@@ -91,45 +58,36 @@ def admit(params: Params, config: ModelConfig, slots: Slots, slot, tokens, lengt
     put = lambda big, small: jax.lax.dynamic_update_slice(big, small, (slot, 0, 0, 0))
     cache = KVCache(k=tuple(map(put, slots.cache.k, own.k)), v=tuple(map(put, slots.cache.v, own.v)),
                     lengths=slots.cache.lengths.at[slot].set(length))
-    seen = jnp.zeros((config.vocab_size,), bool).at[tokens[0]].max(jnp.arange(T) < length)
-    token = sample_rows(logits, jax.random.fold_in(key, 0)[None], sampling, seen[None])[0]
-    stopped = jnp.isin(token, stop_ids) | (max_new <= 1) | (length >= cache.capacity)
+    seen = prompt_seen(tokens, length[None], config.vocab_size)
+    token = sample(logits, jax.random.fold_in(key, 0)[None], sampling, seen)[0]
     set_row = lambda array, value: array.at[slot].set(value)
     slots = slots.replace(
-        cache=cache, last=set_row(slots.last, token), active=set_row(slots.active, ~stopped),
-        n_generated=set_row(slots.n_generated, 1), max_new=set_row(slots.max_new, max_new),
-        keys=set_row(slots.keys, key),
+        cache=cache, active=set_row(slots.active, True), n_generated=set_row(slots.n_generated, 0),
+        max_new=set_row(slots.max_new, max_new), keys=set_row(slots.keys, key),
         sampling=jax.tree.map(lambda a, v: set_row(a, v[0]), slots.sampling, sampling),
-        seen=set_row(slots.seen, seen.at[token].set(True)))
-    return slots, token
+        seen=set_row(slots.seen, seen[0]))
+    row = jnp.arange(slots.active.shape[0]) == slot
+    return record(slots, jnp.where(row, token, -1), stop_ids, rows=row), token
 
 
 @partial(jax.jit, static_argnames=("config", "steps", "span"), donate_argnames=("slots",))
-def decode_chunk(params: Params, config: ModelConfig, slots: Slots, stop_ids, steps: int,
-                 span: int):
-    """`steps` decode steps of every active slot. Returns (slots, tokens [B, steps]),
-    -1 where a slot was not active.
+def decode_chunk(params: Params, config: ModelConfig, slots: DecodeState, stop_ids, steps: int, span: int):
+    """`steps` decode steps of every active slot (decoding.decode). Returns (slots,
+    tokens [B, steps]), -1 where a slot was not active.
 
     Attention reads the first `span` slots of each cache row only: the caller
     picks a span (a power of two, so few compile) that holds every active row to
     the end of the chunk. Decode attention over a whole 2048-slot row would cost
     more than the weights for a small model (9x slower on 8 rows of SmolLM2).
     """
-
-    def step(i, carry):
-        slots, out = carry
-        x, cache = extend_hidden(params, config, slots.last[:, None],
-                                 slots.active.astype(jnp.int32), slots.cache, span)
-        token = jnp.where(slots.active, _sample(params, config, slots, x[:, 0]), -1)
-        slots = _record(slots.replace(cache=cache), token, stop_ids)
-        return slots, out.at[:, i].set(token)
-
-    out = jnp.full((slots.active.shape[0], steps), -1, jnp.int32)
-    return jax.lax.fori_loop(0, steps, step, (slots, out))
+    tokens = jnp.full((slots.active.shape[0], steps), -1, jnp.int32)
+    slots, tokens, _ = decode(params, config, None, slots, tokens, jnp.int32(0), stop_ids, jnp.int32(steps),
+                              steps_per_sync=steps, span=span)
+    return slots, tokens
 
 
 @partial(jax.jit, donate_argnames=("slots",))
-def release(slots: Slots, slot) -> Slots:
+def release(slots: DecodeState, slot) -> DecodeState:
     """Stop slot `slot` (its request ended on the host: a stop string, a cancel)."""
     return slots.replace(active=slots.active.at[slot].set(False))
 
@@ -196,16 +154,7 @@ class Engine:
 
     def check(self, prompt_ids: Sequence[int], max_tokens: int) -> None:
         """Raise ValueError / ContextLengthError for a request that cannot run."""
-        if not prompt_ids:
-            raise ValueError("the prompt is empty")
-        if any(not 0 <= t < self.config.vocab_size for t in prompt_ids):
-            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size})")
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
-        if len(prompt_ids) + max_tokens > self.capacity:
-            raise ContextLengthError(
-                f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) exceeds "
-                f"the context of {self.capacity} tokens")
+        check_prompt(self.config, prompt_ids, max_tokens, self.capacity, whole_budget=True)
 
     def submit(self, request: Request) -> Request:
         self.check(request.prompt_ids, request.max_tokens)
@@ -326,17 +275,7 @@ class Engine:
 
     def _take(self, slot: int, request: Request, tokens: list[int], still_active) -> None:
         """Hand a slot's new tokens to its request; retire it if it has finished."""
-        reason, fresh = None, []
-        for t in tokens:
-            if t < 0:
-                break
-            if t in self._stop_set:
-                reason = "stop"
-                break
-            fresh.append(t)
-            if len(request.ids) + len(fresh) >= request.max_tokens:
-                reason = "length"
-                break
+        fresh, reason = take_tokens(tokens, self._stop_set, request.max_tokens - len(request.ids))
         now = time.perf_counter()
         if fresh:
             if request.delivered_at is None:

@@ -8,7 +8,7 @@ with it; `quant.quantize(..., importance=...)` does the same with what
 `input_importance` returns.
 
 The statistics are read by running the model's own forward pass with each
-projection weight wrapped in an `InputTap`, which `model.linear` recognises:
+projection weight wrapped in an `InputTap` (weights.py), which `ops.linear` recognises:
 there is one decoder, and calibration sees exactly the inputs inference will.
 """
 
@@ -23,28 +23,15 @@ import jax.numpy as jnp
 
 from .config import ModelConfig
 from .errors import JaxllmError
+from .model import embed, layer_forward
+from .ops import Residual
 from .params import Params
-from .quant import PROJECTIONS, QuantizedWeight
+from .quant import PROJECTIONS
+from .weights import InputTap, kind_of
 
 # Text written for this project (prose, dialogue, code, tables, a few languages),
 # ~2,400 tokens. Wide coverage matters more than size: the statistics are averages.
 BUILTIN_TEXT = os.path.join(os.path.dirname(__file__), "data", "calibration.txt")
-
-
-class InputTap:
-    """A projection weight that records the sum of squares of its inputs per input
-    channel. It exists only inside one trace of `_input_squares`: the recorded
-    sums are tracers that function returns, so nothing leaks out of the trace."""
-
-    def __init__(self, weight, valid: jax.Array):
-        self.weight = weight
-        self.valid = valid.astype(jnp.float32).reshape(-1, 1)  # 0 on padding rows
-        self.squares: Optional[jax.Array] = None  # [K], summed over every valid row seen
-
-    def observe(self, x: jax.Array) -> None:
-        x32 = x.astype(jnp.float32).reshape(-1, x.shape[-1])
-        squares = (self.valid * x32 * x32).sum(0)
-        self.squares = squares if self.squares is None else self.squares + squares
 
 
 @partial(jax.jit, static_argnames=("config",))
@@ -52,15 +39,13 @@ def _input_squares(params: Params, config: ModelConfig, tokens: jax.Array, valid
     """Per layer, {projection: sum over the valid tokens of tokens [B, T] of its
     inputs squared [K]}. Padding sits at the ends, so causal attention keeps it out
     of the valid tokens' inputs."""
-    from .model import embed, layer_forward  # here: model imports InputTap from this module
-
     B, T = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    x, delta = embed(params, config, tokens, positions), None
+    stream = Residual(embed(params, config, tokens, positions))
     squares = []
     for i, layer in enumerate(params.layers):
         taps = {name: InputTap(getattr(layer, name), valid) for name in PROJECTIONS}
-        x, delta, _ = layer_forward(layer.replace(**taps), config, i, x, delta, positions)
+        stream, _ = layer_forward(layer.replace(**taps), config, i, stream, positions)
         squares.append({name: tap.squares for name, tap in taps.items()})
     return tuple(squares)
 
@@ -75,8 +60,7 @@ def input_importance(params: Params, config: ModelConfig, token_ids: Sequence[Se
     form `quant.quantize(..., importance=...)` takes. progress(done, total) is
     called after each window.
     """
-    if any(isinstance(getattr(layer, name), QuantizedWeight)
-           for layer in params.layers for name in PROJECTIONS):
+    if any(kind_of(getattr(layer, name)) == "quantized" for layer in params.layers for name in PROJECTIONS):
         raise ValueError("calibrate the dense weights: these params are already quantized")
     windows = [list(ids[i:i + window]) for ids in token_ids for i in range(0, len(ids), window)]
     if not windows:

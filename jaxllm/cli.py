@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
 
 from .errors import JaxllmError
-from .generate import ContextLengthError, bucket_length
 from .loading.models import DEFAULT_MODEL, PACKAGED, WEIGHTS
 from .sampling import SamplerSettings
 
@@ -99,28 +97,6 @@ def _parse_ids(text: str, vocab: int) -> list[int]:
     return ids
 
 
-def score_ids(model, ids: list[int]) -> dict:
-    """Teacher-forced NLL of ids[1:], the model's argmax at every position, perplexity."""
-    import jax  # noqa: PLC0415
-    import jax.numpy as jnp  # noqa: PLC0415
-    import numpy as np  # noqa: PLC0415
-
-    from .model import forward  # noqa: PLC0415
-
-    if len(ids) > model.config.max_seq_len:
-        raise ContextLengthError(f"text of {len(ids)} tokens exceeds the context of "
-                                 f"{model.config.max_seq_len} tokens")
-    T = min(bucket_length(len(ids)), model.config.max_seq_len)
-    padded = np.zeros((1, T), np.int32)
-    padded[0, :len(ids)] = ids
-    logits = forward(model.params, model.config, jnp.asarray(padded))[0, :len(ids)]
-    logprobs = jax.nn.log_softmax(logits, axis=-1)
-    nll = -np.asarray(jnp.take_along_axis(logprobs[:-1], jnp.asarray(ids[1:])[:, None], axis=-1)[:, 0])
-    nll = [float(x) for x in nll]
-    return {"ids": ids, "nll": nll, "argmax": [int(x) for x in np.asarray(jnp.argmax(logits, -1))],
-            "ppl": math.exp(sum(nll) / len(nll))}
-
-
 def cmd_score(args) -> None:
     if (args.text is None) == (args.ids is None):
         raise CliError("give either TEXT or --ids")
@@ -129,7 +105,9 @@ def cmd_score(args) -> None:
            else model.tokenizer.encode(args.text))
     if len(ids) < 2:
         raise CliError("the text must have at least two tokens to score")
-    result = score_ids(model, ids)
+    from .scoring import score_ids  # noqa: PLC0415
+
+    result = score_ids(model.params, model.config, ids)
     if args.json:
         print(json.dumps(result))
     else:
@@ -283,7 +261,7 @@ def _keep_compiled_programs() -> None:
     set, chooses the folder instead."""
     import jax  # noqa: PLC0415
 
-    from .kernels.cpu_qmatvec import cache_root  # noqa: PLC0415
+    from .paths import cache_root  # noqa: PLC0415
     if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         jax.config.update("jax_compilation_cache_dir", str(cache_root() / "xla"))
 

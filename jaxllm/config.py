@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
+
+from .policy import KernelPolicy
 
 NormKind = Literal["rms", "layer"]
 MlpKind = Literal["swiglu", "gelu", "geglu"]
@@ -76,16 +78,19 @@ class ModelConfig:
     attn_softcap: Optional[float] = None  # Gemma 2: cap * tanh(scores / cap)
     final_softcap: Optional[float] = None  # Gemma 2: same on the output logits
 
-    # Fast paths (jaxllm/kernels/): "auto" uses Pallas kernels where they were
-    # measured faster (GPU, small batches), "xla" never, "pallas" for every
-    # small-batch projection (interpreted on the CPU: for tests).
-    kernels: Literal["auto", "xla", "pallas"] = "auto"
+    # Which kernels run (policy.py), part of every jit key. A name is turned into the
+    # policy for the default backend when the config is built: "auto" uses Pallas
+    # kernels where they were measured faster (GPU, small batches), "xla" never,
+    # "pallas" for every small-batch projection (interpreted on the CPU: for tests).
+    kernels: Union[KernelPolicy, Literal["auto", "xla", "pallas"]] = "auto"
 
     arch: str = "llama"  # informational: where the config came from
     bos_token_id: Optional[int] = None
     eos_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self):
+        if isinstance(self.kernels, str):
+            object.__setattr__(self, "kernels", KernelPolicy.for_backend(self.kernels))
         if self.head_dim is None:
             object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
         if self.n_heads % self.n_kv_heads:

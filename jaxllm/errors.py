@@ -20,3 +20,7 @@ class UnsupportedTensorTypeError(JaxllmError):
 
 class UnknownModelError(JaxllmError):
     """A model name that is neither a path nor a packaged model."""
+
+
+class ContextLengthError(ValueError):
+    """A prompt does not fit the model's (or the requested) context."""

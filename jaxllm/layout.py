@@ -12,31 +12,10 @@ from __future__ import annotations
 from typing import Optional
 
 import jax
-from flax import struct
 
-from .kernels import rowmatvec
 from .params import Params
-
-
-@struct.dataclass
-class TransposedWeight:
-    """A weight w [K, N] (`x @ w`) stored as its output rows t = w.T [N, K]. Decode on
-    the GPU reads it with kernels/rowmatvec.py; every other path with XLA's dot."""
-
-    t: jax.Array
-
-    @property
-    def shape(self):
-        return self.t.shape[::-1]
-
-    @property
-    def dtype(self):
-        return self.t.dtype
-
-
-def dense(w):
-    """w [K, N] as an array, whether stored so or as a TransposedWeight."""
-    return w.t.T if isinstance(w, TransposedWeight) else w
+from .policy import KernelPolicy
+from .weights import TransposedWeight, dense
 
 
 def _is_transposed(x) -> bool:
@@ -78,12 +57,14 @@ def transpose_projections(params: Params, max_small_side: Optional[int] = None,
     return params.replace(layers=layers, lm_head=lm_head)
 
 
-def for_backend(params: Params) -> Params:
-    """params laid out for decode on the default backend: on the GPU, the layer
-    projections the row-major kernel reads there (rowmatvec.AUTO_MAX_SMALL_SIDE) stored
-    by output row; elsewhere unchanged (XLA:CPU's dots are tuned for [in, out]). An
-    untied output head keeps XLA's matrix multiply, the path measured on the GPU (the
-    benchmark shapes' small heads are tied)."""
-    if jax.default_backend() != "gpu":
-        return params
-    return transpose_projections(params, rowmatvec.AUTO_MAX_SMALL_SIDE, head=False)
+def for_policy(params: Params, policy: KernelPolicy) -> Params:
+    """params laid out for `policy`: the dense layer projections it stores by output row
+    (`KernelPolicy.stores_by_row`: on the GPU, those its row-major kernel reads), the
+    rest unchanged (XLA:CPU's dots are tuned for [in, out]). An untied output head
+    keeps XLA's matrix multiply (the benchmark shapes' small heads are tied)."""
+    def flip(w):
+        return TransposedWeight(w.T) if isinstance(w, jax.Array) and policy.stores_by_row(w.shape) else w
+
+    layers = tuple(layer.replace(wqkv=flip(layer.wqkv), wo=flip(layer.wo), w_in=flip(layer.w_in),
+                                 w_out=flip(layer.w_out)) for layer in params.layers)
+    return params.replace(layers=layers)

@@ -1,7 +1,7 @@
 """Parameter pytrees and random initialisation.
 
 Weights are stored [in, out] so every projection is `x @ w` (on the GPU,
-`layout.for_backend` stores those its decode kernel reads by output row). Absent
+`layout.for_policy` stores those its decode kernel reads by output row). Absent
 parts (biases a model does not have, Gemma's extra norms) are None, which pytrees
 treat as empty: one dataclass serves every architecture.
 

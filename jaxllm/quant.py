@@ -1,38 +1,6 @@
-"""Blockwise-quantized weights: a small pytree that `model.linear` accepts wherever
-a dense weight goes, so the decoder never branches on quantization.
-
-A QuantizedWeight stands for a dense [In, Out] = [K, N] weight. It is stored in
-GGUF's row order, one row per output, with groups of G consecutive inputs sharing
-a scale (and a minimum):
-
-    W[k, n] = scales[k // G, n] * q[n, k] + mins[k // G, n]      (mins: 0 if None)
-
-  bits 8:    values int8 [N, K] hold q.
-  bits 4:    values uint8 [N/2, K] hold two nibbles per byte: the low nibble is
-             output row i, the high nibble row i + N/2 ("row-split" packing).
-  bits 5, 6: the low 4 bits as for 4 bits, and `high` uint8 [N/R, K] the remaining
-             1 or 2 bits of R = 8 or 4 row slices N/R apart (slice r at bit
-             r * (bits - 4)). Q5_0/Q5_1/Q5_K and Q6_K keep their file's size this way.
-  Levels below 8 bits are unsigned: without mins q = level - 2^(bits-1)
-  (symmetric, Q4_0/Q5_0/Q6_K), with mins q = level (Q4_1, Q4_K, Q5_K).
-
-Why row-split packing rather than neighbouring inputs in one byte: each half of
-the output is then a plain elementwise dequantization of the same bytes, which
-XLA:CPU fuses into its matrix-vector loop (6.3 ms for 30 SmolLM2 MLPs, against
-10.4 ms in float32 and 13-38 ms for nibble pairs along K, whose per-element index
-arithmetic does not vectorise; benchmarks/NOTES.md). On the GPU the Pallas kernel
-(kernels/qmatvec.py) unpacks both halves from one load.
-
-Scales are [K/G, N] so a GPU program reads the scales of its output columns
-contiguously. GGUF's float16 scales stay float16; K-quant scales (a float16 super
-scale times a 6-bit sub-scale) are kept in float32 when float16 cannot hold them
-exactly, so repacking loses nothing beyond the file's own quantization.
-
-float16 minimums are paired with their scales: `scales` is then uint32 [K/G, N],
-the scale in the low 16 bits and the minimum in the high 16, and `mins` is None.
-The GPU kernels then read one 32-bit word per group and output column where they
-read two 16-bit tiles from two arrays (H100, llama8b int4 tg128 354 -> 378 tok/s;
-benchmarks/NOTES.md). `group_scales` and `group_mins` read either form.
+"""Quantizing weights: GGUF's blocks repacked for the device (`pack`), and dense
+checkpoints quantized to int8 or int4 (`quantize`). The layout of the result,
+`QuantizedWeight`, is described in weights.py.
 """
 
 from __future__ import annotations
@@ -44,62 +12,13 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 
-from .layout import dense
+from .weights import PLANE_SLICES, QuantizedWeight, dense, dequantize, level_offset
 
 MODES = {"int8": 8, "int4": 4}
 # int4: (low, high) fractions of each group's minimum and maximum tried as its range
 CLIP_SEARCH = tuple((lo, hi) for lo in (1.0, 0.9, 0.8, 0.7) for hi in (1.0, 0.9, 0.8, 0.7))
 PROJECTIONS = ("wqkv", "wo", "w_in", "w_out")
-
-
-@struct.dataclass
-class QuantizedWeight:
-    values: jax.Array  # int8 [N, K] (bits 8) or uint8 [N/2, K] (bits 4-6: the low nibbles)
-    scales: jax.Array  # [K/G, N] float16 or float32, or uint32 (scale, minimum) float16 pairs
-    mins: Optional[jax.Array] = None  # [K/G, N] float32; None: symmetric, or paired in scales
-    high: Optional[jax.Array] = None  # bits 5, 6: uint8 [N/8, K] or [N/4, K], the bits above 4
-    bits: int = struct.field(pytree_node=False, default=8)
-    compute_dtype: str = struct.field(pytree_node=False, default="float32")
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """(K, N): the shape of the dense [in, out] weight this stands for."""
-        return self.values.shape[1], self.scales.shape[1]
-
-    @property
-    def group_size(self) -> int:
-        return self.values.shape[1] // self.scales.shape[0]
-
-    @property
-    def paired(self) -> bool:
-        """Minimums stored in the high halves of `scales` (module docstring)."""
-        return self.scales.dtype == jnp.uint32
-
-    @property
-    def has_mins(self) -> bool:
-        return self.paired or self.mins is not None
-
-    def group_scales(self) -> jax.Array:
-        """float32 [K/G, N]."""
-        return (unpair(self.scales)[0] if self.paired else self.scales).astype(jnp.float32)
-
-    def group_mins(self) -> Optional[jax.Array]:
-        """float32 [K/G, N], or None for symmetric weights."""
-        if self.paired:
-            return unpair(self.scales)[1].astype(jnp.float32)
-        return None if self.mins is None else self.mins.astype(jnp.float32)
-
-    @property
-    def dtype(self):
-        """The dtype activations take when multiplied by this weight."""
-        return jnp.dtype(self.compute_dtype)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(a.size * a.dtype.itemsize for a in (self.values, self.scales, self.mins, self.high)
-                   if a is not None)
 
 
 @dataclass
@@ -142,7 +61,7 @@ def _with_mins(b: HostBlocks) -> HostBlocks:
     if b.mins is not None:
         return b
     if b.bits < 8:
-        offset = _offset(b.bits)
+        offset = level_offset(b.bits)
         return HostBlocks((b.q + offset).astype(np.int8), b.scales, -offset * b.scales, b.bits)
     return HostBlocks(b.q, b.scales, np.zeros_like(b.scales), b.bits)
 
@@ -173,9 +92,9 @@ def _scale_dtype(a: np.ndarray):
 
 def pack(b: HostBlocks, compute_dtype=jnp.float32) -> QuantizedWeight:
     """Host blocks -> device QuantizedWeight (see the module docstring's layout)."""
-    bits = b.bits if b.q.shape[0] % _SLICES[b.bits] == 0 else 8  # int8 holds every level exactly
+    bits = b.bits if b.q.shape[0] % PLANE_SLICES[b.bits] == 0 else 8  # int8 holds every level exactly
     if bits < 8:
-        levels = b.q.astype(np.int16) + (_offset(bits) if b.mins is None else 0)
+        levels = b.q.astype(np.int16) + (level_offset(bits) if b.mins is None else 0)
         if levels.min() < 0 or levels.max() >= 1 << bits:
             raise ValueError(f"{bits}-bit values out of range")
     dtype = np.float32 if b.mins is not None and _scale_dtype(b.mins) == np.float32 else _scale_dtype(b.scales)
@@ -188,10 +107,10 @@ def _pack(q, scales, mins, bits: int, scale_dtype, compute_dtype: str) -> Quanti
     """q int8 [N, K], scales/mins [N, K/G] -> QuantizedWeight, on the device."""
     values, high = q.astype(jnp.int8), None
     if bits < 8:
-        levels = (q.astype(jnp.int16) + (_offset(bits) if mins is None else 0)).astype(jnp.uint8)
+        levels = (q.astype(jnp.int16) + (level_offset(bits) if mins is None else 0)).astype(jnp.uint8)
         values = _interleave(levels & 15, 2, 4)
         if bits > 4:
-            high = _interleave(levels >> 4, _SLICES[bits], bits - 4)
+            high = _interleave(levels >> 4, PLANE_SLICES[bits], bits - 4)
     cols = lambda a: None if a is None else a.T.astype(scale_dtype)
     if mins is not None and jnp.dtype(scale_dtype) == jnp.float16:
         return QuantizedWeight(values, pair(cols(scales), cols(mins)), None, high, bits, compute_dtype)
@@ -203,12 +122,6 @@ def pair(scales: jax.Array, mins: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(jnp.stack([scales, mins], axis=-1), jnp.uint32)
 
 
-def unpair(pairs: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Inverse of `pair`."""
-    halves = jax.lax.bitcast_convert_type(pairs, jnp.float16)
-    return halves[..., 0], halves[..., 1]
-
-
 def _interleave(parts: jax.Array, slices: int, width: int) -> jax.Array:
     """uint8 [N, K] of `width`-bit numbers -> [N/slices, K]: row slice r at bit r * width."""
     rows = parts.reshape(slices, parts.shape[0] // slices, parts.shape[1])
@@ -216,85 +129,6 @@ def _interleave(parts: jax.Array, slices: int, width: int) -> jax.Array:
     for r in range(1, slices):
         out = out | (rows[r] << (r * width))
     return out
-
-
-def _split(packed: jax.Array, slices: int, width: int) -> jax.Array:
-    """Inverse of _interleave: [N/slices, K] -> uint8 [N, K]. Elementwise in the
-    stored bytes, so XLA fuses it into the dot that consumes it."""
-    both = jnp.broadcast_to(packed[None], (slices, *packed.shape))
-    shifts = (jnp.arange(slices, dtype=jnp.uint8) * width)[:, None, None]
-    return ((both >> shifts) & ((1 << width) - 1)).reshape(-1, packed.shape[1])
-
-
-def _offset(bits: int) -> int:
-    return 1 << (bits - 1)
-
-
-_SLICES = {4: 2, 5: 8, 6: 4, 8: 1}  # rows sharing a byte of the highest plane
-
-
-def _levels(w: QuantizedWeight) -> jax.Array:
-    """q as float32 rows [N, K] (minimums not added)."""
-    if w.bits == 8:
-        return w.values.astype(jnp.float32)
-    levels = _split(w.values, 2, 4)
-    if w.high is not None:
-        levels = levels | (_split(w.high, _SLICES[w.bits], w.bits - 4) << 4)
-    return levels.astype(jnp.float32) - (0.0 if w.has_mins else _offset(w.bits))
-
-
-def _scaled_levels(w: QuantizedWeight, dtype) -> jax.Array:
-    """scales * q as rows [N, K] in dtype, minimums not added. Elementwise in the
-    stored bytes, so XLA fuses it into the dot that consumes it."""
-    N, K = w.shape[1], w.shape[0]
-    G = w.group_size
-    scales = w.group_scales().T.reshape(N, K // G, 1)
-    return (_levels(w).reshape(N, K // G, G) * scales).reshape(N, K).astype(dtype)
-
-
-def dequantize(w: QuantizedWeight, dtype=None) -> jax.Array:
-    """The dense [K, N] weight (reference path, training, tests)."""
-    dense = _scaled_levels(w, jnp.float32).T
-    if w.has_mins:
-        dense = dense + jnp.repeat(w.group_mins(), w.group_size, axis=0)
-    return dense.astype(dtype or w.dtype)
-
-
-def linear_reference(x: jax.Array, w: QuantizedWeight, out_dtype=None) -> jax.Array:
-    """x [M, K] @ W [K, N] in XLA, float32 accumulation.
-
-    On the CPU with one row XLA fuses the dequantization into its matrix-vector
-    loop; with more rows it dequantizes, then multiplies (benchmarks/NOTES.md)."""
-    K, G = w.shape[0], w.group_size
-    y = jnp.dot(_scaled_levels(w, x.dtype), x.T, preferred_element_type=jnp.float32).T
-    if w.has_mins:
-        # sum_k x_k m_g(k) = (sum of x over each group) @ mins: kept out of the big loop.
-        group_sums = x.astype(jnp.float32).reshape(x.shape[0], K // G, G).sum(-1)
-        y = y + group_sums @ w.group_mins()
-    return y.astype(out_dtype or x.dtype)
-
-
-def take_rows(w: QuantizedWeight, ids: jax.Array) -> jax.Array:
-    """Rows ids [...] of the [N, K] row-order matrix (an embedding table [V, D]),
-    dequantized: [..., K] in the compute dtype."""
-    N, K = w.shape[1], w.shape[0]
-    G = w.group_size
-
-    def plane(packed, slices, width):  # the `width`-bit numbers of rows ids
-        rows = N // slices
-        shift = ((ids // rows) * width).astype(jnp.uint8)[..., None]
-        return (packed[ids % rows] >> shift) & ((1 << width) - 1)
-    if w.bits == 8:
-        q = w.values[ids].astype(jnp.float32)
-    else:
-        levels = plane(w.values, 2, 4)
-        if w.high is not None:
-            levels = levels | (plane(w.high, _SLICES[w.bits], w.bits - 4) << 4)
-        q = levels.astype(jnp.float32) - (0.0 if w.has_mins else _offset(w.bits))
-    out = q * jnp.repeat(w.group_scales().T[ids], G, axis=-1)
-    if w.has_mins:
-        out = out + jnp.repeat(w.group_mins().T[ids], G, axis=-1)
-    return out.reshape(*ids.shape, K).astype(w.dtype)
 
 
 # ---- quantizing dense weights --------------------------------------------------

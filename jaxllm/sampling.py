@@ -1,16 +1,19 @@
-"""Token sampling inside the compiled loop.
+"""Token sampling inside the compiled loop: one sampler for two kinds of settings.
 
-`SamplerSettings` is static (hashable): each stage that is switched off is
-absent from the compiled program, so greedy decoding costs one argmax.
+`RowSampling` holds each row's own settings as arrays [B] (the serving engine's
+rows belong to different requests). `SamplerSettings` is the static special case,
+one hashable setting for every row (`generate`): each stage switched off there is
+absent from the compiled program, so greedy decoding costs one argmax, and top-k
+ranks only k candidates where per-row settings sort the vocabulary.
 Stages run in the order of Hugging Face's logits processors: repetition penalty,
-temperature, top-k, top-p, min-p, then a categorical draw.
+temperature, top-k, top-p, min-p, then a categorical draw with each row's own key.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -56,50 +59,10 @@ class SamplerSettings:
         return self.temperature == 0
 
 
-def penalize_repeats(logits: jax.Array, seen: jax.Array, penalty: float) -> jax.Array:
-    """logits [B, V]; seen [B, V] bool marks tokens already in the row's context."""
-    if penalty == 1.0:
-        return logits
-    penalized = jnp.where(logits > 0, logits / penalty, logits * penalty)
-    return jnp.where(seen, penalized, logits)
-
-
-def filter_logits(logits: jax.Array, settings: SamplerSettings) -> jax.Array:
-    """Temperature, then top-k, top-p and min-p: logits [B, V] with the tokens
-    outside the sampling set at -inf. Tokens tied with a cut-off value stay in."""
-    logits = logits.astype(jnp.float32) / settings.temperature
-    V = logits.shape[-1]
-    k = min(settings.top_k, V) if settings.top_k > 0 else 0
-    if k or settings.top_p < 1.0:
-        # Sorted candidates: only the top k when top-k is on, so top-p needs no full sort.
-        ranked = jax.lax.top_k(logits, k)[0] if k else jnp.sort(logits, axis=-1)[:, ::-1]
-        cutoff = ranked[:, -1]
-        if settings.top_p < 1.0:
-            probs = jax.nn.softmax(ranked, axis=-1)
-            before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly better candidates
-            keep = jnp.sum(before < settings.top_p, axis=-1)  # >= 1
-            cutoff = jnp.take_along_axis(ranked, keep[:, None] - 1, axis=-1)[:, 0]
-        logits = jnp.where(logits < cutoff[:, None], -jnp.inf, logits)
-    if settings.min_p > 0.0:
-        floor = logits.max(-1, keepdims=True) + math.log(settings.min_p)
-        logits = jnp.where(logits < floor, -jnp.inf, logits)
-    return logits
-
-
-def sample(logits: jax.Array, key: jax.Array, settings: SamplerSettings,
-           seen: jax.Array | None = None) -> jax.Array:
-    """Next tokens [B] (int32) from logits [B, V]."""
-    if seen is not None:
-        logits = penalize_repeats(logits, seen, settings.repetition_penalty)
-    if settings.is_greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return jax.random.categorical(key, filter_logits(logits, settings), axis=-1).astype(jnp.int32)
-
-
 @struct.dataclass
 class RowSampling:
     """Per-row sampling parameters as arrays [B], for batches whose rows belong to
-    different requests (the server's slots). Same stages and conventions as
+    different requests (the server's rows). Same stages and conventions as
     `SamplerSettings`; rows that sample pay for one sort of the vocabulary."""
 
     temperature: jax.Array  # float32, 0 = greedy
@@ -116,36 +79,76 @@ class RowSampling:
                    column("repetition_penalty", jnp.float32))
 
 
-def filter_logits_rows(logits: jax.Array, rows: RowSampling) -> jax.Array:
-    """`filter_logits` with each row's own parameters (rows with temperature 0
-    are divided by 1 and left to the caller's argmax)."""
-    temperature = jnp.where(rows.temperature > 0, rows.temperature, 1.0)
-    logits = logits.astype(jnp.float32) / temperature[:, None]
+Settings = Union[SamplerSettings, RowSampling]
+
+
+def _column(v):
+    """A setting as a column [B, 1] against logits [B, V]; a static number as it is."""
+    return v[:, None] if isinstance(v, jax.Array) else v
+
+
+def _off(v, off) -> bool:
+    """A stage is statically off: a static setting at its off value."""
+    return not isinstance(v, jax.Array) and v == off
+
+
+def penalize_repeats(logits: jax.Array, seen: jax.Array, penalty) -> jax.Array:
+    """logits [B, V]; seen [B, V] bool marks tokens already in the row's context;
+    penalty a number or [B]."""
+    if _off(penalty, 1.0):
+        return logits
+    penalty = _column(penalty)
+    penalized = jnp.where(logits > 0, logits / penalty, logits * penalty)
+    return jnp.where(seen, penalized, logits)
+
+
+def filter_logits(logits: jax.Array, settings: Settings) -> jax.Array:
+    """Temperature, then top-k, top-p and min-p: logits [B, V] with the tokens
+    outside the sampling set at -inf. Tokens tied with a cut-off value stay in.
+    Per-row settings with temperature 0 divide by 1 (their rows take the argmax)."""
+    s = settings
+    temperature = (jnp.where(s.temperature > 0, s.temperature, 1.0) if isinstance(s.temperature, jax.Array)
+                   else s.temperature)
+    logits = logits.astype(jnp.float32) / _column(temperature)
     V = logits.shape[-1]
-    ranked = jnp.sort(logits, axis=-1)[:, ::-1]
-    k = jnp.where(rows.top_k > 0, jnp.minimum(rows.top_k, V), V)
-    in_top_k = jnp.arange(V) < k[:, None]
-    probs = jax.nn.softmax(jnp.where(in_top_k, ranked, -jnp.inf), axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs
-    keep = jnp.sum((before < rows.top_p[:, None]) & in_top_k, axis=-1)
-    keep = jnp.where(rows.top_p < 1.0, jnp.maximum(keep, 1), k)
-    cutoff = jnp.take_along_axis(ranked, keep[:, None] - 1, axis=-1)
-    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-    floor = logits.max(-1, keepdims=True) + jnp.log(rows.min_p)[:, None]  # log 0 = -inf: off
-    return jnp.where(logits < floor, -jnp.inf, logits)
+    if not (_off(s.top_k, 0) and _off(s.top_p, 1.0)):
+        if isinstance(s.top_k, int) and s.top_k > 0:  # static: only the top k are ranked
+            ranked = jax.lax.top_k(logits, min(s.top_k, V))[0]
+            k = jnp.asarray([ranked.shape[-1]])
+        else:
+            ranked = jnp.sort(logits, axis=-1)[:, ::-1]
+            k = jnp.reshape(jnp.where(jnp.asarray(s.top_k) > 0, jnp.minimum(s.top_k, V), V), (-1,))
+        in_top_k = jnp.arange(ranked.shape[-1]) < k[:, None]  # [B or 1, candidates]
+        keep = k
+        if not _off(s.top_p, 1.0):
+            probs = jax.nn.softmax(jnp.where(in_top_k, ranked, -jnp.inf), axis=-1)
+            before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly better candidates
+            inside = jnp.sum((before < _column(s.top_p)) & in_top_k, axis=-1)
+            keep = jnp.where(jnp.asarray(s.top_p) < 1.0, jnp.maximum(inside, 1), k)
+        cutoff = jnp.take_along_axis(ranked, jnp.broadcast_to(keep, ranked.shape[:1])[:, None] - 1, axis=-1)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    if not _off(s.min_p, 0.0):
+        log_min_p = jnp.log(s.min_p)[:, None] if isinstance(s.min_p, jax.Array) else math.log(s.min_p)
+        floor = logits.max(-1, keepdims=True) + log_min_p  # log 0 = -inf: off
+        logits = jnp.where(logits < floor, -jnp.inf, logits)
+    return logits
 
 
-def sample_rows(logits: jax.Array, keys: jax.Array, rows: RowSampling, seen: jax.Array) -> jax.Array:
-    """Next tokens [B] from logits [B, V], one PRNG key per row (keys [B, 2]), so a
-    row's draws do not depend on which other rows share the batch."""
-    penalty = rows.repetition_penalty[:, None]
-    logits = jnp.where(seen, jnp.where(logits > 0, logits / penalty, logits * penalty), logits)
+def sample(logits: jax.Array, keys: jax.Array, settings: Settings,
+           seen: Optional[jax.Array] = None) -> jax.Array:
+    """Next tokens [B] (int32) from logits [B, V], one PRNG key per row (keys [B, 2]),
+    so that a row's draws do not depend on which other rows share the batch. seen
+    [B, V]: the tokens of each row's context (repetition penalty)."""
+    if seen is not None:
+        logits = penalize_repeats(logits, seen, settings.repetition_penalty)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
-    def draw(_):
-        filtered = filter_logits_rows(logits, rows)
-        drawn = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
-        return jnp.where(rows.temperature > 0, drawn, greedy)
+    def draw(_=None):
+        filtered = filter_logits(logits, settings)
+        return jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
 
-    # The sort is skipped entirely while every row is greedy.
-    return jax.lax.cond(jnp.any(rows.temperature > 0), draw, lambda _: greedy, None)
+    if not isinstance(settings.temperature, jax.Array):
+        return greedy if settings.temperature == 0 else draw()
+    # Per-row settings: the sort is skipped entirely while every row is greedy.
+    hot = settings.temperature > 0
+    return jax.lax.cond(jnp.any(hot), lambda _: jnp.where(hot, draw(), greedy), lambda _: greedy, None)

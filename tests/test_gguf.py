@@ -13,7 +13,7 @@ from gguf import GGMLQuantizationType, quants
 from tiny_gguf import write_gguf
 
 import jaxllm
-from jaxllm.cli import score_ids
+from jaxllm.scoring import score_ids
 from jaxllm.errors import (ModelFileError, UnsupportedArchitectureError,
                            UnsupportedTensorTypeError)
 from jaxllm.loading.dequant import FORMATS, dequantize
@@ -177,7 +177,7 @@ def test_teacher_forced_nll_matches_llama_cpp(real):
     model, reference, _ = real
     close = []
     for case in reference["score"]:
-        result = score_ids(model, case["ids"])
+        result = score_ids(model.params, model.config, case["ids"])
         ours, ref = np.array(result["nll"]), np.array(case["nll"])
         assert abs(ours.mean() - ref.mean()) / ref.mean() < 0.02
         close.append(np.mean(np.abs(ours - ref) < 0.1))

@@ -58,32 +58,21 @@ def test_model_with_pallas_kernels_matches_xla_path(arch):
     assert_same_run(got, ref)
 
 
-@pytest.fixture
-def deferred_norms(monkeypatch):
-    """Every RMSNorm without bias left to the projection after it (model.DeferredNorm,
-    which the library uses on the GPU before XLA's matrix multiplies, and before decode
-    attention everywhere), except on the XLA reference path. Compiled functions are
-    dropped before and after."""
-    from jaxllm import model
-
-    monkeypatch.setattr(model, "defer_norm", lambda config, norm, w, rows, kernel_applies=False: (
-        config.kernels != "xla" and config.norm == "rms" and norm.bias is None))
-    jax.clear_caches()
-    yield
-    jax.clear_caches()
-
-
 @pytest.mark.parametrize("arch", ["llama3", "qwen2", "gemma"])
-def test_deferred_norms_match_the_xla_path(arch, deferred_norms):
-    """The norm's factor applied after the projection (by the decode-attention kernel
-    for q/k/v, in float32 before the activation for the MLP): the same logits and cache.
-    qwen2's q/k/v bias keeps the factor in linear(); gemma has a norm weight offset."""
+def test_deferred_norms_match_the_xla_path(arch):
+    """Every RMSNorm without bias left to the projection after it (ops.DeferredNorm,
+    which the library uses on the GPU before XLA's matrix multiplies, and before decode
+    attention everywhere: the policy's deferred_norm="always"), the factor applied
+    after the projection (by the decode-attention kernel for q/k/v, in float32 before
+    the activation for the MLP): the same logits and cache as the XLA path. qwen2's
+    q/k/v bias keeps the factor in linear(); gemma has a norm weight offset."""
     c = ARCH_CONFIGS[arch]
     params = jaxllm.init_params(c, jax.random.PRNGKey(np.random.randint(1 << 30)))
     tokens = jnp.asarray(np.random.randint(0, c.vocab_size, (2, 9)))
     with jax.default_matmul_precision("highest"):
         ref = prefill_and_steps(params, c.replace(kernels="xla"), tokens)
-        got = prefill_and_steps(params, c.replace(kernels="pallas"), tokens)
+        got = prefill_and_steps(params, c.replace(
+            kernels=jaxllm.KernelPolicy.for_backend("pallas", deferred_norm="always")), tokens)
     assert_same_run(got, ref)
 
 
@@ -291,27 +280,26 @@ def test_rowmatvec_matches_float64(M, K, N, gate, norm, residual, tiling):
     np.testing.assert_allclose(got, np.asarray(ref), rtol=1e-4, atol=1e-4 * np.abs(y).max())
 
 
-def test_rowmatvec_takes_the_wide_tiling_for_many_rows(monkeypatch):
-    """Weights of at least TILING["wide_rows"] rows (tied heads) take TILING["wide"]'s
+def test_rowmatvec_takes_the_wide_tiling_for_many_rows():
+    """Weights of at least `wide_rows` rows (tied heads) take the tiling's `wide`
     settings: the grid shows block_n, and the result still matches float64."""
     from jaxllm.kernels import rowmatvec
+    from jaxllm.policy import RowTiling
 
-    jax.clear_caches()  # the jitted kernel reads TILING when it traces
-    monkeypatch.setitem(rowmatvec.TILING, "wide_rows", 600)
-    monkeypatch.setitem(rowmatvec.TILING, "wide", dict(block_n=32, block_k=64, prefetch=2, num_warps=8))
+    tiling = RowTiling(wide_rows=600, wide=(("block_n", 32), ("block_k", 64), ("prefetch", 2), ("num_warps", 8)))
     rng = np.random.default_rng(np.random.randint(1 << 30))
     x = rng.standard_normal((2, 300)).astype(np.float32)
     scale = rng.uniform(0.5, 1.5, 300).astype(np.float32)
     # 300 inputs make a short row: fewer rows than wide_rows take the short-row rule
-    for N, block_n in ((1000, 32), (500, rowmatvec.rows_per_program(500, rowmatvec.TILING["short"]["min_programs"]))):
+    for N, block_n in ((1000, 32), (500, rowmatvec.rows_per_program(500, dict(tiling.short)["min_programs"]))):
         t = rng.standard_normal((N, 300)).astype(np.float32) / np.sqrt(300)
-        run = lambda x, t: rowmatvec.rowmatvec_pallas(x, t, norm_scale=jnp.asarray(scale), interpret=True)
+        run = lambda x, t: rowmatvec.rowmatvec_pallas(x, t, norm_scale=jnp.asarray(scale), tiling=tiling,
+                                                      interpret=True)
         assert f"grid=({-(-N // block_n)},)" in str(jax.make_jaxpr(run)(x, t))
         x64 = x.astype(np.float64)
         y = x64 / np.sqrt((x64 ** 2).mean(-1, keepdims=True) + 1e-6) * scale @ t.astype(np.float64).T
         got = np.asarray(run(jnp.asarray(x), jnp.asarray(t)), np.float64)
         assert np.linalg.norm(got - y) / np.linalg.norm(y) < 1e-5
-    jax.clear_caches()
 
 
 def test_rowmatvec_rejects_a_mismatched_weight():

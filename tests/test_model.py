@@ -106,10 +106,10 @@ def test_rows_stop_on_their_stop_tokens_and_loop_ends_early():
     else:
         assert out.tokens[1] == free[1] and out.stop_reasons[1] == "length"
     # Every row stopping ends the loop before the budget.
-    state, stop_ids, max_new = jaxllm.generate.__globals__["start"](
-        params, c, [prompts[0]], max_new_tokens=12, settings=greedy, stop_tokens=[stop])
-    state = jaxllm.generate.__globals__["decode"](params, c, greedy, state, stop_ids, max_new, max_new)
-    assert int(state.n_generated) == first + 1
+    from jaxllm.generate import start
+
+    run = start(params, c, [prompts[0]], max_new_tokens=12, settings=greedy, stop_tokens=[stop]).run(params, c, 12)
+    assert int(run.column) == first + 1 and int(run.state.n_generated[0]) == first + 1
 
 
 def test_stream_yields_the_same_tokens_as_generate():
@@ -143,17 +143,18 @@ def test_decode_loop_updates_the_cache_in_place():
     """The compiled decode loop aliases the donated state (cache included) to its
     output, and its scratch memory does not grow with the number of layers: no
     step copies the cache (one layer's scratch is attention's own working set)."""
+    from jaxllm.decoding import decode
+    from jaxllm.generate import start
+
     greedy = jaxllm.SamplerSettings.greedy()
-    start = jaxllm.generate.__globals__["start"]
-    decode = jaxllm.generate.__globals__["decode"]
     stats = {}
     for layers in (4, 8):
         c = tiny(n_layers=layers, max_seq_len=1024)
         params = jaxllm.init_params(c, jax.random.PRNGKey(0))
-        state, stop_ids, max_new = start(params, c, [[1, 2, 3]] * 4, max_new_tokens=900,
-                                         settings=greedy)
-        compiled = decode.lower(params, c, greedy, state, stop_ids, max_new, max_new).compile()
-        cache_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(state.cache))
+        run = start(params, c, [[1, 2, 3]] * 4, max_new_tokens=900, settings=greedy)
+        compiled = decode.lower(params, c, greedy, run.state, run.tokens, run.column, run.stop_ids,
+                                jnp.int32(900)).compile()
+        cache_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(run.state.cache))
         mem = compiled.memory_analysis()
         assert mem.alias_size_in_bytes >= cache_bytes
         stats[layers] = (mem.temp_size_in_bytes, cache_bytes)

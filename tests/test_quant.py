@@ -16,11 +16,14 @@ from test_dequant import random_blocks
 import jaxllm
 from jaxllm import quant
 from jaxllm.calibration import input_importance, read_calibration_text, text_windows
-from jaxllm.generate import decode, start
+from jaxllm.decoding import decode
+from jaxllm.generate import start
 from jaxllm.kernels import cpu_qmatvec
 from jaxllm.kernels.qmatvec import KERNEL_BITS, qmatmul_pallas, qmatvec_pallas
 from jaxllm.loading.dequant import FORMATS, blocks
-from jaxllm.model import linear
+from jaxllm.ops import linear
+from jaxllm.policy import KernelPolicy
+from jaxllm.weights import linear_reference, take_rows
 
 FORMS = list(itertools.product((8, 6, 5, 4), (False, True), (16, 32)))  # bits, has mins, group
 
@@ -71,7 +74,7 @@ def test_pack_dequantize_and_linear_match_float64(bits, mins, G):
         x = on_int8_grid(rng, M, 128, G)
         ref = x.astype(np.float64) @ dense64(b)
         scale = np.abs(ref).max()
-        np.testing.assert_allclose(np.asarray(quant.linear_reference(jnp.asarray(x), w)), ref, atol=1e-5 * scale)
+        np.testing.assert_allclose(np.asarray(linear_reference(jnp.asarray(x), w)), ref, atol=1e-5 * scale)
         if bits in KERNEL_BITS and M <= 4:  # integer dot products, and the float path
             for int8_activations in (True, False) if M == 1 else (True,):
                 got = qmatvec_pallas(jnp.asarray(x), w, interpret=True, int8_activations=int8_activations)
@@ -84,10 +87,10 @@ def test_pack_dequantize_and_linear_match_float64(bits, mins, G):
             got = jax.jit(cpu_qmatvec.qmatvec_cpu)(jnp.asarray(x), w)
             np.testing.assert_allclose(np.asarray(got), ref, atol=1e-5 * scale)
         # the switch: a kernel where one fits (4 or 8 bits, <= 16 rows), else XLA
-        np.testing.assert_allclose(np.asarray(linear(jnp.asarray(x), w, kernels="pallas")), ref,
+        np.testing.assert_allclose(np.asarray(linear(jnp.asarray(x), w, KernelPolicy.for_backend("pallas"))), ref,
                                    atol=1e-5 * scale)
     ids = jnp.asarray(rng.integers(0, 64, (2, 7)))
-    np.testing.assert_allclose(np.asarray(quant.take_rows(w, ids)), dense64(b).T[np.asarray(ids)],
+    np.testing.assert_allclose(np.asarray(take_rows(w, ids)), dense64(b).T[np.asarray(ids)],
                                rtol=1e-6, atol=1e-7)
 
 
@@ -117,7 +120,7 @@ def test_linear_switch_selects_kernel_or_reference():
     rng = np.random.default_rng()
     w = quant.pack(random_host_blocks(rng, 4, True, 32))
     x = jnp.asarray(rng.standard_normal((2, 3, 128)), jnp.float32)
-    fast, ref = linear(x, w, kernels="pallas"), linear(x, w, kernels="xla")
+    fast, ref = linear(x, w, KernelPolicy.for_backend("pallas")), linear(x, w, KernelPolicy.for_backend("xla"))
     assert fast.shape == ref.shape == (2, 3, 64)
     np.testing.assert_allclose(np.asarray(fast), np.asarray(ref), rtol=1e-5, atol=1e-5)
 
@@ -216,9 +219,9 @@ def test_decode_loop_keeps_weights_quantized_on_the_cpu():
     dense_bytes = sum(w.shape[0] * w.shape[1] * 4 for w in jax.tree.leaves(
         params, is_leaf=lambda x: isinstance(x, jaxllm.QuantizedWeight)) if isinstance(w, jaxllm.QuantizedWeight))
     settings = jaxllm.SamplerSettings.greedy()
-    state, stop_ids, max_new = start(params, config, [[1, 2, 3]], max_new_tokens=8, settings=settings,
-                                     stop_tokens=[])
-    compiled = decode.lower(params, config, settings, state, stop_ids, max_new, max_new).compile()
+    run = start(params, config, [[1, 2, 3]], max_new_tokens=8, settings=settings, stop_tokens=[])
+    compiled = decode.lower(params, config, settings, run.state, run.tokens, run.column, run.stop_ids,
+                            jnp.int32(8)).compile()
     assert "jaxllm_qmatvec_cpu" in compiled.as_text()
     assert compiled.memory_analysis().temp_size_in_bytes < 0.1 * dense_bytes
 
@@ -277,11 +280,11 @@ def test_gemma_file_weights_and_int4_quantization_cost(reference_texts):
     assert nll(dense, int4, texts) / base - 1 < 0.06
 
 
-def test_transposed_projections_quantize_and_merge_like_the_usual_layout(monkeypatch):
+def test_transposed_projections_quantize_and_merge_like_the_usual_layout():
     """jaxllm.layout: weights stored by output row quantize to the same weights, take
     LoRA merges, and are left alone off the GPU and above the size limit."""
     from jaxllm import train
-    from jaxllm.layout import TransposedWeight, dense, for_backend, transpose_projections
+    from jaxllm.layout import TransposedWeight, dense, for_policy, transpose_projections
 
     c = ARCH_CONFIGS["llama3"]
     params = jaxllm.init_params(c, jax.random.PRNGKey(np.random.randint(1 << 30)))
@@ -302,12 +305,13 @@ def test_transposed_projections_quantize_and_merge_like_the_usual_layout(monkeyp
     small = transpose_projections(params, max_small_side=min(w.shape) - 1)
     assert not any(isinstance(x, TransposedWeight) for x in jax.tree.leaves(
         small, is_leaf=lambda x: isinstance(x, TransposedWeight)))
-    if jax.default_backend() != "gpu":
-        assert for_backend(params) is params
+    is_row = lambda x: isinstance(x, TransposedWeight)
+    for policy in (KernelPolicy.for_backend("auto", platform="cpu"), KernelPolicy.for_backend("pallas"),
+                   KernelPolicy.for_backend("auto", platform="gpu", rowmatvec_max_small_side=min(w.shape) - 1)):
+        assert not any(map(is_row, jax.tree.leaves(for_policy(params, policy), is_leaf=is_row)))
     # On the GPU: the layer projections the row-major kernel reads; an untied head stays.
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     untied = jaxllm.init_params(c.replace(tie_embeddings=False), jax.random.PRNGKey(0))
-    on_gpu = for_backend(untied)
+    on_gpu = for_policy(untied, KernelPolicy.for_backend("auto", platform="gpu"))
     assert all(isinstance(getattr(layer, name), TransposedWeight)
                for layer in on_gpu.layers for name in ("wqkv", "wo", "w_in", "w_out"))
     assert not isinstance(on_gpu.lm_head, TransposedWeight)

@@ -58,7 +58,8 @@ def test_repetition_penalty_divides_positive_and_multiplies_negative():
 def test_samples_follow_the_filtered_distribution():
     n = 20000
     logits = jnp.broadcast_to(LOGITS, (n, 5))
-    draws = np.asarray(sample(logits, jax.random.PRNGKey(np.random.randint(1 << 30)), off(top_k=3)))
+    keys = jax.random.split(jax.random.PRNGKey(np.random.randint(1 << 30)), n)
+    draws = np.asarray(sample(logits, keys, off(top_k=3)))
     freq = np.bincount(draws, minlength=5) / n
     expect = np.array([0, 0.4, 0, 0.25, 0.2]) / 0.85
     # 5 standard errors of a binomial proportion
@@ -67,7 +68,7 @@ def test_samples_follow_the_filtered_distribution():
 
 def test_greedy_is_argmax():
     logits = jax.random.normal(jax.random.PRNGKey(np.random.randint(1 << 30)), (7, 50))
-    np.testing.assert_array_equal(sample(logits, jax.random.PRNGKey(0), SamplerSettings.greedy()),
+    np.testing.assert_array_equal(sample(logits, jax.random.split(jax.random.PRNGKey(0), 7), SamplerSettings.greedy()),
                                   np.argmax(logits, -1))
 
 

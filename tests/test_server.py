@@ -21,7 +21,7 @@ from tiny_gguf import write_gguf
 
 import jaxllm
 from jaxllm.batching import Engine, Request
-from jaxllm.sampling import RowSampling, filter_logits, filter_logits_rows
+from jaxllm.sampling import RowSampling, filter_logits
 from jaxllm.server import create_app
 
 TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
@@ -85,6 +85,8 @@ def expected(model, prompt_ids, max_tokens):
 # -- the engine, without HTTP ------------------------------------------------------------
 
 def test_row_sampling_matches_the_static_filter():
+    """One filter for both kinds of settings: per-row arrays give each row what its
+    static settings give it (top-k ranks k candidates there, sorts the vocabulary here)."""
     rng = np.random.default_rng(0)
     logits = jax.numpy.asarray(rng.normal(size=(5, 300)) * 3, jax.numpy.float32)
     settings = [jaxllm.SamplerSettings(temperature=0.7, top_k=40, top_p=0.9, min_p=0.05),
@@ -92,7 +94,7 @@ def test_row_sampling_matches_the_static_filter():
                 jaxllm.SamplerSettings(temperature=1.0, top_k=7, top_p=1.0, min_p=0.0),
                 jaxllm.SamplerSettings(temperature=0.5, top_k=0, top_p=1.0, min_p=0.2),
                 jaxllm.SamplerSettings(temperature=2.0, top_k=1000, top_p=0.99, min_p=0.0)]
-    rows = filter_logits_rows(logits, RowSampling.from_settings(settings))
+    rows = filter_logits(logits, RowSampling.from_settings(settings))
     for b, s in enumerate(settings):
         np.testing.assert_allclose(rows[b], filter_logits(logits[b:b + 1], s)[0], rtol=1e-6)
 

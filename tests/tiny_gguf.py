@@ -59,7 +59,7 @@ def write_gguf(path, config, params, arch="llama", extra=None, raw_tensor=None, 
 
     put("token_embd.weight", params.embed, matrix=True)
     if config.rope_scaling is not None:  # llama.cpp's converter: scaling as rope_freqs factors
-        from jaxllm.model import rope_inv_freq  # noqa: PLC0415
+        from jaxllm.ops import rope_inv_freq  # noqa: PLC0415
         plain = rope_inv_freq(config.replace(rope_scaling=None), config.rope_theta)
         put("rope_freqs.weight", plain / rope_inv_freq(config, config.rope_theta))
     split_qkv = [config.q_size, config.q_size + config.kv_size]

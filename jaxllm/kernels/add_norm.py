@@ -23,12 +23,8 @@ from jax.experimental.pallas import triton as plgpu
 
 from .matvec import PartialSums, _pow2
 
-MAX_WIDTH = 16384  # one program holds a row in registers
-# One program adds the partial sums, so only few of them pay: smol135m's o-projection
-# (18 x 576 values) took 2.9 us here, its down-projection (48 x 576) 5.3 us and
-# llama1b's (132 x 2048) 18 us, against XLA's parallel reduction at 1.3-1.9 us plus
-# its norm kernels (H100, benchmarks/NOTES.md).
-MAX_PARTIAL_VALUES = 16384
+# Rows up to policy.add_norm_max_width (16384) are held in registers by one program; it
+# adds at most add_norm_max_partial_values partial sums (benchmarks/NOTES.md).
 CHUNK_VALUES = 8192  # partial sums read per loop step: chunk rows x padded width
 
 
@@ -75,16 +71,6 @@ def _kernel(x_ref, d_ref, s_ref, b_ref, x_out, h_out, *, D, dp, splits, chunk, l
     if has_bias:
         h = h + plgpu.load(b_ref.at[row], mask=ok, other=0.0).astype(jnp.float32)
     plgpu.store(h_out.at[m, row], h.astype(h_out.dtype), mask=ok)
-
-
-def use_add_norm(kernels: str, delta: Delta, width: int) -> bool:
-    """The kernel for partial sums small enough to add in one program; XLA otherwise
-    (for a plain delta XLA's two or three fusions were as fast, llama8b)."""
-    if kernels == "xla" or width > MAX_WIDTH or not isinstance(delta, PartialSums):
-        return False
-    if delta.sums.shape[0] * width > MAX_PARTIAL_VALUES:
-        return False
-    return kernels == "pallas" or jax.default_backend() == "gpu"
 
 
 @functools.partial(jax.jit, static_argnames=("layer_norm", "eps", "offset", "num_warps", "interpret"))

@@ -27,18 +27,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..quant import QuantizedWeight, linear_reference
+from ..paths import cache_root
+from ..policy import MAX_ROWS, NATIVE_BITS
+from ..weights import QuantizedWeight, linear_reference
 
 SOURCE = Path(__file__).resolve().parent.parent / "native" / "qmatvec_cpu.cc"
 TARGET = "jaxllm_qmatvec_cpu"
-MAX_ROWS = 4
-NATIVE_BITS = (4, 5, 6, 8)
-
-
-def cache_root() -> Path:
-    """jaxllm's files kept between runs: $JAXLLM_CACHE, else ~/.cache/jaxllm."""
-    return Path(os.environ.get("JAXLLM_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "jaxllm"))
 
 
 def cache_dir() -> Path:
@@ -76,13 +70,6 @@ def available() -> bool:
         warnings.warn(f"jaxllm: the native CPU quantized kernel is unavailable, using XLA: {error}")
         return False
     return True
-
-
-def use_native(kernels: str, rows: int, w: QuantizedWeight) -> bool:
-    """The switch between the native kernel and the XLA path on the CPU: "auto" with at
-    most MAX_ROWS rows (decode); prefill dequantizes once for many rows in XLA."""
-    return (kernels == "auto" and rows <= MAX_ROWS and w.bits in NATIVE_BITS
-            and jax.default_backend() == "cpu" and available())
 
 
 def qmatvec_cpu(x: jax.Array, w: QuantizedWeight, out_dtype=None) -> jax.Array:

@@ -43,17 +43,6 @@ MASKED = -1e30  # finite: an empty block must not produce exp(-inf + inf)
 # The projection's split-K partial sums are added here, one load per split, unrolled
 # (independent loads, so their latencies overlap); more splits are summed by XLA first.
 MAX_QKV_SPLITS = 32
-# Load each block of the cache one step ahead: block 0 before the new token's queries
-# and keys, so that its memory latency overlaps theirs, and block i + 1 while block i
-# is scored. Without it the stores of the new key and value come first, and every
-# block waits out a full latency (a short cache is mostly latency).
-#
-# "lean": only where the new token arrives as one q/k/v array with no norm factor to
-# compute (the row-major projections). Where q/k/v come as split-K partial sums with
-# the norm's input rows (the quantized kernels), their loads already fill the
-# registers, and loading ahead cost llama8b int8 3.2 us per layer (H200, NOTES variant
-# 28). True: always, False: never.
-PREFETCH = "lean"
 
 
 @dataclass(frozen=True)
@@ -215,13 +204,14 @@ def _kernel(qkv_ref, k_ref, v_ref, lengths_ref, freq_ref, qn_ref, kn_ref, nr_ref
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "block_slots", "num_warps", "num_stages",
-                                             "interpret", "out_dtype"),
+                                             "interpret", "out_dtype", "prefetch"),
                    donate_argnames=("k_cache", "v_cache"))
 def decode_attention_pallas(qkv: jax.Array | PartialSums, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array,
                             inv_freq: Optional[jax.Array], q_norm: Optional[jax.Array],
                             k_norm: Optional[jax.Array], norm_rows: Optional[jax.Array] = None, *,
                             spec: AttentionSpec, block_slots: int = 64, num_warps: int = 4,
-                            num_stages: int = 3, interpret: bool = False, out_dtype=None):
+                            num_stages: int = 3, interpret: bool = False, out_dtype=None,
+                            prefetch: bool | str = "lean"):
     """qkv [B, (H + 2K) * Dh] (or its PartialSums [splits, B, (H + 2K) * Dh]) of one
     new token per row at positions lengths [B]; caches [B, S, K, Dh]; inv_freq
     [Dh / 2] (rope); q_norm, k_norm [Dh] (qk_norm). With norm_rows [B, D], each row
@@ -229,7 +219,13 @@ def decode_attention_pallas(qkv: jax.Array | PartialSums, k_cache: jax.Array, v_
     of the RMSNorm before the projection, left to this kernel (model.DeferredNorm).
     Returns (attention output [B, H * Dh] in out_dtype (default: qkv's, or the cache's
     for partial sums), k_cache, v_cache) with the new keys and values written at slot
-    min(lengths[b], S - 1)."""
+    min(lengths[b], S - 1).
+
+    prefetch: load each cache block one step ahead (block 0 before the new token's
+    queries and keys, so that their memory latencies overlap; block i + 1 while block
+    i is scored). "lean": only where qkv arrives as one array with no norm factor to
+    compute (the row-major projections): after split-K partial sums and a norm's rows
+    their loads already fill the registers (NOTES variants 23 and 28)."""
     B, S, K, Dh = k_cache.shape
     dtype = out_dtype or (k_cache.dtype if isinstance(qkv, PartialSums) else qkv.dtype)
     if isinstance(qkv, PartialSums) and qkv.sums.shape[0] > MAX_QKV_SPLITS:
@@ -257,8 +253,8 @@ def decode_attention_pallas(qkv: jax.Array | PartialSums, k_cache: jax.Array, v_
     kernel = functools.partial(_kernel, spec=spec, S=S, half=half, hp=hp, bs=bs, chunk=chunk,
                                splits=splits, qkv_splits=qkv4.shape[0],
                                norm_width=None if norm_rows is None else norm_rows.shape[1],
-                               prefetch=(qkv4.shape[0] == 1 and norm_rows is None) if PREFETCH == "lean"
-                               else PREFETCH)
+                               prefetch=(qkv4.shape[0] == 1 and norm_rows is None) if prefetch == "lean"
+                               else prefetch)
     outs = pl.pallas_call(
         kernel, out_shape=out_shape, grid=(B, K, splits),
         input_output_aliases={1: 1, 2: 2}, interpret=interpret,

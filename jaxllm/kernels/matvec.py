@@ -19,7 +19,7 @@ from jax.experimental import pallas as pl
 from flax import struct
 from jax.experimental.pallas import triton as plgpu
 
-MAX_ROWS = 4
+from ..policy import MAX_ROWS, MatvecTiling
 
 
 class PartialSums(NamedTuple):
@@ -74,24 +74,6 @@ def load_gated(ref, row, k0, width: int, mask, splits: int, F: int):
     return gate, up
 
 
-# "auto" uses the kernel when one side of the weight is at most this: measured faster
-# than XLA on every such decode shape on the H100 (smol135m, llama1b), slower inside
-# llama8b, whose projections are all >= 4096 on both sides (benchmarks/NOTES.md).
-AUTO_MAX_SMALL_SIDE = 2048
-
-
-def use_pallas(kernels: str, rows: int, weight_shape: tuple[int, int], quantized: bool = False) -> bool:
-    """The switch between the Pallas kernels and their XLA references."""
-    if kernels == "xla" or rows > MAX_ROWS:
-        return False
-    if kernels == "pallas":
-        return True
-    if jax.default_backend() != "gpu":
-        return False
-    # Quantized weights: XLA has no fused dequantizing matrix-vector product on the GPU.
-    return quantized or min(weight_shape) <= AUTO_MAX_SMALL_SIDE
-
-
 def matvec_reference(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
     """x [M, K] @ w [K, N] with float32 accumulation, in out_dtype (default x's)."""
     y = jnp.dot(x, w.astype(x.dtype), preferred_element_type=jnp.float32)
@@ -139,25 +121,20 @@ def _kernel(x_ref, w_ref, o_ref, *, M, K, N, block_n, block_k, steps, rows, gate
              mask=row_ok[:, None] & col_ok[None, :])
 
 
-# The default tiling (benchmarks/matvec_tune.py, H100; still the best of eleven on the
-# H200, NOTES variant 21): 256 columns by 32 inputs per step, K split until about eight
-# programs per multiprocessor.
-TILING = dict(block_n=256, block_k=32, target_programs=1056, num_warps=4, num_stages=3)
-
-
-@functools.partial(jax.jit, static_argnames=("out_dtype", "block_n", "block_k", "target_programs",
+@functools.partial(jax.jit, static_argnames=("out_dtype", "tiling", "block_n", "block_k", "target_programs",
                                              "num_warps", "num_stages", "interpret", "sum_splits"))
-def matvec_pallas(x, w: jax.Array, out_dtype=None, *, block_n: int | None = None,
+def matvec_pallas(x, w: jax.Array, out_dtype=None, *, tiling: MatvecTiling = MatvecTiling(),
+                  block_n: int | None = None,
                   block_k: int | None = None, target_programs: int | None = None,
                   num_warps: int | None = None, num_stages: int | None = None,
                   interpret: bool = False, sum_splits: bool = True):
     """x [M, K] @ w [K, N] for M <= 4, float32 accumulation, in out_dtype (default x's).
     x may be a `GatedInput` (whose dtype is float32). sum_splits=False returns the
     split-K partial sums as `PartialSums` for a consumer that adds them itself
-    (kernels/add_norm.py). Tiling arguments left None take TILING's."""
-    block_n, block_k = block_n or TILING["block_n"], block_k or TILING["block_k"]
-    target_programs = target_programs or TILING["target_programs"]
-    num_warps, num_stages = num_warps or TILING["num_warps"], num_stages or TILING["num_stages"]
+    (kernels/add_norm.py). Tiling arguments left None take `tiling`'s."""
+    block_n, block_k = block_n or tiling.block_n, block_k or tiling.block_k
+    target_programs = target_programs or tiling.target_programs
+    num_warps, num_stages = num_warps or tiling.num_warps, num_stages or tiling.num_stages
     x, M, K, gated = gated_operand(x)
     N = w.shape[1]
     if M > MAX_ROWS:

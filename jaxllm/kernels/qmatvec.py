@@ -1,6 +1,6 @@
 """Small-batch matrix-vector products with blockwise-quantized weights, the
 dequantization done in registers: y [M, N] = x [M, K] @ W [K, N], M <= 4, for a
-`QuantizedWeight` (layout in jaxllm/quant.py).
+`QuantizedWeight` (layout in jaxllm/weights.py).
 
 Each program owns a block of value rows (for 4-bit weights, a block of packed rows
 gives two blocks of outputs, N/2 apart) and walks its share of K several groups at
@@ -12,7 +12,7 @@ enough bytes are in flight to fill HBM; partial sums are added afterwards.
 
 The minimum term needs no dequantization: sum_k x_k (s q_k + m) = s (x . q) + m sum_k x_k.
 
-Integer dot products (INT8_ACTIVATIONS, on by default), as llama.cpp's MMVQ kernels
+Integer dot products (policy.int8_activations, on by default), as llama.cpp's MMVQ kernels
 do: each program rounds its slice of x to int8 with one scale per weight group
 (absmax / 127), and the group sums become integer dot products of 4 weights with 4
 activations in one instruction (PTX dp4a), where the float path converts every
@@ -25,24 +25,16 @@ element, as llama.cpp's Q8_1 activations do; the float path stays as the switch.
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from ..quant import QuantizedWeight, linear_reference
-from .matvec import MAX_ROWS, _plan, _pow2, activate, finish, gated_operand, load_gated
-
-
-KERNEL_BITS = (4, 8)  # 5- and 6-bit weights (Q5_*, Q6_K files) take the XLA path
-# On by default; benchmarks/qmatvec_tune.py and decode_variants.py switch it off to compare.
-INT8_ACTIVATIONS = True
-# Default tiling per weight width, on the H100: 256 inputs per step in 4 stages for
-# int8, 512 in 3 for 4 bits (the same bytes per row per step; benchmarks/qmatvec_tune.py);
-# 16 packed rows per 4-bit program (llama8b int4 tg128 +2% over 32, NOTES variant 17c).
-TILING = {8: dict(block_n=32, block_k=256, num_stages=4, num_warps=4, target_programs=1056),
-          4: dict(block_n=16, block_k=512, num_stages=3, num_warps=4, target_programs=1056)}
+from ..policy import KERNEL_BITS, MAX_MATMUL_ROWS, MAX_ROWS, QMATVEC_TILINGS, QMatvecTiling
+from ..weights import QuantizedWeight, linear_reference
+from .matvec import _plan, _pow2, activate, finish, gated_operand, load_gated
 
 # Per 4 packed bytes (pack=4 puts 4 consecutive elements of a thread in one 32-bit
 # register): the dot product of the weight levels with the activations, in the first
@@ -182,27 +174,27 @@ def _kernel(x_ref, v_ref, s_ref, *rest, M, gated, int8_x, interpret, **tiling):
                         accs[h * M + r][None, :], mask=vrow_ok[None, :])
 
 
-@functools.partial(jax.jit, static_argnames=("out_dtype", "block_n", "block_k", "target_programs",
+@functools.partial(jax.jit, static_argnames=("out_dtype", "tiling", "block_n", "block_k", "target_programs",
                                              "num_warps", "num_stages", "interpret", "sum_splits",
                                              "int8_activations"))
-def qmatvec_pallas(x: jax.Array, w: QuantizedWeight, out_dtype=None, *, block_n: int | None = None,
+def qmatvec_pallas(x: jax.Array, w: QuantizedWeight, out_dtype=None, *,
+                   tiling: Optional[QMatvecTiling] = None, block_n: int | None = None,
                    block_k: int | None = None, target_programs: int | None = None,
                    num_warps: int | None = None, num_stages: int | None = None,
                    interpret: bool = False, sum_splits: bool = True,
-                   int8_activations: bool | None = None):
+                   int8_activations: bool = True):
     """x [M, K] @ W [K, N] for M <= 4 and a QuantizedWeight W; float32 accumulation.
-    x may be a `GatedInput` (whose dtype is float32). int8_activations (default
-    INT8_ACTIVATIONS): x rounded to int8 per weight group and integer dot products.
-    Tiling arguments left None take TILING's."""
-    default = TILING.get(w.bits, TILING[8])  # other widths fail in _launch
-    block_n, block_k = block_n or default["block_n"], block_k or default["block_k"]
-    target_programs = target_programs or default["target_programs"]
-    num_warps, num_stages = num_warps or default["num_warps"], num_stages or default["num_stages"]
+    x may be a `GatedInput` (whose dtype is float32). int8_activations: x rounded to
+    int8 per weight group and integer dot products. Tiling arguments left None take
+    `tiling`'s (default: the policy's default for the weight's width)."""
+    default = tiling or dict(QMATVEC_TILINGS).get(w.bits, dict(QMATVEC_TILINGS)[8])  # other widths fail in _launch
+    block_n, block_k = block_n or default.block_n, block_k or default.block_k
+    target_programs = target_programs or default.target_programs
+    num_warps, num_stages = num_warps or default.num_warps, num_stages or default.num_stages
     _, M, _, _ = gated_operand(x)
     if M > MAX_ROWS:
         raise ValueError(f"qmatvec_pallas handles at most {MAX_ROWS} rows, got {M}")
-    int8_x = INT8_ACTIVATIONS if int8_activations is None else int8_activations
-    return _launch(functools.partial(_kernel, int8_x=int8_x, interpret=interpret), x, w, out_dtype,
+    return _launch(functools.partial(_kernel, int8_x=int8_activations, interpret=interpret), x, w, out_dtype,
                    block_n, block_k, target_programs, num_warps, num_stages, interpret,
                    "qmatvec_pallas", with_rows=True, sum_splits=sum_splits)
 
@@ -238,16 +230,6 @@ def _launch(kernel, x, w: QuantizedWeight, out_dtype, block_n, block_k, target_p
 
 
 # ---- small batches (5-16 rows): the dequantized tile feeds a tensor-core dot ----
-
-MAX_MATMUL_ROWS = 16
-
-
-def use_qmatmul(kernels: str, rows: int) -> bool:
-    """Batches of 5-16 rows (decode at batch 8, short prefills) on the GPU."""
-    if kernels == "xla" or not MAX_ROWS < rows <= MAX_MATMUL_ROWS:
-        return False
-    return kernels == "pallas" or jax.default_backend() == "gpu"
-
 
 def _matmul_kernel(x_ref, v_ref, s_ref, *rest, **tiling):
     m_ref = rest[0] if len(rest) == 2 else None  # separate float32 minimums

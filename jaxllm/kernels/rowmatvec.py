@@ -30,70 +30,26 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .matvec import MAX_ROWS, _pow2, activate
+from ..policy import MAX_ROWS, RowTiling
+from .matvec import _pow2, activate
 
 
-# "auto" uses the kernel on the GPU for weights whose smaller side is at most this
-# (None: every weight); layout.for_backend stores only those by output row. llama8b's
-# projections (all >= 4096 on both sides) ran at 211.6 tok/s here against 247.9 with
-# XLA's dots (H200, benchmarks/NOTES.md, variant 22).
-AUTO_MAX_SMALL_SIDE = 2048
-
-
-def use_rowmatvec(kernels: str, rows: int, weight_shape: tuple[int, int]) -> bool:
-    """The switch between rowmatvec_pallas and XLA's dot for a TransposedWeight."""
-    if kernels == "xla" or rows > MAX_ROWS:
-        return False
-    if kernels == "pallas":
-        return True
-    return jax.default_backend() == "gpu" and (
-        AUTO_MAX_SMALL_SIDE is None or min(weight_shape) <= AUTO_MAX_SMALL_SIDE)
-
-
-# block_n (rows per program): the largest power of two <= 16 that leaves min_programs
-# programs. block_k (inputs per step) so that a step reads step_elements weights (over
-# both halves of a gated weight), at most K.
-#
-# Two classes of weight take their own settings over these:
-# - `short` rows (K * halves <= short_row): a program reads them in one or two steps,
-#   and more programs put more bytes in flight (llama1b on the H200: qkv 7.2 -> 6.6 us,
-#   o 5.0 -> 4.7; gate-up and down slower so). A step of 8,192 weights is, at batch 1,
-#   a whole llama1b row (in two steps qkv took 7.6 us, not 6.2).
-# - `wide` weights, of at least wide_rows output rows (tied heads: 49k-262k rows), have
-#   programs to spare at any block_n. There a program reads 4 whole rows in one step:
-#   llama1b's 525 MB head took 137 us, against 153 us at the short rows' tiling and
-#   140-163 us at the other tilings tried (H200, NOTES variant 26). A wide weight with
-#   short rows takes both, wide last.
-#
-# Long rows take smaller steps, loaded `prefetch` steps ahead: llama1b's gate-up took
-# 27.3 us at 8,192 weights a step,
-# 25.2 loaded one step ahead, 22.2 at 4,096 one step ahead (register pressure: the
-# tile and the loads in flight share the registers). The weights are read once per
-# step, so their loads ask L2 to evict them first, which keeps the KV cache and the
-# activations there (decode attention 3.86 -> 3.67 us). benchmarks/NOTES.md, variants
-# 22 and 23.
-TILING = dict(step_elements=4096, min_programs=264, num_warps=4, num_stages=3, tile_acc=True, prefetch=1,
-              eviction="evict_first", short_row=2048, short=dict(step_elements=8192, min_programs=528),
-              wide_rows=32768, wide=dict(block_n=4, block_k=2048))
-
-
-def tiling_for(M: int, K: int, N: int, halves: int, **given) -> dict:
-    """TILING resolved for x [M, K] and a weight of N rows per half: the settings of the
-    weight's classes over the base ones, and `given` (those not None) over all; with
-    block_n, block_k, the number of steps and the steps loaded ahead worked out."""
-    short, wide = K * halves <= TILING["short_row"], N >= TILING["wide_rows"]
-    tiling = {**TILING, **(TILING["short"] if short else {}), **(TILING["wide"] if wide else {}),
-              **{k: v for k, v in given.items() if v is not None}}
+def tiling_for(M: int, K: int, N: int, halves: int, tiling: RowTiling = RowTiling(), **given) -> dict:
+    """`tiling` resolved for x [M, K] and a weight of N rows per half: its classes'
+    settings over the base ones (`RowTiling.for_weight`), and `given` (those not None)
+    over all; with block_n, block_k, the number of steps and the steps loaded ahead
+    worked out."""
+    resolved = {**vars(tiling.for_weight(K, N, halves)), **{k: v for k, v in given.items() if v is not None}}
     rows = _pow2(M)
-    block_n = tiling.get("block_n") or rows_per_program(N, tiling["min_programs"])
+    block_n = resolved["block_n"] or rows_per_program(N, resolved["min_programs"])
     # the register tile holds rows * halves * block_n * block_k products
-    block_k = tiling.get("block_k") or tiling["step_elements"] // (halves * block_n)
+    block_k = resolved["block_k"] or resolved["step_elements"] // (halves * block_n)
     block_k = min(max(16, block_k // rows), _pow2(K))
     steps = pl.cdiv(K, block_k)
     # nothing to load ahead of a program's last step: a one-step row (q/k/v, o and the
     # head at batch 1) would load a tile wholly past K, masked off
-    prefetch = min(tiling["prefetch"], steps - 1)
-    return {**tiling, "block_n": block_n, "block_k": block_k, "steps": steps, "prefetch": prefetch}
+    prefetch = min(resolved["prefetch"], steps - 1)
+    return {**resolved, "block_n": block_n, "block_k": block_k, "steps": steps, "prefetch": prefetch}
 
 
 def rowmatvec_reference(x: jax.Array, t: jax.Array, out_dtype=None, *,
@@ -181,13 +137,14 @@ def rows_per_program(N: int, min_programs: int) -> int:
     return block_n
 
 
-@functools.partial(jax.jit, static_argnames=("out_dtype", "norm_offset", "norm_eps", "gate",
+@functools.partial(jax.jit, static_argnames=("out_dtype", "norm_offset", "norm_eps", "gate", "tiling",
                                              "block_n", "block_k", "min_programs", "num_warps",
                                              "num_stages", "tile_acc", "prefetch", "interpret"))
 def rowmatvec_pallas(x: jax.Array, t: jax.Array, out_dtype=None, *,
                      norm_scale: Optional[jax.Array] = None, norm_offset: float = 0.0,
                      norm_eps: float = 1e-6, gate: Optional[str] = None,
-                     residual: Optional[jax.Array] = None, block_n: int | None = None,
+                     residual: Optional[jax.Array] = None, tiling: RowTiling = RowTiling(),
+                     block_n: int | None = None,
                      block_k: int | None = None, min_programs: int | None = None,
                      num_warps: int | None = None, num_stages: int | None = None,
                      tile_acc: bool | None = None, prefetch: int | None = None,
@@ -197,14 +154,14 @@ def rowmatvec_pallas(x: jax.Array, t: jax.Array, out_dtype=None, *,
       f(x) = RMSNorm(x) * (norm_offset + norm_scale) when norm_scale [K] is given, else x;
       gate ("silu" or "gelu_tanh"): y = act(g) * u of the two halves g, u of t's rows;
       residual [M, N]: y = residual + y, in the residual's dtype (else out_dtype, default x's).
-    Tiling arguments given override TILING's (`tiling_for`) for every class of weight."""
+    Tiling arguments given override `tiling`'s (`tiling_for`) for every class of weight."""
     M, K = x.shape
     N = t.shape[0] // (2 if gate else 1)
     if M > MAX_ROWS:
         raise ValueError(f"rowmatvec_pallas handles at most {MAX_ROWS} rows, got {M}")
     if t.shape[1] != K:
         raise ValueError(f"input width {K} does not match the weight's rows {t.shape}")
-    tiling = tiling_for(M, K, N, 2 if gate else 1, block_n=block_n, block_k=block_k,
+    tiling = tiling_for(M, K, N, 2 if gate else 1, tiling, block_n=block_n, block_k=block_k,
                         min_programs=min_programs, num_warps=num_warps, num_stages=num_stages,
                         tile_acc=tile_acc, prefetch=prefetch)
     norm = None if norm_scale is None else (norm_offset, norm_eps)

@@ -111,7 +111,8 @@ def _calibrate(model: Model, source: str, verbose: bool):
 
 
 def load(path_or_name: str = DEFAULT_MODEL, dtype=None, verbose: bool = False,
-         weights: str = "file", group_size: int = 32, calibration: Optional[str] = "builtin") -> Model:
+         weights: str = "file", group_size: int = 32, calibration: Optional[str] = "builtin",
+         kernels="auto") -> Model:
     """Load a GGUF file, a Hugging Face folder (config.json + safetensors +
     tokenizer.json), or a packaged model by name.
 
@@ -124,8 +125,11 @@ def load(path_or_name: str = DEFAULT_MODEL, dtype=None, verbose: bool = False,
     (calibration.py, llama.cpp's imatrix): "builtin" (a bundled ~2,400-token text),
     the path of a UTF-8 text file, or None to weigh every input alike. On Gemma 3
     270M it cuts int4's NLL cost from ~8% to ~3% (benchmarks/NOTES.md).
+
+    kernels: the `KernelPolicy` (or its mode: "auto", "xla", "pallas") the model runs
+    with; the weights are laid out for it (layout.for_policy).
     """
-    from ..layout import for_backend  # noqa: PLC0415
+    from ..layout import for_policy  # noqa: PLC0415
     from ..quant import quantize  # noqa: PLC0415
     from .gguf import GGUFFile, config_from_gguf, params_from_gguf  # noqa: PLC0415
     from .hf import load_hf_folder  # noqa: PLC0415
@@ -158,12 +162,13 @@ def load(path_or_name: str = DEFAULT_MODEL, dtype=None, verbose: bool = False,
         model = Model(config, params, tokenizer, g.metadata.get("tokenizer.chat_template"), path,
                       dict(Counter(t.type_name for t in g.tensors.values())),
                       os.path.getsize(path))
+    model.config = model.config.replace(kernels=kernels)
     importance = None
     if weights == "int4" and calibration is not None:
         importance = _calibrate(model, calibration, verbose)
     if weights in ("int8", "int4"):
         model.params = quantize(model.params, weights, group_size, importance=importance)
-    model.params = for_backend(model.params)  # on the GPU, projections stored by output row
+    model.params = for_policy(model.params, model.config.kernels)  # on the GPU, projections by output row
     if verbose:
         print(f"loaded {os.path.basename(path.rstrip(os.sep))} ({config.arch}, "
               f"{config.param_count() / 1e6:.0f}M parameters) in {time.perf_counter() - start:.1f}s",

@@ -1,0 +1,172 @@
+"""The decode core that `generate` and the serving engine (batching.py) share: one
+per-row state, one step (model, sampler, stop accounting), one compiled loop, one
+validation of what comes in and one trimming of what goes out.
+
+Every row carries its own budget, PRNG key and (in the engine) sampling settings,
+so a row's tokens depend only on its own prompt, settings and seed, never on the
+rows beside it. `generate` passes static `SamplerSettings` (compiled into the
+program: greedy costs one argmax); the engine keeps `RowSampling` in the state.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Iterable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from .cache import KVCache
+from .config import ModelConfig
+from .errors import ContextLengthError
+from .model import extend, extend_hidden, unembed
+from .params import Params
+from .sampling import RowSampling, SamplerSettings, sample
+
+
+@struct.dataclass
+class DecodeState:
+    """What the decode loop carries for B rows. A row that is not `active` (stopped,
+    or a free slot of the engine) neither advances its cache nor samples."""
+
+    cache: KVCache  # [B, S] per layer; lengths [B] = the next position of each row
+    last: jax.Array  # [B] int32: the newest token of each row, fed next
+    active: jax.Array  # [B] bool
+    n_generated: jax.Array  # [B] int32: tokens sampled so far by each row
+    max_new: jax.Array  # [B] int32: each row's token budget
+    keys: jax.Array  # [B, 2] uint32: each row's PRNG key; its token n draws with fold_in(key, n)
+    sampling: Optional[RowSampling]  # [B] each; None where the settings are static
+    seen: Optional[jax.Array]  # [B, V] bool: tokens in each row's context; None without a penalty
+
+
+def init_state(cache: KVCache, keys: jax.Array, max_new: jax.Array, sampling: Optional[RowSampling] = None,
+               track_seen: bool = False, vocab_size: int = 0) -> DecodeState:
+    """Rows that are all inactive, over `cache` (B = its batch)."""
+    B = cache.batch
+    zeros = lambda: jnp.zeros((B,), jnp.int32)  # distinct buffers: the state is donated
+    return DecodeState(cache=cache, last=zeros(), active=jnp.zeros((B,), bool), n_generated=zeros(),
+                       max_new=max_new, keys=keys, sampling=sampling,
+                       seen=jnp.zeros((B, vocab_size), bool) if track_seen else None)
+
+
+def prompt_seen(tokens: jax.Array, lengths: jax.Array, vocab_size: int) -> jax.Array:
+    """[B, V] bool: the tokens among each row's first lengths[b] of tokens [B, T]."""
+    real = jnp.arange(tokens.shape[1]) < lengths[:, None]
+    B = tokens.shape[0]
+    return jnp.zeros((B, vocab_size), bool).at[jnp.arange(B)[:, None], tokens].max(real)
+
+
+def record(state: DecodeState, token: jax.Array, stop_ids: jax.Array,
+           rows: Optional[jax.Array] = None) -> DecodeState:
+    """Account freshly sampled tokens [B] of `rows` (default: the active ones): a row
+    stops at a stop id, at its budget, or when its cache row has no room for the
+    token. Other rows are left as they are."""
+    rows = state.active if rows is None else rows
+    n = state.n_generated + rows
+    stopped = (jnp.isin(token, stop_ids) | (n >= state.max_new)
+               | (state.cache.lengths >= state.cache.capacity))
+    seen = state.seen
+    if seen is not None:
+        seen = seen.at[jnp.arange(token.shape[0]), jnp.maximum(token, 0)].max(rows)
+    return state.replace(last=jnp.where(rows, token, state.last), n_generated=n,
+                         active=state.active & ~(rows & stopped), seen=seen)
+
+
+def sample_next(logits: jax.Array, state: DecodeState, settings: Optional[SamplerSettings]) -> jax.Array:
+    """Each row's next token [B] from logits [B, V], drawn with fold_in(key, n_generated)."""
+    keys = jax.vmap(jax.random.fold_in)(state.keys, state.n_generated)
+    return sample(logits, keys, settings or state.sampling, state.seen)
+
+
+def step(params: Params, config: ModelConfig, settings: Optional[SamplerSettings], state: DecodeState,
+         stop_ids: jax.Array, span: Optional[int] = None):
+    """One token for every active row: (state, tokens [B], -1 where a row was not active).
+    span: attention reads only the first `span` cache slots (model.extend_hidden)."""
+    x, cache = extend_hidden(params, config, state.last[:, None], state.active.astype(jnp.int32),
+                             state.cache, span)
+    token = jnp.where(state.active, sample_next(unembed(params, config, x[:, 0]), state, settings), -1)
+    return record(state.replace(cache=cache), token, stop_ids), token
+
+
+@partial(jax.jit, static_argnames=("config", "settings"), donate_argnames=("state",))
+def prefill(params: Params, config: ModelConfig, settings: Optional[SamplerSettings], state: DecodeState,
+            tokens: jax.Array, lengths: jax.Array, stop_ids: jax.Array):
+    """Prompts tokens [B, T] (right-padded, lengths [B]) into the state's empty cache,
+    and every row's first token: (state with every row active until it stops, tokens [B])."""
+    logits, cache = extend(params, config, tokens, lengths, state.cache)
+    seen = None if state.seen is None else prompt_seen(tokens, lengths, config.vocab_size)
+    B = tokens.shape[0]
+    state = state.replace(cache=cache, active=jnp.ones((B,), bool), n_generated=jnp.zeros((B,), jnp.int32),
+                          seen=seen)
+    token = sample_next(logits, state, settings)
+    return record(state, token, stop_ids), token
+
+
+@partial(jax.jit, static_argnames=("config", "settings", "steps_per_sync", "span"),
+         donate_argnames=("state", "tokens"))
+def decode(params: Params, config: ModelConfig, settings: Optional[SamplerSettings], state: DecodeState,
+           tokens: jax.Array, column: jax.Array, stop_ids: jax.Array, until: jax.Array,
+           steps_per_sync: int = 16, span: Optional[int] = None):
+    """Decode every active row, writing step t's tokens [B] into tokens[:, t] (-1 for
+    rows not active) from t = column, until column reaches `until` (rounded up to whole
+    syncs; writes past the last column land on it) or no row is active. Returns
+    (state, tokens, column).
+
+    The stop test runs every `steps_per_sync` steps, around an inner loop of static
+    length: a GPU while loop copies its predicate to the host on every iteration,
+    which would stall the device once per token (benchmarks/NOTES.md).
+    """
+    def keep_going(carry):
+        state, _, column = carry
+        return (column < until) & jnp.any(state.active)
+
+    def one(_, carry):
+        state, tokens, column = carry
+        any_active = jnp.any(state.active).astype(jnp.int32)
+        state, token = step(params, config, settings, state, stop_ids, span)
+        tokens = tokens.at[:, jnp.minimum(column, tokens.shape[1] - 1)].set(token)
+        return state, tokens, column + any_active
+
+    return jax.lax.while_loop(
+        keep_going, lambda carry: jax.lax.fori_loop(0, steps_per_sync, one, carry), (state, tokens, column))
+
+
+# ---- the host's side ----------------------------------------------------------------------
+
+def check_prompt(config: ModelConfig, prompt_ids: Sequence[int], max_tokens, context: int,
+                 whole_budget: bool) -> None:
+    """Raise ValueError / ContextLengthError for a prompt that cannot run: empty, ids
+    outside the vocabulary, a budget that is not an integer >= 1, or too long for
+    `context`: with whole_budget the prompt and the whole budget must fit (the
+    server), else the prompt and one new token (generation stops at the context)."""
+    if len(prompt_ids) == 0:
+        raise ValueError("every prompt needs at least one token")
+    if any(not 0 <= t < config.vocab_size for t in prompt_ids):
+        raise ValueError(f"token ids must lie in [0, {config.vocab_size})")
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ValueError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
+    if whole_budget and len(prompt_ids) + max_tokens > context:
+        raise ContextLengthError(
+            f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) exceeds "
+            f"the context of {context} tokens")
+    if len(prompt_ids) >= context:
+        raise ContextLengthError(
+            f"prompt of {len(prompt_ids)} tokens does not fit the context of {context} tokens "
+            f"(it needs room for at least one new token)")
+
+
+def take_tokens(tokens: Iterable[int], stop_ids, budget: Optional[int] = None):
+    """A row's new tokens as the host hands them on: up to (not including) the first
+    stop id, or the first -1 (none yet), at most `budget`. Returns (tokens, reason):
+    "stop" after a stop id, "length" when the budget is reached, else None."""
+    kept = []
+    for t in tokens:
+        if t < 0:
+            break
+        if t in stop_ids:
+            return kept, "stop"
+        kept.append(t)
+        if budget is not None and len(kept) >= budget:
+            return kept, "length"
+    return kept, None

@@ -1,0 +1,335 @@
+"""The operations a decoder layer is written in: projections, norms, rotary
+embeddings, attention. Each follows the `KernelPolicy` in `config.kernels` to a
+Pallas kernel (jaxllm/kernels/) or its XLA reference; model.py only composes them.
+
+`linear` is the one place that reads a weight's kind (weights.py): it asks the policy
+for a `Plan` once per projection and dispatches through `KERNELS`.
+
+Axes: B batch, T new tokens, S cache slots, H query heads, K kv heads,
+G = H / K query heads per kv head, Dh head dim, D model width, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import ModelConfig
+from .kernels.add_norm import add_norm_pallas
+from .kernels.cpu_qmatvec import qmatvec_cpu
+from .kernels.decode_attention import AttentionSpec, decode_attention_pallas
+from .kernels.matvec import GatedInput, PartialSums, activate, matvec_pallas
+from .kernels.qmatvec import qmatmul_pallas, qmatvec_pallas
+from .kernels.rowmatvec import rowmatvec_pallas
+from .params import Norm
+from .policy import KernelPolicy, Plan
+from .weights import InputTap, kind_of, linear_reference, take_rows
+
+Delta = Union[None, jax.Array, PartialSums]
+
+
+class Residual(NamedTuple):
+    """The residual stream x [..., D] with a block's output not yet added: delta is
+    None (nothing pending), an array like x, or a projection's split-K `PartialSums`,
+    which the next norm's kernel adds (kernels/add_norm.py)."""
+
+    x: jax.Array
+    delta: Delta = None
+
+    def total(self) -> jax.Array:
+        if self.delta is None:
+            return self.x
+        if isinstance(self.delta, PartialSums):
+            return self.x + self.delta.total(self.x.dtype).reshape(self.x.shape)
+        return self.x + self.delta
+
+
+class DeferredNorm(NamedTuple):
+    """An RMSNorm of x [..., D] left to the kernels around the projection after it:
+    norm(x) @ W = (x * weight) @ W * factor, weight = offset + scale, factor =
+    rsqrt(mean(x^2) + eps) [..., 1]. The row-major kernel (kernels/rowmatvec.py)
+    takes x and the weight and does both. Before the other kernels, XLA forms the
+    product `scaled` (together with the residual add) and the kernel after the
+    projection applies the factor: decode attention computes it from x itself, so
+    the norm costs no kernel of its own; before XLA's matrix multiplies, the
+    activation's kernel applies it, and XLA computes the product and the sum of
+    squares in one kernel where a norm written out took two (NOTES variant 15)."""
+
+    x: jax.Array
+    scale: jax.Array
+    offset: float
+    eps: float
+
+    @property
+    def scaled(self) -> jax.Array:
+        return (self.x.astype(jnp.float32) * (self.offset + self.scale.astype(jnp.float32))).astype(self.x.dtype)
+
+    @property
+    def factor(self) -> jax.Array:
+        return rms_factor(self.x.astype(jnp.float32), self.eps)
+
+    @property
+    def shape(self):
+        return self.x.shape
+
+    @property
+    def dtype(self):
+        return self.x.dtype
+
+
+# ---- projections -----------------------------------------------------------------------
+
+def plan_for(policy: KernelPolicy, w, rows: int) -> Plan:
+    return policy.plan(kind_of(w), rows, w.shape, getattr(w, "bits", 16))
+
+
+def _rows_of(x) -> int:
+    return x.sums.shape[1] if isinstance(x, GatedInput) else math.prod(x.shape[:-1])
+
+
+def _flat(kernel):
+    """A kernel over x [M, K] applied to x [..., K] (a GatedInput passes whole); split-K
+    partial sums are returned as they are."""
+    def run(x, w, plan, out_dtype, keep_partial, policy):
+        if isinstance(x, GatedInput):
+            return kernel(x, w, plan, out_dtype, keep_partial, policy)
+        y = kernel(x.reshape(-1, x.shape[-1]), w, plan, out_dtype, keep_partial, policy)
+        return y if isinstance(y, PartialSums) else y.reshape(*x.shape[:-1], w.shape[1])
+    return run
+
+
+# XLA's path for each kind of weight.
+XLA = {
+    "quantized": _flat(lambda x, w, plan, dt, keep, policy: linear_reference(x, w, dt)),
+    "by_row": lambda x, w, plan, dt, keep, policy: jnp.einsum(
+        "...i,oi->...o", x, w.t.astype(x.dtype), preferred_element_type=dt),
+    # A float32 result only where asked for: requesting it on every projection
+    # changes XLA's fusions of batch-1 dots and cost ~10% on llama8b decode.
+    "dense": lambda x, w, plan, dt, keep, policy: jnp.einsum(
+        "...i,io->...o", x, w.astype(x.dtype), preferred_element_type=dt),
+}
+
+# Each plan's kernel: (x [..., K] or a GatedInput, w, plan, out_dtype, keep_partial, policy).
+KERNELS = {
+    "rowmatvec": lambda x, w, plan, dt, keep, policy: _row_major(x, w, plan, dt, None, None, policy.interpret),
+    "matvec": _flat(lambda x, w, plan, dt, keep, policy: matvec_pallas(
+        x, w, dt, tiling=plan.tiling, interpret=policy.interpret, sum_splits=not keep)),
+    "qmatvec": _flat(lambda x, w, plan, dt, keep, policy: qmatvec_pallas(
+        x, w, dt, tiling=plan.tiling, interpret=policy.interpret, sum_splits=not keep,
+        int8_activations=policy.int8_activations)),
+    "qmatmul": _flat(lambda x, w, plan, dt, keep, policy: qmatmul_pallas(x, w, dt, interpret=policy.interpret)),
+    "native": _flat(lambda x, w, plan, dt, keep, policy: qmatvec_cpu(x, w, dt)),
+    "xla": lambda x, w, *rest: XLA[kind_of(w)](x, w, *rest),
+}
+
+
+def linear(x, w, policy: KernelPolicy, b: Optional[jax.Array] = None, out_dtype=None, *,
+           keep_partial: bool = False, gate: Optional[str] = None, residual: Optional[jax.Array] = None,
+           plan: Optional[Plan] = None):
+    """x [..., In] @ w [In, Out] (+ b [Out]) with float32 accumulation, in out_dtype
+    (default x's), w of any kind (weights.py). x may be a `DeferredNorm`, or a
+    `GatedInput` [S, rows, 2 In] (the MLP's down projection at decode), which the
+    kernels take whole. keep_partial: a split-K kernel may return its `PartialSums`
+    [S, rows, Out] for the kernel after it to add up. Epilogue: gate ("silu" or
+    "gelu_tanh"), act(y1) * y2 of the output's two halves; residual [..., Out],
+    residual + y in its dtype. The row-major kernel applies the norm and the epilogue
+    itself (plan.fuses). plan: the policy's choice, unless given."""
+    if isinstance(w, InputTap):
+        w.observe(x)
+        w = w.weight
+    plan = plan or plan_for(policy, w, _rows_of(x))
+    if plan.fuses and b is None:
+        return _row_major(x, w, plan, out_dtype, gate, residual, policy.interpret)
+    epilogue = gate is not None or residual is not None
+    dtype = jnp.float32 if epilogue else out_dtype
+    if isinstance(x, DeferredNorm):
+        # The projection returns x's dtype (asking XLA for float32 outputs changes its
+        # fusions, NOTES variant 7); the factor is applied in float32 after it.
+        y = _product(x.scaled, w, plan, None, False, policy)
+        y = (y.astype(jnp.float32) * x.factor).astype(dtype or x.dtype)
+    else:
+        y = _product(x, w, plan, dtype, keep_partial and b is None and not epilogue, policy)
+    if b is not None and not isinstance(y, PartialSums):
+        y = y + b.astype(y.dtype)
+    if not epilogue:
+        return y
+    if gate is not None:
+        g, u = jnp.split(y, 2, axis=-1)
+        y = activate(g, gate) * u
+    return y.astype(out_dtype or x.dtype) if residual is None else residual + y.astype(residual.dtype)
+
+
+def _product(x, w, plan: Plan, out_dtype, keep_partial: bool, policy: KernelPolicy):
+    if isinstance(x, GatedInput) and not plan.split_k:
+        x = x.value(out_dtype or jnp.float32)
+    return KERNELS[plan.kernel](x, w, plan, out_dtype, keep_partial, policy)
+
+
+def _row_major(x, w, plan: Plan, out_dtype, gate, residual, interpret: bool):
+    rows = math.prod(x.shape[:-1])
+    norm, x_in = {}, x
+    if isinstance(x, DeferredNorm):
+        norm, x_in = dict(norm_scale=x.scale, norm_offset=x.offset, norm_eps=x.eps), x.x
+    y = rowmatvec_pallas(
+        x_in.reshape(rows, -1), w.t, out_dtype, gate=gate, **norm,
+        residual=None if residual is None else residual.reshape(rows, -1), tiling=plan.tiling,
+        interpret=interpret)
+    return y.reshape(*x.shape[:-1], -1)
+
+
+EMBEDDINGS = {"quantized": take_rows, "dense": lambda table, ids: table[ids]}
+
+
+def lookup(table, ids: jax.Array) -> jax.Array:
+    """Rows ids [...] of an embedding table [V, D] of any kind: [..., D]."""
+    return EMBEDDINGS[kind_of(table)](table, ids)
+
+
+def head_logits(x: jax.Array, head, bias: Optional[jax.Array], norm: Norm, config: ModelConfig) -> jax.Array:
+    """The final norm and the output head: x [..., D] -> float32 logits [..., V]. A head
+    stored by row (a tied embedding table) runs on the row-major kernel with the norm
+    inside where the policy has it (row_major_head), else on XLA's matrix multiply."""
+    policy, rows = config.kernels, math.prod(x.shape[:-1])
+    plan = plan_for(policy, head, rows)
+    if kind_of(head) == "by_row":
+        if (plan.fuses and bias is None and policy.row_major_head
+                and defers_norm(config, norm, head, rows)):
+            x = DeferredNorm(x, norm.scale, config.norm_weight_offset, config.norm_eps)
+            return linear(x, head, policy, out_dtype=jnp.float32, plan=plan)
+        plan = Plan("xla")
+    return linear(apply_norm(x, norm, config), head, policy, bias, jnp.float32, plan=plan)
+
+
+# ---- norms -----------------------------------------------------------------------------
+
+def defers_norm(config: ModelConfig, norm: Norm, w, rows: int, kernel_applies: bool = False) -> bool:
+    """Whether the norm before projection w is left to the kernels after it
+    (`DeferredNorm`): RMSNorm without bias, where the kernel after w applies the factor
+    itself (kernel_applies: decode attention), where w's kernel fuses it (row-major),
+    or before XLA's matrix multiply on the GPU (`defers_norm_before_xla`)."""
+    policy = config.kernels
+    if not (policy.deferred_norm and config.norm == "rms" and norm.bias is None and policy.mode != "xla"):
+        return False
+    plan = plan_for(policy, w, rows)
+    if kernel_applies or plan.fuses or policy.deferred_norm == "always":
+        return True
+    return policy.defers_norm_before_xla() and kind_of(w) != "quantized" and plan.kernel == "xla"
+
+
+def add_norm(stream: Residual, p: Norm, config: ModelConfig, deferred: bool = False):
+    """The residual add of a block's output and the norm after it: (x + delta, its
+    norm), x [..., D]; with deferred, the norm as a `DeferredNorm` for the projection
+    after it. Few partial sums are added together with the norm in one kernel."""
+    x, delta = stream
+    if deferred:
+        x = stream.total()
+        return x, DeferredNorm(x, p.scale, config.norm_weight_offset, config.norm_eps)
+    if delta is None:
+        return x, apply_norm(x, p, config)
+    rows, D = math.prod(x.shape[:-1]), x.shape[-1]
+    if isinstance(delta, PartialSums) and config.kernels.add_norm_kernel(delta.sums.shape[0], D):
+        x2, h2 = add_norm_pallas(
+            x.reshape(rows, D), delta, p.scale, p.bias, layer_norm=config.norm == "layer",
+            eps=config.norm_eps, offset=config.norm_weight_offset, interpret=config.kernels.interpret)
+        return x2.reshape(x.shape), h2.reshape(x.shape)
+    x = stream.total()
+    return x, apply_norm(x, p, config)
+
+
+def rms_factor(x32: jax.Array, eps: float) -> jax.Array:
+    """rsqrt(mean(x^2) + eps) over the last axis, kept as [..., 1]."""
+    return jax.lax.rsqrt((x32 * x32).mean(-1, keepdims=True) + eps)
+
+
+def apply_norm(x: jax.Array, p: Norm, config: ModelConfig) -> jax.Array:
+    """RMSNorm or LayerNorm over the last axis, computed in float32, with the
+    architecture's weight offset (Gemma's 1 + scale)."""
+    x32 = x.astype(jnp.float32)
+    if config.norm == "layer":
+        x32 = x32 - x32.mean(-1, keepdims=True)
+    y = x32 * rms_factor(x32, config.norm_eps) * (config.norm_weight_offset + p.scale.astype(jnp.float32))
+    if p.bias is not None:
+        y = y + p.bias.astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+# ---- positions and attention -----------------------------------------------------------
+
+def rope_inv_freq(config: ModelConfig, theta: float) -> np.ndarray:
+    """Rotary inverse frequencies [R/2] (R = rotary_dim), with Llama-3 scaling when configured."""
+    dim = config.rotary_dim
+    inv_freq = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    s = config.rope_scaling
+    if s is not None:
+        low_wavelen = s.original_max_position / s.low_freq_factor
+        high_wavelen = s.original_max_position / s.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (s.original_max_position / wavelen - s.low_freq_factor) / (
+            s.high_freq_factor - s.low_freq_factor)
+        mid = (1 - smooth) * inv_freq / s.factor + smooth * inv_freq
+        inv_freq = np.where(wavelen > low_wavelen, inv_freq / s.factor,
+                            np.where(wavelen < high_wavelen, inv_freq, mid))
+    if config.rope_freq_factors is not None:
+        inv_freq = inv_freq / np.asarray(config.rope_freq_factors, np.float64)
+    return inv_freq.astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """x [B, T, N, Dh] rotated by positions [B, T] (rotate-half pairing, as in HF).
+    Only the first R = 2 * len(inv_freq) dims rotate; the rest pass through (Phi-2)."""
+    rot = 2 * inv_freq.shape[0]
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, R/2]
+    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x[..., :rot].astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+    return out if rot == x.shape[-1] else jnp.concatenate([out, x[..., rot:]], axis=-1)
+
+
+def attend(q, k, v, q_pos, k_pos, config: ModelConfig, window: Optional[int]) -> jax.Array:
+    """Causal grouped-query attention.
+
+    q [B, T, H, Dh]; k, v [B, S, K, Dh]; q_pos [B, T] and k_pos [B, S] are the
+    sequence positions of queries and keys. A key is visible when
+    q_pos - window < k_pos <= q_pos. Returns [B, T, H, Dh].
+    """
+    B, T, H, Dh = q.shape
+    K = k.shape[2]
+    scale = config.query_scale if config.query_scale is not None else Dh ** -0.5
+    q = q.reshape(B, T, K, H // K, Dh)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    if config.attn_softcap is not None:
+        scores = config.attn_softcap * jnp.tanh(scores / config.attn_softcap)
+    visible = k_pos[:, None, :] <= q_pos[:, :, None]  # [B, T, S]
+    if window is not None:
+        visible &= k_pos[:, None, :] > q_pos[:, :, None] - window
+    scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1)
+    # A padded query row may see no key at all; its output is never used.
+    probs = jnp.where(visible[:, None, None], probs, 0.0).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(B, T, H, Dh)
+
+
+def decode_attention(p, config: ModelConfig, index: int, qkv, kv, starts, dtype,
+                     norm_rows: Optional[jax.Array] = None):
+    """qkv [B, 1, q + 2kv] (or its PartialSums [S, B, q + 2kv]) of one new token per
+    row at positions starts [B] -> (attention output [B, 1, q_size] in dtype, kv)
+    through kernels/decode_attention.py. norm_rows [B, D]: the projection's input was
+    a DeferredNorm of these rows, whose factor the kernel applies."""
+    rope = config.position == "rope"
+    spec = AttentionSpec(
+        n_heads=config.n_heads, n_kv_heads=config.n_kv_heads, head_dim=config.head_dim,
+        scale=config.query_scale if config.query_scale is not None else config.head_dim ** -0.5,
+        rope=rope, window=config.layer_window(index), softcap=config.attn_softcap,
+        qk_norm=config.qk_norm, norm_eps=config.norm_eps, norm_offset=config.norm_weight_offset)
+    inv_freq = jnp.asarray(rope_inv_freq(config, config.layer_rope_theta(index))) if rope else None
+    norms = (p.q_norm.scale, p.k_norm.scale) if config.qk_norm else (None, None)
+    out, k_cache, v_cache = decode_attention_pallas(
+        qkv if isinstance(qkv, PartialSums) else qkv[:, 0], kv[0], kv[1], starts, inv_freq, *norms,
+        norm_rows, spec=spec, interpret=config.kernels.interpret, out_dtype=dtype,
+        prefetch=config.kernels.attention_prefetch)
+    return out[:, None], (k_cache, v_cache)

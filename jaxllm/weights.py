@@ -1,0 +1,244 @@
+"""The kinds of weight a projection can be, at the bottom of the package: every
+layer above reads them, none of them imports upward.
+
+  a dense array w [K, N]            (`x @ w`)
+  TransposedWeight: w stored by output row, t = w.T [N, K] (layout.py chooses where)
+  QuantizedWeight: blockwise-quantized, GGUF's row order (below; quant.py makes them)
+  InputTap: a weight that records its inputs (calibration.py), standing for its weight
+
+`ops.linear` dispatches on the kind once; the decoder never branches on it.
+
+## QuantizedWeight
+
+A QuantizedWeight stands for a dense [In, Out] = [K, N] weight. It is stored in
+GGUF's row order, one row per output, with groups of G consecutive inputs sharing
+a scale (and a minimum):
+
+    W[k, n] = scales[k // G, n] * q[n, k] + mins[k // G, n]      (mins: 0 if None)
+
+  bits 8:    values int8 [N, K] hold q.
+  bits 4:    values uint8 [N/2, K] hold two nibbles per byte: the low nibble is
+             output row i, the high nibble row i + N/2 ("row-split" packing).
+  bits 5, 6: the low 4 bits as for 4 bits, and `high` uint8 [N/R, K] the remaining
+             1 or 2 bits of R = 8 or 4 row slices N/R apart (slice r at bit
+             r * (bits - 4)). Q5_0/Q5_1/Q5_K and Q6_K keep their file's size this way.
+  Levels below 8 bits are unsigned: without mins q = level - 2^(bits-1)
+  (symmetric, Q4_0/Q5_0/Q6_K), with mins q = level (Q4_1, Q4_K, Q5_K).
+
+Why row-split packing rather than neighbouring inputs in one byte: each half of
+the output is then a plain elementwise dequantization of the same bytes, which
+XLA:CPU fuses into its matrix-vector loop (6.3 ms for 30 SmolLM2 MLPs, against
+10.4 ms in float32 and 13-38 ms for nibble pairs along K, whose per-element index
+arithmetic does not vectorise; benchmarks/NOTES.md). On the GPU the Pallas kernel
+(kernels/qmatvec.py) unpacks both halves from one load.
+
+Scales are [K/G, N] so a GPU program reads the scales of its output columns
+contiguously. GGUF's float16 scales stay float16; K-quant scales (a float16 super
+scale times a 6-bit sub-scale) are kept in float32 when float16 cannot hold them
+exactly, so repacking loses nothing beyond the file's own quantization.
+
+float16 minimums are paired with their scales: `scales` is then uint32 [K/G, N],
+the scale in the low 16 bits and the minimum in the high 16, and `mins` is None.
+The GPU kernels then read one 32-bit word per group and output column where they
+read two 16-bit tiles from two arrays (H100, llama8b int4 tg128 354 -> 378 tok/s;
+benchmarks/NOTES.md). `group_scales` and `group_mins` read either form.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+
+@struct.dataclass
+class QuantizedWeight:
+    values: jax.Array  # int8 [N, K] (bits 8) or uint8 [N/2, K] (bits 4-6: the low nibbles)
+    scales: jax.Array  # [K/G, N] float16 or float32, or uint32 (scale, minimum) float16 pairs
+    mins: Optional[jax.Array] = None  # [K/G, N] float32; None: symmetric, or paired in scales
+    high: Optional[jax.Array] = None  # bits 5, 6: uint8 [N/8, K] or [N/4, K], the bits above 4
+    bits: int = struct.field(pytree_node=False, default=8)
+    compute_dtype: str = struct.field(pytree_node=False, default="float32")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(K, N): the shape of the dense [in, out] weight this stands for."""
+        return self.values.shape[1], self.scales.shape[1]
+
+    @property
+    def group_size(self) -> int:
+        return self.values.shape[1] // self.scales.shape[0]
+
+    @property
+    def paired(self) -> bool:
+        """Minimums stored in the high halves of `scales` (module docstring)."""
+        return self.scales.dtype == jnp.uint32
+
+    @property
+    def has_mins(self) -> bool:
+        return self.paired or self.mins is not None
+
+    def group_scales(self) -> jax.Array:
+        """float32 [K/G, N]."""
+        return (unpair(self.scales)[0] if self.paired else self.scales).astype(jnp.float32)
+
+    def group_mins(self) -> Optional[jax.Array]:
+        """float32 [K/G, N], or None for symmetric weights."""
+        if self.paired:
+            return unpair(self.scales)[1].astype(jnp.float32)
+        return None if self.mins is None else self.mins.astype(jnp.float32)
+
+    @property
+    def dtype(self):
+        """The dtype activations take when multiplied by this weight."""
+        return jnp.dtype(self.compute_dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.size * a.dtype.itemsize for a in (self.values, self.scales, self.mins, self.high)
+                   if a is not None)
+
+
+def unpair(pairs: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Inverse of `pair`."""
+    halves = jax.lax.bitcast_convert_type(pairs, jnp.float16)
+    return halves[..., 0], halves[..., 1]
+
+
+def _split(packed: jax.Array, slices: int, width: int) -> jax.Array:
+    """Inverse of _interleave: [N/slices, K] -> uint8 [N, K]. Elementwise in the
+    stored bytes, so XLA fuses it into the dot that consumes it."""
+    both = jnp.broadcast_to(packed[None], (slices, *packed.shape))
+    shifts = (jnp.arange(slices, dtype=jnp.uint8) * width)[:, None, None]
+    return ((both >> shifts) & ((1 << width) - 1)).reshape(-1, packed.shape[1])
+
+
+def level_offset(bits: int) -> int:
+    return 1 << (bits - 1)
+
+
+PLANE_SLICES = {4: 2, 5: 8, 6: 4, 8: 1}  # rows sharing a byte of the highest plane
+
+
+def _levels(w: QuantizedWeight) -> jax.Array:
+    """q as float32 rows [N, K] (minimums not added)."""
+    if w.bits == 8:
+        return w.values.astype(jnp.float32)
+    levels = _split(w.values, 2, 4)
+    if w.high is not None:
+        levels = levels | (_split(w.high, PLANE_SLICES[w.bits], w.bits - 4) << 4)
+    return levels.astype(jnp.float32) - (0.0 if w.has_mins else level_offset(w.bits))
+
+
+def _scaled_levels(w: QuantizedWeight, dtype) -> jax.Array:
+    """scales * q as rows [N, K] in dtype, minimums not added. Elementwise in the
+    stored bytes, so XLA fuses it into the dot that consumes it."""
+    N, K = w.shape[1], w.shape[0]
+    G = w.group_size
+    scales = w.group_scales().T.reshape(N, K // G, 1)
+    return (_levels(w).reshape(N, K // G, G) * scales).reshape(N, K).astype(dtype)
+
+
+def dequantize(w: QuantizedWeight, dtype=None) -> jax.Array:
+    """The dense [K, N] weight (reference path, training, tests)."""
+    dense = _scaled_levels(w, jnp.float32).T
+    if w.has_mins:
+        dense = dense + jnp.repeat(w.group_mins(), w.group_size, axis=0)
+    return dense.astype(dtype or w.dtype)
+
+
+def linear_reference(x: jax.Array, w: QuantizedWeight, out_dtype=None) -> jax.Array:
+    """x [M, K] @ W [K, N] in XLA, float32 accumulation.
+
+    On the CPU with one row XLA fuses the dequantization into its matrix-vector
+    loop; with more rows it dequantizes, then multiplies (benchmarks/NOTES.md)."""
+    K, G = w.shape[0], w.group_size
+    y = jnp.dot(_scaled_levels(w, x.dtype), x.T, preferred_element_type=jnp.float32).T
+    if w.has_mins:
+        # sum_k x_k m_g(k) = (sum of x over each group) @ mins: kept out of the big loop.
+        group_sums = x.astype(jnp.float32).reshape(x.shape[0], K // G, G).sum(-1)
+        y = y + group_sums @ w.group_mins()
+    return y.astype(out_dtype or x.dtype)
+
+
+def take_rows(w: QuantizedWeight, ids: jax.Array) -> jax.Array:
+    """Rows ids [...] of the [N, K] row-order matrix (an embedding table [V, D]),
+    dequantized: [..., K] in the compute dtype."""
+    N, K = w.shape[1], w.shape[0]
+    G = w.group_size
+
+    def plane(packed, slices, width):  # the `width`-bit numbers of rows ids
+        rows = N // slices
+        shift = ((ids // rows) * width).astype(jnp.uint8)[..., None]
+        return (packed[ids % rows] >> shift) & ((1 << width) - 1)
+    if w.bits == 8:
+        q = w.values[ids].astype(jnp.float32)
+    else:
+        levels = plane(w.values, 2, 4)
+        if w.high is not None:
+            levels = levels | (plane(w.high, PLANE_SLICES[w.bits], w.bits - 4) << 4)
+        q = levels.astype(jnp.float32) - (0.0 if w.has_mins else level_offset(w.bits))
+    out = q * jnp.repeat(w.group_scales().T[ids], G, axis=-1)
+    if w.has_mins:
+        out = out + jnp.repeat(w.group_mins().T[ids], G, axis=-1)
+    return out.reshape(*ids.shape, K).astype(w.dtype)
+
+
+
+
+@struct.dataclass
+class TransposedWeight:
+    """A weight w [K, N] (`x @ w`) stored as its output rows t = w.T [N, K]. Decode on
+    the GPU reads it with kernels/rowmatvec.py; every other path with XLA's dot."""
+
+    t: jax.Array
+
+    @property
+    def shape(self):
+        return self.t.shape[::-1]
+
+    @property
+    def dtype(self):
+        return self.t.dtype
+
+
+def dense(w):
+    """w [K, N] as an array, whether stored so or as a TransposedWeight."""
+    return w.t.T if isinstance(w, TransposedWeight) else w
+
+
+class InputTap:
+    """A projection weight that records the sum of squares of its inputs per input
+    channel (calibration.py). It exists only inside one trace of the calibration
+    pass: the recorded sums are tracers that pass returns, so nothing leaks out."""
+
+    def __init__(self, weight, valid: jax.Array):
+        self.weight = weight
+        self.valid = valid.astype(jnp.float32).reshape(-1, 1)  # 0 on padding rows
+        self.squares: Optional[jax.Array] = None  # [K], summed over every valid row seen
+
+    def observe(self, x: jax.Array) -> None:
+        x32 = x.astype(jnp.float32).reshape(-1, x.shape[-1])
+        squares = (self.valid * x32 * x32).sum(0)
+        self.squares = squares if self.squares is None else self.squares + squares
+
+    @property
+    def shape(self):
+        return self.weight.shape
+
+
+KINDS = {TransposedWeight: "by_row", QuantizedWeight: "quantized"}
+
+
+def kind_of(w) -> str:
+    """"dense", "by_row" or "quantized": which table entry of ops.linear reads w."""
+    return KINDS.get(type(w.weight if isinstance(w, InputTap) else w), "dense")
+
+
+def tied_head(embed):
+    """The output head [D, V] of a model whose head is its embedding table: a dense
+    table [V, D] is the head stored by output row; a quantized one is stored as the
+    head already (quant.quantize, loading/gguf.py)."""
+    return embed if isinstance(embed, QuantizedWeight) else TransposedWeight(embed)
