@@ -256,9 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _keep_compiled_programs() -> None:
     """XLA's compiled programs persist between runs under ~/.cache/jaxllm/xla: a
-    second `jaxllm generate` on the same model skips most of its compilation (15.2 s
-    -> 7.9 s for 8 SmolLM2 tokens on a 2-core CPU). JAX_COMPILATION_CACHE_DIR, when
-    set, chooses the folder instead."""
+    second `jaxllm generate` on the same model skips most of its compilation (README).
+    JAX_COMPILATION_CACHE_DIR, when set, chooses the folder instead."""
     import jax  # noqa: PLC0415
 
     from .paths import cache_root  # noqa: PLC0415

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from .cache import KVCache, write_rows
 from .config import ModelConfig
-from .kernels.matvec import MAX_GATED_SPLITS, GatedInput, PartialSums
+from .kernels.matvec import GatedInput, PartialSums
 from .ops import (DeferredNorm, Residual, add_norm, apply_norm, apply_rope, attend, decode_attention,
                   defers_norm, head_logits, linear, lookup, plan_for, rope_inv_freq)
 from .params import Layer, Params
@@ -47,7 +47,7 @@ def mlp(x, p: Layer, config: ModelConfig, keep_partial: bool = False,
         # Decode: the down projection's kernel applies the activation to the gate-up
         # partial sums itself (kernels/matvec.py, GatedInput).
         h = linear(x, p.w_in, policy, None, h_dtype, keep_partial=True)
-        if isinstance(h, PartialSums) and h.sums.shape[0] <= MAX_GATED_SPLITS:
+        if isinstance(h, PartialSums) and h.sums.shape[0] <= policy.max_gated_splits:
             out = linear(GatedInput(h.sums, act), p.w_out, policy, None, x.dtype, keep_partial=keep_partial)
             return out if isinstance(out, PartialSums) else out.reshape(*x.shape[:-1], -1)
         if isinstance(h, PartialSums):

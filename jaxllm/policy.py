@@ -137,9 +137,13 @@ class KernelPolicy:
     # row, so only an untied head of <= 2048 columns would reach it (docs/architecture.md).
     matvec_max_small_side: Optional[int] = 2048
     # Dense projections stored by output row under "auto" on the GPU when their smaller
-    # side is at most this (None: all). llama8b's (all >= 4096) ran at 211.6 tok/s by
-    # row against 247.9 on XLA's dots (H200, NOTES 22).
+    # side is at most this (None: all). llama8b's (all >= 4096) decode slower by row than
+    # on XLA's dots (NOTES variant 22).
     rowmatvec_max_small_side: Optional[int] = 2048
+    # The down projection's kernel forms its input from at most this many gate-up
+    # partial sums (GatedInput): each costs its programs two more loads a step, which
+    # paid for the quantized kernels' 1-4 splits, not the bf16 ones' 16-18 (NOTES).
+    max_gated_splits: int = 4
     # add_norm's kernel adds at most this many partial-sum values in one program (NOTES).
     add_norm_max_partial_values: int = 16384
     add_norm_max_width: int = 16384

@@ -27,9 +27,9 @@ a scale (and a minimum):
 
 Why row-split packing rather than neighbouring inputs in one byte: each half of
 the output is then a plain elementwise dequantization of the same bytes, which
-XLA:CPU fuses into its matrix-vector loop (6.3 ms for 30 SmolLM2 MLPs, against
-10.4 ms in float32 and 13-38 ms for nibble pairs along K, whose per-element index
-arithmetic does not vectorise; benchmarks/NOTES.md). On the GPU the Pallas kernel
+XLA:CPU fuses into its matrix-vector loop, faster than float32 weights, where nibble
+pairs along K need per-element index arithmetic that does not vectorise
+(benchmarks/NOTES.md). On the GPU the Pallas kernel
 (kernels/qmatvec.py) unpacks both halves from one load.
 
 Scales are [K/G, N] so a GPU program reads the scales of its output columns
@@ -40,8 +40,7 @@ exactly, so repacking loses nothing beyond the file's own quantization.
 float16 minimums are paired with their scales: `scales` is then uint32 [K/G, N],
 the scale in the low 16 bits and the minimum in the high 16, and `mins` is None.
 The GPU kernels then read one 32-bit word per group and output column where they
-read two 16-bit tiles from two arrays (H100, llama8b int4 tg128 354 -> 378 tok/s;
-benchmarks/NOTES.md). `group_scales` and `group_mins` read either form.
+read two 16-bit tiles from two arrays (benchmarks/NOTES.md). `group_scales` and `group_mins` read either form.
 """
 
 from __future__ import annotations

@@ -99,22 +99,26 @@ def measure_copy_bandwidth(reps: int) -> float:
     return passes * 2 * x.nbytes / sec
 
 
-def measure_matmul(m: int, k: int, n: int, reps: int, chain: int = 4) -> dict:
-    """x [m, k] @ W [k, n] in bf16, `chain` distinct weights per call (beats caches)."""
+def time_chain(project, m: int, k: int, n: int, chain: int, reps: int, lay=lambda w: w):
+    """Seconds per call (and the calls' times) of [project(x, w) for w in ws]: x [m, k]
+    and `chain` distinct weights [k, n] in bf16 (laid out by `lay`), so that caches do
+    not serve them; plus the first weight as laid out."""
     keys = jax.random.split(jax.random.PRNGKey(1), chain + 1)
     x = block(jax.random.normal(keys[0], (m, k), jnp.bfloat16))
-    ws = block([jax.random.normal(kk, (k, n), jnp.bfloat16) for kk in keys[1:]])
-
-    @jax.jit
-    def f(x, ws):
-        return [x @ w for w in ws]
+    ws = block([lay(jax.random.normal(kk, (k, n), jnp.bfloat16)) for kk in keys[1:]])
+    f = jax.jit(lambda x, ws: [project(x, w) for w in ws])
     block(f(x, ws))
 
     def once():
         t = time.perf_counter()
         block(f(x, ws))
         return time.perf_counter() - t
-    sec, times = timed(once, max(reps, 10))
+    return (*timed(once, max(reps, 10)), ws[0])
+
+
+def measure_matmul(m: int, k: int, n: int, reps: int, chain: int = 4) -> dict:
+    """x [m, k] @ W [k, n] in bf16 on XLA's dot, `chain` distinct weights per call."""
+    sec, times, _ = time_chain(lambda x, w: x @ w, m, k, n, chain, reps)
     bytes_moved = chain * (k * n + m * k + m * n) * 2
     return {"tflops": chain * 2 * m * k * n / sec / 1e12, "gbps": bytes_moved / sec / 1e9,
             **spread_ms(times)}
@@ -136,19 +140,9 @@ def measure_projection(k: int, n: int, batch: int, tied: bool, policy, reps: int
     >= ~512 MB where that takes <= 64, so that the call's launch costs and L2 do not
     decide the figure for small weights."""
     chain = max(4, min(64, (512 << 20) // (2 * k * n)))
-    keys = jax.random.split(jax.random.PRNGKey(1), chain + 1)
-    x = block(jax.random.normal(keys[0], (batch, k), jnp.bfloat16))
     lay = lambda w: TransposedWeight(w.T) if tied or policy.stores_by_row(w.shape) else w
-    ws = block([lay(jax.random.normal(kk, (k, n), jnp.bfloat16)) for kk in keys[1:]])
-    f = jax.jit(lambda x, ws: [ops.linear(x, w, policy) for w in ws])
-    block(f(x, ws))
-
-    def once():
-        t = time.perf_counter()
-        block(f(x, ws))
-        return time.perf_counter() - t
-    sec, times = timed(once, max(reps, 10))
-    return {"kernel": ops.plan_for(policy, ws[0], batch).kernel,
+    sec, times, w = time_chain(lambda x, w: ops.linear(x, w, policy), batch, k, n, chain, reps, lay)
+    return {"kernel": ops.plan_for(policy, w, batch).kernel,
             "gbps": chain * (k * n + batch * k + batch * n) * 2 / sec / 1e9, **spread_ms(times)}
 
 

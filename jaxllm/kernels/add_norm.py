@@ -2,8 +2,8 @@
 x_new = x + delta, h = norm(x_new) * (offset + scale) [+ bias].
 
 XLA runs this as two or three kernels per site (the add with the split-K sum, the
-sum of squares, the scaling), ~1.3-1.6 us each on the H100 for a few kB of work;
-two sites per layer (benchmarks/NOTES.md, `benchmarks/profile_decode.py`). One
+sum of squares, the scaling), each a launch for a few kB of work; two sites per
+layer (benchmarks/NOTES.md, `benchmarks/profile_decode.py`). One
 program per row reads the row whole (D <= 16384), so the norm needs no second pass.
 
 delta is an array [M, D] or the split-K partial sums [S, M, D] float32 of a Pallas

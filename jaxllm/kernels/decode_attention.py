@@ -3,8 +3,8 @@ rotary embedding and the cache write, in one launch per layer.
 
 For one new token the XLA path runs ~11 kernels per layer (slice, two rotary
 concatenations, two cache writes, the QK dot, the mask, two softmax reductions,
-the PV dot, a conversion), each 1.1-2.3 us on the H100 for a few kB of work:
-about 30% of a llama1b decode step and 40% of smol135m's (benchmarks/NOTES.md,
+the PV dot, a conversion), each a launch for a few kB of work: a large part of a
+small model's decode step (benchmarks/NOTES.md,
 `benchmarks/profile_decode.py`). Here program (b, g, s) handles row b's kv head g
 for the query heads that share it and split s of the cache slots:
   - rotate the group's queries and the new key (and normalise them per head first

@@ -49,12 +49,6 @@ class GatedInput:
         return (activate(gate, self.act) * up).astype(dtype)
 
 
-# Each split costs each program two more loads per step: with the bf16 kernels' 16-18
-# gate-up splits (smol135m, llama1b) decode fell by a third on the H100, while the
-# quantized kernels' 1-4 splits gained (benchmarks/NOTES.md). More are summed first.
-MAX_GATED_SPLITS = 4
-
-
 def activate(g: jax.Array, act: str) -> jax.Array:
     """SiLU or tanh GELU in float32, written with exp only (it lowers everywhere)."""
     if act == "silu":

@@ -6,9 +6,10 @@ Each program owns a block of value rows (for 4-bit weights, a block of packed ro
 gives two blocks of outputs, N/2 apart) and walks its share of K several groups at
 a time: it loads the bytes [bn, BK], the groups' scales (and minimums) for the
 block's columns, sums q * x within each group, scales the group sums, and keeps
-the totals in registers. One group per step (32 bytes per row) reached only
-190-500 GB/s on the H100; BK = 256 reads whole 128-byte lines (benchmarks/NOTES.md). K is split across programs, as in kernels/matvec.py, so that
-enough bytes are in flight to fill HBM; partial sums are added afterwards.
+the totals in registers. Several groups a step, so that each row reads whole
+128-byte lines (one group, 32 bytes a row, left HBM idle: benchmarks/NOTES.md). K is
+split across programs, as in kernels/matvec.py, so that enough bytes are in flight
+to fill HBM; partial sums are added afterwards.
 
 The minimum term needs no dequantization: sum_k x_k (s q_k + m) = s (x . q) + m sum_k x_k.
 

@@ -13,8 +13,8 @@ every input of a row can also
     and writes act(gate) * up [M, F]),
   - add the residual (y = residual + x @ w, in the residual's dtype),
 
-which on the split-K path are separate XLA kernels of 1.3-1.7 us each, four to
-seven per layer (benchmarks/NOTES.md, variant 22).
+which on the split-K path are separate XLA kernels, four to seven per layer
+(benchmarks/NOTES.md, variant 22).
 
 Each program keeps a [rows, block_n, block_k] tile of products in registers and
 reduces it across threads once, after the loop.
