@@ -184,13 +184,16 @@ def cmd_serve(args) -> None:
         raise CliError("--max-batch must be >= 1")
     if args.max_context is not None and args.max_context < 2:
         raise CliError("--max-context must be >= 2")
+    if args.max_request_bytes < 1024:
+        raise CliError("--max-request-bytes must be >= 1024")
     model = _load(args)
     model_id = os.path.basename(args.model.rstrip(os.sep))
     # Every slot holds a whole context and decode attention reads all of it.
     max_context = args.max_context or min(model.config.max_seq_len, 2048)
     status(f"compiling the decode loop for {args.max_batch} slots ...")
     serve(model, model_id, host=args.host, port=args.port, max_batch=args.max_batch,
-          max_context=max_context, steps_per_chunk=args.steps_per_chunk)
+          max_context=max_context, steps_per_chunk=args.steps_per_chunk, api_key=args.api_key or None,
+          metrics_key=args.metrics_key, max_body_bytes=args.max_request_bytes)
 
 
 def _sampling_args(p) -> None:
@@ -248,6 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-context", type=int, help="tokens per slot (default: the model's, at most 2048)")
     p.add_argument("--steps-per-chunk", type=int, default=8,
                    help="decode steps between admitting new requests and streaming")
+    p.add_argument("--api-key", default=os.environ.get("JAXLLM_API_KEY"),
+                   help="every /v1/ request needs 'Authorization: Bearer KEY' (default: $JAXLLM_API_KEY)")
+    p.add_argument("--metrics-key", help="/metrics needs 'Authorization: Bearer KEY' (default: open)")
+    p.add_argument("--max-request-bytes", type=int, default=8 << 20,
+                   help="larger request bodies get 413 (default 8 MiB)")
 
     p = command("info", cmd_info, "architecture, sizes, tensor types, context length")
     p.add_argument("--json", action="store_true")

@@ -4,14 +4,17 @@ Endpoints: POST /v1/chat/completions, POST /v1/completions (both with
 `"stream": true` as server-sent events), GET /v1/models, GET /health and GET
 /metrics (Prometheus). Every request becomes one or more `batching.Request`s that
 share the engine's slots; errors come back as OpenAI-style bodies
-{"error": {"message", "type", "param", "code"}} with a 4xx status.
+{"error": {"message", "type", "param", "code"}} with a 4xx status. An API key, a
+metrics key and a body size limit are checked in front of the app (access.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import secrets
+import sys
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -31,6 +34,7 @@ from prometheus_client import (
 )
 from pydantic import BaseModel, ConfigDict, Field
 
+from .access import MAX_BODY_BYTES, Guard
 from .batching import Engine, Metrics, Request
 from .chat import ChatTemplateError
 from .generate import ContextLengthError
@@ -77,6 +81,8 @@ class SamplingFields(BaseModel):
     seed: Optional[int] = None
     n: int = 1
     logprobs: Optional[Any] = None
+    response_format: Optional[dict] = None
+    tools: Optional[list] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
 
@@ -139,6 +145,12 @@ def _settings(body: SamplingFields) -> SamplerSettings:
         raise ApiError(400, "only n=1 is supported", "n")
     if body.logprobs:
         raise ApiError(400, "logprobs are not supported", "logprobs")
+    # Refused, not ignored: a client asking for a schema or a tool call must not get
+    # free text that it takes for one.
+    if body.response_format and body.response_format.get("type", "text") != "text":
+        raise ApiError(400, "response_format other than text is not supported", "response_format")
+    if body.tools:
+        raise ApiError(400, "tools are not supported", "tools")
     for name in ("presence_penalty", "frequency_penalty"):
         if getattr(body, name):
             raise ApiError(400, f"{name} is not supported (use repeat_penalty)", name)
@@ -160,9 +172,12 @@ def _stops(body: SamplingFields) -> tuple[str, ...]:
 
 
 def create_app(model: Model, model_id: str, *, max_batch: int = 8, max_context: Optional[int] = None,
-               steps_per_chunk: int = 8, warmup: bool = True) -> FastAPI:
+               steps_per_chunk: int = 8, warmup: bool = True, api_key: Optional[str] = None,
+               metrics_key: Optional[str] = None, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     """The ASGI app serving `model` under the name `model_id`; its engine starts
-    (and compiles) when the app starts and stops with it."""
+    (and compiles) when the app starts and stops with it. api_key: every /v1/ request
+    needs `Authorization: Bearer api_key`; metrics_key: likewise /metrics; bodies
+    over max_body_bytes get 413 (access.py)."""
     metrics = PrometheusMetrics()
     engine = Engine(model.params, model.config, model.tokenizer, n_slots=max_batch,
                     max_context=max_context, steps_per_chunk=steps_per_chunk, metrics=metrics)
@@ -176,6 +191,7 @@ def create_app(model: Model, model_id: str, *, max_batch: int = 8, max_context: 
 
     app = FastAPI(title="jaxllm", lifespan=lifespan)
     app.state.engine, app.state.metrics = engine, metrics
+    app.add_middleware(Guard, api_key=api_key, metrics_key=metrics_key, max_body_bytes=max_body_bytes)
 
     def reply(endpoint: str, status: int, content: dict) -> JSONResponse:
         metrics.requests.labels(endpoint, str(status)).inc()
@@ -355,7 +371,20 @@ def create_app(model: Model, model_id: str, *, max_batch: int = 8, max_context: 
     return app
 
 
+def loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def serve(model: Model, model_id: str, host: str = "127.0.0.1", port: int = 8080, **kw) -> None:
     import uvicorn  # noqa: PLC0415
+
+    if not kw.get("api_key") and not loopback(host):
+        print(f"jaxllm: warning: serving on {host} without an API key: anyone who reaches this "
+              "address can use the model (--api-key or JAXLLM_API_KEY)", file=sys.stderr)
 
     uvicorn.run(create_app(model, model_id, **kw), host=host, port=port, log_level="info")

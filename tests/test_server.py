@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import uvicorn
 from conftest import tiny
-from openai import BadRequestError, NotFoundError, OpenAI
+from openai import AuthenticationError, BadRequestError, NotFoundError, OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 from tiny_gguf import write_gguf
 
@@ -42,9 +42,8 @@ def model(tmp_path_factory):
     return jaxllm.load(str(path))
 
 
-@pytest.fixture(scope="module")
-def server(model):
-    app = create_app(model, "tiny", max_batch=8, max_context=CONTEXT, steps_per_chunk=4)
+def running(app):
+    """Serve `app` on a free loopback port in a thread: yields the port."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -55,9 +54,27 @@ def server(model):
     while not srv.started:
         assert time.time() < deadline and thread.is_alive(), "server did not start"
         time.sleep(0.05)
-    yield port, app
+    yield port
     srv.should_exit = True
     thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    app = create_app(model, "tiny", max_batch=8, max_context=CONTEXT, steps_per_chunk=4)
+    for port in running(app):
+        yield port, app
+
+
+KEY, METRICS_KEY = "sk-jaxllm-test", "metrics-test"
+
+
+@pytest.fixture(scope="module")
+def guarded(model):
+    """A server with an API key, a metrics key and a 4 kB body limit."""
+    app = create_app(model, "tiny", max_batch=8, max_context=CONTEXT, steps_per_chunk=4, api_key=KEY,
+                     metrics_key=METRICS_KEY, max_body_bytes=4096)
+    yield from running(app)
 
 
 @pytest.fixture
@@ -65,10 +82,13 @@ def client(server):
     return OpenAI(base_url=f"http://127.0.0.1:{server[0]}/v1", api_key="unused", max_retries=0)
 
 
-def raw(port, method, path, body=None, content_type="application/json"):
+def raw(port, method, path, body=None, content_type="application/json", headers=(), chunked=False):
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     data = body if isinstance(body, (bytes, str)) or body is None else json.dumps(body)
-    conn.request(method, path, body=data, headers={"Content-Type": content_type})
+    if chunked:  # no Content-Length: the body arrives in pieces
+        data = iter([data.encode()[i:i + 1000] for i in range(0, len(data), 1000)])
+    conn.request(method, path, body=data, headers={"Content-Type": content_type, **dict(headers)},
+                 encode_chunked=chunked)
     response = conn.getresponse()
     payload = response.read().decode()
     conn.close()
@@ -242,6 +262,10 @@ def test_concurrent_requests_match_alone_and_batch_faster(client, server):
     ({"model": "tiny", "prompt": "hi", "top_p": 0}, 400, "top_p"),
     ({"model": "tiny", "prompt": "hi", "max_tokens": "many"}, 400, "max_tokens"),
     ({"model": "tiny", "prompt": "hi", "n": 2}, 400, "n=1"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}},
+     400, "response_format"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "tools": [
+        {"type": "function", "function": {"name": "f", "parameters": {}}}]}, 400, "tools"),
     ({"model": "tiny", "prompt": [5, 1000]}, 400, "token ids"),
     ({"model": "tiny"}, 400, "prompt"),
     ({"model": "tiny", "messages": []}, 400, "messages"),
@@ -308,8 +332,67 @@ def test_metrics_parse_and_move(server, client):
     assert ("jaxllm_queue_length", ()) in after and ("jaxllm_running_requests", ()) in after
 
 
-def test_serve_command_rejects_bad_arguments():
-    result = subprocess.run([sys.executable, "-m", "jaxllm", "serve", "--max-batch", "0"],
+@pytest.mark.parametrize("args, message", [
+    (["--max-batch", "0"], "--max-batch must be >= 1"),
+    (["--max-request-bytes", "10"], "--max-request-bytes must be >= 1024")])
+def test_serve_command_rejects_bad_arguments(args, message):
+    result = subprocess.run([sys.executable, "-m", "jaxllm", "serve", *args],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1] == "jaxllm: error: --max-batch must be >= 1"
+    assert result.stderr.strip().splitlines()[-1] == f"jaxllm: error: {message}"
+
+
+def test_api_key_guards_the_api_and_the_metrics_key_the_metrics(guarded, model):
+    """/v1/ without the key: 401 with an OpenAI-style body (streamed requests too, and
+    /v1/models); with it, the same completion as the library gives. /health stays
+    open; /metrics needs its own key."""
+    url = f"http://127.0.0.1:{guarded}/v1"
+    for key in ("wrong", KEY[:-1], KEY + "x"):
+        bad = OpenAI(base_url=url, api_key=key, max_retries=0)
+        with pytest.raises(AuthenticationError):
+            bad.completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=3, temperature=0)
+        with pytest.raises(AuthenticationError):
+            list(bad.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                             max_tokens=3, stream=True))
+        with pytest.raises(AuthenticationError):
+            bad.models.list()
+    status, payload = raw(guarded, "GET", "/v1/models")  # no Authorization header at all
+    error = json.loads(payload)["error"]
+    assert status == 401 and error["code"] == "invalid_api_key" and error["type"] == "invalid_request_error"
+    good = OpenAI(base_url=url, api_key=KEY, max_retries=0)
+    whole = good.completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=6, temperature=0)
+    assert whole.choices[0].text == model.tokenizer.decode(expected(model, [5, 6, 7], 6)[0])
+    streamed = good.completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=6, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == whole.choices[0].text
+    assert [m.id for m in good.models.list()] == ["tiny"]
+    assert raw(guarded, "GET", "/health")[0] == 200
+    assert raw(guarded, "GET", "/metrics")[0] == 401
+    assert raw(guarded, "GET", "/metrics", headers={"Authorization": f"Bearer {KEY}"})[0] == 401
+    status, text = raw(guarded, "GET", "/metrics", headers={"Authorization": f"Bearer {METRICS_KEY}"})
+    assert status == 200 and "jaxllm_requests_total" in text
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_body_over_the_limit_gets_413(guarded, chunked):
+    """By its Content-Length, or counted as it arrives without one; a body under the
+    limit sent in chunks is served."""
+    auth = {"Authorization": f"Bearer {KEY}"}
+    big = {"model": "tiny", "prompt": "x" * 5000, "max_tokens": 1}
+    status, payload = raw(guarded, "POST", "/v1/completions", big, headers=auth, chunked=chunked)
+    assert status == 413 and json.loads(payload)["error"]["code"] == "request_too_large"
+    small = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 2, "temperature": 0}
+    status, payload = raw(guarded, "POST", "/v1/completions", small, headers=auth, chunked=chunked)
+    assert status == 200 and json.loads(payload)["usage"]["completion_tokens"] == 2
+
+
+def test_serving_beyond_loopback_without_a_key_warns(capsys, monkeypatch):
+    from jaxllm import server as server_module
+
+    monkeypatch.setitem(sys.modules, "uvicorn", type(sys)("uvicorn"))
+    sys.modules["uvicorn"].run = lambda *a, **kw: None
+    monkeypatch.setattr(server_module, "create_app", lambda *a, **kw: None)
+    server_module.serve(None, "tiny", host="0.0.0.0")
+    assert "without an API key" in capsys.readouterr().err
+    for host, key in (("127.0.0.1", None), ("localhost", None), ("::1", None), ("0.0.0.0", "k")):
+        server_module.serve(None, "tiny", host=host, api_key=key)
+        assert capsys.readouterr().err == ""
