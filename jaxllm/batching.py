@@ -28,12 +28,17 @@ import numpy as np
 
 from .cache import KVCache, init_cache
 from .config import ModelConfig
-from .decoding import DecodeState, check_prompt, decode, init_state, prompt_seen, record, take_tokens
+from .decoding import (DecodeState, check_prompt, decode, empty_scores, init_state, prompt_seen, record,
+                       take_tokens, token_scores)
 from .generate import bucket_length
 from .model import extend
 from .params import Params
 from .sampling import RowSampling, SamplerSettings, sample
 from .tokenizer import StreamDecoder, TextTokenizer
+
+# Log-probabilities are recorded with this many top tokens, whatever a request asks
+# (OpenAI's most): one compiled variant of the loop for every request that wants them.
+TOP_LOGPROBS = 20
 
 
 def init_slots(config: ModelConfig, n_slots: int, capacity: int, dtype) -> DecodeState:
@@ -49,7 +54,7 @@ def admit(params: Params, config: ModelConfig, slots: DecodeState, slot, tokens,
           sampling: RowSampling, max_new, stop_ids):
     """Prefill one prompt (tokens [1, T], its first `length` real) into slot `slot`
     and sample its first token with the request's key, parameters (a one-row
-    RowSampling) and budget. Returns (slots, first token)."""
+    RowSampling) and budget. Returns (slots, first token, its Scores [1], [1, k])."""
     T = tokens.shape[1]
     # The prompt runs against a cache of its own length, then lands in the slot's
     # row: attention over the prompt costs T x T, not T x the whole row.
@@ -67,23 +72,28 @@ def admit(params: Params, config: ModelConfig, slots: DecodeState, slot, tokens,
         sampling=jax.tree.map(lambda a, v: set_row(a, v[0]), slots.sampling, sampling),
         seen=set_row(slots.seen, seen[0]))
     row = jnp.arange(slots.active.shape[0]) == slot
-    return record(slots, jnp.where(row, token, -1), stop_ids, rows=row), token
+    return (record(slots, jnp.where(row, token, -1), stop_ids, rows=row), token,
+            token_scores(logits, token[None], TOP_LOGPROBS))
 
 
-@partial(jax.jit, static_argnames=("config", "steps", "span"), donate_argnames=("slots",))
-def decode_chunk(params: Params, config: ModelConfig, slots: DecodeState, stop_ids, steps: int, span: int):
+@partial(jax.jit, static_argnames=("config", "steps", "span", "logprobs"), donate_argnames=("slots",))
+def decode_chunk(params: Params, config: ModelConfig, slots: DecodeState, stop_ids, steps: int, span: int,
+                 logprobs: bool = False):
     """`steps` decode steps of every active slot (decoding.decode). Returns (slots,
-    tokens [B, steps]), -1 where a slot was not active.
+    tokens [B, steps], -1 where a slot was not active, and with `logprobs` their
+    Scores with the top TOP_LOGPROBS tokens, else None).
 
     Attention reads the first `span` slots of each cache row only: the caller
     picks a span (a power of two, so few compile) that holds every active row to
     the end of the chunk. Decode attention over a whole 2048-slot row would cost
     more than the weights for a small model (9x slower on 8 rows of SmolLM2).
     """
-    tokens = jnp.full((slots.active.shape[0], steps), -1, jnp.int32)
-    slots, tokens, _ = decode(params, config, None, slots, tokens, jnp.int32(0), stop_ids, jnp.int32(steps),
-                              steps_per_sync=steps, span=span)
-    return slots, tokens
+    B = slots.active.shape[0]
+    scores = empty_scores(B, steps, TOP_LOGPROBS) if logprobs else None
+    slots, tokens, _, scores = decode(params, config, None, slots, jnp.full((B, steps), -1, jnp.int32),
+                                      jnp.int32(0), stop_ids, jnp.int32(steps), steps_per_sync=steps,
+                                      span=span, scores=scores)
+    return slots, tokens, scores
 
 
 @partial(jax.jit, donate_argnames=("slots",))
@@ -111,9 +121,12 @@ class Request:
     settings: SamplerSettings = SamplerSettings.greedy()
     seed: int = 0
     stop: tuple[str, ...] = ()  # stop strings: the text ends before the first one
+    top_logprobs: Optional[int] = None  # record log-probabilities with this many top tokens (None: none)
     on_update: Callable[["Request", str, Optional[str]], None] = lambda r, text, reason: None
     # Filled in by the engine:
     ids: list[int] = field(default_factory=list)  # generated ids, stop token excluded
+    # with top_logprobs: per id, (its log-probability, [(id, log-probability)] of the top tokens)
+    logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
     text: str = ""  # decoded so far (may run past `emitted` while a stop string could start)
     emitted: int = 0  # characters of `text` handed to on_update
     finish_reason: Optional[str] = None
@@ -200,8 +213,8 @@ class Engine:
             jax.random.PRNGKey(0), RowSampling.from_settings([SamplerSettings.greedy()]),
             jnp.int32(2), self.stop_ids)[0]
         self.slots = release(self.slots, jnp.int32(0))
-        self.slots, _ = decode_chunk(self.params, self.config, self.slots, self.stop_ids,
-                                     self.steps_per_chunk, self._span(0))
+        self.slots, _, _ = decode_chunk(self.params, self.config, self.slots, self.stop_ids,
+                                        self.steps_per_chunk, self._span(0))
         jax.block_until_ready(self.slots)
 
     # -- the engine thread -------------------------------------------------------------
@@ -253,13 +266,14 @@ class Engine:
         T = min(bucket_length(n), self.capacity)
         tokens = np.zeros((1, T), np.int32)
         tokens[0, :n] = request.prompt_ids
-        self.slots, token = admit(
+        self.slots, token, scores = admit(
             self.params, self.config, self.slots, jnp.int32(slot), jnp.asarray(tokens), jnp.int32(n),
             jax.random.PRNGKey(request.seed), RowSampling.from_settings([request.settings]),
             jnp.int32(request.max_tokens), self.stop_ids)
         self._running[slot] = request
         self._decoders[slot] = StreamDecoder(self.tokenizer)
-        self._take(slot, request, [int(token)], still_active=None)
+        self._take(slot, request, [int(token)], still_active=None,
+                   scores=[np.asarray(a)[0][None] for a in scores])
 
     def _span(self, longest: int) -> int:
         """Cache slots a chunk must read when the longest running row holds `longest`."""
@@ -267,14 +281,18 @@ class Engine:
 
     def _decode(self) -> None:
         longest = max(len(r.prompt_ids) + len(r.ids) for r in self._running.values())
-        self.slots, tokens = decode_chunk(self.params, self.config, self.slots, self.stop_ids,
-                                          self.steps_per_chunk, self._span(longest))
+        logprobs = any(r.top_logprobs is not None for r in self._running.values())
+        self.slots, tokens, scores = decode_chunk(self.params, self.config, self.slots, self.stop_ids,
+                                                  self.steps_per_chunk, self._span(longest), logprobs)
         tokens, active = np.asarray(tokens), np.asarray(self.slots.active)
+        scores = None if scores is None else [np.asarray(a) for a in scores]
         for slot, request in list(self._running.items()):
-            self._take(slot, request, tokens[slot].tolist(), still_active=bool(active[slot]))
+            self._take(slot, request, tokens[slot].tolist(), still_active=bool(active[slot]),
+                       scores=None if scores is None else [a[slot] for a in scores])
 
-    def _take(self, slot: int, request: Request, tokens: list[int], still_active) -> None:
-        """Hand a slot's new tokens to its request; retire it if it has finished."""
+    def _take(self, slot: int, request: Request, tokens: list[int], still_active, scores=None) -> None:
+        """Hand a slot's new tokens to its request; retire it if it has finished.
+        scores: the tokens' log-probabilities [n], top ids and theirs [n, k] (numpy)."""
         fresh, reason = take_tokens(tokens, self._stop_set, request.max_tokens - len(request.ids))
         now = time.perf_counter()
         if fresh:
@@ -283,8 +301,14 @@ class Engine:
             else:
                 self.metrics.tokens(len(fresh), (now - request.delivered_at) / len(fresh))
             request.delivered_at = now
-        decoder = self._decoders[slot]
+        decoder, taken = self._decoders[slot], 0
         for piece in ([fresh] if not request.stop else [[t] for t in fresh]):
+            if request.top_logprobs is not None and scores is not None:
+                logprob, top_ids, top = scores
+                k = request.top_logprobs
+                request.logprobs += [(float(logprob[i]), list(zip(top_ids[i, :k].tolist(), top[i, :k].tolist())))
+                                     for i in range(taken, taken + len(piece))]
+            taken += len(piece)
             request.ids += piece
             request.text += decoder.push(piece)
             if request.stop and self._cut_at_stop(request):

@@ -11,7 +11,7 @@ program: greedy costs one argmax); the engine keeps `RowSampling` in the state.
 from __future__ import annotations
 
 from functools import partial
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -73,6 +73,30 @@ def record(state: DecodeState, token: jax.Array, stop_ids: jax.Array,
                          active=state.active & ~(rows & stopped), seen=seen)
 
 
+class Scores(NamedTuple):
+    """Log-probabilities of sampled tokens under the model's own distribution (its
+    log-softmax, before repetition penalty, temperature and filters, as OpenAI reports
+    them): per step [B] and [B, k], or written by column [B, N] and [B, N, k]."""
+
+    logprob: jax.Array  # float32: of the sampled token
+    top_ids: jax.Array  # int32: the k most likely tokens, most likely first
+    top_logprobs: jax.Array  # float32: theirs
+
+
+def token_scores(logits: jax.Array, token: jax.Array, k: int) -> Scores:
+    """Scores of tokens [B] (-1: none; scored as token 0) under logits [B, V]."""
+    lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    chosen = jnp.take_along_axis(lp, jnp.maximum(token, 0)[:, None], axis=-1)[:, 0]
+    top_logprobs, top_ids = jax.lax.top_k(lp, k)
+    return Scores(chosen, top_ids.astype(jnp.int32), top_logprobs)
+
+
+def empty_scores(B: int, N: int, k: int) -> Scores:
+    """A buffer for N steps of B rows."""
+    return Scores(jnp.zeros((B, N), jnp.float32), jnp.zeros((B, N, k), jnp.int32),
+                  jnp.zeros((B, N, k), jnp.float32))
+
+
 def sample_next(logits: jax.Array, state: DecodeState, settings: Optional[SamplerSettings]) -> jax.Array:
     """Each row's next token [B] from logits [B, V], drawn with fold_in(key, n_generated)."""
     keys = jax.vmap(jax.random.fold_in)(state.keys, state.n_generated)
@@ -80,13 +104,16 @@ def sample_next(logits: jax.Array, state: DecodeState, settings: Optional[Sample
 
 
 def step(params: Params, config: ModelConfig, settings: Optional[SamplerSettings], state: DecodeState,
-         stop_ids: jax.Array, span: Optional[int] = None):
-    """One token for every active row: (state, tokens [B], -1 where a row was not active).
+         stop_ids: jax.Array, span: Optional[int] = None, top_logprobs: Optional[int] = None):
+    """One token for every active row: (state, tokens [B] (-1 where a row was not
+    active), their Scores with the top `top_logprobs` (None: not computed)).
     span: attention reads only the first `span` cache slots (model.extend_hidden)."""
     x, cache = extend_hidden(params, config, state.last[:, None], state.active.astype(jnp.int32),
                              state.cache, span)
-    token = jnp.where(state.active, sample_next(unembed(params, config, x[:, 0]), state, settings), -1)
-    return record(state.replace(cache=cache), token, stop_ids), token
+    logits = unembed(params, config, x[:, 0])
+    token = jnp.where(state.active, sample_next(logits, state, settings), -1)
+    scores = None if top_logprobs is None else token_scores(logits, token, top_logprobs)
+    return record(state.replace(cache=cache), token, stop_ids), token, scores
 
 
 @partial(jax.jit, static_argnames=("config", "settings"), donate_argnames=("state",))
@@ -104,32 +131,38 @@ def prefill(params: Params, config: ModelConfig, settings: Optional[SamplerSetti
 
 
 @partial(jax.jit, static_argnames=("config", "settings", "steps_per_sync", "span"),
-         donate_argnames=("state", "tokens"))
+         donate_argnames=("state", "tokens", "scores"))
 def decode(params: Params, config: ModelConfig, settings: Optional[SamplerSettings], state: DecodeState,
            tokens: jax.Array, column: jax.Array, stop_ids: jax.Array, until: jax.Array,
-           steps_per_sync: int = 16, span: Optional[int] = None):
+           steps_per_sync: int = 16, span: Optional[int] = None, scores: Optional[Scores] = None):
     """Decode every active row, writing step t's tokens [B] into tokens[:, t] (-1 for
     rows not active) from t = column, until column reaches `until` (rounded up to whole
-    syncs; writes past the last column land on it) or no row is active. Returns
-    (state, tokens, column).
+    syncs; writes past the last column land on it) or no row is active. With a
+    `scores` buffer (`empty_scores`, k top tokens), their Scores go to the same
+    columns. Returns (state, tokens, column, scores).
 
     The stop test runs every `steps_per_sync` steps, around an inner loop of static
     length: a GPU while loop copies its predicate to the host on every iteration,
     which would stall the device once per token (benchmarks/NOTES.md).
     """
+    k = None if scores is None else scores.top_ids.shape[-1]
+
     def keep_going(carry):
-        state, _, column = carry
+        state, _, column, _ = carry
         return (column < until) & jnp.any(state.active)
 
     def one(_, carry):
-        state, tokens, column = carry
+        state, tokens, column, scores = carry
         any_active = jnp.any(state.active).astype(jnp.int32)
-        state, token = step(params, config, settings, state, stop_ids, span)
-        tokens = tokens.at[:, jnp.minimum(column, tokens.shape[1] - 1)].set(token)
-        return state, tokens, column + any_active
+        state, token, new = step(params, config, settings, state, stop_ids, span, k)
+        at = jnp.minimum(column, tokens.shape[1] - 1)
+        tokens = tokens.at[:, at].set(token)
+        if scores is not None:
+            scores = jax.tree.map(lambda buffer, value: buffer.at[:, at].set(value), scores, new)
+        return state, tokens, column + any_active, scores
 
-    return jax.lax.while_loop(
-        keep_going, lambda carry: jax.lax.fori_loop(0, steps_per_sync, one, carry), (state, tokens, column))
+    return jax.lax.while_loop(keep_going, lambda carry: jax.lax.fori_loop(0, steps_per_sync, one, carry),
+                              (state, tokens, column, scores))
 
 
 # ---- the host's side ----------------------------------------------------------------------

@@ -55,7 +55,7 @@ class Generation:
 
     def run(self, params: Params, config: ModelConfig, until: int, steps_per_sync: int = 16) -> "Generation":
         """Decode until `until` columns are written (rounded up to whole syncs), the budget, or every row stops."""
-        self.state, self.tokens, self.column = decode(
+        self.state, self.tokens, self.column, _ = decode(
             params, config, self.settings, self.state, self.tokens, self.column, self.stop_ids,
             jnp.int32(min(until, self.max_new)), steps_per_sync=steps_per_sync)
         return self

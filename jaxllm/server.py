@@ -39,6 +39,7 @@ from .batching import Engine, Metrics, Request
 from .chat import ChatTemplateError
 from .generate import ContextLengthError
 from .loading.models import Model
+from .scoring import prompt_logprobs
 from .sampling import SamplerSettings
 
 
@@ -80,7 +81,8 @@ class SamplingFields(BaseModel):
     stop: Optional[Union[str, list[str]]] = None
     seed: Optional[int] = None
     n: int = 1
-    logprobs: Optional[Any] = None
+    logprobs: Optional[Any] = None  # chat: true/false; completions: how many top tokens
+    top_logprobs: Optional[int] = None  # chat
     response_format: Optional[dict] = None
     tools: Optional[list] = None
     stream: bool = False
@@ -143,8 +145,6 @@ class PrometheusMetrics(Metrics):
 def _settings(body: SamplingFields) -> SamplerSettings:
     if body.n != 1:
         raise ApiError(400, "only n=1 is supported", "n")
-    if body.logprobs:
-        raise ApiError(400, "logprobs are not supported", "logprobs")
     # Refused, not ignored: a client asking for a schema or a tool call must not get
     # free text that it takes for one.
     if body.response_format and body.response_format.get("type", "text") != "text":
@@ -162,6 +162,27 @@ def _settings(body: SamplingFields) -> SamplerSettings:
                                min_p=body.min_p, repetition_penalty=1.0 if penalty is None else penalty)
     except ValueError as e:
         raise ApiError(400, str(e), str(e).split("=")[0].split()[-1]) from None
+
+
+MAX_TOP_LOGPROBS = 20
+
+
+def _top_logprobs(body: SamplingFields, chat: bool) -> Optional[int]:
+    """How many top tokens each token's log-probability comes with; None: none asked.
+    Chat: logprobs true/false and top_logprobs 0-20; completions: logprobs 0-20."""
+    if chat:
+        if body.logprobs is not None and not isinstance(body.logprobs, bool):
+            raise ApiError(400, "logprobs must be true or false", "logprobs")
+        if body.top_logprobs is not None and not body.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+        k, name = (body.top_logprobs or 0) if body.logprobs else None, "top_logprobs"
+    else:
+        k, name = body.logprobs, "logprobs"
+        if k is True or k is False:
+            raise ApiError(400, "logprobs must be an integer in [0, 20] on completions", "logprobs")
+    if k is not None and not (isinstance(k, int) and 0 <= k <= MAX_TOP_LOGPROBS):
+        raise ApiError(400, f"{name} must be an integer in [0, {MAX_TOP_LOGPROBS}]", name)
+    return k
 
 
 def _stops(body: SamplingFields) -> tuple[str, ...]:
@@ -214,7 +235,7 @@ def create_app(model: Model, model_id: str, *, max_batch: int = 8, max_context: 
             raise ApiError(404, f"the model {name!r} does not exist; this server serves {model_id!r}",
                            "model", "model_not_found")
 
-    def make_requests(body: SamplingFields, prompts: list[list[int]]) -> list[Request]:
+    def make_requests(body: SamplingFields, prompts: list[list[int]], top_logprobs=None) -> list[Request]:
         settings, stop = _settings(body), _stops(body)
         seed = body.seed if body.seed is not None else secrets.randbits(31)
         requests = []
@@ -228,23 +249,24 @@ def create_app(model: Model, model_id: str, *, max_batch: int = 8, max_context: 
                 raise ApiError(400, str(e), "max_tokens", "context_length_exceeded") from None
             except ValueError as e:
                 raise ApiError(400, str(e), "max_tokens" if "max_tokens" in str(e) else "prompt") from None
-            requests.append(Request(ids, max_tokens, settings, seed, stop))
+            requests.append(Request(ids, max_tokens, settings, seed, stop, top_logprobs))
         return requests
 
     async def run(requests: list[Request]):
-        """Submit; yield (index, text, finish_reason) as the engine produces them."""
+        """Submit; yield (index, text, finish_reason, tokens so far) as the engine
+        produces them."""
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         for index, r in enumerate(requests):
             r.on_update = (lambda i: lambda _r, text, reason: loop.call_soon_threadsafe(
-                queue.put_nowait, (i, text, reason)))(index)
+                queue.put_nowait, (i, text, reason, len(_r.ids))))(index)
             metrics.prompt_tokens.inc(len(r.prompt_ids))
             engine.submit(r)
         unfinished = len(requests)
         try:
             while unfinished:
-                index, text, reason = await queue.get()
+                index, text, reason, n = await queue.get()
                 unfinished -= reason is not None
-                yield index, text, reason
+                yield index, text, reason, n
         finally:  # the client went away (or we failed): free the slots
             for r in requests:
                 if r.finish_reason is None:
@@ -260,13 +282,38 @@ def create_app(model: Model, model_id: str, *, max_batch: int = 8, max_context: 
         bad = next((r for r in requests if r.finish_reason == "error"), None)
         return bad and ApiError(500, f"generation failed: {bad.error}", kind="server_error")
 
+    def token_text(i: int) -> str:
+        return model.tokenizer.decode([i], skip_special=False)
+
+    def entry(i: int, logprob: float) -> dict:
+        text = token_text(i)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    def chat_logprobs(r: Request, start: int, stop: int) -> Optional[dict]:
+        """OpenAI's chat logprobs for tokens start..stop of r."""
+        if r.top_logprobs is None:
+            return None
+        return {"content": [{**entry(i, lp), "top_logprobs": [entry(j, t) for j, t in top]}
+                            for i, (lp, top) in zip(r.ids[start:stop], r.logprobs[start:stop])],
+                "refusal": None}
+
+    def completion_logprobs(ids, scored, offset: int) -> dict:
+        """OpenAI's completions logprobs for tokens ids with (logprob, top) each (None
+        for a prompt's first token), their text starting at character `offset`."""
+        tokens = [token_text(i) for i in ids]
+        offsets = [offset + sum(map(len, tokens[:n])) for n in range(len(tokens))]
+        return {"tokens": tokens, "token_logprobs": [None if s is None else s[0] for s in scored],
+                "top_logprobs": [None if s is None else {token_text(j): t for j, t in s[1]} for s in scored],
+                "text_offset": offsets}
+
     async def respond(endpoint: str, body: SamplingFields, requests: list[Request], chunk, final):
-        """Stream chunk(index, text, finish_reason) events, or one final(texts) body."""
+        """Stream chunk(index, text, finish_reason, tokens start..stop) events, or one
+        final(texts, requests) body."""
         ident = f"{'chatcmpl' if endpoint.endswith('chat/completions') else 'cmpl'}-{uuid.uuid4().hex}"
         head = {"id": ident, "created": int(time.time()), "model": model_id}
         if not body.stream:
             texts = [""] * len(requests)
-            async for index, text, _ in run(requests):
+            async for index, text, _, _ in run(requests):
                 texts[index] += text
             if error := failure(requests):
                 return reply(endpoint, error.status, error.body())
@@ -274,18 +321,21 @@ def create_app(model: Model, model_id: str, *, max_batch: int = 8, max_context: 
 
         async def events():
             sse = lambda payload: f"data: {json.dumps(payload)}\n\n"
+            sent = [0] * len(requests)  # tokens whose log-probabilities went out
             for index in range(len(requests)):
-                if (opening := chunk(index, None, None)) is not None:
+                if (opening := chunk(index, None, None, 0, 0)) is not None:
                     yield sse({**head, **opening})
-            async for index, text, reason in run(requests):
+            async for index, text, reason, n in run(requests):
                 if reason == "error":
                     yield sse(failure(requests).body())
                     break
                 if text or reason:
-                    yield sse({**head, **chunk(index, text, reason)})
+                    yield sse({**head, **chunk(index, text, reason, sent[index], n)})
+                    sent[index] = n
             else:
                 if body.stream_options and body.stream_options.include_usage:
-                    yield sse({**head, **chunk(None, None, None), "choices": [], "usage": usage(requests)})
+                    yield sse({**head, **chunk(None, None, None, 0, 0), "choices": [],
+                               "usage": usage(requests)})
             yield "data: [DONE]\n\n"
 
         metrics.requests.labels(endpoint, "200").inc()
@@ -304,20 +354,22 @@ def create_app(model: Model, model_id: str, *, max_batch: int = 8, max_context: 
             text = model.apply_chat_template(messages)
         except ChatTemplateError as e:
             raise ApiError(400, str(e), "messages") from None
-        requests = make_requests(body, [model.tokenizer.encode(text)])
+        requests = make_requests(body, [model.tokenizer.encode(text)], _top_logprobs(body, chat=True))
 
-        def chunk(index, text, reason):
+        def chunk(index, text, reason, start, stop):
             if index is None:
                 return {"object": "chat.completion.chunk"}
             delta = {"role": "assistant", "content": ""} if text is None and reason is None else (
                 {"content": text} if text else {})
+            logprobs = chat_logprobs(requests[index], start, stop) if stop > start else None
             return {"object": "chat.completion.chunk", "choices": [
-                {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}]}
+                {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}]}
 
         def final(texts, requests):
             return {"object": "chat.completion", "choices": [
-                {"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
-                 "finish_reason": r.finish_reason} for i, (t, r) in enumerate(zip(texts, requests))]}
+                {"index": i, "message": {"role": "assistant", "content": t},
+                 "logprobs": chat_logprobs(r, 0, len(r.ids)), "finish_reason": r.finish_reason}
+                for i, (t, r) in enumerate(zip(texts, requests))]}
 
         return await respond("/v1/chat/completions", body, requests, chunk, final)
 
@@ -332,23 +384,47 @@ def create_app(model: Model, model_id: str, *, max_batch: int = 8, max_context: 
         if not prompt:
             raise ApiError(400, "the prompt is empty", "prompt")
         ids = [p if isinstance(p, list) else model.tokenizer.encode(p) for p in prompt]
-        requests = make_requests(body, ids)
+        top = _top_logprobs(body, chat=False)
+        requests = make_requests(body, ids, top)
         echoes = [model.tokenizer.decode(i) if body.echo else "" for i in ids]
+        # echo with logprobs: the prompt's tokens scored by one forward pass (the first has none)
+        prompt_scores = [[None] + await asyncio.to_thread(prompt_logprobs, model.params, model.config, i, top)
+                         for i in ids] if body.echo and top is not None else None
+        offsets = [0] * len(requests)  # characters of each choice's text so far
 
-        def chunk(index, text, reason):
+        def logprobs(index, start, stop):
+            r = requests[index]
+            return completion_logprobs(r.ids[start:stop], r.logprobs[start:stop], offsets[index])
+
+        def chunk(index, text, reason, start, stop):
             if index is None:
                 return {"object": "text_completion"}
+            scored = None
             if text is None and reason is None:
                 if not body.echo:
                     return None
                 text = echoes[index]
+                if prompt_scores is not None:
+                    scored = completion_logprobs(ids[index], prompt_scores[index], 0)
+            elif top is not None:
+                scored = logprobs(index, start, stop)
+            offsets[index] += len(text or "")
             return {"object": "text_completion", "choices": [
-                {"index": index, "text": text, "logprobs": None, "finish_reason": reason}]}
+                {"index": index, "text": text, "logprobs": scored, "finish_reason": reason}]}
 
         def final(texts, requests):
-            return {"object": "text_completion", "choices": [
-                {"index": i, "text": echoes[i] + t, "logprobs": None, "finish_reason": r.finish_reason}
-                for i, (t, r) in enumerate(zip(texts, requests))]}
+            choices = []
+            for i, (t, r) in enumerate(zip(texts, requests)):
+                scored = None
+                if top is not None:
+                    offsets[i] = len(echoes[i])
+                    scored = logprobs(i, 0, len(r.ids))
+                    if prompt_scores is not None:
+                        echoed = completion_logprobs(ids[i], prompt_scores[i], 0)
+                        scored = {key: echoed[key] + scored[key] for key in scored}
+                choices.append({"index": i, "text": echoes[i] + t, "logprobs": scored,
+                                "finish_reason": r.finish_reason})
+            return {"object": "text_completion", "choices": choices}
 
         return await respond("/v1/completions", body, requests, chunk, final)
 

@@ -262,6 +262,11 @@ def test_concurrent_requests_match_alone_and_batch_faster(client, server):
     ({"model": "tiny", "prompt": "hi", "top_p": 0}, 400, "top_p"),
     ({"model": "tiny", "prompt": "hi", "max_tokens": "many"}, 400, "max_tokens"),
     ({"model": "tiny", "prompt": "hi", "n": 2}, 400, "n=1"),
+    ({"model": "tiny", "prompt": "hi", "logprobs": 21}, 400, "logprobs"),
+    ({"model": "tiny", "prompt": "hi", "logprobs": True}, 400, "logprobs"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21},
+     400, "top_logprobs"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400, "top_logprobs"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}},
      400, "response_format"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "tools": [
@@ -396,3 +401,53 @@ def test_serving_beyond_loopback_without_a_key_warns(capsys, monkeypatch):
     for host, key in (("127.0.0.1", None), ("localhost", None), ("::1", None), ("0.0.0.0", "k")):
         server_module.serve(None, "tiny", host=host, api_key=key)
         assert capsys.readouterr().err == ""
+
+
+def test_completion_logprobs_equal_scoring_streamed_or_not(client, model):
+    """logprobs=3 on /v1/completions: each generated token's log-probability is the
+    one teacher-forced scoring gives it (float32, the decode loop against a forward
+    pass), its top 3 come sorted with the greedy token first; streamed chunks carry
+    the same values; echo adds the prompt's (the first token has none)."""
+    prompt = [5, 6, 7]
+    whole = client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0, logprobs=3)
+    lp = whole.choices[0].logprobs
+    generated = expected(model, prompt, 6)[0]
+    nll = jaxllm.score_ids(model.params, model.config, prompt + generated)["nll"]
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(generated)
+    np.testing.assert_allclose(lp.token_logprobs, [-x for x in nll[len(prompt) - 1:]], rtol=0, atol=1e-4)
+    for chosen, top in zip(lp.token_logprobs, lp.top_logprobs):
+        values = list(top.values())
+        assert 1 <= len(values) <= 3 and values == sorted(values, reverse=True)
+        assert abs(values[0] - chosen) < 1e-5  # greedy: the token taken is the most likely
+    assert lp.text_offset == [sum(map(len, lp.tokens[:n])) for n in range(len(lp.tokens))]
+    streamed = [x for c in client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0,
+                                                     logprobs=3, stream=True)
+                if c.choices and c.choices[0].logprobs for x in c.choices[0].logprobs.token_logprobs]
+    np.testing.assert_allclose(streamed, lp.token_logprobs, rtol=0, atol=1e-6)
+    echoed = client.completions.create(model="tiny", prompt=prompt, max_tokens=2, temperature=0, logprobs=2,
+                                       echo=True).choices[0].logprobs
+    assert echoed.token_logprobs[0] is None and echoed.top_logprobs[0] is None
+    assert len(echoed.tokens) == len(prompt) + 2
+    np.testing.assert_allclose(echoed.token_logprobs[1:], [-x for x in nll[:len(prompt) + 1]], rtol=0, atol=1e-4)
+    assert all(len(top) <= 2 for top in echoed.top_logprobs[1:])
+
+
+def test_chat_logprobs_streamed_and_not(client):
+    """logprobs with top_logprobs on chat: one entry per generated token with its text,
+    bytes and top 2; the stream's entries equal the whole reply's; none unless asked."""
+    messages = [{"role": "user", "content": "hi"}]
+    whole = client.chat.completions.create(model="tiny", messages=messages, max_tokens=5, temperature=0,
+                                           logprobs=True, top_logprobs=2)
+    content = whole.choices[0].logprobs.content
+    assert len(content) == whole.usage.completion_tokens
+    for e in content:
+        assert len(e.top_logprobs) == 2 and abs(e.top_logprobs[0].logprob - e.logprob) < 1e-5
+        assert e.bytes == list(e.token.encode()) and e.logprob <= 0
+    assert "".join(e.token for e in content).startswith(whole.choices[0].message.content[:1])
+    stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=5, temperature=0,
+                                            logprobs=True, top_logprobs=2, stream=True)
+    streamed = [e for c in stream if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [e.token for e in streamed] == [e.token for e in content]
+    np.testing.assert_allclose([e.logprob for e in streamed], [e.logprob for e in content], rtol=0, atol=1e-6)
+    plain = client.chat.completions.create(model="tiny", messages=messages, max_tokens=3, temperature=0)
+    assert plain.choices[0].logprobs is None
