@@ -50,30 +50,36 @@ def init_slots(config: ModelConfig, n_slots: int, capacity: int, dtype) -> Decod
 
 
 @partial(jax.jit, static_argnames=("config",), donate_argnames=("slots",))
-def admit(params: Params, config: ModelConfig, slots: DecodeState, slot, tokens, length, key,
+def admit(params: Params, config: ModelConfig, slots: DecodeState, rows, tokens, length, keys,
           sampling: RowSampling, max_new, stop_ids):
-    """Prefill one prompt (tokens [1, T], its first `length` real) into slot `slot`
-    and sample its first token with the request's key, parameters (a one-row
-    RowSampling) and budget. Returns (slots, first token, its Scores [1], [1, k])."""
-    T = tokens.shape[1]
-    # The prompt runs against a cache of its own length, then lands in the slot's
-    # row: attention over the prompt costs T x T, not T x the whole row.
+    """Prefill one prompt (tokens [1, T], its first `length` real) once, into the n
+    slots `rows` [n] (a request's n choices share it), and sample each slot's first
+    token with its own key (keys [n, 2]), parameters (an n-row RowSampling) and budget
+    (max_new [n]). Returns (slots, first tokens [n], their Scores [n], [n, k])."""
+    T, n = tokens.shape[1], rows.shape[0]
+    # The prompt runs against a cache of its own length, then lands in the slots'
+    # rows: attention over the prompt costs T x T, not T x the whole row.
     logits, own = extend(params, config, tokens, length[None],
                          init_cache(config, 1, T, slots.cache.k[0].dtype))
-    put = lambda big, small: jax.lax.dynamic_update_slice(big, small, (slot, 0, 0, 0))
+
+    def put(big, small):
+        for i in range(n):
+            big = jax.lax.dynamic_update_slice(big, small, (rows[i], 0, 0, 0))
+        return big
     cache = KVCache(k=tuple(map(put, slots.cache.k, own.k)), v=tuple(map(put, slots.cache.v, own.v)),
-                    lengths=slots.cache.lengths.at[slot].set(length))
-    seen = prompt_seen(tokens, length[None], config.vocab_size)
-    token = sample(logits, jax.random.fold_in(key, 0)[None], sampling, seen)[0]
-    set_row = lambda array, value: array.at[slot].set(value)
+                    lengths=slots.cache.lengths.at[rows].set(length))
+    seen = jnp.broadcast_to(prompt_seen(tokens, length[None], config.vocab_size), (n, config.vocab_size))
+    logits = jnp.broadcast_to(logits, (n, logits.shape[-1]))
+    token = sample(logits, jax.vmap(jax.random.fold_in, (0, None))(keys, 0), sampling, seen)
+    set_rows = lambda array, value: array.at[rows].set(value)
     slots = slots.replace(
-        cache=cache, active=set_row(slots.active, True), n_generated=set_row(slots.n_generated, 0),
-        max_new=set_row(slots.max_new, max_new), keys=set_row(slots.keys, key),
-        sampling=jax.tree.map(lambda a, v: set_row(a, v[0]), slots.sampling, sampling),
-        seen=set_row(slots.seen, seen[0]))
-    row = jnp.arange(slots.active.shape[0]) == slot
-    return (record(slots, jnp.where(row, token, -1), stop_ids, rows=row), token,
-            token_scores(logits, token[None], TOP_LOGPROBS))
+        cache=cache, active=set_rows(slots.active, True), n_generated=set_rows(slots.n_generated, 0),
+        max_new=set_rows(slots.max_new, max_new), keys=set_rows(slots.keys, keys),
+        sampling=jax.tree.map(set_rows, slots.sampling, sampling), seen=set_rows(slots.seen, seen))
+    taken = jnp.isin(jnp.arange(slots.active.shape[0]), rows)
+    tokens_by_row = jnp.full(slots.active.shape, -1, jnp.int32).at[rows].set(token)
+    return (record(slots, tokens_by_row, stop_ids, rows=taken), token,
+            token_scores(logits, token, TOP_LOGPROBS))
 
 
 @partial(jax.jit, static_argnames=("config", "steps", "span", "logprobs"), donate_argnames=("slots",))
@@ -156,7 +162,8 @@ class Engine:
         self.stop_ids = jnp.asarray(config.eos_token_ids or (-2,), jnp.int32)  # -2 never matches
         self._stop_set = set(config.eos_token_ids)
         self.slots = init_slots(config, n_slots, self.capacity, params.embed.dtype)
-        self._waiting: collections.deque[Request] = collections.deque()
+        # requests wait in groups: the n choices of one prompt, admitted together
+        self._waiting: collections.deque[list[Request]] = collections.deque()
         self._running: dict[int, Request] = {}
         self._decoders: dict[int, StreamDecoder] = {}
         self._cond = threading.Condition()
@@ -170,13 +177,24 @@ class Engine:
         check_prompt(self.config, prompt_ids, max_tokens, self.capacity, whole_budget=True)
 
     def submit(self, request: Request) -> Request:
-        self.check(request.prompt_ids, request.max_tokens)
+        return self.submit_group([request])[0]
+
+    def submit_group(self, requests: list[Request]) -> list[Request]:
+        """Several completions of one prompt (a request's n choices): its prefill runs
+        once, into as many slots, when they are free together. The requests differ in
+        their seeds only."""
+        first = requests[0]
+        self.check(first.prompt_ids, first.max_tokens)
+        if len(requests) > self.n_slots:
+            raise ValueError(f"{len(requests)} choices of one prompt exceed the engine's {self.n_slots} slots")
+        if any(r.prompt_ids != first.prompt_ids or r.max_tokens != first.max_tokens for r in requests):
+            raise ValueError("a group's requests share their prompt and max_tokens")
         with self._cond:
             if self._closing:
                 raise RuntimeError("the engine is shut down")
-            self._waiting.append(request)
+            self._waiting.append(list(requests))
             self._cond.notify()
-        return request
+        return requests
 
     def cancel(self, request: Request) -> None:
         """The request ends at the next chunk boundary and frees its slot."""
@@ -186,7 +204,7 @@ class Engine:
 
     @property
     def waiting(self) -> int:
-        return len(self._waiting)
+        return sum(map(len, self._waiting))
 
     @property
     def running(self) -> int:
@@ -208,10 +226,10 @@ class Engine:
     def _warmup(self) -> None:
         """Compile the decode chunk and the shortest prompt bucket before serving."""
         self.slots = admit(
-            self.params, self.config, self.slots, jnp.int32(0),
+            self.params, self.config, self.slots, jnp.zeros((1,), jnp.int32),
             jnp.zeros((1, min(bucket_length(1), self.capacity)), jnp.int32), jnp.int32(1),
-            jax.random.PRNGKey(0), RowSampling.from_settings([SamplerSettings.greedy()]),
-            jnp.int32(2), self.stop_ids)[0]
+            jax.random.PRNGKey(0)[None], RowSampling.from_settings([SamplerSettings.greedy()]),
+            jnp.full((1,), 2, jnp.int32), self.stop_ids)[0]
         self.slots = release(self.slots, jnp.int32(0))
         self.slots, _, _ = decode_chunk(self.params, self.config, self.slots, self.stop_ids,
                                         self.steps_per_chunk, self._span(0))
@@ -228,21 +246,25 @@ class Engine:
                     break
                 joining = []
                 free = [b for b in range(self.n_slots) if b not in self._running]
-                while free and self._waiting:
-                    request = self._waiting.popleft()
-                    if request.cancelled:
+                while self._waiting:
+                    group = self._waiting[0]
+                    for request in [r for r in group if r.cancelled]:
+                        group.remove(request)
                         self._end(request, "cancelled")
-                    else:
-                        joining.append((free.pop(0), request))
-                self.metrics.occupancy(len(self._waiting), len(self._running) + len(joining))
-            for slot, request in joining:
-                self._guarded(self._admit, slot, request)
+                    if len(group) > len(free):
+                        break  # first come, first served: the head waits for its slots
+                    self._waiting.popleft()
+                    if group:
+                        joining.append(([free.pop(0) for _ in group], group))
+                self.metrics.occupancy(self.waiting, len(self._running) + sum(len(g) for _, g in joining))
+            for rows, group in joining:
+                self._guarded(self._admit, rows, group)
             for slot, request in list(self._running.items()):
                 if request.cancelled:
                     self._retire(slot, "cancelled")
             if self._running:
                 self._guarded(self._decode)
-        for request in list(self._waiting) + list(self._running.values()):
+        for request in [r for group in self._waiting for r in group] + list(self._running.values()):
             self._end(request, "cancelled")
 
     def _guarded(self, fn, *args) -> None:
@@ -252,7 +274,8 @@ class Engine:
         try:
             fn(*args)
         except Exception as e:  # noqa: BLE001
-            victims = list(self._running.values()) + [a for a in args if isinstance(a, Request)]
+            victims = list(self._running.values()) + [r for a in args if isinstance(a, list)
+                                                      for r in a if isinstance(r, Request)]
             self._running.clear()
             self._decoders.clear()
             self.slots = init_slots(self.config, self.n_slots, self.capacity, self.params.embed.dtype)
@@ -261,19 +284,22 @@ class Engine:
                     request.error = f"{type(e).__name__}: {e}"
                     self._end(request, "error")
 
-    def _admit(self, slot: int, request: Request) -> None:
-        n = len(request.prompt_ids)
+    def _admit(self, rows: list[int], group: list[Request]) -> None:
+        first = group[0]
+        n = len(first.prompt_ids)
         T = min(bucket_length(n), self.capacity)
         tokens = np.zeros((1, T), np.int32)
-        tokens[0, :n] = request.prompt_ids
+        tokens[0, :n] = first.prompt_ids
         self.slots, token, scores = admit(
-            self.params, self.config, self.slots, jnp.int32(slot), jnp.asarray(tokens), jnp.int32(n),
-            jax.random.PRNGKey(request.seed), RowSampling.from_settings([request.settings]),
-            jnp.int32(request.max_tokens), self.stop_ids)
-        self._running[slot] = request
-        self._decoders[slot] = StreamDecoder(self.tokenizer)
-        self._take(slot, request, [int(token)], still_active=None,
-                   scores=[np.asarray(a)[0][None] for a in scores])
+            self.params, self.config, self.slots, jnp.asarray(rows, jnp.int32), jnp.asarray(tokens),
+            jnp.int32(n), jnp.stack([jax.random.PRNGKey(r.seed) for r in group]),
+            RowSampling.from_settings([r.settings for r in group]),
+            jnp.asarray([r.max_tokens for r in group], jnp.int32), self.stop_ids)
+        token, scores = np.asarray(token), [np.asarray(a) for a in scores]
+        for i, (slot, request) in enumerate(zip(rows, group)):
+            self._running[slot] = request
+            self._decoders[slot] = StreamDecoder(self.tokenizer)
+            self._take(slot, request, [int(token[i])], still_active=None, scores=[a[i][None] for a in scores])
 
     def _span(self, longest: int) -> int:
         """Cache slots a chunk must read when the longest running row holds `longest`."""

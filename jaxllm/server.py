@@ -81,6 +81,7 @@ class SamplingFields(BaseModel):
     stop: Optional[Union[str, list[str]]] = None
     seed: Optional[int] = None
     n: int = 1
+    best_of: Optional[int] = None
     logprobs: Optional[Any] = None  # chat: true/false; completions: how many top tokens
     top_logprobs: Optional[int] = None  # chat
     response_format: Optional[dict] = None
@@ -143,8 +144,8 @@ class PrometheusMetrics(Metrics):
 # -- the app ----------------------------------------------------------------------------
 
 def _settings(body: SamplingFields) -> SamplerSettings:
-    if body.n != 1:
-        raise ApiError(400, "only n=1 is supported", "n")
+    if body.best_of is not None and body.best_of != body.n:
+        raise ApiError(400, "best_of is not supported (n choices are all returned)", "best_of")
     # Refused, not ignored: a client asking for a schema or a tool call must not get
     # free text that it takes for one.
     if body.response_format and body.response_format.get("type", "text") != "text":
@@ -236,7 +237,11 @@ def create_app(model: Model, model_id: str, *, max_batch: int = 8, max_context: 
                            "model", "model_not_found")
 
     def make_requests(body: SamplingFields, prompts: list[list[int]], top_logprobs=None) -> list[Request]:
+        """body.n requests per prompt, choice p * n + j drawing with seed + j: the n
+        choices of a prompt share its prefill (Engine.submit_group)."""
         settings, stop = _settings(body), _stops(body)
+        if not 1 <= body.n <= engine.n_slots:
+            raise ApiError(400, f"n must be between 1 and {engine.n_slots} (the server's --max-batch)", "n")
         seed = body.seed if body.seed is not None else secrets.randbits(31)
         requests = []
         for ids in prompts:
@@ -249,18 +254,20 @@ def create_app(model: Model, model_id: str, *, max_batch: int = 8, max_context: 
                 raise ApiError(400, str(e), "max_tokens", "context_length_exceeded") from None
             except ValueError as e:
                 raise ApiError(400, str(e), "max_tokens" if "max_tokens" in str(e) else "prompt") from None
-            requests.append(Request(ids, max_tokens, settings, seed, stop, top_logprobs))
+            requests += [Request(ids, max_tokens, settings, (seed + j) % (1 << 31), stop, top_logprobs)
+                         for j in range(body.n)]
         return requests
 
-    async def run(requests: list[Request]):
-        """Submit; yield (index, text, finish_reason, tokens so far) as the engine
-        produces them."""
+    async def run(requests: list[Request], n: int):
+        """Submit (n choices of a prompt together); yield (index, text, finish_reason,
+        tokens so far) as the engine produces them."""
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         for index, r in enumerate(requests):
             r.on_update = (lambda i: lambda _r, text, reason: loop.call_soon_threadsafe(
                 queue.put_nowait, (i, text, reason, len(_r.ids))))(index)
-            metrics.prompt_tokens.inc(len(r.prompt_ids))
-            engine.submit(r)
+        for first in range(0, len(requests), n):
+            metrics.prompt_tokens.inc(len(requests[first].prompt_ids))
+            engine.submit_group(requests[first:first + n])
         unfinished = len(requests)
         try:
             while unfinished:
@@ -272,8 +279,8 @@ def create_app(model: Model, model_id: str, *, max_batch: int = 8, max_context: 
                 if r.finish_reason is None:
                     engine.cancel(r)
 
-    def usage(requests: list[Request]) -> dict:
-        prompt = sum(len(r.prompt_ids) for r in requests)
+    def usage(requests: list[Request], n: int) -> dict:
+        prompt = sum(len(r.prompt_ids) for r in requests[::n])  # each prompt once, as OpenAI counts
         completion = sum(len(r.ids) for r in requests)
         return {"prompt_tokens": prompt, "completion_tokens": completion,
                 "total_tokens": prompt + completion}
@@ -313,11 +320,11 @@ def create_app(model: Model, model_id: str, *, max_batch: int = 8, max_context: 
         head = {"id": ident, "created": int(time.time()), "model": model_id}
         if not body.stream:
             texts = [""] * len(requests)
-            async for index, text, _, _ in run(requests):
+            async for index, text, _, _ in run(requests, body.n):
                 texts[index] += text
             if error := failure(requests):
                 return reply(endpoint, error.status, error.body())
-            return reply(endpoint, 200, {**head, **final(texts, requests), "usage": usage(requests)})
+            return reply(endpoint, 200, {**head, **final(texts, requests), "usage": usage(requests, body.n)})
 
         async def events():
             sse = lambda payload: f"data: {json.dumps(payload)}\n\n"
@@ -325,7 +332,7 @@ def create_app(model: Model, model_id: str, *, max_batch: int = 8, max_context: 
             for index in range(len(requests)):
                 if (opening := chunk(index, None, None, 0, 0)) is not None:
                     yield sse({**head, **opening})
-            async for index, text, reason, n in run(requests):
+            async for index, text, reason, n in run(requests, body.n):
                 if reason == "error":
                     yield sse(failure(requests).body())
                     break
@@ -335,7 +342,7 @@ def create_app(model: Model, model_id: str, *, max_batch: int = 8, max_context: 
             else:
                 if body.stream_options and body.stream_options.include_usage:
                     yield sse({**head, **chunk(None, None, None, 0, 0), "choices": [],
-                               "usage": usage(requests)})
+                               "usage": usage(requests, body.n)})
             yield "data: [DONE]\n\n"
 
         metrics.requests.labels(endpoint, "200").inc()
@@ -386,10 +393,12 @@ def create_app(model: Model, model_id: str, *, max_batch: int = 8, max_context: 
         ids = [p if isinstance(p, list) else model.tokenizer.encode(p) for p in prompt]
         top = _top_logprobs(body, chat=False)
         requests = make_requests(body, ids, top)
-        echoes = [model.tokenizer.decode(i) if body.echo else "" for i in ids]
+        echoes = [model.tokenizer.decode(i) if body.echo else "" for i in ids for _ in range(body.n)]
         # echo with logprobs: the prompt's tokens scored by one forward pass (the first has none)
         prompt_scores = [[None] + await asyncio.to_thread(prompt_logprobs, model.params, model.config, i, top)
                          for i in ids] if body.echo and top is not None else None
+        ids = [i for i in ids for _ in range(body.n)]  # by choice
+        prompt_scores = prompt_scores and [p for p in prompt_scores for _ in range(body.n)]
         offsets = [0] * len(requests)  # characters of each choice's text so far
 
         def logprobs(index, start, stop):

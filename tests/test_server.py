@@ -261,7 +261,9 @@ def test_concurrent_requests_match_alone_and_batch_faster(client, server):
     ({"model": "tiny", "prompt": "hi", "temperature": -1}, 400, "temperature"),
     ({"model": "tiny", "prompt": "hi", "top_p": 0}, 400, "top_p"),
     ({"model": "tiny", "prompt": "hi", "max_tokens": "many"}, 400, "max_tokens"),
-    ({"model": "tiny", "prompt": "hi", "n": 2}, 400, "n=1"),
+    ({"model": "tiny", "prompt": "hi", "n": 0}, 400, "n must be"),
+    ({"model": "tiny", "prompt": "hi", "n": 9}, 400, "n must be"),
+    ({"model": "tiny", "prompt": "hi", "n": 2, "best_of": 3}, 400, "best_of"),
     ({"model": "tiny", "prompt": "hi", "logprobs": 21}, 400, "logprobs"),
     ({"model": "tiny", "prompt": "hi", "logprobs": True}, 400, "logprobs"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21},
@@ -451,3 +453,26 @@ def test_chat_logprobs_streamed_and_not(client):
     np.testing.assert_allclose([e.logprob for e in streamed], [e.logprob for e in content], rtol=0, atol=1e-6)
     plain = client.chat.completions.create(model="tiny", messages=messages, max_tokens=3, temperature=0)
     assert plain.choices[0].logprobs is None
+
+
+def test_n_choices_share_the_prefill_and_match_single_requests(client):
+    """n=3 with a seed: choice j is what one request with seed + j gives (each row
+    draws with its own key, whoever shares the batch), one prefill serves all three
+    (prompt tokens counted once), and the stream tells the choices apart by index."""
+    prompt, kw = [5, 6, 7], dict(model="tiny", max_tokens=8, temperature=1.5, top_p=1.0)
+    grouped = client.completions.create(prompt=prompt, n=3, seed=11, **kw)
+    assert [c.index for c in grouped.choices] == [0, 1, 2]
+    singles = [client.completions.create(prompt=prompt, seed=11 + j, **kw) for j in range(3)]
+    alone = [r.choices[0].text for r in singles]
+    assert [c.text for c in grouped.choices] == alone
+    assert len(set(alone)) > 1  # the seeds differ, so do the choices
+    assert grouped.usage.prompt_tokens == len(prompt)
+    assert grouped.usage.completion_tokens == sum(r.usage.completion_tokens for r in singles)
+    texts = ["", "", ""]
+    for c in client.completions.create(prompt=prompt, n=3, seed=11, stream=True, **kw):
+        for choice in c.choices:
+            texts[choice.index] += choice.text
+    assert texts == alone
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], n=2,
+                                          max_tokens=5, temperature=0)
+    assert len(chat.choices) == 2 and chat.choices[0].message.content == chat.choices[1].message.content
