@@ -46,7 +46,7 @@ def init_slots(config: ModelConfig, n_slots: int, capacity: int, dtype) -> Decod
     return init_state(init_cache(config, n_slots, capacity, dtype), jnp.zeros((n_slots, 2), jnp.uint32),
                       jnp.zeros((n_slots,), jnp.int32),
                       RowSampling.from_settings([SamplerSettings.greedy()] * n_slots),
-                      track_seen=True, vocab_size=config.vocab_size)
+                      track_seen=True, vocab_size=config.vocab_size, track_counts=True)
 
 
 @partial(jax.jit, static_argnames=("config",), donate_argnames=("slots",))
@@ -75,7 +75,8 @@ def admit(params: Params, config: ModelConfig, slots: DecodeState, rows, tokens,
     slots = slots.replace(
         cache=cache, active=set_rows(slots.active, True), n_generated=set_rows(slots.n_generated, 0),
         max_new=set_rows(slots.max_new, max_new), keys=set_rows(slots.keys, keys),
-        sampling=jax.tree.map(set_rows, slots.sampling, sampling), seen=set_rows(slots.seen, seen))
+        sampling=jax.tree.map(set_rows, slots.sampling, sampling), seen=set_rows(slots.seen, seen),
+        counts=set_rows(slots.counts, 0))
     taken = jnp.isin(jnp.arange(slots.active.shape[0]), rows)
     tokens_by_row = jnp.full(slots.active.shape, -1, jnp.int32).at[rows].set(token)
     return (record(slots, tokens_by_row, stop_ids, rows=taken), token,

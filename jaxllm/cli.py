@@ -37,9 +37,11 @@ def _load(args):
 
 def _settings(args) -> SamplerSettings:
     if args.temperature == 0:
-        return SamplerSettings.greedy(repetition_penalty=args.repeat_penalty)
+        return SamplerSettings.greedy(repetition_penalty=args.repeat_penalty, presence_penalty=args.presence_penalty,
+                                      frequency_penalty=args.frequency_penalty)
     return SamplerSettings(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                           min_p=args.min_p, repetition_penalty=args.repeat_penalty)
+                           min_p=args.min_p, repetition_penalty=args.repeat_penalty,
+                           presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty)
 
 
 def _stream_completion(model, ids: list[int], **kw) -> list[int]:
@@ -204,6 +206,10 @@ def _sampling_args(p) -> None:
     p.add_argument("--top-p", type=float, default=d.top_p, help="1 disables")
     p.add_argument("--min-p", type=float, default=d.min_p, help="0 disables")
     p.add_argument("--repeat-penalty", type=float, default=d.repetition_penalty, help="1 disables")
+    p.add_argument("--presence-penalty", type=float, default=d.presence_penalty,
+                   help="subtracted once from each generated token's logit (OpenAI's; 0 disables)")
+    p.add_argument("--frequency-penalty", type=float, default=d.frequency_penalty,
+                   help="subtracted per occurrence from each generated token's logit (OpenAI's; 0 disables)")
     p.add_argument("--seed", type=int, default=0)
 
 

@@ -38,16 +38,19 @@ class DecodeState:
     keys: jax.Array  # [B, 2] uint32: each row's PRNG key; its token n draws with fold_in(key, n)
     sampling: Optional[RowSampling]  # [B] each; None where the settings are static
     seen: Optional[jax.Array]  # [B, V] bool: tokens in each row's context; None without a penalty
+    # [B, V] int32: how often each row generated each token; None without presence/frequency penalties
+    counts: Optional[jax.Array] = None
 
 
 def init_state(cache: KVCache, keys: jax.Array, max_new: jax.Array, sampling: Optional[RowSampling] = None,
-               track_seen: bool = False, vocab_size: int = 0) -> DecodeState:
+               track_seen: bool = False, vocab_size: int = 0, track_counts: bool = False) -> DecodeState:
     """Rows that are all inactive, over `cache` (B = its batch)."""
     B = cache.batch
     zeros = lambda: jnp.zeros((B,), jnp.int32)  # distinct buffers: the state is donated
     return DecodeState(cache=cache, last=zeros(), active=jnp.zeros((B,), bool), n_generated=zeros(),
                        max_new=max_new, keys=keys, sampling=sampling,
-                       seen=jnp.zeros((B, vocab_size), bool) if track_seen else None)
+                       seen=jnp.zeros((B, vocab_size), bool) if track_seen else None,
+                       counts=jnp.zeros((B, vocab_size), jnp.int32) if track_counts else None)
 
 
 def prompt_seen(tokens: jax.Array, lengths: jax.Array, vocab_size: int) -> jax.Array:
@@ -66,11 +69,11 @@ def record(state: DecodeState, token: jax.Array, stop_ids: jax.Array,
     n = state.n_generated + rows
     stopped = (jnp.isin(token, stop_ids) | (n >= state.max_new)
                | (state.cache.lengths >= state.cache.capacity))
-    seen = state.seen
-    if seen is not None:
-        seen = seen.at[jnp.arange(token.shape[0]), jnp.maximum(token, 0)].max(rows)
+    at = (jnp.arange(token.shape[0]), jnp.maximum(token, 0))
+    seen = None if state.seen is None else state.seen.at[at].max(rows)
+    counts = None if state.counts is None else state.counts.at[at].add(rows.astype(jnp.int32))
     return state.replace(last=jnp.where(rows, token, state.last), n_generated=n,
-                         active=state.active & ~(rows & stopped), seen=seen)
+                         active=state.active & ~(rows & stopped), seen=seen, counts=counts)
 
 
 class Scores(NamedTuple):
@@ -100,7 +103,7 @@ def empty_scores(B: int, N: int, k: int) -> Scores:
 def sample_next(logits: jax.Array, state: DecodeState, settings: Optional[SamplerSettings]) -> jax.Array:
     """Each row's next token [B] from logits [B, V], drawn with fold_in(key, n_generated)."""
     keys = jax.vmap(jax.random.fold_in)(state.keys, state.n_generated)
-    return sample(logits, keys, settings or state.sampling, state.seen)
+    return sample(logits, keys, settings or state.sampling, state.seen, state.counts)
 
 
 def step(params: Params, config: ModelConfig, settings: Optional[SamplerSettings], state: DecodeState,

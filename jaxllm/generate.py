@@ -93,7 +93,8 @@ def start(params: Params, config: ModelConfig, prompts, *, max_new_tokens: int,
     state = init_state(init_cache(config, B, capacity, cache_dtype or params.embed.dtype),
                        jnp.stack([jax.random.PRNGKey(seed + b) for b in range(B)]),
                        jnp.full((B,), max_new_tokens, jnp.int32),
-                       track_seen=settings.repetition_penalty != 1.0, vocab_size=config.vocab_size)
+                       track_seen=settings.repetition_penalty != 1.0, vocab_size=config.vocab_size,
+                       track_counts=settings.counts_tokens)
     state, first = prefill(params, config, settings, state, jnp.asarray(tokens), jnp.asarray(lengths), stop_ids)
     out = jnp.full((B, capacity), -1, jnp.int32).at[:, 0].set(first)
     return Generation(state, out, jnp.int32(1), stop_ids, max_new_tokens, settings)

@@ -22,19 +22,26 @@ from flax import struct
 
 @dataclass(frozen=True)
 class SamplerSettings:
-    """temperature 0 means greedy; top_k 0, top_p 1, min_p 0 and
-    repetition_penalty 1 switch their stage off."""
+    """temperature 0 means greedy; top_k 0, top_p 1, min_p 0, repetition_penalty 1
+    and presence/frequency penalties 0 switch their stage off. repetition_penalty
+    (llama.cpp's, HF's) divides the logits of tokens in the row's context; the
+    presence and frequency penalties (OpenAI's) subtract presence + frequency * count
+    from the logit of each token the row has generated `count` times (vLLM's
+    convention: generated tokens only)."""
 
     temperature: float = 0.8
     top_k: int = 40
     top_p: float = 0.95
     min_p: float = 0.05
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self):
         def bad(name, value, rule):
             raise ValueError(f"invalid sampling parameter {name}={value!r}: must be {rule}")
-        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                     "frequency_penalty"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 bad(name, value, "a finite number")
@@ -48,11 +55,20 @@ class SamplerSettings:
             bad("min_p", self.min_p, "in [0, 1] (0 disables it)")
         if self.repetition_penalty <= 0:
             bad("repetition_penalty", self.repetition_penalty, "> 0 (1 disables it)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                bad(name, getattr(self, name), "in [-2, 2] (0 disables it)")
 
     @classmethod
-    def greedy(cls, repetition_penalty: float = 1.0) -> "SamplerSettings":
-        return cls(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,
-                   repetition_penalty=repetition_penalty)
+    def greedy(cls, repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
+               frequency_penalty: float = 0.0) -> "SamplerSettings":
+        return cls(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=repetition_penalty,
+                   presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
+
+    @property
+    def counts_tokens(self) -> bool:
+        """The presence or frequency penalty is on: generated tokens are counted."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0
 
     @property
     def is_greedy(self) -> bool:
@@ -70,13 +86,16 @@ class RowSampling:
     top_p: jax.Array  # float32, 1 = off
     min_p: jax.Array  # float32, 0 = off
     repetition_penalty: jax.Array  # float32, 1 = off
+    presence_penalty: jax.Array  # float32, 0 = off
+    frequency_penalty: jax.Array  # float32, 0 = off
 
     @classmethod
     def from_settings(cls, rows: Sequence[SamplerSettings]) -> "RowSampling":
         column = lambda name, dtype: jnp.asarray([getattr(s, name) for s in rows], dtype)
         return cls(column("temperature", jnp.float32), column("top_k", jnp.int32),
                    column("top_p", jnp.float32), column("min_p", jnp.float32),
-                   column("repetition_penalty", jnp.float32))
+                   column("repetition_penalty", jnp.float32), column("presence_penalty", jnp.float32),
+                   column("frequency_penalty", jnp.float32))
 
 
 Settings = Union[SamplerSettings, RowSampling]
@@ -100,6 +119,14 @@ def penalize_repeats(logits: jax.Array, seen: jax.Array, penalty) -> jax.Array:
     penalty = _column(penalty)
     penalized = jnp.where(logits > 0, logits / penalty, logits * penalty)
     return jnp.where(seen, penalized, logits)
+
+
+def penalize_counts(logits: jax.Array, counts: jax.Array, presence, frequency) -> jax.Array:
+    """logits [B, V] - presence * (counts > 0) - frequency * counts, counts [B, V] the
+    times each row generated each token; the penalties numbers or [B]."""
+    if _off(presence, 0.0) and _off(frequency, 0.0):
+        return logits
+    return logits - _column(presence) * (counts > 0) - _column(frequency) * counts
 
 
 def filter_logits(logits: jax.Array, settings: Settings) -> jax.Array:
@@ -135,10 +162,13 @@ def filter_logits(logits: jax.Array, settings: Settings) -> jax.Array:
 
 
 def sample(logits: jax.Array, keys: jax.Array, settings: Settings,
-           seen: Optional[jax.Array] = None) -> jax.Array:
+           seen: Optional[jax.Array] = None, counts: Optional[jax.Array] = None) -> jax.Array:
     """Next tokens [B] (int32) from logits [B, V], one PRNG key per row (keys [B, 2]),
     so that a row's draws do not depend on which other rows share the batch. seen
-    [B, V]: the tokens of each row's context (repetition penalty)."""
+    [B, V]: the tokens of each row's context (repetition penalty); counts [B, V]: how
+    often each row generated each token (presence and frequency penalties)."""
+    if counts is not None:
+        logits = penalize_counts(logits, counts, settings.presence_penalty, settings.frequency_penalty)
     if seen is not None:
         logits = penalize_repeats(logits, seen, settings.repetition_penalty)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)

@@ -152,15 +152,14 @@ def _settings(body: SamplingFields) -> SamplerSettings:
         raise ApiError(400, "response_format other than text is not supported", "response_format")
     if body.tools:
         raise ApiError(400, "tools are not supported", "tools")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(body, name):
-            raise ApiError(400, f"{name} is not supported (use repeat_penalty)", name)
     penalty = body.repeat_penalty if body.repeat_penalty is not None else body.repetition_penalty
     try:
+        penalties = dict(repetition_penalty=1.0 if penalty is None else penalty,
+                         presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty)
         if body.temperature == 0:
-            return SamplerSettings.greedy(repetition_penalty=1.0 if penalty is None else penalty)
+            return SamplerSettings.greedy(**penalties)
         return SamplerSettings(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
-                               min_p=body.min_p, repetition_penalty=1.0 if penalty is None else penalty)
+                               min_p=body.min_p, **penalties)
     except ValueError as e:
         raise ApiError(400, str(e), str(e).split("=")[0].split()[-1]) from None
 

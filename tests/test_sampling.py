@@ -91,3 +91,26 @@ def test_same_seed_same_tokens_other_seed_other_tokens():
 def test_invalid_settings_name_the_parameter(kw, name):
     with pytest.raises(ValueError, match=name):
         SamplerSettings(**kw)
+
+
+def test_presence_and_frequency_penalties_match_a_numpy_greedy_loop():
+    """Greedy generation with OpenAI's penalties against a host loop that scores the
+    whole sequence with forward() and subtracts presence + frequency * count (of the
+    generated tokens only) in NumPy before its argmax; settings out of [-2, 2] fail."""
+    c = ARCH_CONFIGS["smollm2"].replace(eos_token_ids=())
+    params = jaxllm.init_params(c, jax.random.PRNGKey(1))
+    prompt, presence, frequency = [1, 2, 3], 0.7, 1.3
+    s = SamplerSettings.greedy(presence_penalty=presence, frequency_penalty=frequency)
+    got = jaxllm.generate(params, c, [prompt], max_new_tokens=10, settings=s).tokens[0]
+    seq, counts = list(prompt), np.zeros(c.vocab_size)
+    for _ in range(10):
+        logits = np.asarray(jaxllm.forward(params, c, jnp.asarray([seq])))[0, -1].astype(np.float64)
+        token = int(np.argmax(logits - presence * (counts > 0) - frequency * counts))
+        counts[token] += 1
+        seq.append(token)
+    assert got == seq[len(prompt):]
+    plain = jaxllm.generate(params, c, [prompt], max_new_tokens=10, settings=SamplerSettings.greedy()).tokens[0]
+    assert len(set(got)) > len(set(plain))  # the guard: the penalties change what is generated
+    for name in ("presence_penalty", "frequency_penalty"):
+        with pytest.raises(ValueError, match=name):
+            SamplerSettings(**{name: 2.5})

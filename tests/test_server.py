@@ -476,3 +476,13 @@ def test_n_choices_share_the_prefill_and_match_single_requests(client):
     chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], n=2,
                                           max_tokens=5, temperature=0)
     assert len(chat.choices) == 2 and chat.choices[0].message.content == chat.choices[1].message.content
+
+
+def test_presence_and_frequency_penalties_match_generate(client, model):
+    """The engine's per-row penalties give what generate's static ones give."""
+    prompt = [5, 6, 7]
+    settings = jaxllm.SamplerSettings.greedy(presence_penalty=0.5, frequency_penalty=1.5)
+    want = jaxllm.generate(model.params, model.config, [prompt], max_new_tokens=12, settings=settings).tokens[0]
+    got = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0,
+                                    presence_penalty=0.5, frequency_penalty=1.5)
+    assert got.choices[0].text == model.tokenizer.decode(want)
