@@ -69,9 +69,9 @@ def record(state: DecodeState, token: jax.Array, stop_ids: jax.Array,
     n = state.n_generated + rows
     stopped = (jnp.isin(token, stop_ids) | (n >= state.max_new)
                | (state.cache.lengths >= state.cache.capacity))
-    at = (jnp.arange(token.shape[0]), jnp.maximum(token, 0))
-    seen = None if state.seen is None else state.seen.at[at].max(rows)
-    counts = None if state.counts is None else state.counts.at[at].add(rows.astype(jnp.int32))
+    at = lambda: (jnp.arange(token.shape[0]), jnp.maximum(token, 0))
+    seen = None if state.seen is None else state.seen.at[at()].max(rows)
+    counts = None if state.counts is None else state.counts.at[at()].add(rows.astype(jnp.int32))
     return state.replace(last=jnp.where(rows, token, state.last), n_generated=n,
                          active=state.active & ~(rows & stopped), seen=seen, counts=counts)
 
