@@ -20,8 +20,10 @@ def _raise(message):
 
 
 def render_chat(template: Optional[str], messages: list[dict], add_generation_prompt: bool = True,
-                bos_token: str = "", eos_token: str = "") -> str:
-    """Prompt text for messages [{"role": ..., "content": ...}, ...]."""
+                bos_token: str = "", eos_token: str = "", tools: Optional[list[dict]] = None) -> str:
+    """Prompt text for messages [{"role": ..., "content": ...}, ...]; tools (OpenAI's
+    function definitions) go to the template's `tools` variable, as Hugging Face's
+    apply_chat_template passes them."""
     if not template:
         raise ChatTemplateError("this model has no chat template (tokenizer.chat_template)")
     for m in messages:
@@ -35,6 +37,6 @@ def render_chat(template: Optional[str], messages: list[dict], add_generation_pr
     try:
         return env.from_string(template).render(
             messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=bos_token, eos_token=eos_token)
+            bos_token=bos_token, eos_token=eos_token, tools=tools)
     except TemplateError as e:
         raise ChatTemplateError(f"chat template failed: {e}") from e

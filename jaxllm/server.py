@@ -40,6 +40,7 @@ from .chat import ChatTemplateError
 from .generate import ContextLengthError
 from .loading.models import Model
 from .scoring import prompt_logprobs
+from .tools import check_tools, history_message, parse_tool_calls
 from .sampling import SamplerSettings
 
 
@@ -86,6 +87,7 @@ class SamplingFields(BaseModel):
     top_logprobs: Optional[int] = None  # chat
     response_format: Optional[dict] = None
     tools: Optional[list] = None
+    tool_choice: Optional[Union[str, dict]] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
 
@@ -150,8 +152,6 @@ def _settings(body: SamplingFields) -> SamplerSettings:
     # free text that it takes for one.
     if body.response_format and body.response_format.get("type", "text") != "text":
         raise ApiError(400, "response_format other than text is not supported", "response_format")
-    if body.tools:
-        raise ApiError(400, "tools are not supported", "tools")
     penalty = body.repeat_penalty if body.repeat_penalty is not None else body.repetition_penalty
     try:
         penalties = dict(repetition_penalty=1.0 if penalty is None else penalty,
@@ -335,8 +335,8 @@ def create_app(model: Model, model_id: str, *, max_batch: int = 8, max_context: 
                 if reason == "error":
                     yield sse(failure(requests).body())
                     break
-                if text or reason:
-                    yield sse({**head, **chunk(index, text, reason, sent[index], n)})
+                if (text or reason) and (payload := chunk(index, text, reason, sent[index], n)) is not None:
+                    yield sse({**head, **payload})
                     sent[index] = n
             else:
                 if body.stream_options and body.stream_options.include_usage:
@@ -348,40 +348,83 @@ def create_app(model: Model, model_id: str, *, max_batch: int = 8, max_context: 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
+    def chat_tools(body: ChatBody) -> Optional[list]:
+        """The tools the template is given and the reply is parsed for: tool_choice
+        "auto" (the default with tools) or "none" (no tools). "required" and a named
+        function need decoding constrained to a call, which is not built yet."""
+        choice = body.tool_choice if body.tool_choice is not None else "auto"
+        if choice == "none" or (not body.tools and choice == "auto"):
+            return None
+        if not body.tools:
+            raise ApiError(400, "tool_choice needs tools", "tool_choice")
+        if choice != "auto":
+            raise ApiError(400, "tool_choice 'required' or a named function needs decoding constrained to "
+                           "a call, which jaxllm does not do yet: use 'auto' or 'none'", "tool_choice")
+        try:
+            tools = check_tools(body.tools)
+        except ValueError as e:
+            raise ApiError(400, str(e), "tools") from None
+        if "tools" not in (model.chat_template or ""):
+            raise ApiError(400, "this model's chat template does not take tools", "tools")
+        return tools
+
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatBody):
         check_model(body.model)
+        tools = chat_tools(body)
         messages = []
         for m in body.messages:
             content = m.content if isinstance(m.content, str) or m.content is None else "".join(
                 part.text or "" for part in m.content if part.type == "text")
-            messages.append({"role": m.role, "content": content or ""})
+            messages.append(history_message({**(m.model_extra or {}), "role": m.role, "content": content or ""}))
         try:
-            text = model.apply_chat_template(messages)
+            text = model.apply_chat_template(messages, tools=tools)
         except ChatTemplateError as e:
             raise ApiError(400, str(e), "messages") from None
         requests = make_requests(body, [model.tokenizer.encode(text)], _top_logprobs(body, chat=True))
 
+        def message(r: Request, text: str) -> tuple[dict, str]:
+            """The reply as a message (content, tool calls) and its finish reason."""
+            content, calls = parse_tool_calls(text) if tools else (text, [])
+            if not calls:
+                return {"content": text}, r.finish_reason
+            return {"content": content, "tool_calls": calls}, "tool_calls" if r.finish_reason == "stop" else r.finish_reason
+
         def chunk(index, text, reason, start, stop):
             if index is None:
                 return {"object": "chat.completion.chunk"}
-            delta = {"role": "assistant", "content": ""} if text is None and reason is None else (
-                {"content": text} if text else {})
-            logprobs = chat_logprobs(requests[index], start, stop) if stop > start else None
+            r = requests[index]
+            if text is None and reason is None:
+                delta = {"role": "assistant", "content": ""}
+            elif tools and reason is None:
+                return None  # with tools the reply goes out whole, once it can be parsed
+            elif tools:
+                whole, reason = message(r, r.text)
+                delta = {"content": whole["content"]} if whole["content"] else {}
+                if "tool_calls" in whole:
+                    delta["tool_calls"] = [{"index": k, **call} for k, call in enumerate(whole["tool_calls"])]
+                start = 0
+            else:
+                delta = {"content": text} if text else {}
+            logprobs = chat_logprobs(r, start, stop) if stop > start else None
             return {"object": "chat.completion.chunk", "choices": [
                 {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}]}
 
         def final(texts, requests):
-            return {"object": "chat.completion", "choices": [
-                {"index": i, "message": {"role": "assistant", "content": t},
-                 "logprobs": chat_logprobs(r, 0, len(r.ids)), "finish_reason": r.finish_reason}
-                for i, (t, r) in enumerate(zip(texts, requests))]}
+            choices = []
+            for i, (t, r) in enumerate(zip(texts, requests)):
+                whole, reason = message(r, t)
+                choices.append({"index": i, "message": {"role": "assistant", **whole},
+                                "logprobs": chat_logprobs(r, 0, len(r.ids)), "finish_reason": reason})
+            return {"object": "chat.completion", "choices": choices}
 
         return await respond("/v1/chat/completions", body, requests, chunk, final)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody):
         check_model(body.model)
+        if body.tools:
+            raise ApiError(400, "tools are for chat completions", "tools")
         prompt = body.prompt
         if isinstance(prompt, str):
             prompt = [prompt]

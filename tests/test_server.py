@@ -272,7 +272,8 @@ def test_concurrent_requests_match_alone_and_batch_faster(client, server):
     ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}},
      400, "response_format"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "tools": [
-        {"type": "function", "function": {"name": "f", "parameters": {}}}]}, 400, "tools"),
+        {"type": "function", "function": {"name": "f", "parameters": {}}}]}, 400, "does not take tools"),
+    ({"model": "tiny", "prompt": "hi", "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "chat"),
     ({"model": "tiny", "prompt": [5, 1000]}, 400, "token ids"),
     ({"model": "tiny"}, 400, "prompt"),
     ({"model": "tiny", "messages": []}, 400, "messages"),
@@ -486,3 +487,89 @@ def test_presence_and_frequency_penalties_match_generate(client, model):
     got = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0,
                                     presence_penalty=0.5, frequency_penalty=1.5)
     assert got.choices[0].text == model.tokenizer.decode(want)
+
+
+# Short, for the tiny model's 96-token slots (its tokens are nearly characters): tool
+# names, calls by name and city, roles by their first letter
+TOOLS_TEMPLATE = ("{% if tools %}[{% for t in tools %}{{ t.function.name }}{% endfor %}]{% endif %}"
+                  "{% for m in messages %}{{ m['role'][0] }}:{% if m.tool_calls %}{% for c in m.tool_calls %}"
+                  "{{ c.function.name }}({{ c.function.arguments.city }}){% endfor %}"
+                  "{% endif %}{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}a:{% endif %}")
+WEATHER_TOOL = {"type": "function", "function": {"name": "weather", "description": "today's weather",
+                                                 "parameters": {"type": "object", "properties": {
+                                                     "city": {"type": "string"}}, "required": ["city"]}}}
+
+
+ASK = [{"role": "user", "content": "Paris?"}]
+
+
+@pytest.fixture(scope="module")
+def tooled(model):
+    """The tiny model with a chat template that takes tools, whose engine stops on the
+    third token the model answers ASK with (given the tools), so that a reply ends
+    with "stop"."""
+    import dataclasses
+
+    tool_model = dataclasses.replace(model, chat_template=TOOLS_TEMPLATE)
+    ids = tool_model.tokenizer.encode(tool_model.apply_chat_template(ASK, tools=[WEATHER_TOOL]))
+    third = jaxllm.generate(model.params, model.config, [ids], max_new_tokens=3, stop_tokens=[],
+                            settings=jaxllm.SamplerSettings.greedy()).tokens[0][2]
+    app = create_app(tool_model, "tiny", max_batch=8, max_context=CONTEXT, steps_per_chunk=4)
+    app.state.engine.stop_ids = jax.numpy.asarray([third], jax.numpy.int32)  # an argument: no recompilation
+    app.state.engine._stop_set = {third}
+    for port in running(app):
+        yield OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0), tool_model
+
+
+def test_tools_render_and_a_tool_round_trip_is_served(tooled):
+    """tools with tool_choice auto: the reply is parsed for calls (a random model makes
+    none, so it stays content); a history with the assistant's call and the tool's
+    result goes through the template (the prompt the server counts is the template's
+    rendering of it, the call's arguments decoded) and is answered; "required" and a
+    named function answer 400."""
+    client, tool_model = tooled
+    ask = ASK
+    reply = client.chat.completions.create(model="tiny", messages=ask, tools=[WEATHER_TOOL], max_tokens=5,
+                                           temperature=0)
+    assert reply.choices[0].message.tool_calls is None and reply.choices[0].finish_reason == "stop"
+    history = ask + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "ok"}]
+    answer = client.chat.completions.create(model="tiny", messages=history, tools=[WEATHER_TOOL], max_tokens=5,
+                                            temperature=0)
+    rendered = "[weather]u:Paris?\na:weather(Paris)\nt:ok\na:"
+    assert tool_model.apply_chat_template([{**m, "content": m["content"] or ""} for m in history[:1]] + [
+        {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "weather",
+                                                                          "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "content": "ok"}], tools=[WEATHER_TOOL]) == rendered
+    assert answer.usage.prompt_tokens == len(tool_model.tokenizer.encode(rendered))
+    assert answer.choices[0].message.tool_calls is None and answer.choices[0].finish_reason in ("stop", "length")
+    for choice in ("required", {"type": "function", "function": {"name": "weather"}}):
+        with pytest.raises(BadRequestError, match="tool_choice"):
+            client.chat.completions.create(model="tiny", messages=ask, tools=[WEATHER_TOOL], tool_choice=choice)
+    with pytest.raises(BadRequestError, match="tools"):
+        client.chat.completions.create(model="tiny", messages=ask, tools=[{"type": "function"}])
+
+
+def test_parsed_tool_calls_come_back_as_openai_sends_them(tooled, monkeypatch):
+    """The reply's calls (the parser is made to find one in whatever the random model
+    says: parsing itself is tests/test_tools.py's) come back as message.tool_calls with
+    finish_reason "tool_calls", and streamed as one tool_calls delta; tool_choice
+    "none" leaves the reply as text."""
+    from jaxllm import server as server_module
+
+    client, _ = tooled
+    call = {"id": "call_abc", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}
+    kw = dict(model="tiny", messages=ASK, tools=[WEATHER_TOOL], max_tokens=6, temperature=0)
+    monkeypatch.setattr(server_module, "parse_tool_calls", lambda text: (None, [call]))
+    whole = client.chat.completions.create(**kw)
+    message = whole.choices[0].message
+    assert whole.choices[0].finish_reason == "tool_calls" and message.content is None
+    assert [(c.id, c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls] == [
+        ("call_abc", "weather", {"city": "Paris"})]
+    chunks = list(client.chat.completions.create(**kw, stream=True))
+    deltas = [c.choices[0].delta.tool_calls for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+    assert len(deltas) == 1 and deltas[0][0].index == 0 and deltas[0][0].function.name == "weather"
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    untouched = client.chat.completions.create(**{**kw, "tools": None}, tool_choice="none")
+    assert untouched.choices[0].message.tool_calls is None and untouched.choices[0].finish_reason != "tool_calls"

@@ -68,12 +68,13 @@ class Model:
     tensor_types: dict = field(default_factory=dict)  # GGUF type name -> tensor count
     file_bytes: int = 0
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: Optional[list[dict]] = None) -> str:
         tok = self.tokenizer
         piece = lambda i: tok.id_to_piece(i) if i is not None else ""
         eos = tok.eos_ids[0] if tok.eos_ids else None
         return render_chat(self.chat_template, messages, add_generation_prompt,
-                           bos_token=piece(tok.bos_id), eos_token=piece(eos))
+                           bos_token=piece(tok.bos_id), eos_token=piece(eos), tools=tools)
 
 
 def default_dtype():
