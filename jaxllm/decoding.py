@@ -119,18 +119,20 @@ def step(params: Params, config: ModelConfig, settings: Optional[SamplerSettings
     return record(state.replace(cache=cache), token, stop_ids), token, scores
 
 
-@partial(jax.jit, static_argnames=("config", "settings"), donate_argnames=("state",))
+@partial(jax.jit, static_argnames=("config", "settings", "top_logprobs"), donate_argnames=("state",))
 def prefill(params: Params, config: ModelConfig, settings: Optional[SamplerSettings], state: DecodeState,
-            tokens: jax.Array, lengths: jax.Array, stop_ids: jax.Array):
+            tokens: jax.Array, lengths: jax.Array, stop_ids: jax.Array, top_logprobs: Optional[int] = None):
     """Prompts tokens [B, T] (right-padded, lengths [B]) into the state's empty cache,
-    and every row's first token: (state with every row active until it stops, tokens [B])."""
+    and every row's first token: (state with every row active until it stops, tokens
+    [B], their Scores with the top `top_logprobs` or None)."""
     logits, cache = extend(params, config, tokens, lengths, state.cache)
     seen = None if state.seen is None else prompt_seen(tokens, lengths, config.vocab_size)
     B = tokens.shape[0]
     state = state.replace(cache=cache, active=jnp.ones((B,), bool), n_generated=jnp.zeros((B,), jnp.int32),
                           seen=seen)
     token = sample_next(logits, state, settings)
-    return record(state, token, stop_ids), token
+    scores = None if top_logprobs is None else token_scores(logits, token, top_logprobs)
+    return record(state, token, stop_ids), token, scores
 
 
 @partial(jax.jit, static_argnames=("config", "settings", "steps_per_sync", "span"),

@@ -17,7 +17,7 @@ import numpy as np
 
 from .cache import init_cache
 from .config import ModelConfig
-from .decoding import DecodeState, check_prompt, decode, init_state, prefill, take_tokens
+from .decoding import DecodeState, Scores, check_prompt, decode, empty_scores, init_state, prefill, take_tokens
 from .errors import ContextLengthError
 from .params import Params
 from .sampling import SamplerSettings
@@ -39,6 +39,8 @@ def _round_up(n: int, multiple: int) -> int:
 class GenerationResult:
     tokens: list[list[int]]  # per row: generated ids, stop token excluded
     stop_reasons: list[str]  # "stop" (a stop token), "length" (budget or context)
+    # with logprobs=k: per row, per token, (its log-probability, [(id, log-probability)] of the top k)
+    logprobs: Optional[list[list[tuple[float, list[tuple[int, float]]]]]] = None
 
 
 @dataclass
@@ -52,12 +54,13 @@ class Generation:
     stop_ids: jax.Array
     max_new: int
     settings: SamplerSettings
+    scores: Optional[Scores] = None  # [B, N] and [B, N, k], when log-probabilities are asked for
 
     def run(self, params: Params, config: ModelConfig, until: int, steps_per_sync: int = 16) -> "Generation":
         """Decode until `until` columns are written (rounded up to whole syncs), the budget, or every row stops."""
-        self.state, self.tokens, self.column, _ = decode(
+        self.state, self.tokens, self.column, self.scores = decode(
             params, config, self.settings, self.state, self.tokens, self.column, self.stop_ids,
-            jnp.int32(min(until, self.max_new)), steps_per_sync=steps_per_sync)
+            jnp.int32(min(until, self.max_new)), steps_per_sync=steps_per_sync, scores=self.scores)
         return self
 
 
@@ -73,9 +76,12 @@ def _as_rows(prompts) -> list[list[int]]:
 
 def start(params: Params, config: ModelConfig, prompts, *, max_new_tokens: int,
           settings: SamplerSettings, seed: int = 0, stop_tokens: Optional[Sequence[int]] = None,
-          max_context: Optional[int] = None, cache_dtype=None) -> Generation:
+          max_context: Optional[int] = None, cache_dtype=None, logprobs: Optional[int] = None) -> Generation:
     """Validate, pad and prefill. Row b draws with the key of seed + b, as a served
-    request with that seed would."""
+    request with that seed would. logprobs=k: record each token's log-probability and
+    the top k."""
+    if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int) or logprobs < 0):
+        raise ValueError(f"logprobs must be an integer >= 0, got {logprobs!r}")
     rows = _as_rows(prompts)
     context = min(max_context or config.max_seq_len, config.max_seq_len)
     for r in rows:
@@ -95,29 +101,41 @@ def start(params: Params, config: ModelConfig, prompts, *, max_new_tokens: int,
                        jnp.full((B,), max_new_tokens, jnp.int32),
                        track_seen=settings.repetition_penalty != 1.0, vocab_size=config.vocab_size,
                        track_counts=settings.counts_tokens)
-    state, first = prefill(params, config, settings, state, jnp.asarray(tokens), jnp.asarray(lengths), stop_ids)
+    state, first, scored = prefill(params, config, settings, state, jnp.asarray(tokens), jnp.asarray(lengths),
+                                   stop_ids, logprobs)
     out = jnp.full((B, capacity), -1, jnp.int32).at[:, 0].set(first)
-    return Generation(state, out, jnp.int32(1), stop_ids, max_new_tokens, settings)
+    scores = None
+    if logprobs is not None:
+        scores = jax.tree.map(lambda buffer, value: buffer.at[:, 0].set(value),
+                              empty_scores(B, capacity, logprobs), scored)
+    return Generation(state, out, jnp.int32(1), stop_ids, max_new_tokens, settings, scores)
 
 
-def _finish(tokens: np.ndarray, stops) -> GenerationResult:
+def _finish(tokens: np.ndarray, stops, scores: Optional[Scores] = None) -> GenerationResult:
     rows = [take_tokens(row.tolist(), stops) for row in tokens]
-    return GenerationResult([r for r, _ in rows], [reason or "length" for _, reason in rows])
+    logprobs = None
+    if scores is not None:
+        logprob, top_ids, top = (np.asarray(a) for a in scores)
+        logprobs = [[(float(logprob[b, t]), list(zip(top_ids[b, t].tolist(), top[b, t].tolist())))
+                     for t in range(len(kept))] for b, (kept, _) in enumerate(rows)]
+    return GenerationResult([r for r, _ in rows], [reason or "length" for _, reason in rows], logprobs)
 
 
 def generate(params: Params, config: ModelConfig, prompts, *, max_new_tokens: int = 64,
              settings: SamplerSettings = SamplerSettings(), seed: int = 0,
              stop_tokens: Optional[Sequence[int]] = None, max_context: Optional[int] = None,
-             cache_dtype=None) -> GenerationResult:
+             cache_dtype=None, logprobs: Optional[int] = None) -> GenerationResult:
     """Generate up to max_new_tokens for each prompt (token id lists of any lengths).
 
     Rows stop at any id in stop_tokens (default: the config's EOS ids), at the
     token budget, or when the context is full. Reproducible for a given seed.
+    logprobs=k: each token's log-probability under the model (its log-softmax, before
+    penalties, temperature and filters) and the top k, in the result's `logprobs`.
     """
     run = start(params, config, prompts, max_new_tokens=max_new_tokens, settings=settings, seed=seed,
-                stop_tokens=stop_tokens, max_context=max_context, cache_dtype=cache_dtype)
+                stop_tokens=stop_tokens, max_context=max_context, cache_dtype=cache_dtype, logprobs=logprobs)
     run.run(params, config, max_new_tokens)
-    return _finish(np.asarray(run.tokens), set(np.asarray(run.stop_ids).tolist()))
+    return _finish(np.asarray(run.tokens), set(np.asarray(run.stop_ids).tolist()), run.scores)
 
 
 def generate_stream(params: Params, config: ModelConfig, prompts, *, max_new_tokens: int = 64,

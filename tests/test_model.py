@@ -162,3 +162,24 @@ def test_decode_loop_updates_the_cache_in_place():
     layer_bytes = cache8 / 8
     assert temp8 - temp4 < layer_bytes / 8
     assert temp8 < cache8 / 4
+
+
+def test_generate_reports_logprobs_equal_to_scoring():
+    """generate(logprobs=k): each token's log-probability is teacher-forced scoring's
+    for the same text (the decode loop against one forward pass, float32), its top k
+    sorted with the greedy token first; the tokens are those generated without it."""
+    c = ARCH_CONFIGS["qwen3"].replace(eos_token_ids=())
+    params = jaxllm.init_params(c, jax.random.PRNGKey(4))
+    prompts, greedy = [[5, 6, 7], [9, 10]], jaxllm.SamplerSettings.greedy()
+    out = jaxllm.generate(params, c, prompts, max_new_tokens=7, settings=greedy, logprobs=3)
+    assert out.tokens == jaxllm.generate(params, c, prompts, max_new_tokens=7, settings=greedy).tokens
+    for prompt, tokens, scored in zip(prompts, out.tokens, out.logprobs):
+        nll = jaxllm.score_ids(params, c, prompt + tokens)["nll"][len(prompt) - 1:]
+        assert len(scored) == len(tokens) == 7
+        np.testing.assert_allclose([lp for lp, _ in scored], [-x for x in nll], rtol=0, atol=1e-4)
+        for token, (lp, top) in zip(tokens, scored):
+            assert len(top) == 3 and top[0][0] == token and abs(top[0][1] - lp) < 1e-5
+            assert [t for _, t in top] == sorted((t for _, t in top), reverse=True)
+    assert jaxllm.generate(params, c, prompts, max_new_tokens=2, settings=greedy).logprobs is None
+    with pytest.raises(ValueError, match="logprobs"):
+        jaxllm.generate(params, c, prompts, max_new_tokens=2, logprobs=-1)
