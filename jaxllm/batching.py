@@ -29,7 +29,7 @@ import numpy as np
 from .cache import KVCache, init_cache
 from .config import ModelConfig
 from .decoding import (DecodeState, check_prompt, decode, empty_scores, init_state, prompt_seen, record,
-                       take_tokens, token_scores)
+                       take_tokens, token_entries, token_scores)
 from .generate import bucket_length
 from .model import extend
 from .params import Params
@@ -331,10 +331,8 @@ class Engine:
         decoder, taken = self._decoders[slot], 0
         for piece in ([fresh] if not request.stop else [[t] for t in fresh]):
             if request.top_logprobs is not None and scores is not None:
-                logprob, top_ids, top = scores
-                k = request.top_logprobs
-                request.logprobs += [(float(logprob[i]), list(zip(top_ids[i, :k].tolist(), top[i, :k].tolist())))
-                                     for i in range(taken, taken + len(piece))]
+                request.logprobs += token_entries(*(a[taken:taken + len(piece)] for a in scores),
+                                                  request.top_logprobs)
             taken += len(piece)
             request.ids += piece
             request.text += decoder.push(piece)

@@ -94,6 +94,14 @@ def token_scores(logits: jax.Array, token: jax.Array, k: int) -> Scores:
     return Scores(chosen, top_ids.astype(jnp.int32), top_logprobs)
 
 
+def token_entries(logprob, top_ids, top_logprobs, k: Optional[int] = None) -> list[tuple[float, list]]:
+    """On the host, scores as numpy arrays [n] and [n, K]: per token (its log-probability,
+    [(id, log-probability)] of the top k, default all K)."""
+    k = top_ids.shape[-1] if k is None else k
+    return [(float(lp), list(zip(ids[:k].tolist(), tops[:k].tolist())))
+            for lp, ids, tops in zip(logprob, top_ids, top_logprobs)]
+
+
 def empty_scores(B: int, N: int, k: int) -> Scores:
     """A buffer for N steps of B rows."""
     return Scores(jnp.zeros((B, N), jnp.float32), jnp.zeros((B, N, k), jnp.int32),

@@ -17,7 +17,8 @@ import numpy as np
 
 from .cache import init_cache
 from .config import ModelConfig
-from .decoding import DecodeState, Scores, check_prompt, decode, empty_scores, init_state, prefill, take_tokens
+from .decoding import (DecodeState, Scores, check_prompt, decode, empty_scores, init_state, prefill, take_tokens,
+                       token_entries)
 from .errors import ContextLengthError
 from .params import Params
 from .sampling import SamplerSettings
@@ -115,9 +116,8 @@ def _finish(tokens: np.ndarray, stops, scores: Optional[Scores] = None) -> Gener
     rows = [take_tokens(row.tolist(), stops) for row in tokens]
     logprobs = None
     if scores is not None:
-        logprob, top_ids, top = (np.asarray(a) for a in scores)
-        logprobs = [[(float(logprob[b, t]), list(zip(top_ids[b, t].tolist(), top[b, t].tolist())))
-                     for t in range(len(kept))] for b, (kept, _) in enumerate(rows)]
+        scores = [np.asarray(a) for a in scores]
+        logprobs = [token_entries(*(a[b, :len(kept)] for a in scores)) for b, (kept, _) in enumerate(rows)]
     return GenerationResult([r for r, _ in rows], [reason or "length" for _, reason in rows], logprobs)
 
 
