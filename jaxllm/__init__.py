@@ -14,6 +14,7 @@ from .config import PRESETS, ModelConfig, RopeScaling
 from .decoding import DecodeState
 from .errors import ContextLengthError
 from .generate import GenerationResult, generate, generate_stream
+from .grammar import Grammar, Grammars
 from .model import decode_step, extend, forward
 from .params import Layer, Norm, Params, init_params
 from .policy import KernelPolicy
@@ -25,8 +26,8 @@ from .weights import QuantizedWeight, TransposedWeight
 __version__ = "0.1.0"
 
 __all__ = [
-    "ContextLengthError", "DecodeState", "GenerationResult", "KVCache", "KernelPolicy", "Layer",
-    "ModelConfig", "Norm", "PRESETS", "Params", "QuantizedWeight", "RopeScaling", "RowSampling",
+    "ContextLengthError", "DecodeState", "GenerationResult", "Grammar", "Grammars", "KVCache", "KernelPolicy",
+    "Layer", "ModelConfig", "Norm", "PRESETS", "Params", "QuantizedWeight", "RopeScaling", "RowSampling",
     "SamplerSettings", "TransposedWeight", "decode_step", "dequantize_params", "extend", "filter_logits",
     "forward", "generate", "generate_stream", "init_cache", "init_params", "input_importance", "quantize",
     "sample", "score_ids",

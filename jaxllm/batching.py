@@ -28,9 +28,10 @@ import numpy as np
 
 from .cache import KVCache, init_cache
 from .config import ModelConfig
-from .decoding import (DecodeState, check_prompt, decode, empty_scores, init_state, prompt_seen, record,
-                       take_tokens, token_entries, token_scores)
+from .decoding import (DecodeState, check_prompt, decode, decode_stepped, empty_scores, init_state, prompt_seen,
+                       record, take_tokens, token_entries, token_scores)
 from .generate import bucket_length
+from .grammar import Grammar, Grammars, Matchers, allowed_logits
 from .model import extend
 from .params import Params
 from .sampling import RowSampling, SamplerSettings, sample
@@ -51,11 +52,12 @@ def init_slots(config: ModelConfig, n_slots: int, capacity: int, dtype) -> Decod
 
 @partial(jax.jit, static_argnames=("config",), donate_argnames=("slots",))
 def admit(params: Params, config: ModelConfig, slots: DecodeState, rows, tokens, length, keys,
-          sampling: RowSampling, max_new, stop_ids):
+          sampling: RowSampling, max_new, stop_ids, masks=None):
     """Prefill one prompt (tokens [1, T], its first `length` real) once, into the n
     slots `rows` [n] (a request's n choices share it), and sample each slot's first
     token with its own key (keys [n, 2]), parameters (an n-row RowSampling) and budget
-    (max_new [n]). Returns (slots, first tokens [n], their Scores [n], [n, k])."""
+    (max_new [n]), among the tokens `masks` allows (grammar.Matchers bits [n, words],
+    or None). Returns (slots, first tokens [n], their Scores [n], [n, k])."""
     T, n = tokens.shape[1], rows.shape[0]
     # The prompt runs against a cache of its own length, then lands in the slots'
     # rows: attention over the prompt costs T x T, not T x the whole row.
@@ -70,7 +72,7 @@ def admit(params: Params, config: ModelConfig, slots: DecodeState, rows, tokens,
                     lengths=slots.cache.lengths.at[rows].set(length))
     seen = jnp.broadcast_to(prompt_seen(tokens, length[None], config.vocab_size), (n, config.vocab_size))
     logits = jnp.broadcast_to(logits, (n, logits.shape[-1]))
-    token = sample(logits, jax.vmap(jax.random.fold_in, (0, None))(keys, 0), sampling, seen)
+    token = sample(allowed_logits(logits, masks), jax.vmap(jax.random.fold_in, (0, None))(keys, 0), sampling, seen)
     set_rows = lambda array, value: array.at[rows].set(value)
     slots = slots.replace(
         cache=cache, active=set_rows(slots.active, True), n_generated=set_rows(slots.n_generated, 0),
@@ -129,6 +131,7 @@ class Request:
     seed: int = 0
     stop: tuple[str, ...] = ()  # stop strings: the text ends before the first one
     top_logprobs: Optional[int] = None  # record log-probabilities with this many top tokens (None: none)
+    grammar: Optional[Grammar] = None  # hold the output to it (Engine.grammars() makes them)
     on_update: Callable[["Request", str, Optional[str]], None] = lambda r, text, reason: None
     # Filled in by the engine:
     ids: list[int] = field(default_factory=list)  # generated ids, stop token excluded
@@ -167,6 +170,8 @@ class Engine:
         self._waiting: collections.deque[list[Request]] = collections.deque()
         self._running: dict[int, Request] = {}
         self._decoders: dict[int, StreamDecoder] = {}
+        self._grammars: Optional[Grammars] = None
+        self._matchers: Optional[Matchers] = None  # the slots' grammars
         self._cond = threading.Condition()
         self._closing = False
         self._thread = threading.Thread(target=self._serve, name="jaxllm-engine", daemon=True)
@@ -176,6 +181,14 @@ class Engine:
     def check(self, prompt_ids: Sequence[int], max_tokens: int) -> None:
         """Raise ValueError / ContextLengthError for a request that cannot run."""
         check_prompt(self.config, prompt_ids, max_tokens, self.capacity, whole_budget=True)
+
+    def grammars(self) -> Grammars:
+        """The model's grammar compiler, built on first use (~0.3 s for a 49k vocabulary)."""
+        with self._cond:
+            if self._grammars is None:
+                self._grammars = Grammars(self.tokenizer, self.config.vocab_size)
+                self._matchers = Matchers(self._grammars)
+            return self._grammars
 
     def submit(self, request: Request) -> Request:
         return self.submit_group([request])[0]
@@ -279,6 +292,8 @@ class Engine:
                                                       for r in a if isinstance(r, Request)]
             self._running.clear()
             self._decoders.clear()
+            if self._matchers is not None:
+                self._matchers.detach_all()
             self.slots = init_slots(self.config, self.n_slots, self.capacity, self.params.embed.dtype)
             for request in victims:
                 if request.finish_reason is None:
@@ -291,12 +306,20 @@ class Engine:
         T = min(bucket_length(n), self.capacity)
         tokens = np.zeros((1, T), np.int32)
         tokens[0, :n] = first.prompt_ids
+        masks = None
+        if any(request.grammar is not None for request in group):
+            self.grammars()  # the slots' matchers, made on first use
+            for slot, request in zip(rows, group):
+                self._matchers.attach(slot, request.grammar)
+            masks = jnp.asarray(self._matchers.masks(rows))
         self.slots, token, scores = admit(
             self.params, self.config, self.slots, jnp.asarray(rows, jnp.int32), jnp.asarray(tokens),
             jnp.int32(n), jnp.stack([jax.random.PRNGKey(r.seed) for r in group]),
             RowSampling.from_settings([r.settings for r in group]),
-            jnp.asarray([r.max_tokens for r in group], jnp.int32), self.stop_ids)
+            jnp.asarray([r.max_tokens for r in group], jnp.int32), self.stop_ids, masks)
         token, scores = np.asarray(token), [np.asarray(a) for a in scores]
+        if masks is not None:
+            self._matchers.consume(token, rows)
         for i, (slot, request) in enumerate(zip(rows, group)):
             self._running[slot] = request
             self._decoders[slot] = StreamDecoder(self.tokenizer)
@@ -309,8 +332,13 @@ class Engine:
     def _decode(self) -> None:
         longest = max(len(r.prompt_ids) + len(r.ids) for r in self._running.values())
         logprobs = any(r.top_logprobs is not None for r in self._running.values())
-        self.slots, tokens, scores = decode_chunk(self.params, self.config, self.slots, self.stop_ids,
-                                                  self.steps_per_chunk, self._span(longest), logprobs)
+        if self._matchers:  # some slot follows a grammar: stepped from here
+            self.slots, tokens, scores = decode_stepped(
+                self.params, self.config, None, self.slots, self._matchers, self.steps_per_chunk, self.stop_ids,
+                self._span(longest), TOP_LOGPROBS if logprobs else None)
+        else:
+            self.slots, tokens, scores = decode_chunk(self.params, self.config, self.slots, self.stop_ids,
+                                                      self.steps_per_chunk, self._span(longest), logprobs)
         tokens, active = np.asarray(tokens), np.asarray(self.slots.active)
         scores = None if scores is None else [np.asarray(a) for a in scores]
         for slot, request in list(self._running.items()):
@@ -369,6 +397,8 @@ class Engine:
     def _retire(self, slot: int, reason: str) -> None:
         request = self._running.pop(slot)
         self._decoders.pop(slot, None)
+        if self._matchers is not None:
+            self._matchers.detach(slot)
         self.slots = release(self.slots, jnp.int32(slot))
         if reason in ("cancelled", "error"):
             self._emit(request, final=True)

@@ -15,11 +15,13 @@ from typing import Iterable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from .cache import KVCache
 from .config import ModelConfig
 from .errors import ContextLengthError
+from .grammar import Matchers, allowed_logits
 from .model import extend, extend_hidden, unembed
 from .params import Params
 from .sampling import RowSampling, SamplerSettings, sample
@@ -114,31 +116,46 @@ def sample_next(logits: jax.Array, state: DecodeState, settings: Optional[Sample
     return sample(logits, keys, settings or state.sampling, state.seen, state.counts)
 
 
-def step(params: Params, config: ModelConfig, settings: Optional[SamplerSettings], state: DecodeState,
-         stop_ids: jax.Array, span: Optional[int] = None, top_logprobs: Optional[int] = None):
-    """One token for every active row: (state, tokens [B] (-1 where a row was not
-    active), their Scores with the top `top_logprobs` (None: not computed)).
-    span: attention reads only the first `span` cache slots (model.extend_hidden)."""
+def advance(params: Params, config: ModelConfig, state: DecodeState, span: Optional[int] = None):
+    """Feed every active row its newest token: (state with the caches advanced, the
+    next-token logits [B, V]). span: attention reads only the first `span` cache
+    slots (model.extend_hidden)."""
     x, cache = extend_hidden(params, config, state.last[:, None], state.active.astype(jnp.int32),
                              state.cache, span)
-    logits = unembed(params, config, x[:, 0])
-    token = jnp.where(state.active, sample_next(logits, state, settings), -1)
+    return state.replace(cache=cache), unembed(params, config, x[:, 0])
+
+
+def choose(settings: Optional[SamplerSettings], state: DecodeState, logits: jax.Array, stop_ids: jax.Array,
+           top_logprobs: Optional[int] = None, masks: Optional[jax.Array] = None):
+    """Every active row's token from logits [B, V], among those its grammar allows
+    (masks: `grammar.Matchers.masks` bits, or None), recorded: (state, tokens [B] (-1
+    where a row was not active), their Scores with the top `top_logprobs` or None)."""
+    token = jnp.where(state.active, sample_next(allowed_logits(logits, masks), state, settings), -1)
     scores = None if top_logprobs is None else token_scores(logits, token, top_logprobs)
-    return record(state.replace(cache=cache), token, stop_ids), token, scores
+    return record(state, token, stop_ids), token, scores
+
+
+def step(params: Params, config: ModelConfig, settings: Optional[SamplerSettings], state: DecodeState,
+         stop_ids: jax.Array, span: Optional[int] = None, top_logprobs: Optional[int] = None):
+    """One token for every active row: advance, then choose."""
+    state, logits = advance(params, config, state, span)
+    return choose(settings, state, logits, stop_ids, top_logprobs)
 
 
 @partial(jax.jit, static_argnames=("config", "settings", "top_logprobs"), donate_argnames=("state",))
 def prefill(params: Params, config: ModelConfig, settings: Optional[SamplerSettings], state: DecodeState,
-            tokens: jax.Array, lengths: jax.Array, stop_ids: jax.Array, top_logprobs: Optional[int] = None):
+            tokens: jax.Array, lengths: jax.Array, stop_ids: jax.Array, top_logprobs: Optional[int] = None,
+            masks: Optional[jax.Array] = None):
     """Prompts tokens [B, T] (right-padded, lengths [B]) into the state's empty cache,
-    and every row's first token: (state with every row active until it stops, tokens
-    [B], their Scores with the top `top_logprobs` or None)."""
+    and every row's first token (among those `masks` allow, as in `choose`): (state
+    with every row active until it stops, tokens [B], their Scores with the top
+    `top_logprobs` or None)."""
     logits, cache = extend(params, config, tokens, lengths, state.cache)
     seen = None if state.seen is None else prompt_seen(tokens, lengths, config.vocab_size)
     B = tokens.shape[0]
     state = state.replace(cache=cache, active=jnp.ones((B,), bool), n_generated=jnp.zeros((B,), jnp.int32),
                           seen=seen)
-    token = sample_next(logits, state, settings)
+    token = sample_next(allowed_logits(logits, masks), state, settings)
     scores = None if top_logprobs is None else token_scores(logits, token, top_logprobs)
     return record(state, token, stop_ids), token, scores
 
@@ -176,6 +193,56 @@ def decode(params: Params, config: ModelConfig, settings: Optional[SamplerSettin
 
     return jax.lax.while_loop(keep_going, lambda carry: jax.lax.fori_loop(0, steps_per_sync, one, carry),
                               (state, tokens, column, scores))
+
+
+# The stepped loop's two programs split the state: the model pass donates the cache
+# alone, sampling donates the small per-row arrays alone. A donated buffer must be
+# ready when its program is dispatched (the host waits for it), so neither program
+# donates what the one queued just before it is still computing.
+@partial(jax.jit, static_argnames=("config", "span"), donate_argnames=("cache",))
+def _advance(params: Params, config: ModelConfig, cache: KVCache, rows: DecodeState, span: Optional[int]):
+    state, logits = advance(params, config, rows.replace(cache=cache), span)
+    return state.cache, logits
+
+
+@partial(jax.jit, static_argnames=("settings", "top_logprobs"), donate_argnames=("rows",))
+def _choose(settings: Optional[SamplerSettings], rows: DecodeState, cache: KVCache, logits: jax.Array,
+            stop_ids: jax.Array, top_logprobs: Optional[int], masks: jax.Array):
+    state, token, scores = choose(settings, rows.replace(cache=cache), logits, stop_ids, top_logprobs, masks)
+    return state.replace(cache=None), token, scores
+
+
+def decode_stepped(params: Params, config: ModelConfig, settings: Optional[SamplerSettings], state: DecodeState,
+                   matchers: Matchers, steps: int, stop_ids: jax.Array, span: Optional[int] = None,
+                   top_logprobs: Optional[int] = None):
+    """`decode` for a batch with rows held to grammars, driven from the host one step
+    at a time: each step's model pass is dispatched first, and while the device runs
+    it the host advances the matchers by the previous step's tokens and computes the
+    masks that the step's sampling takes. The matchers must have taken every token
+    sampled before; they have taken these too on return. Stops after `steps` steps,
+    or once a step finds no row active. Returns (state, tokens [B, n] (numpy, -1 where
+    a row was not active), their Scores [B, n] and [B, n, k] or None)."""
+    rows = range(state.active.shape[0])
+    cache, state = state.cache, state.replace(cache=None)
+    taken, scored, previous = [], [], None
+    for _ in range(steps):
+        cache, logits = _advance(params, config, cache, state, span)
+        if previous is not None:
+            taken.append(np.asarray(previous))  # ready: the device is on this step's model pass
+            matchers.consume(taken[-1])
+            if (taken[-1] < 0).all():
+                break
+        state, previous, scores = _choose(settings, state, cache, logits, stop_ids, top_logprobs,
+                                          matchers.masks(rows))
+        previous.copy_to_host_async()  # on its way while the next model pass runs
+        scored.append(scores)
+    else:
+        taken.append(np.asarray(previous))
+        matchers.consume(taken[-1])
+    scores = None
+    if top_logprobs is not None:
+        scores = Scores(*(jnp.stack(parts, axis=1) for parts in zip(*scored[:len(taken)])))
+    return state.replace(cache=cache), np.stack(taken, axis=1), scores
 
 
 # ---- the host's side ----------------------------------------------------------------------

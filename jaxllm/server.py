@@ -40,7 +40,8 @@ from .chat import ChatTemplateError
 from .generate import ContextLengthError
 from .loading.models import Model
 from .scoring import prompt_logprobs
-from .tools import check_tools, history_message, parse_tool_calls
+from .grammar import Grammar
+from .tools import CallStream, check_tools, forced_call, history_message, parse_tool_calls
 from .sampling import SamplerSettings
 
 
@@ -86,8 +87,14 @@ class SamplingFields(BaseModel):
     logprobs: Optional[Any] = None  # chat: true/false; completions: how many top tokens
     top_logprobs: Optional[int] = None  # chat
     response_format: Optional[dict] = None
+    # Constrained output beyond response_format: vLLM's structured_outputs {json |
+    # regex | choice | grammar}, llama-server's grammar (GBNF) and json_schema
+    structured_outputs: Optional[dict] = None
+    grammar: Optional[str] = None
+    json_schema: Optional[dict] = None
     tools: Optional[list] = None
     tool_choice: Optional[Union[str, dict]] = None
+    parallel_tool_calls: bool = True
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
 
@@ -148,10 +155,6 @@ class PrometheusMetrics(Metrics):
 def _settings(body: SamplingFields) -> SamplerSettings:
     if body.best_of is not None and body.best_of != body.n:
         raise ApiError(400, "best_of is not supported (n choices are all returned)", "best_of")
-    # Refused, not ignored: a client asking for a schema or a tool call must not get
-    # free text that it takes for one.
-    if body.response_format and body.response_format.get("type", "text") != "text":
-        raise ApiError(400, "response_format other than text is not supported", "response_format")
     penalty = body.repeat_penalty if body.repeat_penalty is not None else body.repetition_penalty
     try:
         penalties = dict(repetition_penalty=1.0 if penalty is None else penalty,
@@ -165,6 +168,42 @@ def _settings(body: SamplingFields) -> SamplerSettings:
 
 
 MAX_TOP_LOGPROBS = 20
+
+
+def _output_format(body: SamplingFields) -> Optional[tuple[str, str, Any]]:
+    """What the output is held to, as (field, kind, value) with kind json_schema,
+    regex, choice or grammar; None for free text. One such field per request."""
+    asked = []
+    rf = body.response_format
+    if rf is not None:
+        kind = rf.get("type", "text") if isinstance(rf, dict) else None
+        if kind == "json_object":
+            asked.append(("response_format", "json_schema", {"type": "object"}))
+        elif kind == "json_schema":
+            spec = rf.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+                raise ApiError(400, "response_format json_schema needs json_schema.schema (an object)",
+                               "response_format")
+            asked.append(("response_format", "json_schema", spec["schema"]))
+        elif kind != "text":
+            raise ApiError(400, "response_format.type must be text, json_object or json_schema",
+                           "response_format")
+    so = body.structured_outputs
+    if so is not None:
+        kinds = {"json": "json_schema", "regex": "regex", "choice": "choice", "grammar": "grammar"}
+        given = [k for k in so if so[k] is not None] if isinstance(so, dict) else []
+        if len(given) != 1 or given[0] not in kinds:
+            raise ApiError(400, "structured_outputs takes one of json, regex, choice or grammar",
+                           "structured_outputs")
+        asked.append(("structured_outputs", kinds[given[0]], so[given[0]]))
+    if body.grammar is not None:
+        asked.append(("grammar", "grammar", body.grammar))
+    if body.json_schema is not None:
+        asked.append(("json_schema", "json_schema", body.json_schema))
+    if len(asked) > 1:
+        raise ApiError(400, f"the output can follow one format; {', '.join(a[0] for a in asked)} each give one",
+                       asked[1][0])
+    return asked[0] if asked else None
 
 
 def _top_logprobs(body: SamplingFields, chat: bool) -> Optional[int]:
@@ -235,7 +274,26 @@ def create_app(model: Model, model_id: str, *, max_batch: int = 8, max_context: 
             raise ApiError(404, f"the model {name!r} does not exist; this server serves {model_id!r}",
                            "model", "model_not_found")
 
-    def make_requests(body: SamplingFields, prompts: list[list[int]], top_logprobs=None) -> list[Request]:
+    def output_grammar(body: SamplingFields, forced_tools=None) -> Optional[Grammar]:
+        """The request's output format (or, with forced_tools = (tools, name or None),
+        its forced tool call) compiled for the model; 400 for one that does not compile."""
+        asked = _output_format(body)
+        if asked is not None and forced_tools is not None:
+            raise ApiError(400, "a forced tool call and an output format cannot both hold", "tool_choice")
+        if asked is None and forced_tools is None:
+            return None
+        field = "tool_choice" if asked is None else asked[0]
+        try:
+            grammars = engine.grammars()
+            if forced_tools is not None:
+                return forced_call(grammars, *forced_tools, model.chat_template or "", body.parallel_tool_calls)
+            _, kind, value = asked
+            return getattr(grammars, kind)(value)
+        except ValueError as e:
+            raise ApiError(400, str(e), field) from None
+
+    def make_requests(body: SamplingFields, prompts: list[list[int]], top_logprobs=None,
+                      grammar: Optional[Grammar] = None) -> list[Request]:
         """body.n requests per prompt, choice p * n + j drawing with seed + j: the n
         choices of a prompt share its prefill (Engine.submit_group)."""
         settings, stop = _settings(body), _stops(body)
@@ -253,7 +311,7 @@ def create_app(model: Model, model_id: str, *, max_batch: int = 8, max_context: 
                 raise ApiError(400, str(e), "max_tokens", "context_length_exceeded") from None
             except ValueError as e:
                 raise ApiError(400, str(e), "max_tokens" if "max_tokens" in str(e) else "prompt") from None
-            requests += [Request(ids, max_tokens, settings, (seed + j) % (1 << 31), stop, top_logprobs)
+            requests += [Request(ids, max_tokens, settings, (seed + j) % (1 << 31), stop, top_logprobs, grammar)
                          for j in range(body.n)]
         return requests
 
@@ -348,30 +406,38 @@ def create_app(model: Model, model_id: str, *, max_batch: int = 8, max_context: 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
-    def chat_tools(body: ChatBody) -> Optional[list]:
-        """The tools the template is given and the reply is parsed for: tool_choice
-        "auto" (the default with tools) or "none" (no tools). "required" and a named
-        function need decoding constrained to a call, which is not built yet."""
+    def chat_tools(body: ChatBody) -> tuple[Optional[list], Optional[tuple]]:
+        """(the tools the template is given and the reply is parsed for, or None; with a
+        forced call, (tools, the function's name or None) for its grammar). tool_choice
+        "auto" (the default with tools) lets the model choose; "none" gives it no
+        tools; "required" or {"type": "function", "function": {"name": ...}} constrains
+        the reply to calls (of that function)."""
         choice = body.tool_choice if body.tool_choice is not None else "auto"
         if choice == "none" or (not body.tools and choice == "auto"):
-            return None
+            return None, None
         if not body.tools:
             raise ApiError(400, "tool_choice needs tools", "tool_choice")
-        if choice != "auto":
-            raise ApiError(400, "tool_choice 'required' or a named function needs decoding constrained to "
-                           "a call, which jaxllm does not do yet: use 'auto' or 'none'", "tool_choice")
+        if isinstance(choice, dict):
+            name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
+            if not isinstance(name, str):
+                raise ApiError(400, 'tool_choice must be "none", "auto", "required" or {"type": "function", '
+                               '"function": {"name": ...}}', "tool_choice")
+        elif choice not in ("auto", "required"):
+            raise ApiError(400, 'tool_choice must be "none", "auto", "required" or a named function', "tool_choice")
         try:
             tools = check_tools(body.tools)
         except ValueError as e:
             raise ApiError(400, str(e), "tools") from None
         if "tools" not in (model.chat_template or ""):
             raise ApiError(400, "this model's chat template does not take tools", "tools")
-        return tools
+        forced = None if choice == "auto" else (tools, name if isinstance(choice, dict) else None)
+        return tools, forced
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatBody):
         check_model(body.model)
-        tools = chat_tools(body)
+        tools, forced = chat_tools(body)
+        grammar = output_grammar(body, forced)
         messages = []
         for m in body.messages:
             content = m.content if isinstance(m.content, str) or m.content is None else "".join(
@@ -381,7 +447,7 @@ def create_app(model: Model, model_id: str, *, max_batch: int = 8, max_context: 
             text = model.apply_chat_template(messages, tools=tools)
         except ChatTemplateError as e:
             raise ApiError(400, str(e), "messages") from None
-        requests = make_requests(body, [model.tokenizer.encode(text)], _top_logprobs(body, chat=True))
+        requests = make_requests(body, [model.tokenizer.encode(text)], _top_logprobs(body, chat=True), grammar)
 
         def message(r: Request, text: str) -> tuple[dict, str]:
             """The reply as a message (content, tool calls) and its finish reason."""
@@ -390,23 +456,25 @@ def create_app(model: Model, model_id: str, *, max_batch: int = 8, max_context: 
                 return {"content": text}, r.finish_reason
             return {"content": content, "tool_calls": calls}, "tool_calls" if r.finish_reason == "stop" else r.finish_reason
 
+        streams = [CallStream() for _ in requests] if tools else None
+
         def chunk(index, text, reason, start, stop):
             if index is None:
                 return {"object": "chat.completion.chunk"}
-            r = requests[index]
             if text is None and reason is None:
                 delta = {"role": "assistant", "content": ""}
-            elif tools and reason is None:
-                return None  # with tools the reply goes out whole, once it can be parsed
-            elif tools:
-                whole, reason = message(r, r.text)
-                delta = {"content": whole["content"]} if whole["content"] else {}
-                if "tool_calls" in whole:
-                    delta["tool_calls"] = [{"index": k, **call} for k, call in enumerate(whole["tool_calls"])]
-                start = 0
+            elif tools:  # content and calls as they can be told apart (tools.CallStream)
+                delta = streams[index].push(text or "")
+                if reason is not None:
+                    last, made_calls = streams[index].finish()
+                    for key, value in last.items():
+                        delta[key] = delta.get(key, type(value)()) + value
+                    reason = "tool_calls" if made_calls and reason == "stop" else reason
+                elif not delta:
+                    return None  # nothing to say yet: these tokens' log-probabilities go with the next
             else:
                 delta = {"content": text} if text else {}
-            logprobs = chat_logprobs(r, start, stop) if stop > start else None
+            logprobs = chat_logprobs(requests[index], start, stop) if stop > start else None
             return {"object": "chat.completion.chunk", "choices": [
                 {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}]}
 
@@ -434,7 +502,7 @@ def create_app(model: Model, model_id: str, *, max_batch: int = 8, max_context: 
             raise ApiError(400, "the prompt is empty", "prompt")
         ids = [p if isinstance(p, list) else model.tokenizer.encode(p) for p in prompt]
         top = _top_logprobs(body, chat=False)
-        requests = make_requests(body, ids, top)
+        requests = make_requests(body, ids, top, output_grammar(body))
         echoes = [model.tokenizer.decode(i) if body.echo else "" for i in ids for _ in range(body.n)]
         # echo with logprobs: the prompt's tokens scored by one forward pass (the first has none)
         prompt_scores = [[None] + await asyncio.to_thread(prompt_logprobs, model.params, model.config, i, top)

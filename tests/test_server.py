@@ -269,8 +269,15 @@ def test_concurrent_requests_match_alone_and_batch_faster(client, server):
     ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21},
      400, "top_logprobs"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400, "top_logprobs"),
-    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}},
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "xml"}},
      400, "response_format"),
+    ({"model": "tiny", "prompt": "hi", "response_format": {"type": "json_schema"}}, 400, "json_schema.schema"),
+    ({"model": "tiny", "prompt": "hi", "response_format": {"type": "json_object"}, "grammar": "root ::= \"a\""},
+     400, "one format"),
+    ({"model": "tiny", "prompt": "hi", "structured_outputs": {"regex": "a", "choice": ["a"]}}, 400, "one of"),
+    ({"model": "tiny", "prompt": "hi", "structured_outputs": {"regex": "("}}, 400, "invalid regex"),
+    ({"model": "tiny", "prompt": "hi", "json_schema": {"type": "object", "properties": 3}}, 400, "json_schema"),
+    ({"model": "tiny", "prompt": "hi", "grammar": "root ::= nothing"}, 400, "invalid grammar"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "tools": [
         {"type": "function", "function": {"name": "f", "parameters": {}}}]}, 400, "does not take tools"),
     ({"model": "tiny", "prompt": "hi", "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "chat"),
@@ -395,6 +402,7 @@ def test_a_body_over_the_limit_gets_413(guarded, chunked):
 
 def test_serving_beyond_loopback_without_a_key_warns(capsys, monkeypatch):
     from jaxllm import server as server_module
+    from jaxllm import tools as tools_module
 
     monkeypatch.setitem(sys.modules, "uvicorn", type(sys)("uvicorn"))
     sys.modules["uvicorn"].run = lambda *a, **kw: None
@@ -525,8 +533,8 @@ def test_tools_render_and_a_tool_round_trip_is_served(tooled):
     """tools with tool_choice auto: the reply is parsed for calls (a random model makes
     none, so it stays content); a history with the assistant's call and the tool's
     result goes through the template (the prompt the server counts is the template's
-    rendering of it, the call's arguments decoded) and is answered; "required" and a
-    named function answer 400."""
+    rendering of it, the call's arguments decoded) and is answered. (Forced calls:
+    tests/test_structured.py.)"""
     client, tool_model = tooled
     ask = ASK
     reply = client.chat.completions.create(model="tiny", messages=ask, tools=[WEATHER_TOOL], max_tokens=5,
@@ -544,9 +552,6 @@ def test_tools_render_and_a_tool_round_trip_is_served(tooled):
         {"role": "tool", "content": "ok"}], tools=[WEATHER_TOOL]) == rendered
     assert answer.usage.prompt_tokens == len(tool_model.tokenizer.encode(rendered))
     assert answer.choices[0].message.tool_calls is None and answer.choices[0].finish_reason in ("stop", "length")
-    for choice in ("required", {"type": "function", "function": {"name": "weather"}}):
-        with pytest.raises(BadRequestError, match="tool_choice"):
-            client.chat.completions.create(model="tiny", messages=ask, tools=[WEATHER_TOOL], tool_choice=choice)
     with pytest.raises(BadRequestError, match="tools"):
         client.chat.completions.create(model="tiny", messages=ask, tools=[{"type": "function"}])
 
@@ -554,14 +559,17 @@ def test_tools_render_and_a_tool_round_trip_is_served(tooled):
 def test_parsed_tool_calls_come_back_as_openai_sends_them(tooled, monkeypatch):
     """The reply's calls (the parser is made to find one in whatever the random model
     says: parsing itself is tests/test_tools.py's) come back as message.tool_calls with
-    finish_reason "tool_calls", and streamed as one tool_calls delta; tool_choice
-    "none" leaves the reply as text."""
+    finish_reason "tool_calls", and streamed (text the stream could not follow as a
+    call) as one tool_calls delta at the end; tool_choice "none" leaves the reply as
+    text."""
     from jaxllm import server as server_module
+    from jaxllm import tools as tools_module
 
     client, _ = tooled
     call = {"id": "call_abc", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}
     kw = dict(model="tiny", messages=ASK, tools=[WEATHER_TOOL], max_tokens=6, temperature=0)
     monkeypatch.setattr(server_module, "parse_tool_calls", lambda text: (None, [call]))
+    monkeypatch.setattr(tools_module, "parse_tool_calls", lambda text: (None, [call]))  # the stream's
     whole = client.chat.completions.create(**kw)
     message = whole.choices[0].message
     assert whole.choices[0].finish_reason == "tool_calls" and message.content is None

@@ -2,11 +2,12 @@
 (jaxllm/tools.py), and tools rendered through a chat template."""
 
 import json
+import re
 
 import pytest
 
 from jaxllm.chat import render_chat
-from jaxllm.tools import check_tools, history_message, parse_tool_calls
+from jaxllm.tools import CallStream, check_tools, history_message, parse_tool_calls
 
 WEATHER = {"city": "Paris", "unit": "celsius"}
 
@@ -80,3 +81,44 @@ def test_tools_and_tool_messages_reach_the_template():
     text = render_chat(template, messages, add_generation_prompt=False, tools=tools)
     assert text == "<tools>weather;</tools><user>weather?<assistant>call weather(Paris)<tool>[call_1]sunny"
     assert render_chat(template, messages[:1], add_generation_prompt=False) == "<user>weather?"
+
+
+def _streamed(text: str, step: int):
+    """CallStream fed `text` in pieces of `step` characters: (content, {index: (id, name,
+    arguments)}, made calls, number of deltas)."""
+    stream, deltas = CallStream(), []
+    for i in range(0, len(text), step):
+        deltas.append(stream.push(text[i:i + step]))
+    last, made = stream.finish()
+    deltas = [d for d in deltas + [last] if d]
+    content, calls = "".join(d.get("content", "") for d in deltas), {}
+    for d in deltas:
+        for piece in d.get("tool_calls", []):
+            entry = calls.setdefault(piece["index"], [piece.get("id"), piece["function"].get("name"), ""])
+            entry[2] += piece["function"].get("arguments", "")
+    return content, {k: (i, n, json.loads(a)) for k, (i, n, a) in calls.items()}, made, len(deltas)
+
+
+@pytest.mark.parametrize("step", [1, 3, 1000])
+def test_a_streamed_reply_sends_content_then_each_call_as_it_is_written(step):
+    """Content up to the marker (never a partial marker), then per call its id and name
+    once, then its arguments in pieces that join to the whole reply's parse; text
+    that only looks like a marker's start stays content; a bare-JSON (Llama 3) call
+    or one that names itself last comes whole at the end."""
+    reply = ('Let me check. <tool_call>\n{"name": "weather", "arguments": {"city": "Pa\\"ris", "n": [1, {"a": 2}]}}'
+             '\n</tool_call>\n<tool_call>\n{"name": "time", "arguments": {"zone": "UTC"}}\n</tool_call>')
+    content, calls, made, n = _streamed(reply, step)
+    assert made and content == "Let me check. "
+    assert {k: (name, args) for k, (_, name, args) in calls.items()} == {
+        0: ("weather", {"city": 'Pa"ris', "n": [1, {"a": 2}]}), 1: ("time", {"zone": "UTC"})}
+    assert all(ident.startswith("call_") for ident, _, _ in calls.values())
+    if step == 1:
+        assert n > 40  # the arguments went out as they were written
+    mistral = _streamed('[TOOL_CALLS][{"name": "a", "arguments": {"x": 1}}, {"name": "b", "arguments": {}}]', step)
+    assert mistral[2] and [(c[1], c[2]) for c in mistral[1].values()] == [("a", {"x": 1}), ("b", {})]
+    for whole in ('{"name": "f", "parameters": {"q": "z"}}', '<tool_call>{"arguments": {}, "name": "g"}</tool_call>'):
+        content, calls, made, _ = _streamed(whole, step)
+        assert made and content == "" and [c[1] for c in calls.values()] == [json.loads(
+            re.sub("</?tool_call>", "", whole))["name"]]
+    text = "a < b and [TOOL_CALL is not a call <tool_"
+    assert _streamed(text, step)[:3] == (text, {}, False)
