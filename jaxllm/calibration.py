@@ -44,7 +44,8 @@ def _input_squares(params: Params, config: ModelConfig, tokens: jax.Array, valid
     stream = Residual(embed(params, config, tokens, positions))
     squares = []
     for i, layer in enumerate(params.layers):
-        taps = {name: InputTap(getattr(layer, name), valid) for name in PROJECTIONS}
+        taps = {name: InputTap(getattr(layer, name), valid) for name in PROJECTIONS
+                if kind_of(getattr(layer, name)) != "experts"}  # experts stay dense (quant.quantize)
         stream, _ = layer_forward(layer.replace(**taps), config, i, stream, positions)
         squares.append({name: tap.squares for name, tap in taps.items()})
     return tuple(squares)

@@ -141,6 +141,8 @@ def cmd_info(args) -> None:
         "weight_bytes": quant.weight_bytes(model.params),
         "chat_template": model.chat_template is not None,
     }
+    if c.n_experts:
+        info.update(experts=c.n_experts, active_experts=c.n_active_experts, expert_d_ff=c.expert_d_ff)
     if args.json:
         print(json.dumps(info))
     else:

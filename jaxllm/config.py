@@ -71,12 +71,22 @@ class ModelConfig:
     rope_local_theta: Optional[float] = None
 
     qk_norm: bool = False  # RMSNorm on queries and keys per head (Gemma 3, Qwen3)
+    qk_norm_whole: bool = False  # OLMoE: those norms span the whole q and k projections
     sandwich_norm: bool = False  # extra norms after attention and MLP (Gemma 2/3)
     norm_weight_offset: float = 0.0  # HF Gemma stores w and scales by (1 + w)
     embed_scale: Optional[float] = None  # Gemma multiplies embeddings by sqrt(D)
     query_scale: Optional[float] = None  # attention scale; default head_dim ** -0.5
     attn_softcap: Optional[float] = None  # Gemma 2: cap * tanh(scores / cap)
     final_softcap: Optional[float] = None  # Gemma 2: same on the output logits
+
+    # Mixture of experts (Qwen3-MoE, Mixtral): every layer's MLP is n_experts SwiGLU
+    # experts of width expert_d_ff (default d_ff), of which each token takes the
+    # n_active_experts with the highest router softmax, weighted by those
+    # probabilities (renormalised over the chosen ones with router_norm_topk).
+    n_experts: int = 0
+    n_active_experts: int = 0
+    expert_d_ff: Optional[int] = None
+    router_norm_topk: bool = True
 
     # Which kernels run (policy.py), part of every jit key. A name is turned into the
     # policy for the default backend when the config is built: "auto" uses Pallas
@@ -97,6 +107,14 @@ class ModelConfig:
             raise ValueError(
                 f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
             )
+        if self.n_experts:
+            if not 0 < self.n_active_experts <= self.n_experts:
+                raise ValueError(f"n_active_experts must be in [1, n_experts={self.n_experts}], "
+                                 f"got {self.n_active_experts}")
+            if self.mlp != "swiglu" or self.mlp_bias or self.parallel_block:
+                raise ValueError("mixture-of-experts layers are SwiGLU MLPs without biases")
+            if self.expert_d_ff is None:
+                object.__setattr__(self, "expert_d_ff", self.d_ff)
         if self.position == "rope" and self.rotary_dim % 2:
             raise ValueError(f"rotary embeddings need an even rotary dimension, got {self.rotary_dim}")
 
@@ -130,6 +148,8 @@ class ModelConfig:
         D, F, L = self.d_model, self.d_ff, self.n_layers
         attn = D * (self.q_size + 2 * self.kv_size) + self.q_size * D
         mlp = (3 if self.mlp in ("swiglu", "geglu") else 2) * D * F
+        if self.n_experts:
+            mlp = self.n_experts * 3 * D * self.expert_d_ff + D * self.n_experts
         embed = self.vocab_size * D * (1 if self.tie_embeddings else 2)
         return L * (attn + mlp + (1 if self.parallel_block else 2) * D) + embed + D
 
@@ -149,5 +169,11 @@ PRESETS: dict[str, ModelConfig] = {
         vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, d_ff=14336,
         rope_theta=500000.0, rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192),
         max_seq_len=131072, tie_embeddings=False, arch="llama",
+    ),
+    # Qwen3-30B-A3B: 128 experts, 8 per token (issue 30)
+    "qwen3moe30b": ModelConfig(
+        vocab_size=151936, d_model=2048, n_layers=48, n_heads=32, n_kv_heads=4, head_dim=128, d_ff=6144,
+        n_experts=128, n_active_experts=8, expert_d_ff=768, qk_norm=True, rope_theta=1e6,
+        max_seq_len=40960, tie_embeddings=False, arch="qwen3moe",
     ),
 }

@@ -24,7 +24,7 @@ from .cache import KVCache, write_rows
 from .config import ModelConfig
 from .kernels.matvec import GatedInput, PartialSums
 from .ops import (DeferredNorm, Residual, add_norm, apply_norm, apply_rope, attend, decode_attention,
-                  defers_norm, head_logits, linear, lookup, plan_for, rope_inv_freq)
+                  defers_norm, head_logits, linear, lookup, moe_mlp, plan_for, rope_inv_freq)
 from .params import Layer, Params
 from .weights import tied_head
 
@@ -33,6 +33,9 @@ def mlp(x, p: Layer, config: ModelConfig, keep_partial: bool = False,
         residual: Optional[jax.Array] = None):
     """The MLP's output delta (or its PartialSums with keep_partial), or residual +
     delta when a residual is given. x [..., D], or a DeferredNorm of it."""
+    if config.n_experts:
+        out = moe_mlp(x, p.router, p.w_in, p.w_out, config)
+        return out if residual is None else residual + out
     policy = config.kernels
     gated = config.mlp == "swiglu" or (config.mlp == "geglu" and config.gelu_approximate)
     act = "silu" if config.mlp == "swiglu" else "gelu_tanh"
@@ -91,10 +94,12 @@ def layer_forward(p: Layer, config: ModelConfig, index: int, stream: Residual, p
         return _after_attention(p, config, x, h, attn, kv)
     qkv = linear(h, p.wqkv, policy, p.bqkv)
     q, k, v = jnp.split(qkv, [config.q_size, config.q_size + config.kv_size], axis=-1)
+    if config.qk_norm_whole:
+        q, k = apply_norm(q, p.q_norm, config), apply_norm(k, p.k_norm, config)
     q = q.reshape(B, T, config.n_heads, Dh)
     k = k.reshape(B, T, config.n_kv_heads, Dh)
     v = v.reshape(B, T, config.n_kv_heads, Dh)
-    if config.qk_norm:
+    if config.qk_norm and not config.qk_norm_whole:
         q, k = apply_norm(q, p.q_norm, config), apply_norm(k, p.k_norm, config)
     if config.position == "rope":
         inv_freq = rope_inv_freq(config, config.layer_rope_theta(index))

@@ -27,7 +27,7 @@ from .kernels.qmatvec import qmatmul_pallas, qmatvec_pallas
 from .kernels.rowmatvec import rowmatvec_pallas
 from .params import Norm
 from .policy import KernelPolicy, Plan
-from .weights import InputTap, kind_of, linear_reference, take_rows
+from .weights import Experts, InputTap, kind_of, linear_reference, take_rows
 
 Delta = Union[None, jax.Array, PartialSums]
 
@@ -214,6 +214,8 @@ def defers_norm(config: ModelConfig, norm: Norm, w, rows: int, kernel_applies: b
     policy = config.kernels
     if not (policy.deferred_norm and config.norm == "rms" and norm.bias is None and policy.mode != "xla"):
         return False
+    if kind_of(w) == "experts":  # moe_mlp routes on the normed activations
+        return False
     plan = plan_for(policy, w, rows)
     if kernel_applies or plan.fuses or policy.deferred_norm == "always":
         return True
@@ -243,6 +245,49 @@ def add_norm(stream: Residual, p: Norm, config: ModelConfig, deferred: bool = Fa
 def rms_factor(x32: jax.Array, eps: float) -> jax.Array:
     """rsqrt(mean(x^2) + eps) over the last axis, kept as [..., 1]."""
     return jax.lax.rsqrt((x32 * x32).mean(-1, keepdims=True) + eps)
+
+
+def moe_mlp(x: jax.Array, router: jax.Array, w_in: Experts, w_out: Experts, config: ModelConfig) -> jax.Array:
+    """A mixture-of-experts MLP's output delta for x [..., D]: each token goes to the
+    n_active_experts experts with the highest router softmax (router [D, E]), whose
+    SwiGLU outputs are summed weighted by those probabilities (renormalised over the
+    chosen experts with config.router_norm_topk). The policy picks how the experts
+    run (`KernelPolicy.moe_route`); both ways compute the same sums."""
+    shape, k = x.shape, config.n_active_experts
+    x = x.reshape(-1, shape[-1])
+    probs = jax.nn.softmax(jnp.dot(x, router, preferred_element_type=jnp.float32), axis=-1)
+    weights, experts = jax.lax.top_k(probs, k)  # [N, k]; ties go to the lower index
+    if config.router_norm_topk:
+        weights = weights / weights.sum(-1, keepdims=True)
+    if config.kernels.moe_route(x.shape[0] * k) == "gather":
+        y = _experts_gathered(x, experts, w_in.w, w_out.w)
+    else:
+        y = _experts_grouped(x, experts, w_in.w, w_out.w)
+    return jnp.einsum("nk,nkd->nd", weights, y).astype(x.dtype).reshape(shape)
+
+
+def _swiglu(h: jax.Array, dtype) -> jax.Array:
+    gate, up = jnp.split(h, 2, axis=-1)
+    return (jax.nn.silu(gate) * up).astype(dtype)
+
+
+def _experts_gathered(x, experts, w_in, w_out) -> jax.Array:
+    """[N, k, D] float32: token n through expert experts[n, j], reading only the
+    routed experts' weights (few tokens: decode)."""
+    h = jnp.einsum("nd,nkdf->nkf", x, w_in[experts], preferred_element_type=jnp.float32)
+    return jnp.einsum("nkf,nkfd->nkd", _swiglu(h, x.dtype), w_out[experts], preferred_element_type=jnp.float32)
+
+
+def _experts_grouped(x, experts, w_in, w_out) -> jax.Array:
+    """Same as _experts_gathered, with the (token, expert) pairs sorted by expert and
+    each expert's rows multiplied by its weights once (a grouped matrix multiply)."""
+    N, k = experts.shape
+    flat = experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    sizes = jnp.bincount(flat, length=w_in.shape[0]).astype(jnp.int32)
+    h = jax.lax.ragged_dot(x[order // k], w_in, sizes, preferred_element_type=jnp.float32)
+    y = jax.lax.ragged_dot(_swiglu(h, x.dtype), w_out, sizes, preferred_element_type=jnp.float32)
+    return jnp.zeros_like(y).at[order].set(y).reshape(N, k, -1)
 
 
 def apply_norm(x: jax.Array, p: Norm, config: ModelConfig) -> jax.Array:

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from .config import ModelConfig
+from .weights import Experts
 
 
 @struct.dataclass
@@ -43,10 +44,13 @@ class Layer:
     bo: Optional[jax.Array] = None  # [D]
     b_in: Optional[jax.Array] = None  # like w_in's output
     b_out: Optional[jax.Array] = None  # [D]
-    q_norm: Optional[Norm] = None  # [Dh]
-    k_norm: Optional[Norm] = None  # [Dh]
+    q_norm: Optional[Norm] = None  # [Dh], or [H * Dh] with config.qk_norm_whole
+    k_norm: Optional[Norm] = None  # [Dh], or [K * Dh] with config.qk_norm_whole
     post_attn_norm: Optional[Norm] = None  # [D]
     post_mlp_norm: Optional[Norm] = None  # [D]
+    # Mixture of experts (config.n_experts > 0): the router [D, E], and w_in / w_out
+    # are `Experts` [E, D, 2F] / [E, F, D] with F = config.expert_d_ff
+    router: Optional[jax.Array] = None
 
 
 @struct.dataclass
@@ -81,14 +85,22 @@ def _init_layer(config: ModelConfig, key, dtype) -> Layer:
     norm = lambda n, present=True: _init_norm(config, next(keys), n, dtype) if present else None
     gated = config.mlp in ("swiglu", "geglu")
     qkv = config.q_size + 2 * config.kv_size
+
+    def mlp():  # drawn where the dense weights always were: their values do not change
+        if not config.n_experts:
+            return dict(w_in=w((D, 2 * F if gated else F)), w_out=w((F, D)))
+        E, Fe = config.n_experts, config.expert_d_ff
+        return dict(w_in=Experts(_normal(next(keys), (E, D, 2 * Fe), dtype, D ** -0.5)),
+                    w_out=Experts(_normal(next(keys), (E, Fe, D), dtype, Fe ** -0.5)), router=w((D, E)))
     return Layer(
         attn_norm=norm(D),
         wqkv=w((D, qkv)), wo=w((config.q_size, D)),
         mlp_norm=norm(D, not config.parallel_block),
-        w_in=w((D, 2 * F if gated else F)), w_out=w((F, D)),
+        **mlp(),
         bqkv=b(qkv, config.qkv_bias), bo=b(D, config.out_bias),
         b_in=b(2 * F if gated else F, config.mlp_bias), b_out=b(D, config.mlp_bias),
-        q_norm=norm(Dh, config.qk_norm), k_norm=norm(Dh, config.qk_norm),
+        q_norm=norm(config.q_size if config.qk_norm_whole else Dh, config.qk_norm),
+        k_norm=norm(config.kv_size if config.qk_norm_whole else Dh, config.qk_norm),
         post_attn_norm=norm(D, config.sandwich_norm), post_mlp_norm=norm(D, config.sandwich_norm),
     )
 

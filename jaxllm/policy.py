@@ -144,6 +144,10 @@ class KernelPolicy:
     # partial sums (GatedInput): each costs its programs two more loads a step, which
     # paid for the quantized kernels' 1-4 splits, not the bf16 ones' 16-18 (NOTES).
     max_gated_splits: int = 4
+    # Mixture-of-experts MLPs: up to this many (token, expert) pairs, each pair's expert
+    # weights are gathered (decode: only the routed experts are read); beyond, tokens
+    # are sorted by expert for a grouped matrix multiply (ragged_dot).
+    moe_gather_max_pairs: int = 64
     # add_norm's kernel adds at most this many partial-sum values in one program (NOTES).
     add_norm_max_partial_values: int = 16384
     add_norm_max_width: int = 16384
@@ -204,6 +208,12 @@ class KernelPolicy:
             return Plan("matvec", self.matvec)
         return Plan("xla")
 
+    def moe_route(self, pairs: int) -> str:
+        """How a mixture-of-experts MLP runs `pairs` (token, routed expert) pairs:
+        "gather" (each pair reads its expert's weights) or "grouped" (tokens sorted by
+        expert, one grouped matrix multiply)."""
+        return "gather" if pairs <= self.moe_gather_max_pairs else "grouped"
+
     def add_norm_kernel(self, splits: int, width: int) -> bool:
         """Whether kernels/add_norm.py adds `splits` partial sums of a row of `width` and
         the norm after them (for a plain delta XLA's fusions were as fast, llama8b)."""
@@ -217,7 +227,7 @@ class KernelPolicy:
             return False
         if config.position == "rope" and config.rotary_dim != config.head_dim:
             return False
-        return not config.qk_norm or config.norm == "rms"
+        return not config.qk_norm or (config.norm == "rms" and not config.qk_norm_whole)
 
     def defers_norm_before_xla(self) -> bool:
         """Whether an RMSNorm before XLA's matrix multiply (a dense projection on the

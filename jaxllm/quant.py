@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .weights import PLANE_SLICES, QuantizedWeight, dense, dequantize, level_offset
+from .weights import PLANE_SLICES, Experts, QuantizedWeight, dense, dequantize, level_offset
 
 MODES = {"int8": 8, "int4": 4}
 # int4: (low, high) fractions of each group's minimum and maximum tried as its range
@@ -228,9 +228,11 @@ def quantize(params, mode: str, group_size: int = 32, embeddings: str | None = "
         raise ValueError(f"importance has {len(importance)} layers; the model has {len(params.layers)}")
 
     def q(w, m, weights=None):
-        return w if isinstance(w, QuantizedWeight) else quantize_weight(dense(w), m, group_size, weights)
+        if isinstance(w, (QuantizedWeight, Experts)):  # mixture-of-experts weights stay as they are
+            return w
+        return quantize_weight(dense(w), m, group_size, weights)
     layers = tuple(layer.replace(**{
-        name: q(getattr(layer, name), mode, None if importance is None else importance[i][name])
+        name: q(getattr(layer, name), mode, None if importance is None else importance[i].get(name))
         for name in PROJECTIONS}) for i, layer in enumerate(params.layers))
     params = params.replace(layers=layers)
     if embeddings is not None:

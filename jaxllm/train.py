@@ -22,6 +22,7 @@ from .config import ModelConfig
 from .layout import add_to, untranspose, with_layout_of
 from .model import forward
 from .params import Params
+from .weights import Experts
 
 LORA_TARGETS = ("wqkv", "wo", "w_in", "w_out")
 
@@ -66,6 +67,8 @@ def init_lora(params: Params, rank: int, key: jax.Array) -> tuple[dict, ...]:
         adapters = {}
         for k, name in zip(keys, LORA_TARGETS):
             w = getattr(layer, name)
+            if isinstance(w, Experts):  # adapters for the attention of mixture-of-experts layers only
+                continue
             adapters[name] = LoraAdapter(
                 a=(jax.random.normal(k, (w.shape[0], rank), jnp.float32) / np.sqrt(w.shape[0])).astype(w.dtype),
                 b=jnp.zeros((rank, w.shape[1]), w.dtype))

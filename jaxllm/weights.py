@@ -203,6 +203,23 @@ class TransposedWeight:
         return self.t.dtype
 
 
+@struct.dataclass
+class Experts:
+    """A mixture-of-experts projection: one weight per expert, stacked [E, K, N]
+    (`x @ w[e]`). ops.moe_mlp reads it; the dense and by-row tables of ops.linear
+    never see one."""
+
+    w: jax.Array
+
+    @property
+    def shape(self):
+        return self.w.shape
+
+    @property
+    def dtype(self):
+        return self.w.dtype
+
+
 def dense(w):
     """w [K, N] as an array, whether stored so or as a TransposedWeight."""
     return w.t.T if isinstance(w, TransposedWeight) else w
@@ -228,11 +245,12 @@ class InputTap:
         return self.weight.shape
 
 
-KINDS = {TransposedWeight: "by_row", QuantizedWeight: "quantized"}
+KINDS = {TransposedWeight: "by_row", QuantizedWeight: "quantized", Experts: "experts"}
 
 
 def kind_of(w) -> str:
-    """"dense", "by_row" or "quantized": which table entry of ops.linear reads w."""
+    """"dense", "by_row", "quantized" or "experts": which table entry of ops.linear
+    (or, for experts, ops.moe_mlp) reads w."""
     return KINDS.get(type(w.weight if isinstance(w, InputTap) else w), "dense")
 
 

@@ -35,6 +35,7 @@ from jaxllm.generate import start  # noqa: E402
 from jaxllm.layout import TransposedWeight, for_policy  # noqa: E402
 from jaxllm.model import decode_step, extend  # noqa: E402
 from jaxllm.quant import weight_bytes  # noqa: E402
+from jaxllm.weights import Experts  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 ANCHORS = os.path.join(ROOT, "..", "shared", "anchors", "h100-2026-11-23.json")
@@ -71,11 +72,14 @@ def spread_ms(times):
             "max_ms": 1e3 * max(times)}
 
 
-def weight_bytes_per_token(params) -> int:
-    """Bytes of weights one decode step reads: every layer, the final norm and the
-    output projection (the tied embedding is read whole for the logits; an untied
+def weight_bytes_per_token(params, config: ModelConfig) -> int:
+    """Bytes of weights one decode step of one token reads: every layer (of a
+    mixture-of-experts layer, the experts one token is routed to), the final norm and
+    the output projection (the tied embedding is read whole for the logits; an untied
     embedding only one row)."""
-    layers = sum(x.nbytes for x in jax.tree_util.tree_leaves(params.layers))
+    share = lambda x: config.n_active_experts / config.n_experts if isinstance(x, Experts) else 1
+    layers = int(sum(leaf.nbytes * share(node) for node in jax.tree_util.tree_leaves(
+        params.layers, is_leaf=lambda x: isinstance(x, Experts)) for leaf in jax.tree_util.tree_leaves(node)))
     head = params.embed if params.lm_head is None else params.lm_head
     return layers + params.final_norm.scale.nbytes + sum(x.nbytes for x in jax.tree_util.tree_leaves(head))
 
@@ -381,7 +385,7 @@ def run(args) -> dict:
             params = block(jaxllm.quantize(params, mode, group_size=32))
             weights_name = mode
         params = block(for_policy(params, config.kernels))  # on the GPU, projections stored by output row
-        wbytes = weight_bytes_per_token(params)
+        wbytes = weight_bytes_per_token(params, config)
         by_row = sum(isinstance(w, TransposedWeight) for w in jax.tree_util.tree_leaves(
             params, is_leaf=lambda w: isinstance(w, TransposedWeight)))
         peer_format = LLAMA_CPP_FORMAT[mode]

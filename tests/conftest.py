@@ -19,7 +19,9 @@ def tiny(**kw) -> ModelConfig:
     return ModelConfig(**base)
 
 
-# One tiny config per architecture family, together covering every config field.
+# One tiny config per architecture family, together covering every config field but
+# the mixture-of-experts ones (n_experts, n_active_experts, expert_d_ff,
+# router_norm_topk, qk_norm_whole), which tests/test_moe.py covers.
 ARCH_CONFIGS = {
     "llama3": tiny(rope_theta=500000.0, rope_scaling=RopeScaling(8.0, 1.0, 4.0, 32),
                    tie_embeddings=False),

@@ -64,6 +64,22 @@ def rope(x, pos, f):
     return out
 
 
+def experts(h, L, c):
+    """A mixture-of-experts MLP, token by token: softmax over the router's scores, the
+    top n_active_experts (ties to the lower index), renormalised if the config says."""
+    out = np.zeros_like(h)
+    for t, row in enumerate(h):
+        scores = row @ L.router
+        probs = np.exp(scores - scores.max())
+        probs /= probs.sum()
+        chosen = sorted(range(c.n_experts), key=lambda e: (-probs[e], e))[:c.n_active_experts]
+        weights = probs[chosen] / (probs[chosen].sum() if c.router_norm_topk else 1.0)
+        for e, weight in zip(chosen, weights):
+            g, up = np.split(row @ L.w_in.w[e], 2)
+            out[t] += weight * ((g / (1 + np.exp(-g)) * up) @ L.w_out.w[e])
+    return out
+
+
 def forward_one(p, c, tokens, tap=lambda layer, projection, x: None):
     """Logits [T, V] for one sequence, float64. tap sees each projection's input."""
     T = len(tokens)
@@ -80,10 +96,12 @@ def forward_one(p, c, tokens, tap=lambda layer, projection, x: None):
         tap(i, "wqkv", h)
         qkv = h @ L.wqkv + (L.bqkv if L.bqkv is not None else 0)
         q, k, v = np.split(qkv, [c.q_size, c.q_size + c.kv_size], axis=-1)
+        if c.qk_norm_whole:  # OLMoE: over the whole projections
+            q, k = norm(q, L.q_norm, c), norm(k, L.k_norm, c)
         q = q.reshape(T, c.n_heads, c.head_dim)
         k = k.reshape(T, c.n_kv_heads, c.head_dim)
         v = v.reshape(T, c.n_kv_heads, c.head_dim)
-        if c.qk_norm:
+        if c.qk_norm and not c.qk_norm_whole:
             q, k = norm(q, L.q_norm, c), norm(k, L.k_norm, c)
         if c.position == "rope":
             f = inv_freq(c, c.layer_rope_theta(i))
@@ -109,6 +127,9 @@ def forward_one(p, c, tokens, tap=lambda layer, projection, x: None):
         x_attn = x + a
         if not c.parallel_block:  # Phi-2's MLP reads the same normed input h
             h = norm(x_attn, L.mlp_norm, c)
+        if c.n_experts:
+            x = x_attn + experts(h, L, c)
+            continue
         tap(i, "w_in", h)
         a = h @ L.w_in + (L.b_in if L.b_in is not None else 0)
         if c.mlp == "swiglu":

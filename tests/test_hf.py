@@ -31,6 +31,13 @@ HF_CONFIGS = {
     "gemma3": lambda: tf.Gemma3TextConfig(**{**COMMON, "num_hidden_layers": 6}, head_dim=32,
                                           sliding_window=5, query_pre_attn_scalar=32,
                                           rope_theta=1e6, rope_local_base_freq=10000.0),
+    # Mixture of experts: 6 experts of width 40, 2 per token (renormalised or not)
+    "qwen3_moe": lambda: tf.Qwen3MoeConfig(**COMMON, head_dim=24, num_experts=6, num_experts_per_tok=2,
+                                           moe_intermediate_size=40, norm_topk_prob=False),
+    "olmoe": lambda: tf.OlmoeConfig(**{**COMMON, "intermediate_size": 40}, num_experts=6, num_experts_per_tok=2,
+                                    norm_topk_prob=False),
+    "mixtral": lambda: tf.MixtralConfig(**{**COMMON, "intermediate_size": 40}, num_local_experts=6,
+                                        num_experts_per_tok=2, sliding_window=None),
 }
 
 
@@ -63,7 +70,8 @@ def test_matches_transformers(name):
 
 
 @pytest.mark.parametrize("name, shard", [("qwen2", None), ("llama", "100KB"), ("qwen3", None),
-                                         ("phi2", None), ("phi3", None)])
+                                         ("phi2", None), ("phi3", None), ("qwen3_moe", None), ("mixtral", None),
+                                         ("olmoe", None)])
 def test_saved_folder_loads_and_matches(tmp_path, name, shard):
     """save_pretrained folders, one file or sharded with an index, load and match."""
     cfg, model = build(name)
@@ -77,7 +85,8 @@ def test_saved_folder_loads_and_matches(tmp_path, name, shard):
 
 
 @pytest.mark.parametrize("name, arch", [("qwen3", "qwen3"), ("phi2", "phi2"), ("phi3", "phi3"),
-                                        ("llama", "llama"), ("qwen2", "qwen2")])
+                                        ("llama", "llama"), ("qwen2", "qwen2"), ("qwen3_moe", "qwen3moe"),
+                                        ("mixtral", "llama"), ("olmoe", "olmoe")])
 def test_gguf_written_from_the_same_weights_matches(tmp_path, name, arch):
     """The HF weights written as GGUF (F16 matrices, as llama.cpp's converter lays
     them out) load through the GGUF path and still match transformers."""

@@ -33,6 +33,12 @@ def write_gguf(path, config, params, arch="llama", extra=None, raw_tensor=None, 
         w.add_layer_norm_rms_eps(config.norm_eps)
     if config.sliding_window:
         w.add_sliding_window(config.sliding_window)
+    if config.n_experts:
+        w.add_expert_count(config.n_experts)
+        w.add_expert_used_count(config.n_active_experts)
+        w.add_expert_feed_forward_length(config.expert_d_ff)
+        if not config.router_norm_topk:
+            w.add_expert_weights_norm(False)
     w.add_vocab_size(config.vocab_size)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("gpt-2")
@@ -86,6 +92,13 @@ def write_gguf(path, config, params, arch="llama", extra=None, raw_tensor=None, 
             put(p + "attn_output.bias", L.bo)
         if L.mlp_norm is not None:
             put_norm(p + "ffn_norm", L.mlp_norm)
+        if config.n_experts:  # llama.cpp's merged expert tensors, [E, out, in] rows
+            put(p + "ffn_gate_inp.weight", np.asarray(L.router).T)  # float32, as llama.cpp's converter
+            gate, up = np.split(np.asarray(L.w_in.w).transpose(0, 2, 1), 2, axis=1)
+            put(p + "ffn_gate_exps.weight", gate, True)
+            put(p + "ffn_up_exps.weight", up, True)
+            put(p + "ffn_down_exps.weight", np.asarray(L.w_out.w).transpose(0, 2, 1), True)
+            continue
         w_in = np.asarray(L.w_in).T
         if config.mlp == "gelu" or arch == "phi3":  # phi3: gate and up fused in ffn_up
             put(p + "ffn_up.weight", w_in, True)

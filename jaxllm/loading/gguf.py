@@ -17,10 +17,11 @@ from ..config import ModelConfig
 from ..errors import ModelFileError, UnsupportedArchitectureError, UnsupportedTensorTypeError
 from ..params import Layer, Norm, Params
 from ..quant import HostBlocks, concat_rows, pack
+from ..weights import Experts
 from .dequant import FORMATS, SUPPORTED_TYPES, blocks, dequantize
 from .gguf_reader import GGUFFormatError, read_gguf
 
-SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "phi2", "phi3", "gpt2", "gemma2", "gemma3")
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "qwen3moe", "olmoe", "phi2", "phi3", "gpt2", "gemma2", "gemma3")
 # the tokenizer's vocabulary-sized arrays, kept out of `metadata` (which `jaxllm info` prints)
 ARRAY_KEYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.scores",
               "tokenizer.ggml.token_type")
@@ -104,8 +105,14 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
     fields["rotary_fraction"] = int(get("rope.dimension_count", head_dim)) / head_dim
     if arch == "qwen2":
         fields["qkv_bias"] = True
-    if arch == "qwen3":
+    if arch in ("qwen3", "qwen3moe"):
         fields["qk_norm"] = True
+    if arch == "olmoe":  # norms over the whole q and k projections
+        fields.update(qk_norm=True, qk_norm_whole=True)
+    if get("expert_count"):  # Qwen3-MoE; Mixtral is llama with experts
+        fields.update(n_experts=int(get("expert_count")), n_active_experts=int(get("expert_used_count")),
+                      expert_d_ff=int(get("expert_feed_forward_length", fields["d_ff"])),
+                      router_norm_topk=bool(get("expert_weights_norm", True)))
     if arch == "phi2":
         fields.update(norm="layer", norm_bias=True, mlp="gelu", qkv_bias=True, out_bias=True,
                       mlp_bias=True, parallel_block=True, lm_head_bias="output.bias" in g.tensors)
@@ -192,6 +199,15 @@ def params_from_gguf(g: GGUFFile, config: ModelConfig, dtype, quantized: bool = 
             return mat(name)
         return vec(name)
 
+    def experts(p):
+        """A mixture-of-experts layer: the router [D, E] and the experts, dequantized
+        (stored [E, out, in]) and stacked [E, in, out]."""
+        flip = lambda name: load(p + name).transpose(0, 2, 1)
+        return dict(router=jnp.asarray(load(p + "ffn_gate_inp.weight").T, dtype),
+                    w_in=Experts(jnp.asarray(np.concatenate([flip("ffn_gate_exps.weight"),
+                                                             flip("ffn_up_exps.weight")], axis=2), dtype)),
+                    w_out=Experts(jnp.asarray(flip("ffn_down_exps.weight"), dtype)))
+
     def layer(i):
         p = f"blk.{i}."
         if "blk.0.attn_qkv.weight" in g.tensors:  # GPT-2 stores q, k, v fused already
@@ -204,6 +220,13 @@ def params_from_gguf(g: GGUFFile, config: ModelConfig, dtype, quantized: bool = 
                 bqkv = jnp.asarray(np.concatenate([load(p + f"attn_{x}.bias") for x in "qkv"]), dtype)
         gemma = config.sandwich_norm
         gated = p + "ffn_gate.weight" in g.tensors
+        if config.n_experts:
+            mlp = experts(p)
+        else:
+            mlp = dict(w_in=fused((p + "ffn_gate.weight",), (p + "ffn_up.weight",)) if gated
+                       else mat(p + "ffn_up.weight"),
+                       w_out=mat(p + "ffn_down.weight"),
+                       b_in=optional(p + "ffn_up.bias", vec), b_out=optional(p + "ffn_down.bias", vec))
         return Layer(
             attn_norm=Norm(vec(p + "attn_norm.weight"), optional(p + "attn_norm.bias", vec)),
             wqkv=wqkv, bqkv=bqkv,
@@ -213,11 +236,7 @@ def params_from_gguf(g: GGUFFile, config: ModelConfig, dtype, quantized: bool = 
             post_attn_norm=Norm(vec(p + "post_attention_norm.weight")) if gemma else None,
             mlp_norm=None if config.parallel_block else Norm(vec(p + "ffn_norm.weight"),
                                                              optional(p + "ffn_norm.bias", vec)),
-            post_mlp_norm=Norm(vec(p + "post_ffw_norm.weight")) if gemma else None,
-            w_in=fused((p + "ffn_gate.weight",), (p + "ffn_up.weight",)) if gated
-            else mat(p + "ffn_up.weight"),
-            w_out=mat(p + "ffn_down.weight"),
-            b_in=optional(p + "ffn_up.bias", vec), b_out=optional(p + "ffn_down.bias", vec))
+            post_mlp_norm=Norm(vec(p + "post_ffw_norm.weight")) if gemma else None, **mlp)
 
     try:
         params = Params(

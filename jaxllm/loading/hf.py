@@ -17,8 +17,10 @@ import numpy as np
 from ..config import ModelConfig, RopeScaling
 from ..errors import ModelFileError, UnsupportedArchitectureError
 from ..params import Layer, Norm, Params
+from ..weights import Experts
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "phi", "phi3", "gpt2", "gemma2", "gemma3_text")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "phi", "phi3", "gpt2", "gemma2", "gemma3_text", "qwen3_moe",
+             "mixtral", "olmoe")
 
 # Module names inside each layer that differ from Llama's (attention in, attention
 # out, MLP in, MLP out); Phi-3 stores q/k/v and gate/up already fused.
@@ -27,6 +29,12 @@ LAYER_NAMES = {
     "phi3": (("qkv_proj",), "o_proj", ("gate_up_proj",), "down_proj"),
 }
 LLAMA_NAMES = (("q_proj", "k_proj", "v_proj"), "o_proj", ("gate_proj", "up_proj"), "down_proj")
+# Mixture-of-experts layers in checkpoint files: (the MLP's module, each expert's gate,
+# up and down). transformers >= 5 holds them in memory as "mlp" with stacked
+# experts.gate_up_proj [E, 2F, D] and experts.down_proj [E, D, F]; both are read.
+MOE_NAMES = {"qwen3_moe": ("mlp", ("gate_proj", "up_proj"), "down_proj"),
+             "olmoe": ("mlp", ("gate_proj", "up_proj"), "down_proj"),
+             "mixtral": ("block_sparse_moe", ("w1", "w3"), "w2")}
 
 
 def _rope(cfg: dict) -> tuple[float, RopeScaling | None, float | None]:
@@ -112,9 +120,23 @@ def config_from_hf(cfg: dict) -> ModelConfig:
     fields["rotary_fraction"] = _rotary_fraction(cfg)
     if arch in ("mistral", "phi3") or (arch in ("qwen2", "qwen3") and cfg.get("use_sliding_window")):
         fields["sliding_window"] = cfg.get("sliding_window")
-    if arch == "qwen3":
+    if arch in ("qwen3", "qwen3_moe"):
         fields.update(qk_norm=True, qkv_bias=bool(cfg.get("attention_bias", False)),
                       out_bias=bool(cfg.get("attention_bias", False)))
+    if arch in MOE_NAMES:
+        if arch == "qwen3_moe" and (cfg.get("mlp_only_layers") or cfg.get("decoder_sparse_step", 1) != 1):
+            raise UnsupportedArchitectureError("Qwen3-MoE with dense layers among the sparse ones "
+                                               "(mlp_only_layers, decoder_sparse_step) is not supported")
+        fields.update(n_experts=cfg.get("num_experts") or cfg["num_local_experts"],
+                      n_active_experts=cfg["num_experts_per_tok"],
+                      expert_d_ff=cfg.get("moe_intermediate_size") or cfg["intermediate_size"],
+                      router_norm_topk=bool(cfg.get("norm_topk_prob", True)))
+        if arch == "mixtral":
+            fields["sliding_window"] = cfg.get("sliding_window")
+        if arch == "olmoe":
+            if cfg.get("clip_qkv") is not None:
+                raise UnsupportedArchitectureError("OLMoE with clip_qkv is not supported")
+            fields.update(qk_norm=True, qk_norm_whole=True)
     if arch == "phi":
         if cfg.get("qk_layernorm"):
             raise UnsupportedArchitectureError("Phi with qk_layernorm is not supported")
@@ -180,6 +202,20 @@ def params_from_hf(config: ModelConfig, lookup: Callable[[str], np.ndarray | Non
     attn_in, attn_out, mlp_in, mlp_out = LAYER_NAMES.get(config.arch, LLAMA_NAMES)
     norm_bias = lambda name: vec(name) if config.norm_bias else None
 
+    def experts(p: str) -> dict:
+        """A mixture-of-experts layer's router and stacked experts."""
+        block, ins, out = MOE_NAMES[config.arch]
+        m = f"{p}mlp." if lookup(f"{p}mlp.gate.weight") is not None else f"{p}{block}."
+        if lookup(m + "experts.gate_up_proj") is not None:
+            w_in = get(m + "experts.gate_up_proj").transpose(0, 2, 1)
+            w_out = get(m + "experts.down_proj").transpose(0, 2, 1)
+        else:
+            E = range(config.n_experts)
+            w_in = np.stack([np.concatenate([get(f"{m}experts.{e}.{n}.weight").T for n in ins], axis=1)
+                             for e in E])
+            w_out = np.stack([get(f"{m}experts.{e}.{out}.weight").T for e in E])
+        return dict(router=fused(m + "gate.weight"), w_in=Experts(cast(w_in)), w_out=Experts(cast(w_out)))
+
     def layer(i):
         p = f"model.layers.{i}."
         a, m = p + "self_attn.", p + "mlp."
@@ -199,10 +235,11 @@ def params_from_hf(config: ModelConfig, lookup: Callable[[str], np.ndarray | Non
             post_attn_norm=Norm(vec(p + "post_attention_layernorm.weight")) if gemma else None,
             mlp_norm=mlp_norm,
             post_mlp_norm=Norm(vec(p + "post_feedforward_layernorm.weight")) if gemma else None,
-            w_in=fused(*(m + n + ".weight" for n in mlp_in)),
-            w_out=fused(m + mlp_out + ".weight"),
-            b_in=fused_bias(config.mlp_bias, *(m + n + ".bias" for n in mlp_in)),
-            b_out=fused_bias(config.mlp_bias, m + mlp_out + ".bias"))
+            **(experts(p) if config.n_experts else dict(
+                w_in=fused(*(m + n + ".weight" for n in mlp_in)),
+                w_out=fused(m + mlp_out + ".weight"),
+                b_in=fused_bias(config.mlp_bias, *(m + n + ".bias" for n in mlp_in)),
+                b_out=fused_bias(config.mlp_bias, m + mlp_out + ".bias"))))
 
     final = "model.final_layernorm." if config.arch == "phi" else "model.norm."
     return Params(
