@@ -45,7 +45,7 @@ def _input_squares(params: Params, config: ModelConfig, tokens: jax.Array, valid
     squares = []
     for i, layer in enumerate(params.layers):
         taps = {name: InputTap(getattr(layer, name), valid) for name in PROJECTIONS
-                if kind_of(getattr(layer, name)) != "experts"}  # experts stay dense (quant.quantize)
+                if kind_of(getattr(layer, name)) != "experts"}  # experts: quantized without importance
         stream, _ = layer_forward(layer.replace(**taps), config, i, stream, positions)
         squares.append({name: tap.squares for name, tap in taps.items()})
     return tuple(squares)

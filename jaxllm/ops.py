@@ -260,9 +260,9 @@ def moe_mlp(x: jax.Array, router: jax.Array, w_in: Experts, w_out: Experts, conf
     if config.router_norm_topk:
         weights = weights / weights.sum(-1, keepdims=True)
     if config.kernels.moe_route(x.shape[0] * k) == "gather":
-        y = _experts_gathered(x, experts, w_in.w, w_out.w)
+        y = _experts_gathered(x, experts, w_in, w_out)
     else:
-        y = _experts_grouped(x, experts, w_in.w, w_out.w)
+        y = _experts_grouped(x, experts, w_in, w_out)
     return jnp.einsum("nk,nkd->nd", weights, y).astype(x.dtype).reshape(shape)
 
 
@@ -271,22 +271,24 @@ def _swiglu(h: jax.Array, dtype) -> jax.Array:
     return (jax.nn.silu(gate) * up).astype(dtype)
 
 
-def _experts_gathered(x, experts, w_in, w_out) -> jax.Array:
+def _experts_gathered(x, experts, w_in: Experts, w_out: Experts) -> jax.Array:
     """[N, k, D] float32: token n through expert experts[n, j], reading only the
     routed experts' weights (few tokens: decode)."""
-    h = jnp.einsum("nd,nkdf->nkf", x, w_in[experts], preferred_element_type=jnp.float32)
-    return jnp.einsum("nkf,nkfd->nkd", _swiglu(h, x.dtype), w_out[experts], preferred_element_type=jnp.float32)
+    h = jnp.einsum("nd,nkdf->nkf", x, w_in.dense(experts).astype(x.dtype), preferred_element_type=jnp.float32)
+    return jnp.einsum("nkf,nkfd->nkd", _swiglu(h, x.dtype), w_out.dense(experts).astype(x.dtype),
+                      preferred_element_type=jnp.float32)
 
 
-def _experts_grouped(x, experts, w_in, w_out) -> jax.Array:
+def _experts_grouped(x, experts, w_in: Experts, w_out: Experts) -> jax.Array:
     """Same as _experts_gathered, with the (token, expert) pairs sorted by expert and
     each expert's rows multiplied by its weights once (a grouped matrix multiply)."""
     N, k = experts.shape
     flat = experts.reshape(-1)
     order = jnp.argsort(flat, stable=True)
     sizes = jnp.bincount(flat, length=w_in.shape[0]).astype(jnp.int32)
-    h = jax.lax.ragged_dot(x[order // k], w_in, sizes, preferred_element_type=jnp.float32)
-    y = jax.lax.ragged_dot(_swiglu(h, x.dtype), w_out, sizes, preferred_element_type=jnp.float32)
+    h = jax.lax.ragged_dot(x[order // k], w_in.dense().astype(x.dtype), sizes, preferred_element_type=jnp.float32)
+    y = jax.lax.ragged_dot(_swiglu(h, x.dtype), w_out.dense().astype(x.dtype), sizes,
+                           preferred_element_type=jnp.float32)
     return jnp.zeros_like(y).at[order].set(y).reshape(N, k, -1)
 
 

@@ -228,8 +228,10 @@ def quantize(params, mode: str, group_size: int = 32, embeddings: str | None = "
         raise ValueError(f"importance has {len(importance)} layers; the model has {len(params.layers)}")
 
     def q(w, m, weights=None):
-        if isinstance(w, (QuantizedWeight, Experts)):  # mixture-of-experts weights stay as they are
+        if isinstance(w, QuantizedWeight) or (isinstance(w, Experts) and isinstance(w.w, QuantizedWeight)):
             return w
+        if isinstance(w, Experts):  # each expert alone, stacked again
+            return stack_experts([quantize_weight(e, m, group_size) for e in w.w])
         return quantize_weight(dense(w), m, group_size, weights)
     layers = tuple(layer.replace(**{
         name: q(getattr(layer, name), mode, None if importance is None else importance[i].get(name))
@@ -243,13 +245,20 @@ def quantize(params, mode: str, group_size: int = 32, embeddings: str | None = "
     return params
 
 
+def stack_experts(weights: list[QuantizedWeight]) -> Experts:
+    """Experts from one QuantizedWeight per expert (alike in shape and format)."""
+    return Experts(jax.tree.map(lambda *arrays: jnp.stack(arrays), *weights))
+
+
 def dequantize_params(params):
-    """Every QuantizedWeight replaced by its dense weight (training, export)."""
-    is_q = lambda x: isinstance(x, QuantizedWeight)
+    """Every QuantizedWeight (and quantized Experts) replaced by its dense weight
+    (training, export)."""
+    is_q = lambda x: isinstance(x, (QuantizedWeight, Experts))
     embed = params.embed
-    if is_q(embed):  # stored as the [D, V] output head; the dense table is [V, D]
+    if isinstance(embed, QuantizedWeight):  # stored as the [D, V] output head; the dense table is [V, D]
         params = params.replace(embed=dequantize(embed).T)
-    return jax.tree.map(lambda w: dequantize(w) if is_q(w) else w, params, is_leaf=is_q)
+    dense_of = lambda w: (Experts(w.dense()) if isinstance(w, Experts) else dequantize(w)) if is_q(w) else w
+    return jax.tree.map(dense_of, params, is_leaf=is_q)
 
 
 def weight_bytes(params) -> int:

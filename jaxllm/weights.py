@@ -45,7 +45,7 @@ read two 16-bit tiles from two arrays (benchmarks/NOTES.md). `group_scales` and 
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -205,19 +205,33 @@ class TransposedWeight:
 
 @struct.dataclass
 class Experts:
-    """A mixture-of-experts projection: one weight per expert, stacked [E, K, N]
-    (`x @ w[e]`). ops.moe_mlp reads it; the dense and by-row tables of ops.linear
-    never see one."""
+    """A mixture-of-experts projection: one weight per expert, `x @ w[e]`, stacked:
+    dense [E, K, N], or a QuantizedWeight whose every array has a leading E axis (a
+    GGUF file's experts kept packed, or quant.quantize's). ops.moe_mlp reads it;
+    ops.linear's tables never see one."""
 
-    w: jax.Array
+    w: Union[jax.Array, QuantizedWeight]
 
     @property
-    def shape(self):
+    def shape(self) -> tuple[int, int, int]:
+        if isinstance(self.w, QuantizedWeight):
+            return self.w.values.shape[0], self.w.values.shape[-1], self.w.scales.shape[-1]
         return self.w.shape
 
     @property
     def dtype(self):
         return self.w.dtype
+
+    def dense(self, experts: Optional[jax.Array] = None) -> jax.Array:
+        """The experts' dense weights [E, K, N], or those of the ids `experts` [...] as
+        [..., K, N], in the compute dtype (quantized ones dequantized in XLA)."""
+        w = self.w if experts is None else jax.tree.map(lambda a: a[experts], self.w)
+        if not isinstance(w, QuantizedWeight):
+            return w
+        one = dequantize
+        for _ in range(w.values.ndim - 2):
+            one = jax.vmap(one)
+        return one(w)
 
 
 def dense(w):

@@ -42,6 +42,11 @@ HF_CONFIGS = {
 
 
 def build(name):
+    # Seeded by name, whatever ran before (xdist's order varies): a mixture-of-experts
+    # model's routing must not meet a near tie by chance of the order
+    seed = sum(map(ord, name))
+    torch.manual_seed(seed)
+    np.random.seed(seed)
     cfg = HF_CONFIGS[name]()
     cfg._attn_implementation = "eager"
     model = tf.AutoModelForCausalLM.from_config(cfg).eval()
@@ -96,11 +101,14 @@ def test_gguf_written_from_the_same_weights_matches(tmp_path, name, arch):
     config = config_from_hf(cfg.to_dict())
     state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     params = params_from_hf(config, state.get, jnp.float32)
-    path = write_gguf(tmp_path / f"{name}.gguf", config, params, arch=arch, f16=True)
+    # Mixture-of-experts files in float32: float16's rounding can move a near-tied
+    # routing decision, and one token's other expert is no measure of the mapping
+    f16 = not config.n_experts
+    path = write_gguf(tmp_path / f"{name}.gguf", config, params, arch=arch, f16=f16)
     loaded = jaxllm.load(str(path), dtype=jnp.float32)
     assert loaded.config.arch == arch
     tokens = np.random.randint(0, 101, size=(2, 20))
     ref = hf_logits(model, tokens)
     ours = np.asarray(jaxllm.forward(loaded.params, loaded.config, jnp.asarray(tokens)))
     # float16 storage of the matrices: ~1e-3 relative
-    assert np.abs(ours - ref).max() / np.abs(ref).max() < 5e-3
+    assert np.abs(ours - ref).max() / np.abs(ref).max() < (5e-3 if f16 else 1e-4)

@@ -108,20 +108,47 @@ def test_a_moe_decoder_decodes_as_its_forward_pass():
     assert plain.param_count() == sum(x.size for x in jax.tree.leaves(jaxllm.init_params(plain, jax.random.PRNGKey(0))))
 
 
-def test_quantizing_and_lora_leave_the_experts_dense():
-    """quantize() quantizes a MoE model's attention and keeps its experts (and their
-    router) as they are; LoRA adapts the attention projections only."""
+def test_quantized_experts_match_their_dequantized_twin_and_lora_skips_them():
+    """quantize() quantizes each expert (stacked QuantizedWeights): logits equal those
+    of the same weights dequantized, on both routes, and int8's stay near the dense model's;
+    dequantize_params undoes it; LoRA adapts the attention projections only."""
     c = tiny(d_model=64, n_experts=4, n_active_experts=2, expert_d_ff=32, eos_token_ids=())
     params = jaxllm.init_params(c, jax.random.PRNGKey(6))
-    q = jaxllm.quantize(params, "int8")
-    layer = q.layers[0]
-    assert isinstance(layer.wqkv, jaxllm.QuantizedWeight) and isinstance(layer.w_in, Experts)
-    assert layer.w_in.w is params.layers[0].w_in.w
-    tokens = jnp.asarray([[1, 5, 9, 13, 2, 7]])
-    dense, quant = jaxllm.forward(params, c, tokens), jaxllm.forward(q, c, tokens)
-    assert float(jnp.abs(dense - quant).max()) < 0.05 * float(jnp.abs(dense).max())
+    tokens = jnp.asarray([[1, 5, 9, 13, 2, 7, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50]])
+    dense = jaxllm.forward(params, c, tokens)
+    for mode in ("int8", "int4"):
+        q = jaxllm.quantize(params, mode)
+        layer = q.layers[0]
+        assert isinstance(layer.wqkv, jaxllm.QuantizedWeight) and isinstance(layer.w_in.w, jaxllm.QuantizedWeight)
+        assert layer.w_in.shape == params.layers[0].w_in.shape
+        twin = jaxllm.dequantize_params(q)
+        assert isinstance(twin.layers[0].w_in, Experts) and twin.layers[0].w_in.w.shape == (4, 64, 64)
+        for route in ("gather", "grouped"):
+            cr = c.replace(kernels=c.kernels.replace(moe_gather_max_pairs=10 ** 9 if route == "gather" else 0))
+            ours, ref = jaxllm.forward(q, cr, tokens), jaxllm.forward(twin, cr, tokens)
+            assert float(jnp.abs(ours - ref).max()) < 1e-4 * float(jnp.abs(ref).max())
+        if mode == "int8":  # (int4's rounding moves routing decisions of a random model: no bound)
+            assert float(jnp.abs(dense - ours).max()) < 0.05 * float(jnp.abs(dense).max())
     adapters = jaxllm.train.init_lora(params, 2, jax.random.PRNGKey(0))
     assert sorted(adapters[0]) == ["wo", "wqkv"]
+
+
+def test_a_gguf_file_s_quantized_experts_stay_packed(tmp_path):
+    """Q8_0 and Q4_0 experts (llama.cpp's merged tensors) load as stacked
+    QuantizedWeights whose model gives the logits of the same file dequantized."""
+    from tiny_gguf import GGMLQuantizationType, write_gguf
+
+    c = tiny(vocab_size=300, d_model=64, n_experts=4, n_active_experts=2, expert_d_ff=64, qk_norm=True,
+             arch="qwen3moe")
+    params = jaxllm.init_params(c, jax.random.PRNGKey(12))
+    tokens = jnp.asarray([[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3, 8]])
+    for kind in (GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0):
+        path = str(write_gguf(tmp_path / f"{kind.name}.gguf", c, params, arch="qwen3moe", expert_type=kind))
+        packed, dense = jaxllm.load(path, dtype=jnp.float32), jaxllm.load(path, dtype=jnp.float32, weights="dense")
+        assert isinstance(packed.params.layers[0].w_in.w, jaxllm.QuantizedWeight)
+        assert isinstance(dense.params.layers[0].w_in.w, jax.Array)
+        ours, ref = (np.asarray(jaxllm.forward(m.params, m.config, tokens)) for m in (packed, dense))
+        assert np.abs(ours - ref).max() < 1e-4 * np.abs(ref).max()
 
 
 @pytest.mark.parametrize("arch", ["qwen3moe", "llama"])

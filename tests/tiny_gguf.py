@@ -3,7 +3,7 @@ the way llama.cpp's converter writes each architecture (llama's Q/K rows permute
 Phi-3's q/k/v and gate/up fused, Phi-2's biases and parallel block)."""
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFWriter
+from gguf import GGMLQuantizationType, GGUFWriter, quants
 
 from tokenizer_bytes import BYTE_TOKENS
 
@@ -14,8 +14,9 @@ def _permute(w, n_heads):
     return w.reshape(n_heads, 2, out // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(path, config, params, arch="llama", extra=None, raw_tensor=None, f16=False):
-    """raw_tensor: (name, uint8 bytes [rows, row_bytes], GGML type) replacing a tensor."""
+def write_gguf(path, config, params, arch="llama", extra=None, raw_tensor=None, f16=False, expert_type=None):
+    """raw_tensor: (name, uint8 bytes [rows, row_bytes], GGML type) replacing a tensor;
+    expert_type: a GGML block type the experts are quantized to (gguf's quantizer)."""
     w = GGUFWriter(str(path), arch)
     w.add_block_count(config.n_layers)
     w.add_context_length(config.max_seq_len)
@@ -94,10 +95,14 @@ def write_gguf(path, config, params, arch="llama", extra=None, raw_tensor=None, 
             put_norm(p + "ffn_norm", L.mlp_norm)
         if config.n_experts:  # llama.cpp's merged expert tensors, [E, out, in] rows
             put(p + "ffn_gate_inp.weight", np.asarray(L.router).T)  # float32, as llama.cpp's converter
-            gate, up = np.split(np.asarray(L.w_in.w).transpose(0, 2, 1), 2, axis=1)
-            put(p + "ffn_gate_exps.weight", gate, True)
-            put(p + "ffn_up_exps.weight", up, True)
-            put(p + "ffn_down_exps.weight", np.asarray(L.w_out.w).transpose(0, 2, 1), True)
+            gate, up = np.split(np.asarray(L.w_in.w, np.float32).transpose(0, 2, 1), 2, axis=1)
+            down = np.asarray(L.w_out.w, np.float32).transpose(0, 2, 1)
+            for name, m in (("gate", gate), ("up", up), ("down", down)):
+                if expert_type is None:
+                    put(p + f"ffn_{name}_exps.weight", m, True)
+                else:
+                    w.add_tensor(p + f"ffn_{name}_exps.weight", quants.quantize(np.ascontiguousarray(m), expert_type),
+                                 raw_dtype=expert_type)
             continue
         w_in = np.asarray(L.w_in).T
         if config.mlp == "gelu" or arch == "phi3":  # phi3: gate and up fused in ffn_up

@@ -16,7 +16,7 @@ import numpy as np
 from ..config import ModelConfig
 from ..errors import ModelFileError, UnsupportedArchitectureError, UnsupportedTensorTypeError
 from ..params import Layer, Norm, Params
-from ..quant import HostBlocks, concat_rows, pack
+from ..quant import HostBlocks, concat_rows, pack, stack_experts
 from ..weights import Experts
 from .dequant import FORMATS, SUPPORTED_TYPES, blocks, dequantize
 from .gguf_reader import GGUFFormatError, read_gguf
@@ -199,14 +199,23 @@ def params_from_gguf(g: GGUFFile, config: ModelConfig, dtype, quantized: bool = 
             return mat(name)
         return vec(name)
 
+    def stacked(*names):
+        """Experts from [E, out, in] tensors fused along out (gate and up): kept packed
+        when every one is block-quantized, each expert repacked alone, else dense."""
+        if quantized and all(g.tensor_type(n) in FORMATS for n in names):
+            parts = [rows(n, keep_quantized=True) for n in names]  # HostBlocks [E * out, in]
+            E = config.n_experts
+            expert = lambda b, e: HostBlocks(*(None if a is None else a[e * len(b.q) // E:(e + 1) * len(b.q) // E]
+                                               for a in (b.q, b.scales, b.mins)), b.bits)
+            return stack_experts([pack(concat_rows([expert(b, e) for b in parts]), dtype) for e in range(E)])
+        w = np.concatenate([rows(n).transpose(0, 2, 1) for n in names], axis=2)
+        return Experts(jnp.asarray(w, dtype))
+
     def experts(p):
-        """A mixture-of-experts layer: the router [D, E] and the experts, dequantized
-        (stored [E, out, in]) and stacked [E, in, out]."""
-        flip = lambda name: load(p + name).transpose(0, 2, 1)
+        """A mixture-of-experts layer: the router [D, E] and the stacked experts."""
         return dict(router=jnp.asarray(load(p + "ffn_gate_inp.weight").T, dtype),
-                    w_in=Experts(jnp.asarray(np.concatenate([flip("ffn_gate_exps.weight"),
-                                                             flip("ffn_up_exps.weight")], axis=2), dtype)),
-                    w_out=Experts(jnp.asarray(flip("ffn_down_exps.weight"), dtype)))
+                    w_in=stacked(p + "ffn_gate_exps.weight", p + "ffn_up_exps.weight"),
+                    w_out=stacked(p + "ffn_down_exps.weight"))
 
     def layer(i):
         p = f"blk.{i}."
