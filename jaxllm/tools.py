@@ -119,6 +119,11 @@ class CallStream:
         self.content_sent = 0  # characters of text sent as content
         self.calls: list[list] = []  # per streamed call: [id, arguments characters sent]
 
+    def _marker(self) -> Optional[int]:
+        """Where the first call marker in the text begins, or None."""
+        hits = [i for i in (self.text.find(m) for m in _MARKERS) if i >= 0]
+        return min(hits) if hits else None
+
     def _calls(self, at: int) -> list[tuple[str, str]]:
         """(name, arguments written so far) of the calls after the marker at `at`."""
         found, pos = [], at
@@ -149,16 +154,16 @@ class CallStream:
         stripped = self.text.lstrip()
         if stripped.startswith("{") or stripped.startswith(_PYTHON_TAG) or _PYTHON_TAG.startswith(stripped):
             return delta  # perhaps a bare-JSON call: decided at the end
-        hits = [i for i in (self.text.find(m) for m in _MARKERS) if i >= 0]
-        if hits:
-            upto = min(hits)
+        at = self._marker()
+        if at is not None:
+            upto = at
         else:  # hold back what could be the start of a marker
             upto = len(self.text) - max((k for m in _MARKERS for k in range(1, len(m))
                                          if self.text.endswith(m[:k])), default=0)
         if upto > self.content_sent:
             delta["content"], self.content_sent = self.text[self.content_sent:upto], upto
-        if hits:
-            updates = self._call_updates(min(hits))
+        if at is not None:
+            updates = self._call_updates(at)
             if updates:
                 delta["tool_calls"] = updates
         return delta
@@ -189,8 +194,8 @@ class CallStream:
         if not self.calls and content and self.content_sent == 0:
             delta["content"] = content
         streamed = len(self.calls)
-        hits = [i for i in (self.text.find(m) for m in _MARKERS) if i >= 0]
-        rest = self._call_updates(min(hits)) if hits and streamed else []
+        at = self._marker()
+        rest = self._call_updates(at) if at is not None and streamed else []
         rest = [u for u in rest if u["index"] < streamed]  # calls begun in the stream: their last arguments
         extra = [{"index": k, **call} for k, call in enumerate(calls) if k >= streamed]
         if rest or extra:
