@@ -32,8 +32,9 @@ from .decoding import (DecodeState, check_prompt, decode, decode_stepped, empty_
                        record, take_tokens, token_entries, token_scores)
 from .generate import bucket_length
 from .grammar import Grammar, Grammars, Matchers, allowed_logits
-from .model import extend
+from .model import extend_hidden, unembed
 from .params import Params
+from .prefix import PrefixIndex, common_length
 from .sampling import RowSampling, SamplerSettings, sample
 from .tokenizer import StreamDecoder, TextTokenizer
 
@@ -47,40 +48,48 @@ def init_slots(config: ModelConfig, n_slots: int, capacity: int, dtype) -> Decod
     return init_state(init_cache(config, n_slots, capacity, dtype), jnp.zeros((n_slots, 2), jnp.uint32),
                       jnp.zeros((n_slots,), jnp.int32),
                       RowSampling.from_settings([SamplerSettings.greedy()] * n_slots),
-                      track_seen=True, vocab_size=config.vocab_size, track_counts=True)
+                      track_seen=True, vocab_size=config.vocab_size, track_counts=True, per_row_stops=True)
 
 
-@partial(jax.jit, static_argnames=("config",), donate_argnames=("slots",))
-def admit(params: Params, config: ModelConfig, slots: DecodeState, rows, tokens, length, keys,
-          sampling: RowSampling, max_new, stop_ids, masks=None):
-    """Prefill one prompt (tokens [1, T], its first `length` real) once, into the n
-    slots `rows` [n] (a request's n choices share it), and sample each slot's first
-    token with its own key (keys [n, 2]), parameters (an n-row RowSampling) and budget
-    (max_new [n]), among the tokens `masks` allows (grammar.Matchers bits [n, words],
-    or None). Returns (slots, first tokens [n], their Scores [n], [n, k])."""
-    T, n = tokens.shape[1], rows.shape[0]
-    # The prompt runs against a cache of its own length, then lands in the slots'
-    # rows: attention over the prompt costs T x T, not T x the whole row.
-    logits, own = extend(params, config, tokens, length[None],
-                         init_cache(config, 1, T, slots.cache.k[0].dtype))
+@partial(jax.jit, static_argnames=("config", "span"), donate_argnames=("slots",))
+def admit(params: Params, config: ModelConfig, slots: DecodeState, tokens, lengths, sources, starts, prompts,
+          dest, of_prompt, keys, sampling: RowSampling, max_new, obeys_stops, stop_ids, masks=None, *, span: int):
+    """Prefill G prompts at once and start R slots on them (a request's n choices
+    share one prompt).
 
-    def put(big, small):
-        for i in range(n):
-            big = jax.lax.dynamic_update_slice(big, small, (rows[i], 0, 0, 0))
-        return big
-    cache = KVCache(k=tuple(map(put, slots.cache.k, own.k)), v=tuple(map(put, slots.cache.v, own.v)),
-                    lengths=slots.cache.lengths.at[rows].set(length))
-    seen = jnp.broadcast_to(prompt_seen(tokens, length[None], config.vocab_size), (n, config.vocab_size))
-    logits = jnp.broadcast_to(logits, (n, logits.shape[-1]))
+    Prompt g's first starts[g] positions are taken from slot sources[g]'s cache row
+    (a prefix it already holds: copied, not computed again); its remaining lengths[g]
+    tokens are tokens [G, T]; prompts [G, span] holds the whole prompt, zero-padded
+    (the repetition penalty's context). Slot dest[r] [R] starts on prompt of_prompt[r]:
+    its cache row receives that prompt's keys and values, and it samples its first
+    token with its own key (keys [R, 2]), parameters (an R-row RowSampling), budget
+    (max_new [R]) and whether a stop id ends it (obeys_stops [R]), among the tokens `masks` allows (grammar.Matchers bits [R, words],
+    or None). dest = the number of slots marks a padding entry (dropped). Attention
+    and the copies cover the first `span` positions of a row: span >= starts + T.
+    Returns (slots, first tokens [R], their Scores [R], [R, k])."""
+    B = slots.active.shape[0]
+    # Each prompt runs against a working copy of the first `span` positions of its
+    # source row (the prefix it reuses, or a free row's leftovers that the causal
+    # mask never shows): attention costs T x span, not T x the whole row.
+    work = KVCache(k=tuple(k[sources, :span] for k in slots.cache.k),
+                   v=tuple(v[sources, :span] for v in slots.cache.v), lengths=starts)
+    x, work = extend_hidden(params, config, tokens, lengths, work, span)
+    last = jnp.take_along_axis(x, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
+    logits = unembed(params, config, last)[of_prompt]  # [R, V]
+    put = lambda big, small: big.at[dest, :span].set(small[of_prompt], mode="drop")
+    set_rows = lambda array, value: array.at[dest].set(value, mode="drop")
+    whole = starts + lengths
+    cache = KVCache(k=tuple(map(put, slots.cache.k, work.k)), v=tuple(map(put, slots.cache.v, work.v)),
+                    lengths=set_rows(slots.cache.lengths, whole[of_prompt]))
+    seen = prompt_seen(prompts, whole, config.vocab_size)[of_prompt]
     token = sample(allowed_logits(logits, masks), jax.vmap(jax.random.fold_in, (0, None))(keys, 0), sampling, seen)
-    set_rows = lambda array, value: array.at[rows].set(value)
     slots = slots.replace(
         cache=cache, active=set_rows(slots.active, True), n_generated=set_rows(slots.n_generated, 0),
         max_new=set_rows(slots.max_new, max_new), keys=set_rows(slots.keys, keys),
         sampling=jax.tree.map(set_rows, slots.sampling, sampling), seen=set_rows(slots.seen, seen),
-        counts=set_rows(slots.counts, 0))
-    taken = jnp.isin(jnp.arange(slots.active.shape[0]), rows)
-    tokens_by_row = jnp.full(slots.active.shape, -1, jnp.int32).at[rows].set(token)
+        counts=set_rows(slots.counts, 0), obeys_stops=set_rows(slots.obeys_stops, obeys_stops))
+    taken = set_rows(jnp.zeros((B,), bool), True)
+    tokens_by_row = set_rows(jnp.full((B,), -1, jnp.int32), token)
     return (record(slots, tokens_by_row, stop_ids, rows=taken), token,
             token_scores(logits, token, TOP_LOGPROBS))
 
@@ -114,6 +123,7 @@ def release(slots: DecodeState, slot) -> DecodeState:
 class Metrics:
     """What the engine reports; the server's subclass feeds Prometheus."""
 
+    def prefill(self, prompt_tokens: int, reused_tokens: int) -> None: ...
     def first_token(self, seconds: float) -> None: ...
     def tokens(self, count: int, seconds_each: float) -> None: ...
     def occupancy(self, waiting: int, running: int) -> None: ...
@@ -132,6 +142,7 @@ class Request:
     stop: tuple[str, ...] = ()  # stop strings: the text ends before the first one
     top_logprobs: Optional[int] = None  # record log-probabilities with this many top tokens (None: none)
     grammar: Optional[Grammar] = None  # hold the output to it (Engine.grammars() makes them)
+    ignore_eos: bool = False  # run to max_tokens through stop ids (serving benchmarks' requests)
     on_update: Callable[["Request", str, Optional[str]], None] = lambda r, text, reason: None
     # Filled in by the engine:
     ids: list[int] = field(default_factory=list)  # generated ids, stop token excluded
@@ -146,22 +157,52 @@ class Request:
     delivered_at: Optional[float] = None
 
 
+@dataclass
+class Admission:
+    """A prompt the next admission call prefills: its requests (n choices), the slots
+    they take, and the prefix it copies from slot `source` (`start` tokens; 0: none)."""
+
+    group: list[Request]
+    rows: list[int]
+    source: int
+    start: int
+    width: int  # its remaining tokens, padded to a bucket
+
+
+def _pow2(n: int) -> int:
+    return 1 << (max(n, 1) - 1).bit_length()
+
+
+# A prompt that shares this many more tokens with one already planned for the same
+# admission call than any slot holds waits for the next call, to copy them.
+WAIT_FOR_PREFIX = 128
+
+
 class Engine:
     """Serves Requests from `n_slots` slots of one batched cache on a thread of its own.
 
     submit() and cancel() are thread-safe. Between decode chunks of
-    `steps_per_chunk` tokens the engine admits waiting requests into free slots
-    (one prefill each) and retires finished or cancelled ones.
+    `steps_per_chunk` tokens the engine retires finished or cancelled requests and
+    admits waiting ones into free slots: as many prompts as fit `prefill_tokens`
+    (their padded lengths summed) in one batched prefill, so running streams keep
+    their pace while the queue drains. With `reuse_prefixes` a prompt copies the
+    longest prefix some slot's cache row still holds (prefix.py) and prefills the
+    rest only.
     """
 
     def __init__(self, params: Params, config: ModelConfig, tokenizer: TextTokenizer, *,
                  n_slots: int = 8, max_context: Optional[int] = None, steps_per_chunk: int = 8,
+                 prefill_tokens: int = 8192, reuse_prefixes: bool = True, warm_prompt_tokens: int = 0,
                  metrics: Optional[Metrics] = None):
-        if n_slots < 1 or steps_per_chunk < 1:
-            raise ValueError("n_slots and steps_per_chunk must be >= 1")
+        if n_slots < 1 or steps_per_chunk < 1 or prefill_tokens < 1:
+            raise ValueError("n_slots, steps_per_chunk and prefill_tokens must be >= 1")
         self.params, self.config, self.tokenizer = params, config, tokenizer
         self.capacity = min(max_context or config.max_seq_len, config.max_seq_len)
         self.n_slots, self.steps_per_chunk = n_slots, steps_per_chunk
+        self.prefill_tokens, self.reuse_prefixes = prefill_tokens, reuse_prefixes
+        self.warm_prompt_tokens = warm_prompt_tokens
+        self.prefixes = PrefixIndex(n_slots)
+        self._admitting: list[Request] = []
         self.metrics = metrics or Metrics()
         self.stop_ids = jnp.asarray(config.eos_token_ids or (-2,), jnp.int32)  # -2 never matches
         self._stop_set = set(config.eos_token_ids)
@@ -238,13 +279,22 @@ class Engine:
             self._thread.join()
 
     def _warmup(self) -> None:
-        """Compile the decode chunk and the shortest prompt bucket before serving."""
-        self.slots = admit(
-            self.params, self.config, self.slots, jnp.zeros((1,), jnp.int32),
-            jnp.zeros((1, min(bucket_length(1), self.capacity)), jnp.int32), jnp.int32(1),
-            jax.random.PRNGKey(0)[None], RowSampling.from_settings([SamplerSettings.greedy()]),
-            jnp.full((1,), 2, jnp.int32), self.stop_ids)[0]
-        self.slots = release(self.slots, jnp.int32(0))
+        """Compile the decode chunk and the admission calls before serving: one prompt
+        of the shortest bucket, and every batch of prompts up to `warm_prompt_tokens`
+        long that the prefill budget admits (each call shape compiles once, seconds
+        for a large model, so a server that must not stall on a new shape warms them)."""
+        shapes, n = [(1, min(bucket_length(1), self.capacity))], bucket_length(1)
+        while self.warm_prompt_tokens and n <= bucket_length(self.warm_prompt_tokens):
+            width = min(n, self.capacity)
+            shapes += [(1 << i, width) for i in range(_pow2(self.n_slots).bit_length())
+                       if i == 0 or (1 << i) * width <= self.prefill_tokens]
+            n *= 2
+        for count, width in dict.fromkeys(shapes):
+            count = min(count, self.n_slots)
+            self._admit([Admission([Request([0], 2)], [b], 0, 0, width) for b in range(count)], quiet=True)
+            for b in range(count):
+                self.slots = release(self.slots, jnp.int32(b))
+                self.prefixes.forget(b)
         self.slots, _, _ = decode_chunk(self.params, self.config, self.slots, self.stop_ids,
                                         self.steps_per_chunk, self._span(0))
         jax.block_until_ready(self.slots)
@@ -258,21 +308,10 @@ class Engine:
                     self._cond.wait()
                 if self._closing:
                     break
-                joining = []
-                free = [b for b in range(self.n_slots) if b not in self._running]
-                while self._waiting:
-                    group = self._waiting[0]
-                    for request in [r for r in group if r.cancelled]:
-                        group.remove(request)
-                        self._end(request, "cancelled")
-                    if len(group) > len(free):
-                        break  # first come, first served: the head waits for its slots
-                    self._waiting.popleft()
-                    if group:
-                        joining.append(([free.pop(0) for _ in group], group))
-                self.metrics.occupancy(self.waiting, len(self._running) + sum(len(g) for _, g in joining))
-            for rows, group in joining:
-                self._guarded(self._admit, rows, group)
+                joining = self._plan()
+                self.metrics.occupancy(self.waiting, len(self._running) + sum(len(a.rows) for a in joining))
+            if joining:
+                self._guarded(self._admit, joining)
             for slot, request in list(self._running.items()):
                 if request.cancelled:
                     self._retire(slot, "cancelled")
@@ -288,42 +327,105 @@ class Engine:
         try:
             fn(*args)
         except Exception as e:  # noqa: BLE001
-            victims = list(self._running.values()) + [r for a in args if isinstance(a, list)
-                                                      for r in a if isinstance(r, Request)]
+            victims = list(self._running.values()) + self._admitting
             self._running.clear()
             self._decoders.clear()
+            self._admitting = []
             if self._matchers is not None:
                 self._matchers.detach_all()
             self.slots = init_slots(self.config, self.n_slots, self.capacity, self.params.embed.dtype)
+            self.prefixes = PrefixIndex(self.n_slots)
             for request in victims:
                 if request.finish_reason is None:
                     request.error = f"{type(e).__name__}: {e}"
                     self._end(request, "error")
 
-    def _admit(self, rows: list[int], group: list[Request]) -> None:
-        first = group[0]
-        n = len(first.prompt_ids)
-        T = min(bucket_length(n), self.capacity)
-        tokens = np.zeros((1, T), np.int32)
-        tokens[0, :n] = first.prompt_ids
+    def _plan(self) -> list[Admission]:
+        """Under the lock: the waiting prompts the next admission call takes, first come
+        first served, as many as free slots and the `prefill_tokens` budget allow (at
+        least one)."""
+        free = self.prefixes.by_age(b for b in range(self.n_slots) if b not in self._running)
+        plan: list[Admission] = []
+        while self._waiting:
+            group = self._waiting[0]
+            for request in [r for r in group if r.cancelled]:
+                group.remove(request)
+                self._end(request, "cancelled")
+            if not group:
+                self._waiting.popleft()
+                continue
+            if len(group) > len(free):
+                break  # the head waits for its slots
+            prompt = group[0].prompt_ids
+            n = len(prompt)
+            source, start = self.prefixes.match(prompt, n - 1) if self.reuse_prefixes else (-1, 0)
+            if self.reuse_prefixes and any(
+                    common_length(prompt, a.group[0].prompt_ids) - start >= WAIT_FOR_PREFIX for a in plan):
+                break  # it copies what this call computes, from the next call on
+            if start + bucket_length(n - start) > self.capacity:
+                source, start = -1, 0  # the bucket would run past the row: no reuse
+            width = min(bucket_length(n - start), self.capacity)
+            widest = max([width] + [a.width for a in plan])
+            if plan and _pow2(len(plan) + 1) * widest > self.prefill_tokens:
+                break
+            if source in free:
+                free.remove(source)  # the row already holding the prefix takes it on
+                rows = [source] + [free.pop(0) for _ in group[1:]]
+            else:
+                rows = [free.pop(0) for _ in group]
+            if source >= 0:
+                self.prefixes.touch(source)
+            self._waiting.popleft()
+            plan.append(Admission(group, rows, max(source, 0), start, width))
+        return plan
+
+    def _admit(self, plan: list[Admission], quiet: bool = False) -> None:
+        """Prefill the planned prompts in one call and start their slots."""
+        self._admitting = [r for a in plan for r in a.group]
+        G, R = _pow2(len(plan)), _pow2(len(self._admitting))
+        T = max(a.width for a in plan)
+        span = min(self.capacity, _pow2(max(a.start + a.width for a in plan)))
+        tokens, prompts = np.zeros((G, T), np.int32), np.zeros((G, span), np.int32)
+        lengths, sources, starts = np.ones(G, np.int32), np.zeros(G, np.int32), np.zeros(G, np.int32)
+        dest, of_prompt = np.full(R, self.n_slots, np.int32), np.zeros(R, np.int32)
+        entries = [(a, slot, request) for a in plan for slot, request in zip(a.rows, a.group)]
+        for g, a in enumerate(plan):
+            prompt = a.group[0].prompt_ids
+            tokens[g, :len(prompt) - a.start] = prompt[a.start:]
+            prompts[g, :len(prompt)] = prompt
+            lengths[g], sources[g], starts[g] = len(prompt) - a.start, a.source, a.start
+            for slot in a.rows:
+                self.prefixes.hold(slot, prompt)
+        for r, (a, slot, _) in enumerate(entries):
+            dest[r], of_prompt[r] = slot, plan.index(a)
+        requests = [request for _, _, request in entries]
+        padding = R - len(requests)
         masks = None
-        if any(request.grammar is not None for request in group):
+        if any(request.grammar is not None for request in requests):
             self.grammars()  # the slots' matchers, made on first use
-            for slot, request in zip(rows, group):
-                self._matchers.attach(slot, request.grammar)
-            masks = jnp.asarray(self._matchers.masks(rows))
+            for _, slot, request in entries:
+                if request.grammar is not None:
+                    self._matchers.attach(slot, request.grammar)
+            masks = jnp.asarray(self._matchers.masks(dest.tolist()))
         self.slots, token, scores = admit(
-            self.params, self.config, self.slots, jnp.asarray(rows, jnp.int32), jnp.asarray(tokens),
-            jnp.int32(n), jnp.stack([jax.random.PRNGKey(r.seed) for r in group]),
-            RowSampling.from_settings([r.settings for r in group]),
-            jnp.asarray([r.max_tokens for r in group], jnp.int32), self.stop_ids, masks)
+            self.params, self.config, self.slots, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(sources),
+            jnp.asarray(starts), jnp.asarray(prompts), jnp.asarray(dest), jnp.asarray(of_prompt),
+            jnp.stack([jax.random.PRNGKey(r.seed) for r in requests] + [jnp.zeros(2, jnp.uint32)] * padding),
+            RowSampling.from_settings([r.settings for r in requests] + [SamplerSettings.greedy()] * padding),
+            jnp.asarray([r.max_tokens for r in requests] + [1] * padding, jnp.int32),
+            jnp.asarray([not r.ignore_eos for r in requests] + [True] * padding), self.stop_ids, masks,
+            span=span)
         token, scores = np.asarray(token), [np.asarray(a) for a in scores]
         if masks is not None:
-            self._matchers.consume(token, rows)
-        for i, (slot, request) in enumerate(zip(rows, group)):
+            self._matchers.consume(token[:len(requests)], dest[:len(requests)].tolist())
+        self._admitting = []
+        if quiet:
+            return
+        self.metrics.prefill(sum(len(a.group[0].prompt_ids) for a in plan), sum(a.start for a in plan))
+        for r, (_, slot, request) in enumerate(entries):
             self._running[slot] = request
             self._decoders[slot] = StreamDecoder(self.tokenizer)
-            self._take(slot, request, [int(token[i])], still_active=None, scores=[a[i][None] for a in scores])
+            self._take(slot, request, [int(token[r])], still_active=None, scores=[a[r][None] for a in scores])
 
     def _span(self, longest: int) -> int:
         """Cache slots a chunk must read when the longest running row holds `longest`."""
@@ -348,7 +450,8 @@ class Engine:
     def _take(self, slot: int, request: Request, tokens: list[int], still_active, scores=None) -> None:
         """Hand a slot's new tokens to its request; retire it if it has finished.
         scores: the tokens' log-probabilities [n], top ids and theirs [n, k] (numpy)."""
-        fresh, reason = take_tokens(tokens, self._stop_set, request.max_tokens - len(request.ids))
+        fresh, reason = take_tokens(tokens, () if request.ignore_eos else self._stop_set,
+                                    request.max_tokens - len(request.ids))
         now = time.perf_counter()
         if fresh:
             if request.delivered_at is None:
@@ -396,6 +499,8 @@ class Engine:
 
     def _retire(self, slot: int, reason: str) -> None:
         request = self._running.pop(slot)
+        # The row holds every token sampled but the last (never fed back).
+        self.prefixes.hold(slot, request.prompt_ids + request.ids[:-1])
         self._decoders.pop(slot, None)
         if self._matchers is not None:
             self._matchers.detach(slot)

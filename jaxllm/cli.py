@@ -190,13 +190,16 @@ def cmd_serve(args) -> None:
         raise CliError("--max-context must be >= 2")
     if args.max_request_bytes < 1024:
         raise CliError("--max-request-bytes must be >= 1024")
+    if args.prefill_tokens < 1 or args.warm_prompts < 0:
+        raise CliError("--prefill-tokens must be >= 1 and --warm-prompts >= 0")
     model = _load(args)
     model_id = os.path.basename(args.model.rstrip(os.sep))
     # Every slot holds a whole context and decode attention reads all of it.
     max_context = args.max_context or min(model.config.max_seq_len, 2048)
     status(f"compiling the decode loop for {args.max_batch} slots ...")
     serve(model, model_id, host=args.host, port=args.port, max_batch=args.max_batch,
-          max_context=max_context, steps_per_chunk=args.steps_per_chunk, api_key=args.api_key or None,
+          max_context=max_context, steps_per_chunk=args.steps_per_chunk, prefill_tokens=args.prefill_tokens,
+          reuse_prefixes=not args.no_prefix_cache, warm_prompt_tokens=args.warm_prompts, api_key=args.api_key or None,
           metrics_key=args.metrics_key, max_body_bytes=args.max_request_bytes)
 
 
@@ -259,6 +262,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-context", type=int, help="tokens per slot (default: the model's, at most 2048)")
     p.add_argument("--steps-per-chunk", type=int, default=8,
                    help="decode steps between admitting new requests and streaming")
+    p.add_argument("--prefill-tokens", type=int, default=8192,
+                   help="prompt tokens (padded) prefilled together between decode chunks; "
+                        "one prompt at least")
+    p.add_argument("--no-prefix-cache", action="store_true",
+                   help="prefill every prompt whole, even when a slot still holds its beginning")
+    p.add_argument("--warm-prompts", type=int, default=0, metavar="TOKENS",
+                   help="before serving, compile the batched prefills of prompts up to TOKENS long "
+                        "(else each new shape compiles on first use)")
     p.add_argument("--api-key", default=os.environ.get("JAXLLM_API_KEY"),
                    help="every /v1/ request needs 'Authorization: Bearer KEY' (default: $JAXLLM_API_KEY)")
     p.add_argument("--metrics-key", help="/metrics needs 'Authorization: Bearer KEY' (default: open)")

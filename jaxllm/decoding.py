@@ -42,17 +42,21 @@ class DecodeState:
     seen: Optional[jax.Array]  # [B, V] bool: tokens in each row's context; None without a penalty
     # [B, V] int32: how often each row generated each token; None without presence/frequency penalties
     counts: Optional[jax.Array] = None
+    # [B] bool: the rows a stop id ends (a benchmark's request may run to its budget); None: all
+    obeys_stops: Optional[jax.Array] = None
 
 
 def init_state(cache: KVCache, keys: jax.Array, max_new: jax.Array, sampling: Optional[RowSampling] = None,
-               track_seen: bool = False, vocab_size: int = 0, track_counts: bool = False) -> DecodeState:
+               track_seen: bool = False, vocab_size: int = 0, track_counts: bool = False,
+               per_row_stops: bool = False) -> DecodeState:
     """Rows that are all inactive, over `cache` (B = its batch)."""
     B = cache.batch
     zeros = lambda: jnp.zeros((B,), jnp.int32)  # distinct buffers: the state is donated
     return DecodeState(cache=cache, last=zeros(), active=jnp.zeros((B,), bool), n_generated=zeros(),
                        max_new=max_new, keys=keys, sampling=sampling,
                        seen=jnp.zeros((B, vocab_size), bool) if track_seen else None,
-                       counts=jnp.zeros((B, vocab_size), jnp.int32) if track_counts else None)
+                       counts=jnp.zeros((B, vocab_size), jnp.int32) if track_counts else None,
+                       obeys_stops=jnp.ones((B,), bool) if per_row_stops else None)
 
 
 def prompt_seen(tokens: jax.Array, lengths: jax.Array, vocab_size: int) -> jax.Array:
@@ -69,7 +73,8 @@ def record(state: DecodeState, token: jax.Array, stop_ids: jax.Array,
     token. Other rows are left as they are."""
     rows = state.active if rows is None else rows
     n = state.n_generated + rows
-    stopped = (jnp.isin(token, stop_ids) | (n >= state.max_new)
+    at_stop = jnp.isin(token, stop_ids) if state.obeys_stops is None else jnp.isin(token, stop_ids) & state.obeys_stops
+    stopped = (at_stop | (n >= state.max_new)
                | (state.cache.lengths >= state.cache.capacity))
     at = lambda: (jnp.arange(token.shape[0]), jnp.maximum(token, 0))
     seen = None if state.seen is None else state.seen.at[at()].max(rows)

@@ -84,6 +84,7 @@ class SamplingFields(BaseModel):
     seed: Optional[int] = None
     n: int = 1
     best_of: Optional[int] = None
+    ignore_eos: bool = False  # vLLM's: run to max_tokens (serving benchmarks)
     logprobs: Optional[Any] = None  # chat: true/false; completions: how many top tokens
     top_logprobs: Optional[int] = None  # chat
     response_format: Optional[dict] = None
@@ -129,12 +130,17 @@ class PrometheusMetrics(Metrics):
         self.requests = Counter("jaxllm_requests", "HTTP requests served", ["endpoint", "status"], registry=r)
         self.prompt_tokens = Counter("jaxllm_prompt_tokens", "prompt tokens admitted", registry=r)
         self.generated_tokens = Counter("jaxllm_generated_tokens", "tokens generated", registry=r)
+        self.reused_tokens = Counter("jaxllm_prefix_reused_tokens",
+                                     "prompt tokens copied from a cached prefix, not computed", registry=r)
         self.waiting_gauge = Gauge("jaxllm_queue_length", "requests waiting for a slot", registry=r)
         self.running_gauge = Gauge("jaxllm_running_requests", "requests holding a slot", registry=r)
         self.ttft = Histogram("jaxllm_time_to_first_token_seconds", "time to first token",
                               buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30), registry=r)
         self.itl = Histogram("jaxllm_inter_token_latency_seconds", "time between tokens",
                              buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1), registry=r)
+
+    def prefill(self, prompt_tokens: int, reused_tokens: int) -> None:
+        self.reused_tokens.inc(reused_tokens)
 
     def first_token(self, seconds: float) -> None:
         self.ttft.observe(seconds)
@@ -232,15 +238,18 @@ def _stops(body: SamplingFields) -> tuple[str, ...]:
 
 
 def create_app(model: Model, model_id: str, *, max_batch: int = 8, max_context: Optional[int] = None,
-               steps_per_chunk: int = 8, warmup: bool = True, api_key: Optional[str] = None,
+               steps_per_chunk: int = 8, prefill_tokens: int = 8192, reuse_prefixes: bool = True,
+               warm_prompt_tokens: int = 0, warmup: bool = True, api_key: Optional[str] = None,
                metrics_key: Optional[str] = None, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     """The ASGI app serving `model` under the name `model_id`; its engine starts
-    (and compiles) when the app starts and stops with it. api_key: every /v1/ request
-    needs `Authorization: Bearer api_key`; metrics_key: likewise /metrics; bodies
-    over max_body_bytes get 413 (access.py)."""
+    (and compiles) when the app starts and stops with it (batching.Engine says what
+    the engine's options do). api_key: every /v1/ request needs `Authorization:
+    Bearer api_key`; metrics_key: likewise /metrics; bodies over max_body_bytes get
+    413 (access.py)."""
     metrics = PrometheusMetrics()
     engine = Engine(model.params, model.config, model.tokenizer, n_slots=max_batch,
-                    max_context=max_context, steps_per_chunk=steps_per_chunk, metrics=metrics)
+                    max_context=max_context, steps_per_chunk=steps_per_chunk, prefill_tokens=prefill_tokens,
+                    reuse_prefixes=reuse_prefixes, warm_prompt_tokens=warm_prompt_tokens, metrics=metrics)
     started = int(time.time())
 
     @asynccontextmanager
@@ -311,7 +320,8 @@ def create_app(model: Model, model_id: str, *, max_batch: int = 8, max_context: 
                 raise ApiError(400, str(e), "max_tokens", "context_length_exceeded") from None
             except ValueError as e:
                 raise ApiError(400, str(e), "max_tokens" if "max_tokens" in str(e) else "prompt") from None
-            requests += [Request(ids, max_tokens, settings, (seed + j) % (1 << 31), stop, top_logprobs, grammar)
+            requests += [Request(ids, max_tokens, settings, (seed + j) % (1 << 31), stop, top_logprobs, grammar,
+                                 ignore_eos=body.ignore_eos)
                          for j in range(body.n)]
         return requests
 

@@ -89,27 +89,39 @@ class TextTokenizer:
 
 class StreamDecoder:
     """Incremental detokenisation: feed ids, get the new text, never half a UTF-8
-    character (bytes of an unfinished character wait for the next ids)."""
+    character (bytes of an unfinished character wait for the next ids).
+
+    Each push decodes a window of ids, not all of them (a 2,000-token answer would
+    otherwise cost 2,000 x 2,000 / chunk token decodes on the server's thread): the
+    ids since the last emitted text, after the few before it that give the decoder
+    its context (a word's leading space, a character split across tokens). The new
+    text is what the window adds to its context's decoding (the scheme of TGI and
+    vLLM's incremental detokenizer)."""
+
+    CONTEXT = 6  # ids of context before the new ones
 
     def __init__(self, tokenizer: TextTokenizer, skip_special: bool = True):
         self.tokenizer, self.skip_special = tokenizer, skip_special
         self.ids: list[int] = []
-        self.emitted = 0  # characters of decode(ids) already returned
+        self.done = 0  # ids whose text has been returned
 
     def push(self, ids: Iterable[int]) -> str:
         self.ids.extend(ids)
-        text = self.tokenizer.decode(self.ids, self.skip_special)
-        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait
-            stable = text.rstrip("\ufffd")
-            out, self.emitted = stable[self.emitted:], max(self.emitted, len(stable))
-            return out
-        out, self.emitted = text[self.emitted:], len(text)
-        return out
+        return self._new(final=False)
 
     def flush(self) -> str:
-        text = self.tokenizer.decode(self.ids, self.skip_special)
-        out, self.emitted = text[self.emitted:], len(text)
-        return out
+        return self._new(final=True)
+
+    def _new(self, final: bool) -> str:
+        start = max(0, self.done - self.CONTEXT)
+        decode = lambda part: self.tokenizer.decode(part, self.skip_special)
+        context, text = decode(self.ids[start:self.done]), decode(self.ids[start:])
+        if not final and text.endswith("\ufffd"):  # an incomplete multi-byte character: wait
+            return ""
+        if not text.startswith(context):  # the context decodes differently now: the slow way
+            context, text = decode(self.ids[:self.done]), decode(self.ids)
+        self.done = len(self.ids)
+        return text[len(context):]
 
 
 def _added_tokens(tokens, types) -> list[AddedToken]:

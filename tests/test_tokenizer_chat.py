@@ -1,3 +1,5 @@
+import jaxllm
+import numpy as np
 import pytest
 
 from jaxllm.chat import ChatTemplateError, render_chat
@@ -38,3 +40,27 @@ def test_stream_decoder_never_splits_a_character():
     pieces = [d.push([b]) for b in data] + [d.flush()]
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)
+
+
+def test_stream_decoder_matches_whole_decoding_in_windows():
+    """Pieces of a real tokenizer's ids, pushed a few at a time, join to the text of
+    all of them, while each push decodes a few ids, not the whole answer."""
+    tok = jaxllm.load().tokenizer
+    widest = []
+
+    class Counting:
+        def decode(self, ids, skip_special=True):
+            widest.append(len(ids))
+            return tok.decode(ids, skip_special)
+
+    rng = np.random.default_rng(0)
+    cases = [tok.encode("Héllo wörld — ünïcode 你好世界 🙂🙃 and  spaces\n\nnew lines " * 8)]
+    cases += [rng.integers(0, tok.vocab_size, 300).tolist() for _ in range(20)]
+    for ids in cases:
+        d, out, i = StreamDecoder(Counting()), "", 0
+        while i < len(ids):
+            k = int(rng.integers(1, 5))
+            out += d.push(ids[i:i + k])
+            i += k
+        assert out + d.flush() == tok.decode(ids)
+    assert max(widest) < 40

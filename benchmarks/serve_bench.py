@@ -1,0 +1,279 @@
+"""Serving throughput and latency: the serving benchmarks' workloads against jaxllm's
+engine, in-process or through its HTTP server.
+
+    python benchmarks/serve_bench.py --shape llama8b --workloads 1024/256x256,128/128x2048 \
+        --max-batch 256 --max-context 2048 --drivers engine,http --out X.json
+
+A workload IN/OUTxN is N requests of IN random prompt tokens that each generate
+exactly OUT tokens (`ignore_eos`, as vLLM's benchmark asks). Modes: offline (all N
+submitted at once: output tokens/s over the whole run) and online (`--concurrency
+C` streams, each sending its next request when its last ends). `--shared-prefix P`
+starts every prompt with the same P tokens (a system prompt) and runs the workload
+with the prefix cache on and off.
+
+Models: a random-weight model of a preset shape (`--shape`, bf16; speed does not
+depend on the values) with a placeholder vocabulary of the shape's size, or a real
+file (`--model`). Drivers: `engine` submits `batching.Request`s to an Engine in this
+process; `http` starts `jaxllm serve`'s app on loopback and streams
+/v1/completions through the official OpenAI client (token ids as the prompt).
+
+Each row: {"bench": "serve", "engine": "jaxllm", "driver", "shape", "weights",
+"workload", "mode", "concurrency", "requests", "output_tok_s", "ttft_ms_p50",
+"ttft_ms_p99", "itl_ms_p50", "itl_ms_p99", ...}. TTFT: submission to the first
+token. ITL: the gap between two deliveries of a request divided by the tokens the
+later one brought (the engine delivers a chunk of tokens at a time), over every
+delivery of every request. Each workload runs once unmeasured first (it compiles
+the batched prefill's shapes). Progress on stderr, a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import inspect
+import json
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxllm
+from jaxllm.batching import Engine, Request
+from jaxllm.tokenizer import TextTokenizer
+
+
+# Older checkouts (a before/after run on one device) lack ignore_eos and the
+# engine's admission options: without them, a random model's rare stop token ends
+# a request early, which the output token counts show.
+IGNORE_EOS = {"ignore_eos": True} if "ignore_eos" in Request.__dataclass_fields__ else {}
+ENGINE_OPTIONS = set(inspect.signature(Engine).parameters)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def placeholder_tokenizer(vocab_size: int, eos: int) -> TextTokenizer:
+    """A vocabulary of `vocab_size` pieces "<i>" (decoding is what the server does with them)."""
+    from tokenizers import Tokenizer, decoders  # noqa: PLC0415
+    from tokenizers.models import WordLevel  # noqa: PLC0415
+
+    tok = Tokenizer(WordLevel({f"<{i}>": i for i in range(vocab_size)}, unk_token="<0>"))
+    tok.decoder = decoders.Fuse()
+    return TextTokenizer(tok, None, False, (eos,), frozenset())
+
+
+def load_model(args) -> jaxllm.Model:
+    if args.model:
+        return jaxllm.load(args.model)
+    config = jaxllm.PRESETS[args.shape]
+    log(f"random {args.shape} weights (bf16) ...")
+    params = jax.block_until_ready(jaxllm.init_params(config, jax.random.PRNGKey(0), jnp.bfloat16))
+    eos = config.eos_token_ids[0] if config.eos_token_ids else 0
+    return jaxllm.Model(config, params, placeholder_tokenizer(config.vocab_size, eos), None, args.shape)
+
+
+@dataclass
+class Trace:
+    """One request's deliveries: (seconds since submission, tokens so far)."""
+
+    submitted: float
+    events: list[tuple[float, int]] = field(default_factory=list)
+
+
+def prompts_of(rng, n: int, length: int, vocab: int, prefix: list[int]) -> list[list[int]]:
+    own = length - len(prefix)
+    return [prefix + rng.integers(10, vocab - 10, own).tolist() for _ in range(n)]
+
+
+# -- drivers ---------------------------------------------------------------------------
+
+def drive_engine(engine: Engine, prompts, out_tokens: int, concurrency: int) -> list[Trace]:
+    """Submit `prompts` (at most `concurrency` in flight); every request's trace."""
+    traces = [Trace(0.0) for _ in prompts]
+    free = threading.Semaphore(concurrency)
+    finished = threading.Semaphore(0)
+
+    def update(i):
+        def on_update(request, text, reason):
+            now = time.perf_counter()
+            if request.ids and (not traces[i].events or traces[i].events[-1][1] != len(request.ids)):
+                traces[i].events.append((now - traces[i].submitted, len(request.ids)))
+            if reason is not None:
+                if reason not in ("length", "stop"):
+                    log(f"request {i} ended: {reason} {request.error or ''}")
+                free.release()
+                finished.release()
+        return on_update
+
+    for i, prompt in enumerate(prompts):
+        free.acquire()
+        traces[i].submitted = time.perf_counter()
+        engine.submit(Request(prompt, out_tokens, on_update=update(i), **IGNORE_EOS))
+    for _ in prompts:
+        finished.acquire()
+    return traces
+
+
+def drive_http(url: str, prompts, out_tokens: int, concurrency: int) -> list[Trace]:
+    from openai import AsyncOpenAI  # noqa: PLC0415
+
+    async def main():
+        client = AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=3600)
+        gate = asyncio.Semaphore(concurrency)
+        traces = [Trace(0.0) for _ in prompts]
+
+        async def one(i, prompt):
+            async with gate:
+                trace = traces[i]
+                trace.submitted = time.perf_counter()
+                stream = await client.completions.create(
+                    model="m", prompt=prompt, max_tokens=out_tokens, temperature=0, stream=True,
+                    stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+                pieces = 0
+                async for chunk in stream:
+                    if chunk.choices and chunk.choices[0].text:
+                        pieces += 1
+                        trace.events.append((time.perf_counter() - trace.submitted, pieces))
+                    if chunk.usage is not None:
+                        # the pieces' token counts are not streamed: spread the total evenly
+                        total = chunk.usage.completion_tokens
+                        trace.events = [(t, round(total * k / max(pieces, 1))) for t, k in trace.events]
+        await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+        await client.close()
+        return traces
+    return asyncio.run(main())
+
+
+class HttpServer:
+    """`jaxllm serve`'s app on a loopback port, on a thread."""
+
+    def __init__(self, model, engine_kw: dict):
+        import uvicorn  # noqa: PLC0415
+
+        from jaxllm.server import create_app  # noqa: PLC0415
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        app = create_app(model, "m", **engine_kw)
+        self.engine = app.state.engine
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.05)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join()
+
+
+# -- figures ---------------------------------------------------------------------------
+
+def summarize(traces: list[Trace], seconds: float) -> dict:
+    tokens = sum(t.events[-1][1] for t in traces if t.events)
+    ttft = [t.events[0][0] * 1e3 for t in traces if t.events]
+    itl = []
+    for t in traces:
+        for (t0, n0), (t1, n1) in zip(t.events, t.events[1:]):
+            if n1 > n0:
+                itl += [(t1 - t0) * 1e3 / (n1 - n0)] * (n1 - n0)
+    pct = lambda xs, q: float(np.percentile(xs, q)) if xs else None
+    return {"output_tokens": tokens, "seconds": seconds, "output_tok_s": tokens / seconds,
+            "ttft_ms_p50": pct(ttft, 50), "ttft_ms_p99": pct(ttft, 99),
+            "itl_ms_p50": pct(itl, 50), "itl_ms_p99": pct(itl, 99)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="llama8b", help="a preset shape of random weights")
+    p.add_argument("--model", help="a model file or folder instead of --shape")
+    p.add_argument("--workloads", default="1024/256x256", help="IN/OUTxREQUESTS, comma-separated")
+    p.add_argument("--modes", default="offline", help="offline and/or online")
+    p.add_argument("--concurrency", type=int, default=32, help="streams in online mode")
+    p.add_argument("--shared-prefix", type=int, default=0, help="tokens every prompt starts with")
+    p.add_argument("--drivers", default="engine", help="engine and/or http")
+    p.add_argument("--max-batch", type=int, default=256)
+    p.add_argument("--max-context", type=int, default=2048)
+    p.add_argument("--steps-per-chunk", type=int, default=8)
+    p.add_argument("--prefill-tokens", type=int, default=8192)
+    p.add_argument("--no-warm-pass", action="store_true", help="measure the first pass (compiles included)")
+    p.add_argument("--out", help="results JSON")
+    args = p.parse_args(argv)
+
+    model = load_model(args)
+    label = args.shape if not args.model else args.model
+    weights = "bf16" if not args.model else "file"
+    rows = []
+    rng = np.random.default_rng(0)
+    for spec in args.workloads.split(","):
+        lengths, n = spec.split("x")
+        n_in, n_out = map(int, lengths.split("/"))
+        prefix = rng.integers(10, model.config.vocab_size - 10, args.shared_prefix).tolist()
+        caches = [True, False] if args.shared_prefix else [True]
+        for driver in args.drivers.split(","):
+            for reuse in caches:
+                engine_kw = dict(max_batch=args.max_batch, max_context=args.max_context,
+                                 steps_per_chunk=args.steps_per_chunk, prefill_tokens=args.prefill_tokens,
+                                 reuse_prefixes=reuse)
+                log(f"{driver}: starting the engine ({args.max_batch} slots x {args.max_context}) ...")
+                t0 = time.perf_counter()
+                if driver == "http":
+                    server = HttpServer(model, engine_kw)
+                    engine = server.engine
+                    run = lambda ps, c: drive_http(f"http://127.0.0.1:{server.port}/v1", ps, n_out, c)
+                else:
+                    engine_kw["n_slots"] = engine_kw.pop("max_batch")
+                    engine_kw = {k: v for k, v in engine_kw.items() if k in ENGINE_OPTIONS}
+                    engine = Engine(model.params, model.config, model.tokenizer, **engine_kw).start()
+                    run = lambda ps, c: drive_engine(engine, ps, n_out, c)
+                log(f"  ready in {time.perf_counter() - t0:.1f} s")
+                try:
+                    for mode in args.modes.split(","):
+                        concurrency = int(n) if mode == "offline" else args.concurrency
+                        # A shared prefix meets the cache from the second pass on: those
+                        # admissions' shapes compile there.
+                        for _ in range(0 if args.no_warm_pass else 2 if args.shared_prefix and reuse else 1):
+                            log(f"  {spec} {mode}: warm-up pass ...")
+                            run(prompts_of(rng, int(n), n_in, model.config.vocab_size, prefix), concurrency)
+                        log(f"  {spec} {mode}: measuring ...")
+                        prompts = prompts_of(rng, int(n), n_in, model.config.vocab_size, prefix)
+                        t0 = time.perf_counter()
+                        traces = run(prompts, concurrency)
+                        row = {"bench": "serve", "engine": "jaxllm", "driver": driver, "shape": label,
+                               "weights": weights, "workload": f"{n_in}/{n_out}", "mode": mode,
+                               "concurrency": concurrency, "requests": int(n), "max_batch": args.max_batch,
+                               "max_context": args.max_context, "prefill_tokens": args.prefill_tokens,
+                               "shared_prefix": args.shared_prefix, "prefix_cache": reuse,
+                               **summarize(traces, time.perf_counter() - t0)}
+                        rows.append(row)
+                        log(f"  {row['output_tok_s']:,.0f} tok/s, TTFT p50 {row['ttft_ms_p50']:.0f} ms")
+                finally:
+                    if driver == "http":
+                        server.stop()
+                    else:
+                        engine.shutdown()
+    result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
+              "command": "python benchmarks/serve_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "results": rows}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    print(f"{'driver':7} {'workload':10} {'mode':8} {'conc':>5} {'cache':>5} {'tok/s':>9} {'TTFT p50':>9} "
+          f"{'p99':>8} {'ITL p50':>8} {'p99':>7}")
+    for r in rows:
+        print(f"{r['driver']:7} {r['workload']:10} {r['mode']:8} {r['concurrency']:5d} {str(r['prefix_cache']):>5} "
+              f"{r['output_tok_s']:9,.0f} {r['ttft_ms_p50']:9.1f} {r['ttft_ms_p99']:8.1f} "
+              f"{r['itl_ms_p50']:8.2f} {r['itl_ms_p99']:7.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Prefix reuse in the serving engine: the index (prefix.py), and an engine whose
+prompts share beginnings answering exactly as each prompt run alone by `generate`."""
+
+import threading
+
+import jax
+import numpy as np
+import pytest
+
+import jaxllm
+from conftest import tiny
+from jaxllm.batching import Engine, Metrics, Request
+from jaxllm.prefix import PrefixIndex, block_hashes
+from tiny_gguf import write_gguf
+
+
+def test_index_finds_the_longest_held_prefix_and_evicts_the_oldest():
+    index = PrefixIndex(4, block=4)
+    index.hold(0, list(range(10)))
+    index.hold(1, list(range(7)) + [99, 98, 97])
+    index.hold(2, [5] * 12)
+    # exact common length, past the last whole block, capped by the limit
+    assert index.match(list(range(9)) + [50], limit=9) == (0, 9)
+    assert index.match(list(range(9)) + [50], limit=6)[1] == 6  # rows 0 and 1 both hold it
+    assert index.match(list(range(7)) + [99, 1], limit=9) == (1, 8)
+    assert index.match([5, 5, 5, 6, 5], limit=4) == (-1, 0)  # no whole block in common
+    assert index.match([1, 2, 3, 4, 5], limit=5) == (-1, 0)
+    index.forget(0)
+    assert index.match(list(range(9)), limit=8) == (1, 7)
+    index.touch(3)
+    assert index.by_age([3, 2, 1, 0]) == [1, 2, 0, 3]  # 0 forgot last, 3 touched last
+
+
+def test_a_hash_collision_is_caught_by_the_tokens():
+    index = PrefixIndex(2, block=4)
+    index.hold(0, [1, 2, 3, 4, 5, 6, 7, 8])
+    wrong = [1, 2, 3, 4, 9, 9, 9, 9]
+    # Pretend the second block of `wrong` hashes like row 0's.
+    h = block_hashes(wrong, 4)[1]
+    index._rows[h] = {0}
+    assert index.match(wrong, limit=8) == (0, 4)
+
+
+class Recorder(Metrics):
+    def __init__(self):
+        self.prompt, self.reused = 0, 0
+
+    def prefill(self, prompt_tokens, reused_tokens):
+        self.prompt += prompt_tokens
+        self.reused += reused_tokens
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    c = tiny(vocab_size=300, max_seq_len=512)
+    params = jaxllm.init_params(c, jax.random.PRNGKey(4))
+    return jaxllm.load(str(write_gguf(tmp_path_factory.mktemp("m") / "tiny.gguf", c, params)))
+
+
+def alone(model, prompt, max_tokens):
+    return jaxllm.generate(model.params, model.config, [prompt], max_new_tokens=max_tokens,
+                           settings=jaxllm.SamplerSettings.greedy()).tokens[0]
+
+
+def run(engine, prompts, max_tokens, start=False):
+    done = threading.Semaphore(0)
+    requests = [Request(list(p), max_tokens, on_update=lambda r, t, reason: reason and done.release())
+                for p in prompts]
+    for r in requests:
+        engine.submit(r)
+    if start:
+        engine.start()
+    for _ in requests:
+        assert done.acquire(timeout=120)
+    return requests
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_shared_prefixes_are_copied_and_answers_do_not_change(model, reuse):
+    rng = np.random.default_rng(0)
+    system = rng.integers(3, 300, 150).tolist()
+    prompts = [system + rng.integers(3, 300, n).tolist() for n in (3, 20, 41, 1, 9)]
+    metrics = Recorder()
+    engine = Engine(model.params, model.config, model.tokenizer, n_slots=6, max_context=512,
+                    steps_per_chunk=4, prefill_tokens=1024, reuse_prefixes=reuse, metrics=metrics)
+    try:
+        # Queued before the engine starts: its first admission call sees all five, and
+        # computes the shared 150 tokens once (the rest wait a call to copy them).
+        first = run(engine, prompts, 12, start=True)
+        # The next turn of a conversation: its prompt is an earlier prompt and answer.
+        follow = prompts[1] + first[1].ids + rng.integers(3, 300, 5).tolist()
+        second = run(engine, [follow], 12)
+        # A prompt that a slot holds whole still computes its last token (its logits).
+        again = run(engine, [prompts[4]], 12)
+    finally:
+        engine.shutdown()
+    for p, r in zip(prompts + [follow, prompts[4]], first + second + again):
+        assert r.ids == alone(model, p, 12)
+    if reuse:
+        # the 150 shared tokens for four of the five, then the earlier turn, then all but one
+        assert metrics.reused >= 4 * 150 + len(prompts[1]) + len(first[1].ids) - 1 + len(prompts[4]) - 1
+    else:
+        assert metrics.reused == 0
+    assert metrics.prompt == sum(map(len, prompts)) + len(follow) + len(prompts[4])
