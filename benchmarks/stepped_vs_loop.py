@@ -18,7 +18,7 @@ from jaxllm.sampling import RowSampling, SamplerSettings
 
 c = jaxllm.PRESETS["smol135m"]
 params = jaxllm.init_params(c, jax.random.PRNGKey(0), jnp.bfloat16)
-slots = init_slots(c, 4, 400, jnp.bfloat16)
+slots = init_slots(params, c, 4, 400)
 hot = SamplerSettings(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
 slots = slots.replace(active=jnp.ones((4,), bool), max_new=jnp.full((4,), 10000, jnp.int32),
                       sampling=RowSampling.from_settings([hot] * 4))

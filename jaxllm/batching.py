@@ -36,6 +36,7 @@ from .model import extend_hidden, unembed
 from .params import Params
 from .prefix import PrefixIndex, common_length
 from .sampling import RowSampling, SamplerSettings, sample
+from .sharding import place_cache
 from .tokenizer import StreamDecoder, TextTokenizer
 
 # Log-probabilities are recorded with this many top tokens, whatever a request asks
@@ -43,9 +44,10 @@ from .tokenizer import StreamDecoder, TextTokenizer
 TOP_LOGPROBS = 20
 
 
-def init_slots(config: ModelConfig, n_slots: int, capacity: int, dtype) -> DecodeState:
-    """n_slots free rows of `capacity` positions each."""
-    return init_state(init_cache(config, n_slots, capacity, dtype), jnp.zeros((n_slots, 2), jnp.uint32),
+def init_slots(params: Params, config: ModelConfig, n_slots: int, capacity: int) -> DecodeState:
+    """n_slots free rows of `capacity` positions each (on params' devices)."""
+    cache = place_cache(init_cache(config, n_slots, capacity, params.embed.dtype), params)
+    return init_state(cache, jnp.zeros((n_slots, 2), jnp.uint32),
                       jnp.zeros((n_slots,), jnp.int32),
                       RowSampling.from_settings([SamplerSettings.greedy()] * n_slots),
                       track_seen=True, vocab_size=config.vocab_size, track_counts=True, per_row_stops=True)
@@ -210,7 +212,7 @@ class Engine:
         self.metrics = metrics or Metrics()
         self.stop_ids = jnp.asarray(config.eos_token_ids or (-2,), jnp.int32)  # -2 never matches
         self._stop_set = set(config.eos_token_ids)
-        self.slots = init_slots(config, n_slots, self.capacity, params.embed.dtype)
+        self.slots = init_slots(params, config, n_slots, self.capacity)
         # requests wait in groups: the n choices of one prompt, admitted together
         self._waiting: collections.deque[list[Request]] = collections.deque()
         self._running: dict[int, Request] = {}
@@ -337,7 +339,7 @@ class Engine:
             self._admitting = []
             if self._matchers is not None:
                 self._matchers.detach_all()
-            self.slots = init_slots(self.config, self.n_slots, self.capacity, self.params.embed.dtype)
+            self.slots = init_slots(self.params, self.config, self.n_slots, self.capacity)
             self.prefixes = PrefixIndex(self.n_slots)
             for request in victims:
                 if request.finish_reason is None:
@@ -369,10 +371,14 @@ class Engine:
             if start + bucket_length(n - start) > self.capacity:
                 source, start = -1, 0  # the bucket would run past the row: no reuse
             width = min(bucket_length(n - start), self.capacity)
+            # Every prompt of a call runs `widest` tokens from its start: the deepest start
+            # plus that must fit the row. The call computes G x widest tokens and copies
+            # G x span positions of each layer.
             widest = max([width] + [a.width for a in plan])
-            span = min(self.capacity, _pow2(max([start + width] + [a.start + a.width for a in plan])))
-            # The call computes G x widest tokens and copies G x span positions of each layer.
-            if plan and _pow2(len(plan) + 1) * max(widest, span // COPY_PER_TOKEN) > self.prefill_tokens:
+            deepest = max([start] + [a.start for a in plan])
+            span = min(self.capacity, _pow2(deepest + widest))
+            if plan and (deepest + widest > self.capacity
+                         or _pow2(len(plan) + 1) * max(widest, span // COPY_PER_TOKEN) > self.prefill_tokens):
                 break
             if source in free:
                 free.remove(source)  # the row already holding the prefix takes it on
@@ -390,7 +396,7 @@ class Engine:
         self._admitting = [r for a in plan for r in a.group]
         G, R = _pow2(len(plan)), _pow2(len(self._admitting))
         T = max(a.width for a in plan)
-        span = min(self.capacity, _pow2(max(a.start + a.width for a in plan)))
+        span = min(self.capacity, _pow2(max(a.start for a in plan) + T))
         tokens, prompts = np.zeros((G, T), np.int32), np.zeros((G, span), np.int32)
         lengths, sources, starts = np.ones(G, np.int32), np.zeros(G, np.int32), np.zeros(G, np.int32)
         dest, of_prompt = np.full(R, self.n_slots, np.int32), np.zeros(R, np.int32)

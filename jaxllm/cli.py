@@ -32,7 +32,8 @@ def _load(args):
     if args.calibration is not None and args.weights != "int4":
         raise CliError(f"--calibration applies to --weights int4, not {args.weights}")
     calibration = {None: "builtin", "none": None}.get(args.calibration, args.calibration)
-    return load(args.model, verbose=True, weights=args.weights, calibration=calibration)
+    return load(args.model, verbose=True, weights=args.weights, calibration=calibration,
+                tensor_parallel=args.tensor_parallel)
 
 
 def _settings(args) -> SamplerSettings:
@@ -233,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--calibration", metavar="TEXT_FILE",
                        help="int4: text whose activations weigh the rounding error (a bundled "
                             "text by default; 'none' weighs all inputs alike)")
+        p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                       help="split the model over N devices (jax.sharding)")
         p.set_defaults(fn=fn)
         return p
 

@@ -94,6 +94,10 @@ class ModelConfig:
     # "pallas" for every small-batch projection (interpreted on the CPU: for tests).
     kernels: Union[KernelPolicy, Literal["auto", "xla", "pallas"]] = "auto"
 
+    # Devices the weights are split over (sharding.py): fused projections are stored
+    # in per-shard order, [q_0 k_0 v_0 | q_1 k_1 v_1 | ...], which the model splits so.
+    tensor_parallel: int = 1
+
     arch: str = "llama"  # informational: where the config came from
     bos_token_id: Optional[int] = None
     eos_token_ids: tuple[int, ...] = ()

@@ -23,6 +23,7 @@ from .errors import ContextLengthError
 from .grammar import Grammar, Matchers
 from .params import Params
 from .sampling import SamplerSettings
+from .sharding import place_cache
 
 __all__ = ["ContextLengthError", "DecodeState", "GenerationResult", "Generation", "bucket_length",
            "generate", "generate_stream", "start"]
@@ -119,7 +120,7 @@ def start(params: Params, config: ModelConfig, prompts, *, max_new_tokens: int,
     stop_ids = jnp.asarray(stops or (-2,), jnp.int32)  # -2 never matches
     B = len(rows)
     matchers = _matchers(grammar, B)
-    state = init_state(init_cache(config, B, capacity, cache_dtype or params.embed.dtype),
+    state = init_state(place_cache(init_cache(config, B, capacity, cache_dtype or params.embed.dtype), params),
                        jnp.stack([jax.random.PRNGKey(seed + b) for b in range(B)]),
                        jnp.full((B,), max_new_tokens, jnp.int32),
                        track_seen=settings.repetition_penalty != 1.0, vocab_size=config.vocab_size,

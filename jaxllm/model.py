@@ -24,7 +24,8 @@ from .cache import KVCache, write_rows
 from .config import ModelConfig
 from .kernels.matvec import GatedInput, PartialSums
 from .ops import (DeferredNorm, Residual, add_norm, apply_norm, apply_rope, attend, decode_attention,
-                  defers_norm, head_logits, linear, lookup, moe_mlp, plan_for, rope_inv_freq)
+                  defers_norm, head_logits, linear, lookup, moe_mlp, plan_for, rope_inv_freq,
+                  split_fused)
 from .params import Layer, Params
 from .weights import tied_head
 
@@ -60,7 +61,7 @@ def mlp(x, p: Layer, config: ModelConfig, keep_partial: bool = False,
     if config.mlp == "gelu":
         hidden = jax.nn.gelu(h, approximate=config.gelu_approximate)
     else:
-        gate, up = jnp.split(h, 2, axis=-1)
+        gate, up = split_fused(h, [h.shape[-1] // 2] * 2, config.tensor_parallel)
         act = jax.nn.silu(gate) if config.mlp == "swiglu" else jax.nn.gelu(
             gate, approximate=config.gelu_approximate)
         hidden = act * up
@@ -93,7 +94,7 @@ def layer_forward(p: Layer, config: ModelConfig, index: int, stream: Residual, p
         attn, kv = decode_attention(p, config, index, qkv, kv, starts, x.dtype, norm_rows)
         return _after_attention(p, config, x, h, attn, kv)
     qkv = linear(h, p.wqkv, policy, p.bqkv)
-    q, k, v = jnp.split(qkv, [config.q_size, config.q_size + config.kv_size], axis=-1)
+    q, k, v = split_fused(qkv, [config.q_size, config.kv_size, config.kv_size], config.tensor_parallel)
     if config.qk_norm_whole:
         q, k = apply_norm(q, p.q_norm, config), apply_norm(k, p.k_norm, config)
     q = q.reshape(B, T, config.n_heads, Dh)

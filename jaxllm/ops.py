@@ -12,7 +12,7 @@ G = H / K query heads per kv head, Dh head dim, D model width, V vocab.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -264,6 +264,17 @@ def moe_mlp(x: jax.Array, router: jax.Array, w_in: Experts, w_out: Experts, conf
     else:
         y = _experts_grouped(x, experts, w_in, w_out)
     return jnp.einsum("nk,nkd->nd", weights, y).astype(x.dtype).reshape(shape)
+
+
+def split_fused(x: jax.Array, sizes: Sequence[int], shards: int = 1) -> list[jax.Array]:
+    """The parts of a fused projection's output x [..., sum(sizes)], stored whole one
+    after another (shards 1), or in per-shard order: each of `shards` blocks holds its
+    share of every part (sharding.py). Each part comes back in its own order."""
+    if shards == 1:
+        return jnp.split(x, np.cumsum(sizes)[:-1].tolist(), axis=-1)
+    blocks = x.reshape(*x.shape[:-1], shards, -1)
+    parts = jnp.split(blocks, np.cumsum([size // shards for size in sizes])[:-1].tolist(), axis=-1)
+    return [part.reshape(*x.shape[:-1], -1) for part in parts]
 
 
 def _swiglu(h: jax.Array, dtype) -> jax.Array:

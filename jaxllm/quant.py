@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .weights import PLANE_SLICES, Experts, QuantizedWeight, dense, dequantize, level_offset
+from .weights import PLANE_SLICES, Experts, QuantizedWeight, dense, dequantize, interleave, level_offset
 
 MODES = {"int8": 8, "int4": 4}
 # int4: (low, high) fractions of each group's minimum and maximum tried as its range
@@ -108,9 +108,9 @@ def _pack(q, scales, mins, bits: int, scale_dtype, compute_dtype: str) -> Quanti
     values, high = q.astype(jnp.int8), None
     if bits < 8:
         levels = (q.astype(jnp.int16) + (level_offset(bits) if mins is None else 0)).astype(jnp.uint8)
-        values = _interleave(levels & 15, 2, 4)
+        values = interleave(levels & 15, 2, 4)
         if bits > 4:
-            high = _interleave(levels >> 4, PLANE_SLICES[bits], bits - 4)
+            high = interleave(levels >> 4, PLANE_SLICES[bits], bits - 4)
     cols = lambda a: None if a is None else a.T.astype(scale_dtype)
     if mins is not None and jnp.dtype(scale_dtype) == jnp.float16:
         return QuantizedWeight(values, pair(cols(scales), cols(mins)), None, high, bits, compute_dtype)
@@ -120,15 +120,6 @@ def _pack(q, scales, mins, bits: int, scale_dtype, compute_dtype: str) -> Quanti
 def pair(scales: jax.Array, mins: jax.Array) -> jax.Array:
     """float16 scales and minimums [K/G, N] -> uint32 [K/G, N], the scale in the low half."""
     return jax.lax.bitcast_convert_type(jnp.stack([scales, mins], axis=-1), jnp.uint32)
-
-
-def _interleave(parts: jax.Array, slices: int, width: int) -> jax.Array:
-    """uint8 [N, K] of `width`-bit numbers -> [N/slices, K]: row slice r at bit r * width."""
-    rows = parts.reshape(slices, parts.shape[0] // slices, parts.shape[1])
-    out = rows[0]
-    for r in range(1, slices):
-        out = out | (rows[r] << (r * width))
-    return out
 
 
 # ---- quantizing dense weights --------------------------------------------------

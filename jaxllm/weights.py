@@ -106,12 +106,35 @@ def unpair(pairs: jax.Array) -> tuple[jax.Array, jax.Array]:
     return halves[..., 0], halves[..., 1]
 
 
+def interleave(parts: jax.Array, slices: int, width: int) -> jax.Array:
+    """uint8 [N, K] of `width`-bit numbers -> [N/slices, K]: row slice r at bit r * width."""
+    rows = parts.reshape(slices, parts.shape[0] // slices, parts.shape[1])
+    out = rows[0]
+    for r in range(1, slices):
+        out = out | (rows[r] << (r * width))
+    return out
+
+
 def _split(packed: jax.Array, slices: int, width: int) -> jax.Array:
-    """Inverse of _interleave: [N/slices, K] -> uint8 [N, K]. Elementwise in the
+    """Inverse of interleave: [N/slices, K] -> uint8 [N, K]. Elementwise in the
     stored bytes, so XLA fuses it into the dot that consumes it."""
     both = jnp.broadcast_to(packed[None], (slices, *packed.shape))
     shifts = (jnp.arange(slices, dtype=jnp.uint8) * width)[:, None, None]
     return ((both >> shifts) & ((1 << width) - 1)).reshape(-1, packed.shape[1])
+
+
+def permute_outputs(w, order):
+    """w (dense [K, N] or a QuantizedWeight standing for one) with its output columns
+    in `order` [N] (numpy ints). Packed rows are unpacked, reordered and packed again."""
+    if not isinstance(w, QuantizedWeight):
+        return w[:, order]
+
+    def rows(packed, slices, width):
+        return interleave(_split(packed, slices, width)[order], slices, width)
+    values = w.values[order] if w.bits == 8 else rows(w.values, 2, 4)
+    high = None if w.high is None else rows(w.high, PLANE_SLICES[w.bits], w.bits - 4)
+    return w.replace(values=values, scales=w.scales[:, order], high=high,
+                     mins=None if w.mins is None else w.mins[:, order])
 
 
 def level_offset(bits: int) -> int:

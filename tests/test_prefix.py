@@ -102,3 +102,28 @@ def test_shared_prefixes_are_copied_and_answers_do_not_change(model, reuse):
     else:
         assert metrics.reused == 0
     assert metrics.prompt == sum(map(len, prompts)) + len(follow) + len(prompts[4])
+
+
+def test_one_call_mixing_a_deep_prefix_and_a_long_fresh_prompt(model):
+    """Prompts of one admission call all run the call's widest width from their own
+    starts: a short remainder after a long copied prefix beside a long fresh prompt
+    must not run past the positions the call copies (it once overwrote its prefix)."""
+    rng = np.random.default_rng(1)
+    held = rng.integers(3, 300, 100).tolist()
+    engine = Engine(model.params, model.config, model.tokenizer, n_slots=4, max_context=512,
+                    steps_per_chunk=4, metrics=Recorder())
+    try:
+        run(engine, [held], 4, start=True)
+        deep, fresh = held + [5, 6], rng.integers(3, 300, 60).tolist()
+        with engine._cond:  # both wait for the same call
+            done = threading.Semaphore(0)
+            requests = [Request(p, 8, on_update=lambda r, t, reason: reason and done.release()) for p in (deep, fresh)]
+            for r in requests:
+                engine.submit(r)
+        for _ in requests:
+            assert done.acquire(timeout=120)
+    finally:
+        engine.shutdown()
+    assert engine.metrics.reused >= 100
+    for p, r in zip((deep, fresh), requests):
+        assert r.ids == alone(model, p, 8)

@@ -113,7 +113,7 @@ def _calibrate(model: Model, source: str, verbose: bool):
 
 def load(path_or_name: str = DEFAULT_MODEL, dtype=None, verbose: bool = False,
          weights: str = "file", group_size: int = 32, calibration: Optional[str] = "builtin",
-         kernels="auto") -> Model:
+         kernels="auto", tensor_parallel: int = 1) -> Model:
     """Load a GGUF file, a Hugging Face folder (config.json + safetensors +
     tokenizer.json), or a packaged model by name.
 
@@ -129,6 +129,9 @@ def load(path_or_name: str = DEFAULT_MODEL, dtype=None, verbose: bool = False,
 
     kernels: the `KernelPolicy` (or its mode: "auto", "xla", "pallas") the model runs
     with; the weights are laid out for it (layout.for_policy).
+
+    tensor_parallel: split the model over this many devices (sharding.py; it runs the
+    XLA paths there).
     """
     from ..layout import for_policy  # noqa: PLC0415
     from ..quant import quantize  # noqa: PLC0415
@@ -169,7 +172,11 @@ def load(path_or_name: str = DEFAULT_MODEL, dtype=None, verbose: bool = False,
         importance = _calibrate(model, calibration, verbose)
     if weights in ("int8", "int4"):
         model.params = quantize(model.params, weights, group_size, importance=importance)
-    model.params = for_policy(model.params, model.config.kernels)  # on the GPU, projections by output row
+    if tensor_parallel > 1:
+        from ..sharding import make_mesh, shard  # noqa: PLC0415
+        model.params, model.config = shard(model.params, model.config, make_mesh(tensor_parallel))
+    else:
+        model.params = for_policy(model.params, model.config.kernels)  # on the GPU, projections by output row
     if verbose:
         print(f"loaded {os.path.basename(path.rstrip(os.sep))} ({config.arch}, "
               f"{config.param_count() / 1e6:.0f}M parameters) in {time.perf_counter() - start:.1f}s",

@@ -1,0 +1,79 @@
+"""Decode speed split over devices (sharding.py) against one device, in one run.
+
+    python benchmarks/tp_decode.py --shape llama8b --devices 1,2 --batches 1,32 --out X.json
+
+Random bf16 weights of a preset shape; tg128 (128 tokens decoded after a 16-token
+prompt, greedy) per batch, median of --reps runs after one warm-up. One device runs
+twice: with the default kernels and with the XLA paths the sharded model uses, so the
+split's own effect is the ratio against the second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+import jaxllm
+from jaxllm import sharding
+
+
+def tg(params, config, batch: int, reps: int) -> float:
+    prompts = [[1 + b] * 16 for b in range(batch)]
+    run = lambda: jaxllm.generate(params, config, prompts, max_new_tokens=128,
+                                  settings=jaxllm.SamplerSettings.greedy(), stop_tokens=())
+    run()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return batch * 128 / statistics.median(times)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="llama8b")
+    p.add_argument("--devices", default="1,2")
+    p.add_argument("--batches", default="1,32")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--out")
+    args = p.parse_args(argv)
+    config = jaxllm.PRESETS[args.shape]
+    params = jax.block_until_ready(jaxllm.init_params(config, jax.random.PRNGKey(0), jnp.bfloat16))
+    rows = []
+    for n in map(int, args.devices.split(",")):
+        variants = [("auto", params, config)] if n == 1 else []
+        if n == 1:
+            variants.append(("xla", params, config.replace(kernels="xla")))
+        else:
+            sp, sc = sharding.shard(params, config, sharding.make_mesh(n))
+            variants.append(("xla", sp, sc))
+        for kernels, ps, cs in variants:
+            if n == 1 and kernels == "auto":
+                from jaxllm.layout import for_policy  # noqa: PLC0415
+                ps = for_policy(ps, cs.kernels)
+            for batch in map(int, args.batches.split(",")):
+                tok_s = tg(ps, cs, batch, args.reps)
+                rows.append({"shape": args.shape, "weights": "bf16", "devices": n, "kernels": kernels,
+                             "batch": batch, "tg128_tok_s": tok_s})
+                print(f"devices {n} kernels {kernels:4} batch {batch:3}: {tok_s:9.1f} tok/s", file=sys.stderr,
+                      flush=True)
+    result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
+              "command": "python benchmarks/tp_decode.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "results": rows}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

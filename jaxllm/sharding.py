@@ -1,0 +1,163 @@
+"""Tensor parallelism: a model's weights and KV cache spread over a device mesh, with
+JAX's own sharding (`NamedSharding`; XLA's SPMD partitioner inserts the collectives).
+
+Megatron's split, written as data. Every weight names its logical axes (`AXES`) and
+one table (`RULES`) maps logical axes to mesh axes, so another split is a change of
+table, not of model code:
+  - column-parallel: wqkv [D, q+k+v] and w_in [D, 2F] split their outputs, so each
+    device holds the q, k and v of its own heads (its share of gate and up) and
+    attention and the activation run without communication;
+  - row-parallel: wo [H*Dh, D] and w_out [F, D] split their inputs; each device's
+    product is a partial sum, which XLA all-reduces: one all-reduce after attention,
+    one after the MLP, per layer;
+  - the embedding and the head split the vocabulary (where it divides); the KV cache
+    splits its kv heads.
+  - norms, and the biases added after an all-reduce, are replicated.
+
+Fused projections are stored in per-shard order ([q_0 k_0 v_0 | q_1 k_1 v_1 | ...],
+[gate_0 up_0 | gate_1 up_1 | ...]): a device's columns are then one contiguous block,
+and `config.tensor_parallel` tells the model to split them so (ops.split_fused).
+Decided once, here: a sharded model runs the XLA paths (`kernels="xla"`); the Pallas
+kernels are single-device programs.
+
+Quantized weights shard with their scales (rows of `values` are outputs, columns of
+`scales` are outputs). 8-bit weights split exactly like dense ones; packed 4-6-bit
+weights hold output rows i and i + N/2 in one byte, so a device's block of packed
+rows is not its block of outputs: XLA still computes them correctly, with more
+communication (benchmarks/NOTES.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from .cache import KVCache
+from .config import ModelConfig
+from .layout import untranspose
+from .params import Layer, Params
+from .weights import Experts, QuantizedWeight, permute_outputs
+
+AXIS = "model"  # the mesh axis tensor parallelism splits over
+
+# logical axis -> mesh axis (None: replicated)
+RULES: dict[str, Optional[str]] = {"embed": None, "heads": AXIS, "ffn": AXIS, "vocab": AXIS, "kv_heads": AXIS}
+
+# The logical axes of each weight as a dense [in, out] matrix (a bias: its out axis).
+AXES: dict[str, tuple[str, ...]] = {
+    "wqkv": ("embed", "heads"), "bqkv": ("heads",), "wo": ("heads", "embed"),
+    "w_in": ("embed", "ffn"), "b_in": ("ffn",), "w_out": ("ffn", "embed"),
+    "embed": ("vocab", "embed"), "lm_head": ("embed", "vocab"), "lm_head_bias": ("vocab",),
+}
+
+
+def make_mesh(n: int, devices: Optional[Sequence] = None) -> Mesh:
+    """A one-axis mesh over the first n devices."""
+    devices = list(devices if devices is not None else jax.devices())
+    if not 1 <= n <= len(devices):
+        raise ValueError(f"tensor parallelism over {n} devices, but JAX sees {len(devices)}")
+    return Mesh(np.array(devices[:n]), (AXIS,))
+
+
+def _shardings(w, axes: tuple[str, ...], mesh: Mesh, rules: dict[str, Optional[str]]):
+    """The NamedShardings of weight w's arrays, whose dense form has logical `axes`."""
+    named = lambda *names: NamedSharding(mesh, PartitionSpec(*(rules[a] for a in names)))
+    if isinstance(w, QuantizedWeight):
+        k_axis, n_axis = axes
+        rows = named(n_axis, k_axis)  # values, high: [N (packed), K]
+        cols = named(k_axis, n_axis)  # scales, mins: [K/G, N]
+        return QuantizedWeight(rows, cols, None if w.mins is None else cols,
+                               None if w.high is None else rows, w.bits, w.compute_dtype)
+    return named(*axes)
+
+
+def _per_shard(sizes: Sequence[int], shards: int) -> np.ndarray:
+    """The column order that puts each shard's share of every part side by side:
+    parts of `sizes` columns, concatenated, -> [part 0 of shard 0, part 1 of shard 0,
+    ..., part 0 of shard 1, ...]."""
+    starts = np.cumsum([0, *sizes[:-1]])
+    return np.concatenate([np.arange(start + s * (size // shards), start + (s + 1) * (size // shards))
+                           for s in range(shards) for start, size in zip(starts, sizes)])
+
+
+def check(config: ModelConfig, n: int) -> None:
+    """Raise ValueError where the model cannot split over n devices."""
+    if n == 1:
+        return
+    if config.n_experts:
+        raise ValueError("tensor parallelism does not split mixture-of-experts layers yet")
+    for name, size in (("n_heads", config.n_heads), ("n_kv_heads", config.n_kv_heads), ("d_ff", config.d_ff)):
+        if size % n:
+            raise ValueError(f"tensor parallelism over {n} devices needs {name} ({size}) divisible by {n}")
+
+
+def shard(params: Params, config: ModelConfig, mesh: Mesh) -> tuple[Params, ModelConfig]:
+    """params laid out in per-shard order and placed on `mesh`, and the config that
+    runs them (tensor_parallel = the mesh's size, XLA kernels)."""
+    n = mesh.shape[AXIS]
+    check(config, n)
+    if n == 1:
+        return params, config
+    params = untranspose(params)  # the XLA paths read [K, N]
+    qkv = _per_shard([config.q_size, config.kv_size, config.kv_size], n)
+    gated = config.mlp in ("swiglu", "geglu")
+    ffn = _per_shard([config.d_ff] * 2, n) if gated else None
+
+    def layer(p: Layer) -> Layer:
+        p = p.replace(wqkv=permute_outputs(p.wqkv, qkv),
+                      bqkv=None if p.bqkv is None else p.bqkv[qkv])
+        if ffn is not None:
+            p = p.replace(w_in=permute_outputs(p.w_in, ffn), b_in=None if p.b_in is None else p.b_in[ffn])
+        return p
+
+    params = params.replace(layers=tuple(layer(p) for p in params.layers))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    # A vocabulary that does not divide (GPT-2's 50,257) keeps the embedding and head whole on every device.
+    rules = RULES if config.vocab_size % n == 0 else {**RULES, "vocab": None}
+
+    def place(tree, names):
+        out = {}
+        for f in dataclasses.fields(tree):
+            value = getattr(tree, f.name)
+            if value is None or f.name == "layers":
+                continue
+            if isinstance(value, Experts):
+                raise ValueError("tensor parallelism does not split mixture-of-experts layers yet")
+            if f.name in names:
+                out[f.name] = jax.device_put(value, _shardings(value, names[f.name], mesh, rules))
+            else:
+                out[f.name] = jax.device_put(value, replicated)
+        return tree.replace(**out)
+
+    params = place(params, AXES)
+    params = params.replace(layers=tuple(place(p, AXES) for p in params.layers))
+    return params, config.replace(tensor_parallel=n, kernels="xla")
+
+
+def mesh_of(params: Params) -> Optional[Mesh]:
+    """The mesh `shard` placed params on, or None for a single device."""
+    sharding = getattr(params.final_norm.scale, "sharding", None)
+    return sharding.mesh if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1 else None
+
+
+def cache_sharding(params: Params) -> Optional[NamedSharding]:
+    """Where a KV cache for params lives: [B, S, K, Dh] split by kv head (None: one device)."""
+    mesh = mesh_of(params)
+    return None if mesh is None else NamedSharding(mesh, PartitionSpec(None, None, RULES["kv_heads"], None))
+
+
+def place_cache(cache: KVCache, params: Params) -> KVCache:
+    """cache on params' mesh (unchanged for a single device)."""
+    sharding = cache_sharding(params)
+    if sharding is None:
+        return cache
+    replicated = NamedSharding(sharding.mesh, PartitionSpec())
+    return KVCache(k=tuple(jax.device_put(a, sharding) for a in cache.k),
+                   v=tuple(jax.device_put(a, sharding) for a in cache.v),
+                   lengths=jax.device_put(cache.lengths, replicated))
+

@@ -1,0 +1,99 @@
+"""Tensor parallelism on two host devices, run by tests/test_sharding.py in a process
+of its own (XLA's host device count is fixed before JAX starts). Prints "ok NAME"
+per check; any failure raises."""
+
+import os
+import re
+import sys
+import threading
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from conftest import ARCH_CONFIGS, tiny  # noqa: E402
+
+import jaxllm  # noqa: E402
+from jaxllm import sharding  # noqa: E402
+from jaxllm.batching import Engine, Request  # noqa: E402
+from jaxllm.cache import init_cache  # noqa: E402
+from jaxllm.model import decode_step, forward  # noqa: E402
+
+GREEDY = jaxllm.SamplerSettings.greedy()
+mesh = sharding.make_mesh(2)
+assert len(jax.devices()) == 2
+
+
+def close(a, b, tol):
+    err = float(jnp.max(jnp.abs(a - b)))
+    assert err < tol, err
+
+
+# Every architecture of the shared fixtures: the sharded model's logits and greedy
+# tokens are the single device's (float32).
+for name, config in sorted(ARCH_CONFIGS.items()):
+    config = config.replace(kernels="xla")
+    params = jaxllm.init_params(config, jax.random.PRNGKey(3))
+    sharded, sharded_config = sharding.shard(params, config, mesh)
+    assert sharded_config.tensor_parallel == 2
+    tokens = jax.random.randint(jax.random.PRNGKey(4), (2, 13), 0, config.vocab_size)
+    close(forward(sharded, sharded_config, tokens), forward(params, config, tokens), 1e-4)
+    prompts = [[5, 6, 7], [9, 3, 2, 8, 1]]
+    alone = jaxllm.generate(params, config, prompts, max_new_tokens=8, settings=GREEDY).tokens
+    assert jaxllm.generate(sharded, sharded_config, prompts, max_new_tokens=8, settings=GREEDY).tokens == alone
+    print("ok", name)
+
+# Quantized weights shard with their scales.
+config = tiny(vocab_size=128, d_model=64, d_ff=128, head_dim=16, n_heads=4, n_kv_heads=2, kernels="xla")
+params = jaxllm.init_params(config, jax.random.PRNGKey(5))
+tokens = jax.random.randint(jax.random.PRNGKey(6), (2, 9), 0, config.vocab_size)
+for mode in ("int8", "int4"):
+    q = jaxllm.quantize(params, mode)
+    sq, sc = sharding.shard(q, config, mesh)
+    close(forward(sq, sc, tokens), forward(q, config, tokens), 1e-4)
+    print("ok", mode)
+
+# The split is Megatron's: a dense decode step all-reduces twice per layer (after
+# attention, after the MLP) and once for the vocabulary-split embedding, nothing else.
+sp, sc = sharding.shard(params, config, mesh)
+cache = sharding.place_cache(init_cache(config, 2, 32, jnp.float32), sp)
+assert cache.k[0].sharding.spec[2] == "model"
+hlo = decode_step.lower(sp, sc, jnp.array([1, 2]), cache).compile().as_text()
+count = lambda op: len(re.findall(rf"\b{op}(-start)?\(", hlo))
+assert count("all-reduce") == 2 * config.n_layers + 1, count("all-reduce")
+assert count("all-gather") == count("all-to-all") == count("collective-permute") == 0
+print("ok collectives")
+
+# The serving engine over the mesh answers as one device does.
+class Letters:
+    def decode(self, ids, skip_special=True):
+        return "".join(chr(97 + i % 26) for i in ids)
+
+
+engine = Engine(sp, sc, Letters(), n_slots=2, max_context=64, steps_per_chunk=4).start()
+done = threading.Semaphore(0)
+prompts = [[5, 6, 7], [9, 3, 2, 8, 1], [4, 4]]
+requests = [Request(p, 10, on_update=lambda r, t, reason: reason and done.release()) for p in prompts]
+try:
+    for r in requests:
+        engine.submit(r)
+    for _ in requests:
+        assert done.acquire(timeout=120)
+finally:
+    engine.shutdown()
+for p, r in zip(prompts, requests):
+    assert r.ids == jaxllm.generate(params, config, [p], max_new_tokens=10, settings=GREEDY).tokens[0], r.error
+print("ok engine")
+
+# What cannot split says so.
+for bad, words in ((config.replace(n_kv_heads=1, n_heads=4), "n_kv_heads"),
+                   (tiny(n_experts=4, n_active_experts=2), "mixture-of-experts")):
+    try:
+        sharding.check(bad, 2)
+    except ValueError as e:
+        assert words in str(e), e
+    else:
+        raise AssertionError(f"{words}: no error")
+print("ok errors")

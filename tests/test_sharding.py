@@ -1,0 +1,52 @@
+"""Tensor parallelism (jaxllm/sharding.py): the checks in tests/sharding_checks.py run
+in a process with two host devices (XLA fixes the device count before JAX starts);
+here, the layout helpers on one device, and the command line's error."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxllm.ops import split_fused
+from jaxllm.quant import quantize_weight
+from jaxllm.sharding import _per_shard
+from jaxllm.weights import dequantize, permute_outputs
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def test_per_shard_order_and_split_fused_undo_each_other():
+    sizes, shards = [8, 4, 4], 2
+    order = _per_shard(sizes, shards)
+    assert order.tolist() == [0, 1, 2, 3, 8, 9, 12, 13, 4, 5, 6, 7, 10, 11, 14, 15]
+    x = jnp.arange(16.0)[None]
+    parts = split_fused(x[:, order], sizes, shards)
+    for got, want in zip(parts, np.split(np.arange(16.0), [8, 12])):
+        np.testing.assert_array_equal(got[0], want)
+
+
+def test_permuted_quantized_weights_dequantize_to_the_permuted_dense_weight():
+    w = jax.random.normal(jax.random.PRNGKey(0), (64, 48))
+    order = np.random.default_rng(0).permutation(48)
+    for mode in ("int8", "int4"):
+        q = quantize_weight(w, mode)
+        np.testing.assert_array_equal(dequantize(permute_outputs(q, order)), dequantize(q)[:, order])
+
+
+def test_two_devices_match_one():
+    out = subprocess.run([sys.executable, os.path.join(HERE, "sharding_checks.py")], capture_output=True,
+                         text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ok = {line.split()[1] for line in out.stdout.splitlines() if line.startswith("ok ")}
+    assert ok == {"gemma", "gpt2", "llama3", "mistral", "phi2", "qwen2", "qwen3", "smollm2", "int8", "int4",
+                  "collectives", "engine", "errors"}
+
+
+def test_cli_refuses_more_devices_than_there_are():
+    out = subprocess.run([sys.executable, "-m", "jaxllm", "generate", "--tensor-parallel", "4", "--max-new-tokens",
+                          "1", "hi"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "jaxllm: error:" in out.stderr and "4 devices" in out.stderr
+    assert "Traceback" not in out.stderr

@@ -1,0 +1,104 @@
+"""A bounded soak of the serving engine: a stream of mixed requests from several
+threads (prompts sharing beginnings, greedy and seeded sampling, n choices, stop
+strings, a fifth cancelled at random moments, bad requests among them) against an
+engine small enough that requests queue for slots and admission calls fill their
+budget. Every request ends; every greedy answer that was not cancelled equals the
+same prompt run alone by `generate`; a sampled one equals itself served alone; a
+cancelled one is a prefix of its full answer; the engine is empty afterwards."""
+
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import jaxllm
+from conftest import tiny
+from jaxllm.batching import Engine, Request
+from tiny_gguf import write_gguf
+
+HOT = jaxllm.SamplerSettings(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
+GREEDY = jaxllm.SamplerSettings.greedy()
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    c = tiny(vocab_size=300, max_seq_len=256)
+    params = jaxllm.init_params(c, jax.random.PRNGKey(11))
+    return jaxllm.load(str(write_gguf(tmp_path_factory.mktemp("m") / "tiny.gguf", c, params)))
+
+
+def alone(model, prompt, max_tokens):
+    return jaxllm.generate(model.params, model.config, [prompt], max_new_tokens=max_tokens,
+                           settings=GREEDY).tokens[0]
+
+
+def test_mixed_requests_all_end_and_answer_as_alone(model):
+    rng = np.random.default_rng(7)
+    systems = [rng.integers(3, 300, n).tolist() for n in (40, 70, 20)]
+    engine = Engine(model.params, model.config, model.tokenizer, n_slots=4, max_context=160,
+                    steps_per_chunk=4, prefill_tokens=256).start()
+    requests, groups, lock = [], [], threading.Lock()
+    ended = threading.Semaphore(0)
+    rejected = []
+
+    def client(seed):
+        r = np.random.default_rng(seed)
+        for _ in range(8):
+            prompt = (systems[r.integers(3)] if r.random() < 0.6 else []) + r.integers(3, 300, r.integers(1, 30)).tolist()
+            max_tokens = int(r.integers(1, 40))
+            if r.random() < 0.1:  # a bad request: longer than the context
+                try:
+                    engine.check(prompt + [1] * 200, max_tokens)
+                except jaxllm.ContextLengthError as e:
+                    rejected.append(str(e))
+                continue
+            hot = r.random() < 0.3
+            n = 2 if hot and r.random() < 0.5 else 1
+            group = [Request(prompt, max_tokens, HOT if hot else GREEDY, seed=int(r.integers(1000)) + j,
+                             stop=("xyz",) if r.random() < 0.2 else (),
+                             on_update=lambda q, text, reason: reason and ended.release()) for j in range(n)]
+            engine.submit_group(group)
+            with lock:
+                requests.extend(group)
+                groups.append(group)
+            if r.random() < 0.2:
+                time.sleep(float(r.random()) * 0.05)
+                for q in group:
+                    engine.cancel(q)
+            time.sleep(float(r.random()) * 0.02)
+
+    threads = [threading.Thread(target=client, args=(s,)) for s in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for _ in requests:
+            assert ended.acquire(timeout=300), "a request never ended"
+        assert engine.running == 0 and engine.waiting == 0
+        assert not bool(np.asarray(engine.slots.active).any())  # every slot released on the device
+        # Sampled requests again, each alone: the same tokens as in the crowd.
+        again = [Request(q.prompt_ids, q.max_tokens, q.settings, seed=q.seed,
+                         on_update=lambda q, text, reason: reason and ended.release())
+                 for q in requests if q.settings is HOT and q.finish_reason != "cancelled" and not q.stop]
+        for q in again:
+            engine.submit(q)
+            assert ended.acquire(timeout=120)
+    finally:
+        engine.shutdown()
+    assert rejected and all("exceeds the context" in m for m in rejected)
+    assert len(requests) >= 10 and any(q.finish_reason == "cancelled" for q in requests)
+    crowd = {(tuple(q.prompt_ids), q.max_tokens, q.seed): q.ids for q in requests
+             if q.settings is HOT and q.finish_reason != "cancelled" and not q.stop}
+    for q in again:
+        assert q.ids == crowd[(tuple(q.prompt_ids), q.max_tokens, q.seed)]
+    for q in requests:
+        assert q.finish_reason in ("stop", "length", "cancelled"), (q.finish_reason, q.error)
+        if q.settings is GREEDY:
+            full = alone(model, q.prompt_ids, q.max_tokens)
+            if q.finish_reason == "cancelled" or q.stop:
+                assert q.ids == full[:len(q.ids)]
+            else:
+                assert q.ids == full
