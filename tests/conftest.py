@@ -57,3 +57,21 @@ def reference_texts():
         with open(path) as f:
             return [case["ids"] for case in json.load(f)["score"]]
     return texts
+
+
+def served_model(tmp_path_factory, seed: int, max_seq_len: int):
+    """A tiny random model loaded from its GGUF (with a tokenizer): the engine tests'."""
+    import jax  # noqa: PLC0415
+
+    import jaxllm  # noqa: PLC0415
+    from tiny_gguf import write_gguf  # noqa: PLC0415
+    c = tiny(vocab_size=300, max_seq_len=max_seq_len)
+    params = jaxllm.init_params(c, jax.random.PRNGKey(seed))
+    return jaxllm.load(str(write_gguf(tmp_path_factory.mktemp("m") / "tiny.gguf", c, params)))
+
+
+def greedy_alone(model, prompt, max_tokens):
+    """The tokens `generate` gives one prompt alone, greedily."""
+    import jaxllm  # noqa: PLC0415
+    return jaxllm.generate(model.params, model.config, [prompt], max_new_tokens=max_tokens,
+                           settings=jaxllm.SamplerSettings.greedy()).tokens[0]

@@ -12,7 +12,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 from conftest import ARCH_CONFIGS, tiny  # noqa: E402
 
 import jaxllm  # noqa: E402

@@ -3,15 +3,12 @@ prompts share beginnings answering exactly as each prompt run alone by `generate
 
 import threading
 
-import jax
 import numpy as np
 import pytest
 
-import jaxllm
-from conftest import tiny
+from conftest import greedy_alone, served_model
 from jaxllm.batching import Engine, Metrics, Request
 from jaxllm.prefix import PrefixIndex, block_hashes
-from tiny_gguf import write_gguf
 
 
 def test_index_finds_the_longest_held_prefix_and_evicts_the_oldest():
@@ -52,14 +49,7 @@ class Recorder(Metrics):
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    c = tiny(vocab_size=300, max_seq_len=512)
-    params = jaxllm.init_params(c, jax.random.PRNGKey(4))
-    return jaxllm.load(str(write_gguf(tmp_path_factory.mktemp("m") / "tiny.gguf", c, params)))
-
-
-def alone(model, prompt, max_tokens):
-    return jaxllm.generate(model.params, model.config, [prompt], max_new_tokens=max_tokens,
-                           settings=jaxllm.SamplerSettings.greedy()).tokens[0]
+    return served_model(tmp_path_factory, 4, 512)
 
 
 def run(engine, prompts, max_tokens, start=False):
@@ -95,7 +85,7 @@ def test_shared_prefixes_are_copied_and_answers_do_not_change(model, reuse):
     finally:
         engine.shutdown()
     for p, r in zip(prompts + [follow, prompts[4]], first + second + again):
-        assert r.ids == alone(model, p, 12)
+        assert r.ids == greedy_alone(model, p, 12)
     if reuse:
         # the 150 shared tokens for four of the five, then the earlier turn, then all but one
         assert metrics.reused >= 4 * 150 + len(prompts[1]) + len(first[1].ids) - 1 + len(prompts[4]) - 1
@@ -126,4 +116,4 @@ def test_one_call_mixing_a_deep_prefix_and_a_long_fresh_prompt(model):
         engine.shutdown()
     assert engine.metrics.reused >= 100
     for p, r in zip((deep, fresh), requests):
-        assert r.ids == alone(model, p, 8)
+        assert r.ids == greedy_alone(model, p, 8)

@@ -9,14 +9,12 @@ cancelled one is a prefix of its full answer; the engine is empty afterwards."""
 import threading
 import time
 
-import jax
 import numpy as np
 import pytest
 
 import jaxllm
-from conftest import tiny
+from conftest import greedy_alone, served_model
 from jaxllm.batching import Engine, Request
-from tiny_gguf import write_gguf
 
 HOT = jaxllm.SamplerSettings(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
 GREEDY = jaxllm.SamplerSettings.greedy()
@@ -24,14 +22,7 @@ GREEDY = jaxllm.SamplerSettings.greedy()
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    c = tiny(vocab_size=300, max_seq_len=256)
-    params = jaxllm.init_params(c, jax.random.PRNGKey(11))
-    return jaxllm.load(str(write_gguf(tmp_path_factory.mktemp("m") / "tiny.gguf", c, params)))
-
-
-def alone(model, prompt, max_tokens):
-    return jaxllm.generate(model.params, model.config, [prompt], max_new_tokens=max_tokens,
-                           settings=GREEDY).tokens[0]
+    return served_model(tmp_path_factory, 11, 256)
 
 
 def test_mixed_requests_all_end_and_answer_as_alone(model):
@@ -97,7 +88,7 @@ def test_mixed_requests_all_end_and_answer_as_alone(model):
     for q in requests:
         assert q.finish_reason in ("stop", "length", "cancelled"), (q.finish_reason, q.error)
         if q.settings is GREEDY:
-            full = alone(model, q.prompt_ids, q.max_tokens)
+            full = greedy_alone(model, q.prompt_ids, q.max_tokens)
             if q.finish_reason == "cancelled" or q.stop:
                 assert q.ids == full[:len(q.ids)]
             else:
