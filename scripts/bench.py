@@ -35,6 +35,7 @@ from jaxllm.generate import start  # noqa: E402
 from jaxllm.layout import TransposedWeight, for_policy  # noqa: E402
 from jaxllm.model import decode_step, extend  # noqa: E402
 from jaxllm.quant import weight_bytes  # noqa: E402
+from jaxllm.sharding import make_mesh, place_cache, shard  # noqa: E402
 from jaxllm.weights import Experts  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
@@ -177,7 +178,7 @@ def measure_prefill(params, config, batch: int, length: int, reps: int) -> dict:
     dtype = params.embed.dtype
 
     def once():
-        cache = block(init_cache(config, batch, length, dtype))
+        cache = block(place_cache(init_cache(config, batch, length, dtype), params))
         t = time.perf_counter()
         block(extend(params, config, tokens, lengths, cache))
         return time.perf_counter() - t
@@ -384,14 +385,17 @@ def run(args) -> dict:
         if mode != "bf16":
             params = block(jaxllm.quantize(params, mode, group_size=32))
             weights_name = mode
-        params = block(for_policy(params, config.kernels))  # on the GPU, projections stored by output row
+        if args.tensor_parallel > 1:  # split over devices (jaxllm/sharding.py): the XLA paths
+            params, config = shard(params, config, make_mesh(args.tensor_parallel))
+        else:
+            params = block(for_policy(params, config.kernels))  # on the GPU, projections stored by output row
         wbytes = weight_bytes_per_token(params, config)
         by_row = sum(isinstance(w, TransposedWeight) for w in jax.tree_util.tree_leaves(
             params, is_leaf=lambda w: isinstance(w, TransposedWeight)))
         peer_format = LLAMA_CPP_FORMAT[mode]
         peer_tg = llama_cpp.get("tg128", {}).get(shape, {}).get(peer_format)
         peer_pp = llama_cpp.get("pp512", {}).get(shape, {}).get(peer_format)
-        if config.kernels != "xla":
+        if args.kernels != "xla" and args.tensor_parallel == 1:
             err = fast_path_error(params, config)
             results.append({"bench": "fast_path_check", "shape": shape, "weights": weights_name,
                             "batch": 1, "tok_s": None, "rel_err_vs_xla": err, "kernels": args.kernels})
@@ -403,7 +407,8 @@ def run(args) -> dict:
                                args.steps_per_sync)
             row = {"bench": "tg128" if b == 1 else "decode", "shape": shape, "weights": weights_name,
                    "batch": b, **r, "weight_bytes_per_step": wbytes, "row_major_weights": by_row,
-                   "steps_per_sync": args.steps_per_sync, "kernels": args.kernels}
+                   "steps_per_sync": args.steps_per_sync, "kernels": args.kernels,
+                   "devices": args.tensor_parallel}
             if copy_bw:
                 row["mbu_vs_copy"] = wbytes * r["tok_s"] / b / copy_bw
             if backend == "gpu" and datasheet_tbps:
@@ -522,6 +527,8 @@ def main(argv=None) -> int:
                         "../shared/anchors/h100-2026-11-23.json")
     p.add_argument("--kernels", default="auto", choices=["auto", "xla", "pallas"], help="fast-path switch")
     p.add_argument("--batches", default="1,8,32,64", help="decode batch sizes")
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="split each model over N devices (rows say so in 'devices')")
     p.add_argument("--steps-per-sync", type=int, default=16,
                    help="decode steps between host checks of the stop condition")
     p.add_argument("--only-decode", action="store_true", help="skip M2, pp512, TTFT, host loops")
