@@ -6,9 +6,15 @@ import os
 import subprocess
 import sys
 
+import json
+import socket
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from conftest import tiny
+
+import jaxllm
 
 from jaxllm.ops import split_fused
 from jaxllm.quant import quantize_weight
@@ -16,6 +22,10 @@ from jaxllm.sharding import _per_shard
 from jaxllm.weights import dequantize, permute_outputs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# The model of the two-process run (distributed_check.py imports these)
+CONFIG = tiny(vocab_size=128, d_model=64, d_ff=128, head_dim=16, n_heads=4, n_kv_heads=2, n_layers=2, kernels="xla")
+PROMPTS = [[1, 2, 3], [7, 5, 9, 11]]
+TOKENS = [[3, 1, 4, 1, 5, 9, 2, 6], [2, 7, 1, 8, 2, 8, 1, 8]]
 
 
 def test_per_shard_order_and_split_fused_undo_each_other():
@@ -50,3 +60,22 @@ def test_cli_refuses_more_devices_than_there_are():
                           "1", "hi"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "jaxllm: error:" in out.stderr and "4 devices" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_two_processes_through_jax_distributed_match_one():
+    """jax.distributed: one process per device (here two CPU processes joined by gloo),
+    the same library code; both see the tokens and logits one process computes alone."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = str(s.getsockname()[1])
+    runs = [subprocess.Popen([sys.executable, os.path.join(HERE, "distributed_check.py"), port, str(i)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [run.communicate(timeout=300) for run in runs]
+    assert all(run.returncode == 0 for run in runs), [err[-2000:] for _, err in outs]
+    params = jaxllm.init_params(CONFIG, jax.random.PRNGKey(0))
+    tokens = jaxllm.generate(params, CONFIG, PROMPTS, max_new_tokens=6, settings=jaxllm.SamplerSettings.greedy()).tokens
+    logits = np.asarray(jaxllm.forward(params, CONFIG, jnp.asarray(TOKENS)))
+    for stdout, _ in outs:
+        got = json.loads(stdout.strip().splitlines()[-1])
+        assert got["tokens"] == tokens
+        np.testing.assert_allclose(np.asarray(got["logits"]), logits, atol=1e-4)
