@@ -55,7 +55,8 @@ def init_slots(params: Params, config: ModelConfig, n_slots: int, capacity: int)
 
 @partial(jax.jit, static_argnames=("config", "span"), donate_argnames=("slots",))
 def admit(params: Params, config: ModelConfig, slots: DecodeState, tokens, lengths, sources, starts, prompts,
-          dest, of_prompt, keys, sampling: RowSampling, max_new, obeys_stops, stop_ids, masks=None, *, span: int):
+          dest, of_prompt, final, keys, sampling: RowSampling, max_new, obeys_stops, stop_ids, masks=None, *,
+          span: int):
     """Prefill G prompts at once and start R slots on them (a request's n choices
     share one prompt).
 
@@ -66,7 +67,9 @@ def admit(params: Params, config: ModelConfig, slots: DecodeState, tokens, lengt
     its cache row receives that prompt's keys and values, and it samples its first
     token with its own key (keys [R, 2]), parameters (an R-row RowSampling), budget
     (max_new [R]) and whether a stop id ends it (obeys_stops [R]), among the tokens `masks` allows (grammar.Matchers bits [R, words],
-    or None). dest = the number of slots marks a padding entry (dropped). Attention
+    or None). A slot whose prompt has more to come (final [R] False: a long prompt is
+    prefilled a piece per call) takes the keys and values only. dest = the number of
+    slots marks a padding entry (dropped). Attention
     and the copies cover the first `span` positions of a row: span >= starts + T.
     Returns (slots, first tokens [R], their Scores [R], [R, k])."""
     B = slots.active.shape[0]
@@ -86,12 +89,12 @@ def admit(params: Params, config: ModelConfig, slots: DecodeState, tokens, lengt
     seen = prompt_seen(prompts, whole, config.vocab_size)[of_prompt]
     token = sample(allowed_logits(logits, masks), jax.vmap(jax.random.fold_in, (0, None))(keys, 0), sampling, seen)
     slots = slots.replace(
-        cache=cache, active=set_rows(slots.active, True), n_generated=set_rows(slots.n_generated, 0),
+        cache=cache, active=set_rows(slots.active, final), n_generated=set_rows(slots.n_generated, 0),
         max_new=set_rows(slots.max_new, max_new), keys=set_rows(slots.keys, keys),
         sampling=jax.tree.map(set_rows, slots.sampling, sampling), seen=set_rows(slots.seen, seen),
         counts=set_rows(slots.counts, 0), obeys_stops=set_rows(slots.obeys_stops, obeys_stops))
-    taken = set_rows(jnp.zeros((B,), bool), True)
-    tokens_by_row = set_rows(jnp.full((B,), -1, jnp.int32), token)
+    taken = set_rows(jnp.zeros((B,), bool), final)
+    tokens_by_row = set_rows(jnp.full((B,), -1, jnp.int32), jnp.where(final, token, -1))
     return (record(slots, tokens_by_row, stop_ids, rows=taken), token,
             token_scores(logits, token, TOP_LOGPROBS))
 
@@ -168,7 +171,13 @@ class Admission:
     rows: list[int]
     source: int
     start: int
-    width: int  # its remaining tokens, padded to a bucket
+    width: int  # the tokens this call computes, padded to a bucket
+    end: int  # the prompt's tokens the slots hold after this call: all of it, or a piece so far
+    reused: int = 0  # its tokens copied from another request's row, not computed
+
+    @property
+    def final(self) -> bool:
+        return self.end == len(self.group[0].prompt_ids)
 
 
 def _pow2(n: int) -> int:
@@ -190,8 +199,9 @@ class Engine:
     submit() and cancel() are thread-safe. Between decode chunks of
     `steps_per_chunk` tokens the engine retires finished or cancelled requests and
     admits waiting ones into free slots: as many prompts as fit `prefill_tokens`
-    (their padded lengths summed) in one batched prefill, so running streams keep
-    their pace while the queue drains. With `reuse_prefixes` a prompt copies the
+    (their padded lengths summed) in one batched prefill, and a longer prompt a
+    budget's worth per call, so running streams keep their pace while the queue
+    drains. With `reuse_prefixes` a prompt copies the
     longest prefix some slot's cache row still holds (prefix.py) and prefills the
     rest only.
     """
@@ -209,6 +219,7 @@ class Engine:
         self.warm_prompt_tokens = warm_prompt_tokens
         self.prefixes = PrefixIndex(n_slots)
         self._admitting: list[Request] = []
+        self._partial: list[Admission] = []  # long prompts prefilled a piece per call, oldest first
         self.metrics = metrics or Metrics()
         self.stop_ids = jnp.asarray(config.eos_token_ids or (-2,), jnp.int32)  # -2 never matches
         self._stop_set = set(config.eos_token_ids)
@@ -265,7 +276,7 @@ class Engine:
 
     @property
     def waiting(self) -> int:
-        return sum(map(len, self._waiting))
+        return sum(map(len, self._waiting)) + sum(len(a.group) for a in self._partial)
 
     @property
     def running(self) -> int:
@@ -297,7 +308,7 @@ class Engine:
             n *= 2
         for count, width in dict.fromkeys(shapes):
             count = min(count, self.n_slots)
-            self._admit([Admission([Request([0], 2)], [b], 0, 0, width) for b in range(count)], quiet=True)
+            self._admit([Admission([Request([0], 2)], [b], 0, 0, width, 1) for b in range(count)], quiet=True)
             for b in range(count):
                 self.slots = release(self.slots, jnp.int32(b))
                 self.prefixes.forget(b)
@@ -310,7 +321,7 @@ class Engine:
     def _serve(self) -> None:
         while True:
             with self._cond:
-                while not self._closing and not self._waiting and not self._running:
+                while not self._closing and not self._waiting and not self._running and not self._partial:
                     self._cond.wait()
                 if self._closing:
                     break
@@ -323,7 +334,8 @@ class Engine:
                     self._retire(slot, "cancelled")
             if self._running:
                 self._guarded(self._decode)
-        for request in [r for group in self._waiting for r in group] + list(self._running.values()):
+        for request in ([r for group in self._waiting for r in group] + [r for a in self._partial for r in a.group]
+                        + list(self._running.values())):
             self._end(request, "cancelled")
 
     def _guarded(self, fn, *args) -> None:
@@ -333,7 +345,8 @@ class Engine:
         try:
             fn(*args)
         except Exception as e:  # noqa: BLE001
-            victims = list(self._running.values()) + self._admitting
+            victims = list(self._running.values()) + self._admitting + [r for a in self._partial for r in a.group]
+            self._partial = []
             self._running.clear()
             self._decoders.clear()
             self._admitting = []
@@ -347,11 +360,36 @@ class Engine:
                     self._end(request, "error")
 
     def _plan(self) -> list[Admission]:
-        """Under the lock: the waiting prompts the next admission call takes, first come
-        first served, as many as free slots and the `prefill_tokens` budget allow (at
-        least one)."""
-        free = self.prefixes.by_age(b for b in range(self.n_slots) if b not in self._running)
+        """Under the lock: what the next admission call prefills, first come first
+        served, as many as free slots and the `prefill_tokens` budget allow (at least
+        one): the next pieces of long prompts begun before, then waiting prompts. A
+        prompt whose remainder exceeds the budget is prefilled a budget's worth per
+        call, so that the running streams decode between its pieces."""
+        held = {b for a in self._partial for b in a.rows}
+        free = self.prefixes.by_age(b for b in range(self.n_slots) if b not in self._running and b not in held)
         plan: list[Admission] = []
+
+        def fits(start: int, width: int) -> bool:
+            # Every prompt of a call runs `widest` tokens from its start: the deepest start
+            # plus that must fit the row. The call computes G x widest tokens and copies
+            # G x span positions of each layer.
+            widest = max([width] + [a.width for a in plan])
+            deepest = max([start] + [a.start for a in plan])
+            span = min(self.capacity, _pow2(deepest + widest))
+            return not plan or (deepest + widest <= self.capacity and _pow2(len(plan) + 1) * max(
+                widest, span // COPY_PER_TOKEN) <= self.prefill_tokens)
+
+        for a in list(self._partial):
+            if any(r.cancelled for r in a.group):
+                self._partial.remove(a)
+                for request in a.group:
+                    self._end(request, "cancelled")
+                continue
+            piece = self._piece(a.group[0].prompt_ids, a.end)
+            if not fits(a.end, piece[0]):
+                return plan
+            self._partial.remove(a)
+            plan.append(Admission(a.group, a.rows, a.rows[0], a.end, *piece, a.reused))
         while self._waiting:
             group = self._waiting[0]
             for request in [r for r in group if r.cancelled]:
@@ -368,17 +406,10 @@ class Engine:
             if self.reuse_prefixes and any(
                     common_length(prompt, a.group[0].prompt_ids) - start >= WAIT_FOR_PREFIX for a in plan):
                 break  # it copies what this call computes, from the next call on
-            if start + bucket_length(n - start) > self.capacity:
+            if start + self._piece(prompt, start)[0] > self.capacity:
                 source, start = -1, 0  # the bucket would run past the row: no reuse
-            width = min(bucket_length(n - start), self.capacity)
-            # Every prompt of a call runs `widest` tokens from its start: the deepest start
-            # plus that must fit the row. The call computes G x widest tokens and copies
-            # G x span positions of each layer.
-            widest = max([width] + [a.width for a in plan])
-            deepest = max([start] + [a.start for a in plan])
-            span = min(self.capacity, _pow2(deepest + widest))
-            if plan and (deepest + widest > self.capacity
-                         or _pow2(len(plan) + 1) * max(widest, span // COPY_PER_TOKEN) > self.prefill_tokens):
+            width, end = self._piece(prompt, start)
+            if not fits(start, width):
                 break
             if source in free:
                 free.remove(source)  # the row already holding the prefix takes it on
@@ -388,8 +419,14 @@ class Engine:
             if source >= 0:
                 self.prefixes.touch(source)
             self._waiting.popleft()
-            plan.append(Admission(group, rows, max(source, 0), start, width))
+            plan.append(Admission(group, rows, max(source, 0), start, width, end, start))
         return plan
+
+    def _piece(self, prompt: list[int], start: int) -> tuple[int, int]:
+        """(width, end): the next piece of `prompt` from position `start`: the rest, or
+        the budget's worth of it, padded to a bucket that fits the row."""
+        end = min(len(prompt), start + max(16, self.prefill_tokens))
+        return min(bucket_length(end - start), self.capacity - start), end
 
     def _admit(self, plan: list[Admission], quiet: bool = False) -> None:
         """Prefill the planned prompts in one call and start their slots."""
@@ -402,14 +439,15 @@ class Engine:
         dest, of_prompt = np.full(R, self.n_slots, np.int32), np.zeros(R, np.int32)
         entries = [(a, slot, request) for a in plan for slot, request in zip(a.rows, a.group)]
         for g, a in enumerate(plan):
-            prompt = a.group[0].prompt_ids
-            tokens[g, :len(prompt) - a.start] = prompt[a.start:]
-            prompts[g, :len(prompt)] = prompt
-            lengths[g], sources[g], starts[g] = len(prompt) - a.start, a.source, a.start
+            prompt = a.group[0].prompt_ids[:a.end]
+            tokens[g, :a.end - a.start] = prompt[a.start:]
+            prompts[g, :a.end] = prompt
+            lengths[g], sources[g], starts[g] = a.end - a.start, a.source, a.start
             for slot in a.rows:
                 self.prefixes.hold(slot, prompt)
+        final = np.zeros(R, bool)
         for r, (a, slot, _) in enumerate(entries):
-            dest[r], of_prompt[r] = slot, plan.index(a)
+            dest[r], of_prompt[r], final[r] = slot, plan.index(a), a.final
         requests = [request for _, _, request in entries]
         padding = R - len(requests)
         masks = None
@@ -421,7 +459,7 @@ class Engine:
             masks = jnp.asarray(self._matchers.masks(dest.tolist()))
         self.slots, token, scores = admit(
             self.params, self.config, self.slots, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(sources),
-            jnp.asarray(starts), jnp.asarray(prompts), jnp.asarray(dest), jnp.asarray(of_prompt),
+            jnp.asarray(starts), jnp.asarray(prompts), jnp.asarray(dest), jnp.asarray(of_prompt), jnp.asarray(final),
             jnp.stack([jax.random.PRNGKey(r.seed) for r in requests] + [jnp.zeros(2, jnp.uint32)] * padding),
             RowSampling.from_settings([r.settings for r in requests] + [SamplerSettings.greedy()] * padding),
             jnp.asarray([r.max_tokens for r in requests] + [1] * padding, jnp.int32),
@@ -433,8 +471,12 @@ class Engine:
         self._admitting = []
         if quiet:
             return
-        self.metrics.prefill(sum(len(a.group[0].prompt_ids) for a in plan), sum(a.start for a in plan))
-        for r, (_, slot, request) in enumerate(entries):
+        done = [a for a in plan if a.final]
+        self.metrics.prefill(sum(len(a.group[0].prompt_ids) for a in done), sum(a.reused for a in done))
+        self._partial += [a for a in plan if not a.final]
+        for r, (a, slot, request) in enumerate(entries):
+            if not a.final:
+                continue
             self._running[slot] = request
             self._decoders[slot] = StreamDecoder(self.tokenizer)
             self._take(slot, request, [int(token[r])], still_active=None, scores=[a[r][None] for a in scores])

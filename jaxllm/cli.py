@@ -267,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode steps between admitting new requests and streaming")
     p.add_argument("--prefill-tokens", type=int, default=8192,
                    help="prompt tokens (padded) prefilled together between decode chunks; "
-                        "one prompt at least")
+                        "a longer prompt is prefilled in pieces of this size")
     p.add_argument("--no-prefix-cache", action="store_true",
                    help="prefill every prompt whole, even when a slot still holds its beginning")
     p.add_argument("--warm-prompts", type=int, default=0, metavar="TOKENS",

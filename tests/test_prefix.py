@@ -2,6 +2,7 @@
 prompts share beginnings answering exactly as each prompt run alone by `generate`."""
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -117,3 +118,48 @@ def test_one_call_mixing_a_deep_prefix_and_a_long_fresh_prompt(model):
     assert engine.metrics.reused >= 100
     for p, r in zip((deep, fresh), requests):
         assert r.ids == greedy_alone(model, p, 8)
+
+
+def test_a_long_prompt_is_prefilled_in_pieces_while_others_decode(model):
+    """A prompt longer than the prefill budget is prefilled a piece per admission call,
+    with decode chunks between them: a running stream keeps getting tokens meanwhile,
+    and the long prompt's answer (and its second choice's) is `generate`'s."""
+
+    class Timeline(Recorder):
+        def __init__(self):
+            super().__init__()
+            self.events = []  # "first" for a request's first token, "more" for later ones
+
+        def first_token(self, seconds):
+            self.events.append("first")
+
+        def tokens(self, count, seconds_each):
+            self.events.append("more")
+
+    rng = np.random.default_rng(2)
+    metrics = Timeline()
+    engine = Engine(model.params, model.config, model.tokenizer, n_slots=4, max_context=512,
+                    steps_per_chunk=4, prefill_tokens=32, metrics=metrics)
+    long_prompt = rng.integers(3, 300, 200).tolist()
+    done = threading.Semaphore(0)
+    end = lambda r, t, reason: reason and done.release()
+    running = Request([5, 6, 7], 120, on_update=end)
+    group = [Request(long_prompt, 10, on_update=end) for _ in range(2)]
+    try:
+        engine.start()
+        engine.submit(running)
+        while "first" not in metrics.events:
+            time.sleep(0.01)
+        mark = len(metrics.events)
+        engine.submit_group(group)
+        for _ in range(3):
+            assert done.acquire(timeout=180)
+    finally:
+        engine.shutdown()
+    # Seven pieces of 32 tokens: the running stream decoded between them.
+    after = metrics.events[mark:]
+    assert after.index("first") >= 5, after[:12]
+    for r in group:
+        assert r.ids == greedy_alone(model, long_prompt, 10)
+    assert running.ids == greedy_alone(model, [5, 6, 7], 120)
+    assert metrics.prompt == 3 + 200

@@ -1,8 +1,8 @@
 """A bounded soak of the serving engine: a stream of mixed requests from several
 threads (prompts sharing beginnings, greedy and seeded sampling, n choices, stop
 strings, a fifth cancelled at random moments, bad requests among them) against an
-engine small enough that requests queue for slots and admission calls fill their
-budget. Every request ends; every greedy answer that was not cancelled equals the
+engine small enough that requests queue for slots and long prompts are prefilled in
+pieces. Every request ends; every greedy answer that was not cancelled equals the
 same prompt run alone by `generate`; a sampled one equals itself served alone; a
 cancelled one is a prefix of its full answer; the engine is empty afterwards."""
 
@@ -29,7 +29,7 @@ def test_mixed_requests_all_end_and_answer_as_alone(model):
     rng = np.random.default_rng(7)
     systems = [rng.integers(3, 300, n).tolist() for n in (40, 70, 20)]
     engine = Engine(model.params, model.config, model.tokenizer, n_slots=4, max_context=160,
-                    steps_per_chunk=4, prefill_tokens=256).start()
+                    steps_per_chunk=4, prefill_tokens=64).start()
     requests, groups, lock = [], [], threading.Lock()
     ended = threading.Semaphore(0)
     rejected = []
