@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 import jaxllm
 from jaxllm import sharding
+from jaxllm.layout import for_policy
 
 
 def tg(params, config, batch: int, reps: int) -> float:
@@ -49,16 +50,12 @@ def main(argv=None) -> int:
     params = jax.block_until_ready(jaxllm.init_params(config, jax.random.PRNGKey(0), jnp.bfloat16))
     rows = []
     for n in map(int, args.devices.split(",")):
-        variants = [("auto", params, config)] if n == 1 else []
         if n == 1:
-            variants.append(("xla", params, config.replace(kernels="xla")))
+            variants = [("auto", for_policy(params, config.kernels), config),
+                        ("xla", params, config.replace(kernels="xla"))]
         else:
-            sp, sc = sharding.shard(params, config, sharding.make_mesh(n))
-            variants.append(("xla", sp, sc))
+            variants = [("xla", *sharding.shard(params, config, sharding.make_mesh(n)))]
         for kernels, ps, cs in variants:
-            if n == 1 and kernels == "auto":
-                from jaxllm.layout import for_policy  # noqa: PLC0415
-                ps = for_policy(ps, cs.kernels)
             for batch in map(int, args.batches.split(",")):
                 tok_s = tg(ps, cs, batch, args.reps)
                 rows.append({"shape": args.shape, "weights": "bf16", "devices": n, "kernels": kernels,

@@ -406,8 +406,6 @@ class Engine:
             if self.reuse_prefixes and any(
                     common_length(prompt, a.group[0].prompt_ids) - start >= WAIT_FOR_PREFIX for a in plan):
                 break  # it copies what this call computes, from the next call on
-            if start + self._piece(prompt, start)[0] > self.capacity:
-                source, start = -1, 0  # the bucket would run past the row: no reuse
             width, end = self._piece(prompt, start)
             if not fits(start, width):
                 break
@@ -437,7 +435,7 @@ class Engine:
         tokens, prompts = np.zeros((G, T), np.int32), np.zeros((G, span), np.int32)
         lengths, sources, starts = np.ones(G, np.int32), np.zeros(G, np.int32), np.zeros(G, np.int32)
         dest, of_prompt = np.full(R, self.n_slots, np.int32), np.zeros(R, np.int32)
-        entries = [(a, slot, request) for a in plan for slot, request in zip(a.rows, a.group)]
+        entries = [(g, a, slot, request) for g, a in enumerate(plan) for slot, request in zip(a.rows, a.group)]
         for g, a in enumerate(plan):
             prompt = a.group[0].prompt_ids[:a.end]
             tokens[g, :a.end - a.start] = prompt[a.start:]
@@ -446,14 +444,14 @@ class Engine:
             for slot in a.rows:
                 self.prefixes.hold(slot, prompt)
         final = np.zeros(R, bool)
-        for r, (a, slot, _) in enumerate(entries):
-            dest[r], of_prompt[r], final[r] = slot, plan.index(a), a.final
-        requests = [request for _, _, request in entries]
+        for r, (g, a, slot, _) in enumerate(entries):
+            dest[r], of_prompt[r], final[r] = slot, g, a.final
+        requests = [request for *_, request in entries]
         padding = R - len(requests)
         masks = None
         if any(request.grammar is not None for request in requests):
             self.grammars()  # the slots' matchers, made on first use
-            for _, slot, request in entries:
+            for *_, slot, request in entries:
                 if request.grammar is not None:
                     self._matchers.attach(slot, request.grammar)
             masks = jnp.asarray(self._matchers.masks(dest.tolist()))
@@ -474,7 +472,7 @@ class Engine:
         done = [a for a in plan if a.final]
         self.metrics.prefill(sum(len(a.group[0].prompt_ids) for a in done), sum(a.reused for a in done))
         self._partial += [a for a in plan if not a.final]
-        for r, (a, slot, request) in enumerate(entries):
+        for r, (_, a, slot, request) in enumerate(entries):
             if not a.final:
                 continue
             self._running[slot] = request

@@ -73,7 +73,9 @@ def record(state: DecodeState, token: jax.Array, stop_ids: jax.Array,
     token. Other rows are left as they are."""
     rows = state.active if rows is None else rows
     n = state.n_generated + rows
-    at_stop = jnp.isin(token, stop_ids) if state.obeys_stops is None else jnp.isin(token, stop_ids) & state.obeys_stops
+    at_stop = jnp.isin(token, stop_ids)
+    if state.obeys_stops is not None:
+        at_stop &= state.obeys_stops
     stopped = (at_stop | (n >= state.max_new)
                | (state.cache.lengths >= state.cache.capacity))
     at = lambda: (jnp.arange(token.shape[0]), jnp.maximum(token, 0))
