@@ -1,6 +1,6 @@
 """Where a decode step's time goes: per-kernel device time of the compiled decode loop.
 
-    python benchmarks/profile_decode.py --shapes smol135m,llama1b --weights bf16,int4 [--tokens 32]
+    python benchmarks/profile_decode.py --shapes smol135m,llama1b --weights bf16,int4 [--tokens 32] [--batch B]
 
 Builds a random-weight model of each shape, runs the library's decode loop (as
 scripts/bench.py's tg128 does) once to compile and once under jax.profiler, then
@@ -48,9 +48,9 @@ def kernel_events(trace_dir: str):
     return events
 
 
-def profile(params, config, tokens: int) -> dict:
+def profile(params, config, tokens: int, batch: int = 1) -> dict:
     def run():
-        gen = start(params, config, [[1]], max_new_tokens=tokens + 1, settings=GREEDY, stop_tokens=[])
+        gen = start(params, config, [[1]] * batch, max_new_tokens=tokens + 1, settings=GREEDY, stop_tokens=[])
         jax.block_until_ready(gen.state)
         t = time.perf_counter()
         jax.block_until_ready(gen.run(params, config, tokens + 1).tokens)
@@ -81,6 +81,7 @@ def main(argv=None) -> int:
     ap.add_argument("--weights", default="bf16")
     ap.add_argument("--kernels", default="auto")
     ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=1, help="rows decoded together")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -95,8 +96,8 @@ def main(argv=None) -> int:
             params = base if mode in ("bf16", "f32") else jax.block_until_ready(
                 jaxllm.quantize(base, mode, group_size=32))
             print(f"profiling {shape} {mode} ...", file=sys.stderr, flush=True)
-            r = profile(params, config, args.tokens)
-            report["runs"].append({"shape": shape, "weights": mode, **r})
+            r = profile(params, config, args.tokens, args.batch)
+            report["runs"].append({"shape": shape, "weights": mode, "batch": args.batch, **r})
             print(f"\n{shape} {mode}: heaviest kernels (us per step, calls per step)")
             for k in r["kernels"][:args.top]:
                 print(f"  {k['us_per_step']:8.1f} {k['calls_per_step']:6.1f}  {k['kernel'][:90]}")

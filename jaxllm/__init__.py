@@ -21,13 +21,13 @@ from .policy import KernelPolicy
 from .quant import dequantize_params, quantize
 from .sampling import RowSampling, SamplerSettings, filter_logits, sample
 from .scoring import score_ids
-from .weights import QuantizedWeight, TransposedWeight
+from .weights import Fp8Weight, QuantizedWeight, TransposedWeight
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ContextLengthError", "DecodeState", "GenerationResult", "Grammar", "Grammars", "KVCache", "KernelPolicy",
-    "Layer", "ModelConfig", "Norm", "PRESETS", "Params", "QuantizedWeight", "RopeScaling", "RowSampling",
+    "Fp8Weight", "Layer", "ModelConfig", "Norm", "PRESETS", "Params", "QuantizedWeight", "RopeScaling", "RowSampling",
     "SamplerSettings", "TransposedWeight", "decode_step", "dequantize_params", "extend", "filter_logits",
     "forward", "generate", "generate_stream", "init_cache", "init_params", "input_importance", "quantize",
     "sample", "score_ids",

@@ -230,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
         p.add_argument("--weights", default="file", choices=WEIGHTS,
                        help="file: keep a GGUF file's quantized tensors quantized (default); "
-                            "dense: dequantize; int8/int4: quantize dense weights")
+                            "dense: dequantize; int8/int4/fp8: quantize dense weights")
         p.add_argument("--calibration", metavar="TEXT_FILE",
                        help="int4: text whose activations weigh the rounding error (a bundled "
                             "text by default; 'none' weighs all inputs alike)")

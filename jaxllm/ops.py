@@ -27,7 +27,7 @@ from .kernels.qmatvec import qmatmul_pallas, qmatvec_pallas
 from .kernels.rowmatvec import rowmatvec_pallas
 from .params import Norm
 from .policy import KernelPolicy, Plan
-from .weights import Experts, InputTap, kind_of, linear_reference, take_rows
+from .weights import Experts, InputTap, fp8_linear, fp8_take_rows, kind_of, linear_reference, take_rows
 
 Delta = Union[None, jax.Array, PartialSums]
 
@@ -105,6 +105,7 @@ def _flat(kernel):
 # XLA's path for each kind of weight.
 XLA = {
     "quantized": _flat(lambda x, w, plan, dt, keep, policy: linear_reference(x, w, dt)),
+    "fp8": _flat(lambda x, w, plan, dt, keep, policy: fp8_linear(x, w, dt)),
     "by_row": lambda x, w, plan, dt, keep, policy: jnp.einsum(
         "...i,oi->...o", x, w.t.astype(x.dtype), preferred_element_type=dt),
     # A float32 result only where asked for: requesting it on every projection
@@ -121,7 +122,8 @@ KERNELS = {
     "qmatvec": _flat(lambda x, w, plan, dt, keep, policy: qmatvec_pallas(
         x, w, dt, tiling=plan.tiling, interpret=policy.interpret, sum_splits=not keep,
         int8_activations=policy.int8_activations)),
-    "qmatmul": _flat(lambda x, w, plan, dt, keep, policy: qmatmul_pallas(x, w, dt, interpret=policy.interpret)),
+    "qmatmul": _flat(lambda x, w, plan, dt, keep, policy: qmatmul_pallas(
+        x, w, dt, tiling=plan.tiling, interpret=policy.interpret)),
     "native": _flat(lambda x, w, plan, dt, keep, policy: qmatvec_cpu(x, w, dt)),
     "xla": lambda x, w, *rest: XLA[kind_of(w)](x, w, *rest),
 }
@@ -177,11 +179,11 @@ def _row_major(x, w, plan: Plan, out_dtype, gate, residual, interpret: bool):
     y = rowmatvec_pallas(
         x_in.reshape(rows, -1), w.t, out_dtype, gate=gate, **norm,
         residual=None if residual is None else residual.reshape(rows, -1), tiling=plan.tiling,
-        interpret=interpret)
+        row_scales=w.scales if kind_of(w) == "fp8" else None, interpret=interpret)
     return y.reshape(*x.shape[:-1], -1)
 
 
-EMBEDDINGS = {"quantized": take_rows, "dense": lambda table, ids: table[ids]}
+EMBEDDINGS = {"quantized": take_rows, "fp8": fp8_take_rows, "dense": lambda table, ids: table[ids]}
 
 
 def lookup(table, ids: jax.Array) -> jax.Array:
@@ -219,7 +221,7 @@ def defers_norm(config: ModelConfig, norm: Norm, w, rows: int, kernel_applies: b
     plan = plan_for(policy, w, rows)
     if kernel_applies or plan.fuses or policy.deferred_norm == "always":
         return True
-    return policy.defers_norm_before_xla() and kind_of(w) != "quantized" and plan.kernel == "xla"
+    return policy.defers_norm_before_xla() and kind_of(w) in ("dense", "by_row") and plan.kernel == "xla"
 
 
 def add_norm(stream: Residual, p: Norm, config: ModelConfig, deferred: bool = False):

@@ -27,7 +27,6 @@ import jax
 
 Mode = Literal["auto", "xla", "pallas"]
 MAX_ROWS = 4  # the matrix-vector kernels' largest batch
-MAX_MATMUL_ROWS = 16  # the quantized small-matmul kernel's
 NATIVE_BITS = (4, 5, 6, 8)  # weights the CPU's native kernel reads (kernels/cpu_qmatvec.py)
 KERNEL_BITS = (4, 8)  # weights the GPU's quantized kernels read; 5 and 6 bits take XLA
 
@@ -96,12 +95,35 @@ QMATVEC_TILINGS = ((8, QMatvecTiling(block_n=32, block_k=256, num_stages=4)),
 
 
 @dataclass(frozen=True)
+class QMatmulTiling:
+    """kernels/qmatvec.py's qmatmul_pallas (5 rows and more): rows of x, value rows and
+    inputs per program; K split until about target_programs programs."""
+
+    block_m: int = 16
+    block_n: int = 64
+    block_k: int = 128
+    num_warps: int = 4
+    num_stages: int = 3
+    target_programs: int = 528
+
+
+# (most rows, tiling): the first entry whose bound a batch fits (benchmarks/qmatmul_batch.py)
+QMATMUL_TILINGS = ((16, QMatmulTiling()),
+                   (64, QMatmulTiling(block_m=64, block_n=64, block_k=128)),
+                   (1 << 30, QMatmulTiling(block_m=128, block_n=128, block_k=64, num_warps=8)))
+
+
+def matmul_tiling(rows: int, tilings=QMATMUL_TILINGS) -> QMatmulTiling:
+    return next(t for bound, t in tilings if rows <= bound)
+
+
+@dataclass(frozen=True)
 class Plan:
     """How one projection runs: `kernel` names an entry of ops.KERNELS; `fuses`: the
     kernel takes the norm before it, a gate and the residual add (row-major kernel)."""
 
     kernel: Literal["rowmatvec", "matvec", "qmatvec", "qmatmul", "native", "xla"]
-    tiling: Union[None, MatvecTiling, QMatvecTiling, RowTiling] = None
+    tiling: Union[None, MatvecTiling, QMatvecTiling, QMatmulTiling, RowTiling] = None
 
     @property
     def fuses(self) -> bool:
@@ -154,6 +176,10 @@ class KernelPolicy:
     matvec: MatvecTiling = MatvecTiling()
     rowmatvec: RowTiling = RowTiling()
     qmatvec: tuple[tuple[int, QMatvecTiling], ...] = QMATVEC_TILINGS
+    qmatmul: tuple[tuple[int, QMatmulTiling], ...] = QMATMUL_TILINGS
+    # Quantized projections of more rows than this (prefill) dequantize in XLA and
+    # multiply with its matrix multiply.
+    qmatmul_max_rows: int = 256
 
     @classmethod
     def for_backend(cls, mode: Mode = "auto", platform: Optional[str] = None, **changes) -> "KernelPolicy":
@@ -185,13 +211,16 @@ class KernelPolicy:
     # -- while tracing ------------------------------------------------------------------
 
     def plan(self, kind: str, rows: int, shape: tuple[int, int], bits: int = 16) -> Plan:
-        """The kernel for a weight of `kind` ("dense", "by_row", "quantized") and [K, N]
-        `shape`, multiplying `rows` rows of activations."""
+        """The kernel for a weight of `kind` ("dense", "by_row", "quantized", "fp8") and
+        [K, N] `shape`, multiplying `rows` rows of activations. FP8 weights: at decode
+        the row-major kernel (float8 rows, activations as they are) where dense weights
+        take it (llama8b's shapes: 232 tok/s there against XLA's 309), else XLA's FP8
+        matrix multiply (cuBLASLt on Hopper)."""
         if self.mode == "xla":
             return Plan("xla")
         small_batch, pallas = rows <= MAX_ROWS, self.mode == "pallas"
-        if kind == "by_row":
-            if small_batch and (pallas or (self.platform == "gpu"
+        if kind in ("by_row", "fp8"):
+            if small_batch and (pallas or (self.platform == "gpu" and self.mode == "auto"
                                            and _small(shape, self.rowmatvec_max_small_side))):
                 return Plan("rowmatvec", self.rowmatvec)
             return Plan("xla")
@@ -200,8 +229,8 @@ class KernelPolicy:
                 return Plan("qmatvec", dict(self.qmatvec).get(bits, dict(self.qmatvec)[8]))
             if self.mode == "auto" and self.platform == "cpu" and small_batch and bits in NATIVE_BITS:
                 return Plan("native")
-            if bits in KERNEL_BITS and MAX_ROWS < rows <= MAX_MATMUL_ROWS and self.fast:
-                return Plan("qmatmul")
+            if bits in KERNEL_BITS and MAX_ROWS < rows <= self.qmatmul_max_rows and self.fast:
+                return Plan("qmatmul", matmul_tiling(rows, self.qmatmul))
             return Plan("xla")
         if small_batch and (pallas or (self.platform == "gpu" and self.mode == "auto"
                                        and _small(shape, self.matvec_max_small_side))):

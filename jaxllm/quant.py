@@ -1,6 +1,6 @@
 """Quantizing weights: GGUF's blocks repacked for the device (`pack`), and dense
-checkpoints quantized to int8 or int4 (`quantize`). The layout of the result,
-`QuantizedWeight`, is described in weights.py.
+checkpoints quantized to int8, int4 or fp8 (`quantize`). The layouts of the results,
+`QuantizedWeight` and `Fp8Weight`, are described in weights.py.
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .weights import PLANE_SLICES, Experts, QuantizedWeight, dense, dequantize, interleave, level_offset
+from .weights import (PLANE_SLICES, Experts, Fp8Weight, QuantizedWeight, dense, dequantize, fp8_dense,
+                      interleave, level_offset, to_fp8)
 
-MODES = {"int8": 8, "int4": 4}
+MODES = {"int8": 8, "int4": 4, "fp8": 8}  # bits per weight
 # int4: (low, high) fractions of each group's minimum and maximum tried as its range
 CLIP_SEARCH = tuple((lo, hi) for lo in (1.0, 0.9, 0.8, 0.7) for hi in (1.0, 0.9, 0.8, 0.7))
 PROJECTIONS = ("wqkv", "wo", "w_in", "w_out")
@@ -182,11 +183,14 @@ def _quantize_rows(w: jax.Array, bits: int, group_size: int, importance: Optiona
 
 
 def quantize_weight(w: jax.Array, mode: str, group_size: int = 32,
-                    importance: Optional[jax.Array] = None) -> QuantizedWeight:
-    """A dense [K, N] weight -> QuantizedWeight computing in w's dtype, on the device.
+                    importance: Optional[jax.Array] = None):
+    """A dense [K, N] weight -> QuantizedWeight (int8, int4) or Fp8Weight (fp8: one scale
+    per output, group_size and importance unused) computing in w's dtype, on the device.
     importance [K]: the mean square of each input over calibration text (int4)."""
     if mode not in MODES:
         raise ValueError(f"unknown quantization mode {mode!r} (choose from {', '.join(MODES)})")
+    if mode == "fp8":
+        return jax.jit(to_fp8)(w)
     K, N = w.shape
     if K % group_size:
         raise ValueError(f"group_size {group_size} does not divide the input width {K}")
@@ -201,8 +205,9 @@ def quantize(params, mode: str, group_size: int = 32, embeddings: str | None = "
              importance=None):
     """Quantize a dense Params pytree (bf16, float32, or a Hugging Face checkpoint).
 
-    Every layer projection becomes `mode` ("int8" or "int4") with groups of
-    `group_size` inputs. The embedding table (and untied output head) become
+    Every layer projection becomes `mode`: "int8" or "int4" with groups of
+    `group_size` inputs, or "fp8" (e4m3, one scale per output; activations rounded
+    to e4m3 per row at run time). The embedding table (and untied output head) become
     `embeddings` ("int8" by default; None keeps them dense): the output layer is
     the most sensitive to quantization, which is why llama.cpp's 4-bit files keep
     it at 6 or 8 bits.
@@ -219,8 +224,11 @@ def quantize(params, mode: str, group_size: int = 32, embeddings: str | None = "
         raise ValueError(f"importance has {len(importance)} layers; the model has {len(params.layers)}")
 
     def q(w, m, weights=None):
-        if isinstance(w, QuantizedWeight) or (isinstance(w, Experts) and isinstance(w.w, QuantizedWeight)):
+        if isinstance(w, (QuantizedWeight, Fp8Weight)) or (
+                isinstance(w, Experts) and isinstance(w.w, QuantizedWeight)):
             return w
+        if isinstance(w, Experts) and m == "fp8":
+            raise ValueError("fp8 weights for mixture-of-experts layers are not supported yet")
         if isinstance(w, Experts):  # each expert alone, stacked again
             return stack_experts([quantize_weight(e, m, group_size) for e in w.w])
         return quantize_weight(dense(w), m, group_size, weights)
@@ -229,7 +237,7 @@ def quantize(params, mode: str, group_size: int = 32, embeddings: str | None = "
         for name in PROJECTIONS}) for i, layer in enumerate(params.layers))
     params = params.replace(layers=layers)
     if embeddings is not None:
-        if not isinstance(params.embed, QuantizedWeight):  # stored [V, D]; quantized as the [D, V] head
+        if not isinstance(params.embed, (QuantizedWeight, Fp8Weight)):  # stored [V, D]; quantized as the [D, V] head
             params = params.replace(embed=quantize_weight(params.embed.T, embeddings, group_size))
         if params.lm_head is not None:
             params = params.replace(lm_head=q(params.lm_head, embeddings))
@@ -244,11 +252,16 @@ def stack_experts(weights: list[QuantizedWeight]) -> Experts:
 def dequantize_params(params):
     """Every QuantizedWeight (and quantized Experts) replaced by its dense weight
     (training, export)."""
-    is_q = lambda x: isinstance(x, (QuantizedWeight, Experts))
-    embed = params.embed
-    if isinstance(embed, QuantizedWeight):  # stored as the [D, V] output head; the dense table is [V, D]
-        params = params.replace(embed=dequantize(embed).T)
-    dense_of = lambda w: (Experts(w.dense()) if isinstance(w, Experts) else dequantize(w)) if is_q(w) else w
+    is_q = lambda x: isinstance(x, (QuantizedWeight, Fp8Weight, Experts))
+
+    def dense_of(w):
+        if isinstance(w, Experts):
+            return Experts(w.dense())
+        if isinstance(w, Fp8Weight):
+            return fp8_dense(w)
+        return dequantize(w) if isinstance(w, QuantizedWeight) else w
+    if isinstance(params.embed, (QuantizedWeight, Fp8Weight)):  # stored as the [D, V] head; the table is [V, D]
+        params = params.replace(embed=dense_of(params.embed).T)
     return jax.tree.map(dense_of, params, is_leaf=is_q)
 
 

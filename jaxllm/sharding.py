@@ -21,7 +21,7 @@ Decided once, here: a sharded model runs the XLA paths (`kernels="xla"`); the Pa
 kernels are single-device programs.
 
 Quantized weights shard with their scales (rows of `values` are outputs, columns of
-`scales` are outputs). 8-bit weights split exactly like dense ones; packed 4-6-bit
+`scales` are outputs; an Fp8Weight's rows and scales are outputs). 8-bit weights split exactly like dense ones; packed 4-6-bit
 weights hold output rows i and i + N/2 in one byte, so a device's block of packed
 rows is not its block of outputs: XLA still computes them correctly, with more
 communication (benchmarks/NOTES.md).
@@ -40,7 +40,7 @@ from .cache import KVCache
 from .config import ModelConfig
 from .layout import untranspose
 from .params import Layer, Params
-from .weights import Experts, QuantizedWeight, permute_outputs
+from .weights import Experts, Fp8Weight, QuantizedWeight, permute_outputs
 
 AXIS = "model"  # the mesh axis tensor parallelism splits over
 
@@ -72,6 +72,9 @@ def _shardings(w, axes: tuple[str, ...], mesh: Mesh, rules: dict[str, Optional[s
         cols = named(k_axis, n_axis)  # scales, mins: [K/G, N]
         return QuantizedWeight(rows, cols, None if w.mins is None else cols,
                                None if w.high is None else rows, w.bits, w.compute_dtype)
+    if isinstance(w, Fp8Weight):  # t [N, K], one scale per output
+        k_axis, n_axis = axes
+        return Fp8Weight(named(n_axis, k_axis), named(n_axis), w.compute_dtype)
     return named(*axes)
 
 

@@ -51,9 +51,9 @@ class LoraAdapter:
 
 
 def _require_dense(params: Params) -> None:
-    from .quant import QuantizedWeight  # noqa: PLC0415
-    if any(isinstance(w, QuantizedWeight) for w in jax.tree.leaves(
-            params, is_leaf=lambda x: isinstance(x, QuantizedWeight))):
+    from .weights import Fp8Weight, QuantizedWeight  # noqa: PLC0415
+    quantized = lambda x: isinstance(x, (QuantizedWeight, Fp8Weight))
+    if any(quantized(w) for w in jax.tree.leaves(params, is_leaf=quantized)):
         raise ValueError("training needs dense weights: load with weights='dense' or call "
                          "jaxllm.dequantize_params(params)")
 

@@ -4,6 +4,8 @@ layer above reads them, none of them imports upward.
   a dense array w [K, N]            (`x @ w`)
   TransposedWeight: w stored by output row, t = w.T [N, K] (layout.py chooses where)
   QuantizedWeight: blockwise-quantized, GGUF's row order (below; quant.py makes them)
+  Fp8Weight: float8 (e4m3) output rows with one scale per output, multiplied with
+             activations rounded to float8 per row (Hopper's FP8 tensor cores)
   InputTap: a weight that records its inputs (calibration.py), standing for its weight
 
 `ops.linear` dispatches on the kind once; the decoder never branches on it.
@@ -126,6 +128,8 @@ def _split(packed: jax.Array, slices: int, width: int) -> jax.Array:
 def permute_outputs(w, order):
     """w (dense [K, N] or a QuantizedWeight standing for one) with its output columns
     in `order` [N] (numpy ints). Packed rows are unpacked, reordered and packed again."""
+    if isinstance(w, Fp8Weight):
+        return w.replace(t=w.t[order], scales=w.scales[order])
     if not isinstance(w, QuantizedWeight):
         return w[:, order]
 
@@ -210,6 +214,69 @@ def take_rows(w: QuantizedWeight, ids: jax.Array) -> jax.Array:
 
 
 
+FP8 = jnp.float8_e4m3fn
+FP8_MAX = float(jnp.finfo(FP8).max)  # 448
+
+
+@struct.dataclass
+class Fp8Weight:
+    """A weight w [K, N] stored as float8 e4m3 output rows, w[k, n] = t[n, k] * scales[n].
+    By output row because FP8 matrix multiplies (cuBLASLt) take both operands with K
+    contiguous; an embedding table [V, D] is this layout already, like a QuantizedWeight
+    head. `fp8_linear` rounds each row of activations to e4m3 at its own scale."""
+
+    t: jax.Array  # float8_e4m3fn [N, K]
+    scales: jax.Array  # float32 [N]
+    compute_dtype: str = struct.field(pytree_node=False, default="bfloat16")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.t.shape[::-1]
+
+    @property
+    def dtype(self):
+        return jnp.dtype(self.compute_dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return self.t.size + self.scales.size * 4
+
+
+def to_fp8(w: jax.Array) -> Fp8Weight:
+    """A dense [K, N] weight -> Fp8Weight computing in w's dtype: each output column's
+    largest magnitude maps to e4m3's largest value (448), rounded to nearest."""
+    w32 = w.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(w32), axis=0)
+    scales = jnp.where(amax > 0, amax / FP8_MAX, 1.0)
+    return Fp8Weight((w32 / scales).T.astype(FP8), scales, jnp.dtype(w.dtype).name)
+
+
+def _fp8_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x [M, K] -> (e4m3 [M, K], float32 scales [M, 1]): each row at its own scale."""
+    x32 = x.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(x32), axis=-1, keepdims=True)
+    scale = jnp.where(amax > 0, amax / FP8_MAX, 1.0)
+    return (x32 / scale).astype(FP8), scale
+
+
+def fp8_linear(x: jax.Array, w: Fp8Weight, out_dtype=None) -> jax.Array:
+    """x [M, K] @ W [K, N]: x rounded to e4m3 per row, an FP8 x FP8 product with
+    float32 accumulation, both scales applied to the result."""
+    xq, x_scale = _fp8_rows(x)
+    y = jax.lax.dot_general(xq, w.t, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return (y * x_scale * w.scales).astype(out_dtype or x.dtype)
+
+
+def fp8_dense(w: Fp8Weight, dtype=None) -> jax.Array:
+    """The dense [K, N] weight."""
+    return (w.t.astype(jnp.float32) * w.scales[:, None]).T.astype(dtype or w.dtype)
+
+
+def fp8_take_rows(w: Fp8Weight, ids: jax.Array) -> jax.Array:
+    """Rows ids [...] of the [N, K] table (an embedding table [V, D]): [..., K]."""
+    return (w.t[ids].astype(jnp.float32) * w.scales[ids][..., None]).astype(w.dtype)
+
+
 @struct.dataclass
 class TransposedWeight:
     """A weight w [K, N] (`x @ w`) stored as its output rows t = w.T [N, K]. Decode on
@@ -282,11 +349,11 @@ class InputTap:
         return self.weight.shape
 
 
-KINDS = {TransposedWeight: "by_row", QuantizedWeight: "quantized", Experts: "experts"}
+KINDS = {TransposedWeight: "by_row", QuantizedWeight: "quantized", Fp8Weight: "fp8", Experts: "experts"}
 
 
 def kind_of(w) -> str:
-    """"dense", "by_row", "quantized" or "experts": which table entry of ops.linear
+    """"dense", "by_row", "quantized", "fp8" or "experts": which table entry of ops.linear
     (or, for experts, ops.moe_mlp) reads w."""
     return KINDS.get(type(w.weight if isinstance(w, InputTap) else w), "dense")
 
@@ -294,5 +361,5 @@ def kind_of(w) -> str:
 def tied_head(embed):
     """The output head [D, V] of a model whose head is its embedding table: a dense
     table [V, D] is the head stored by output row; a quantized one is stored as the
-    head already (quant.quantize, loading/gguf.py)."""
-    return embed if isinstance(embed, QuantizedWeight) else TransposedWeight(embed)
+    head already (quant.quantize, loading/gguf.py), as is an Fp8Weight."""
+    return embed if isinstance(embed, (QuantizedWeight, Fp8Weight)) else TransposedWeight(embed)

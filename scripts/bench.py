@@ -319,8 +319,8 @@ def run(args) -> dict:
     dense_name = "bf16" if dtype == jnp.bfloat16 else "f32"
     weight_modes = args.weights.split(",")
     for w in weight_modes:
-        if w not in ("bf16", "int8", "int4"):
-            raise SystemExit(f"bench: error: --weights takes bf16, int8 and int4, not {w!r}")
+        if w not in ("bf16", "int8", "int4", "fp8"):
+            raise SystemExit(f"bench: error: --weights takes bf16, int8, int4 and fp8, not {w!r}")
 
     def milestone(name, description, measured, target, peer, peer_source, ratio, passed):
         milestones.append({"name": name, "description": description, "measured": measured,
@@ -379,7 +379,7 @@ def run(args) -> dict:
     for shape, mode in [(s, m) for s in shapes for m in weight_modes]:
         config = (TINY if shape == "tiny" else PRESETS[shape]).replace(kernels=args.kernels)
         log(f"{shape}: initialising random {dense_name} weights" + (
-            f", quantizing to {mode} (groups of 32) ..." if mode != "bf16" else " ..."))
+            f", quantizing to {mode} ..." if mode != "bf16" else " ..."))
         params = block(jaxllm.init_params(config, jax.random.PRNGKey(0), dtype))
         weights_name = dense_name
         if mode != "bf16":
@@ -392,7 +392,7 @@ def run(args) -> dict:
         wbytes = weight_bytes_per_token(params, config)
         by_row = sum(isinstance(w, TransposedWeight) for w in jax.tree_util.tree_leaves(
             params, is_leaf=lambda w: isinstance(w, TransposedWeight)))
-        peer_format = LLAMA_CPP_FORMAT[mode]
+        peer_format = LLAMA_CPP_FORMAT.get(mode)  # llama.cpp has no FP8 file type
         peer_tg = llama_cpp.get("tg128", {}).get(shape, {}).get(peer_format)
         peer_pp = llama_cpp.get("pp512", {}).get(shape, {}).get(peer_format)
         if args.kernels != "xla" and args.tensor_parallel == 1:
@@ -422,6 +422,7 @@ def run(args) -> dict:
                 else:
                     quant_ratios[f"{shape} {mode}"] = (r["tok_s"], peer_tg)
             results.append(row)
+            log(f"{shape}: {weights_name} batch {b}: {r['tok_s']:,.1f} tok/s")
         if backend == "gpu" and shape in ("smol135m", "llama1b") and mode == "bf16" and not args.no_peers:
             peers.append((shape, config))
         if args.only_decode:
@@ -518,7 +519,7 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", default=None)
     p.add_argument("--weights", default="bf16",
                    help="comma-separated: bf16 (f32 on the CPU), int8, int4 (random weights "
-                        "quantized with jaxllm.quantize, groups of 32)")
+                        "quantized with jaxllm.quantize, groups of 32), fp8 (e4m3, a scale per output)")
     p.add_argument("--only", help="comma-separated milestones, e.g. M1,M3")
     p.add_argument("--quick", action="store_true", help="tiny shapes, few repetitions (CI)")
     p.add_argument("--no-peers", action="store_true", help="skip the transformers peer")

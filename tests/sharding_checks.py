@@ -48,7 +48,7 @@ for name, config in sorted(ARCH_CONFIGS.items()):
 config = tiny(vocab_size=128, d_model=64, d_ff=128, head_dim=16, n_heads=4, n_kv_heads=2, kernels="xla")
 params = jaxllm.init_params(config, jax.random.PRNGKey(5))
 tokens = jax.random.randint(jax.random.PRNGKey(6), (2, 9), 0, config.vocab_size)
-for mode in ("int8", "int4"):
+for mode in ("int8", "int4", "fp8"):
     q = jaxllm.quantize(params, mode)
     sq, sc = sharding.shard(q, config, mesh)
     close(forward(sq, sc, tokens), forward(q, config, tokens), 1e-4)

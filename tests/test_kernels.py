@@ -280,6 +280,42 @@ def test_rowmatvec_matches_float64(M, K, N, gate, norm, residual, tiling):
     np.testing.assert_allclose(got, np.asarray(ref), rtol=1e-4, atol=1e-4 * np.abs(y).max())
 
 
+@pytest.mark.parametrize("gate, norm, residual", [(None, True, False), ("silu", True, False),
+                                                (None, False, True)])
+def test_rowmatvec_reads_float8_rows_with_their_scales(gate, norm, residual):
+    """fp8 weights at decode: e4m3 rows widened in the kernel, each row's scale applied
+    before the gate and the residual, activations unrounded; against float64 NumPy on
+    the stored e4m3 values."""
+    from jaxllm.kernels.rowmatvec import rowmatvec_pallas, rowmatvec_reference
+
+    rng = np.random.default_rng(np.random.randint(1 << 30))
+    M, K, N = 2, 320, 48
+    rows = (2 if gate else 1) * N
+    t = jnp.asarray(rng.standard_normal((rows, K)) * 100, jnp.float8_e4m3fn)
+    scales = rng.uniform(1e-4, 1e-3, rows).astype(np.float32)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    norm_scale = rng.uniform(0.5, 1.5, K).astype(np.float32)
+    res = rng.standard_normal((M, N)).astype(np.float32)
+    kw = dict(gate=gate, row_scales=jnp.asarray(scales))
+    if norm:
+        kw.update(norm_scale=jnp.asarray(norm_scale), norm_eps=1e-5)
+    if residual:
+        kw.update(residual=jnp.asarray(res))
+    got = np.asarray(rowmatvec_pallas(jnp.asarray(x), t, jnp.float32, interpret=True, **kw), np.float64)
+
+    x64 = x.astype(np.float64)
+    if norm:
+        x64 = x64 / np.sqrt((x64 ** 2).mean(-1, keepdims=True) + 1e-5) * norm_scale
+    y = (x64 @ np.asarray(t.astype(jnp.float32), np.float64).T) * scales
+    if gate:
+        y = y[:, :N] / (1 + np.exp(-y[:, :N])) * y[:, N:]
+    if residual:
+        y = res + y
+    assert np.linalg.norm(got - y) / np.linalg.norm(y) < 1e-5
+    ref = rowmatvec_reference(jnp.asarray(x), t, jnp.float32, **kw)
+    np.testing.assert_allclose(got, np.asarray(ref), rtol=1e-4, atol=1e-4 * np.abs(y).max())
+
+
 def test_rowmatvec_takes_the_wide_tiling_for_many_rows():
     """Weights of at least `wide_rows` rows (tied heads) take the tiling's `wide`
     settings: the grid shows block_n, and the result still matches float64."""

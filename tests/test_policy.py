@@ -62,11 +62,18 @@ def test_names_become_policies_for_the_default_backend():
     # dense weights: llama8b's (both sides >= 4096) on XLA; a small untied head split-K
     ("auto", "gpu", "dense", 1, (4096, 14336), 16, "xla"),
     ("auto", "gpu", "dense", 1, (2048, 32000), 16, "matvec"),
-    # quantized: the matrix-vector kernel to 4 rows, the small matmul to 16, then XLA
+    # quantized: the matrix-vector kernel to 4 rows, the matmul kernel to 256, then XLA
     ("auto", "gpu", "quantized", 1, (4096, 4096), 4, "qmatvec"),
     ("auto", "gpu", "quantized", 8, (4096, 4096), 8, "qmatmul"),
-    ("auto", "gpu", "quantized", 32, (4096, 4096), 8, "xla"),
+    ("auto", "gpu", "quantized", 256, (4096, 4096), 4, "qmatmul"),
+    ("auto", "gpu", "quantized", 512, (4096, 4096), 8, "xla"),
     ("auto", "gpu", "quantized", 1, (4096, 4096), 6, "xla"),
+    # fp8: the row-major kernel at decode where dense weights take it, else XLA's FP8 dot
+    ("auto", "gpu", "fp8", 1, (2048, 8192), 8, "rowmatvec"),
+    ("auto", "gpu", "fp8", 1, (4096, 14336), 8, "xla"),
+    ("auto", "gpu", "fp8", 64, (2048, 8192), 8, "xla"),
+    ("auto", "cpu", "fp8", 1, (576, 1536), 8, "xla"),
+    ("pallas", "cpu", "fp8", 2, (4096, 14336), 8, "rowmatvec"),
     # the CPU: the native kernel at decode, XLA otherwise
     ("auto", "cpu", "quantized", 1, (576, 1536), 4, "native"),
     ("auto", "cpu", "quantized", 5, (576, 1536), 4, "xla"),

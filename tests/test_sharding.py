@@ -19,7 +19,7 @@ import jaxllm
 from jaxllm.ops import split_fused
 from jaxllm.quant import quantize_weight
 from jaxllm.sharding import _per_shard
-from jaxllm.weights import dequantize, permute_outputs
+from jaxllm.weights import dequantize, fp8_dense, permute_outputs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # The model of the two-process run (distributed_check.py imports these)
@@ -44,6 +44,8 @@ def test_permuted_quantized_weights_dequantize_to_the_permuted_dense_weight():
     for mode in ("int8", "int4"):
         q = quantize_weight(w, mode)
         np.testing.assert_array_equal(dequantize(permute_outputs(q, order)), dequantize(q)[:, order])
+    f = quantize_weight(w, "fp8")
+    np.testing.assert_array_equal(fp8_dense(permute_outputs(f, order)), fp8_dense(f)[:, order])
 
 
 def test_two_devices_match_one():
@@ -51,7 +53,7 @@ def test_two_devices_match_one():
                          text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     ok = {line.split()[1] for line in out.stdout.splitlines() if line.startswith("ok ")}
-    assert ok == {"gemma", "gpt2", "llama3", "mistral", "phi2", "qwen2", "qwen3", "smollm2", "int8", "int4",
+    assert ok == {"gemma", "gpt2", "llama3", "mistral", "phi2", "qwen2", "qwen3", "smollm2", "int8", "int4", "fp8",
                   "collectives", "engine", "errors"}
 
 

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from ..policy import KERNEL_BITS, MAX_MATMUL_ROWS, MAX_ROWS, QMATVEC_TILINGS, QMatvecTiling
+from ..policy import KERNEL_BITS, MAX_ROWS, QMATVEC_TILINGS, QMatmulTiling, QMatvecTiling, matmul_tiling
 from ..weights import QuantizedWeight, linear_reference
 from .matvec import _plan, _pow2, activate, finish, gated_operand, load_gated
 
@@ -230,49 +230,75 @@ def _launch(kernel, x, w: QuantizedWeight, out_dtype, block_n, block_k, target_p
     return finish(partial_sums, out_dtype or x.dtype, sum_splits)
 
 
-# ---- small batches (5-16 rows): the dequantized tile feeds a tensor-core dot ----
+# ---- batches of 5 rows and more: the dequantized tile feeds a tensor-core dot ----
 
-def _matmul_kernel(x_ref, v_ref, s_ref, *rest, **tiling):
+def _matmul_kernel(x_ref, v_ref, s_ref, *rest, block_m, split_k, **tiling):
     m_ref = rest[0] if len(rest) == 2 else None  # separate float32 minimums
     o_ref = rest[-1]
-    j, split = pl.program_id(0), pl.program_id(1)
+    i_m, j, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     G, block_n, Nv, bits = tiling["G"], tiling["block_n"], tiling["Nv"], tiling["bits"]
     BK = G * tiling["groups"]
     halves = _halves(bits, Nv)
+    rows = pl.ds(i_m * block_m, block_m)
 
     def body(i, accs):
         k0, k_ok, v, group_params = _step(v_ref, s_ref, m_ref, i, j=j, split=split, **tiling)
-        x = plgpu.load(x_ref.at[:, pl.ds(k0, BK)], mask=k_ok[None, :], other=0.0)  # [Mp, BK]
+        x = plgpu.load(x_ref.at[rows, pl.ds(k0, BK)], mask=k_ok[None, :], other=0.0)  # [block_m, BK]
         new = []
         for h, (s, mn) in enumerate(group_params):
             w = _unpack(v, h, bits, mn is not None).reshape(block_n, tiling["groups"], G) * s.T[:, :, None]
             if mn is not None:
                 w = w + mn.T[:, :, None]
             w = w.reshape(block_n, BK).astype(x.dtype)
-            new.append(accs[h] + plgpu.dot(x, w, trans_b=True))  # [Mp, bn], float32
+            new.append(accs[h] + plgpu.dot(x, w, trans_b=True))  # [block_m, bn], float32
         return tuple(new)
 
-    Mp = x_ref.shape[0]
-    zeros = tuple(jnp.zeros((Mp, block_n), jnp.float32) for _ in halves)
+    zeros = tuple(jnp.zeros((block_m, block_n), jnp.float32) for _ in halves)
     accs = jax.lax.fori_loop(0, tiling["steps"], body, zeros)
     vrow_ok = j * block_n + jnp.arange(block_n) < Nv
     for h, col0 in enumerate(halves):
-        plgpu.store(o_ref.at[split, :, pl.ds(col0 + j * block_n, block_n)], accs[h],
-                    mask=vrow_ok[None, :])
+        cols = pl.ds(col0 + j * block_n, block_n)
+        at = o_ref.at[split, rows, cols] if split_k else o_ref.at[rows, cols]
+        plgpu.store(at, accs[h].astype(o_ref.dtype), mask=vrow_ok[None, :])
 
 
-@functools.partial(jax.jit, static_argnames=("out_dtype", "block_n", "block_k", "target_programs",
-                                             "num_warps", "num_stages", "interpret"))
-def qmatmul_pallas(x: jax.Array, w: QuantizedWeight, out_dtype=None, *, block_n: int = 64,
-                   block_k: int = 128, target_programs: int = 528, num_warps: int = 4,
-                   num_stages: int = 3, interpret: bool = False) -> jax.Array:
-    """x [M, K] @ W [K, N] for M <= 16: each program dequantizes a [block_n, block_k]
-    tile in registers (in x's dtype) and multiplies it with the rows of x, padded to
-    16, on the tensor cores (float32 x: TF32); float32 accumulation. The XLA path
-    writes the whole dequantized weight to memory and reads it back."""
-    M = x.shape[0]
-    if M > MAX_MATMUL_ROWS:
-        raise ValueError(f"qmatmul_pallas handles at most {MAX_MATMUL_ROWS} rows, got {M}")
-    xp = jnp.pad(x, ((0, MAX_MATMUL_ROWS - M), (0, 0)))
-    return _launch(_matmul_kernel, xp, w, out_dtype, block_n, block_k, target_programs, num_warps,
-                   num_stages, interpret, "qmatmul_pallas", with_rows=False)[:M]
+@functools.partial(jax.jit, static_argnames=("out_dtype", "tiling", "block_m", "block_n", "block_k",
+                                             "target_programs", "num_warps", "num_stages", "interpret"))
+def qmatmul_pallas(x: jax.Array, w: QuantizedWeight, out_dtype=None, *,
+                   tiling: Optional[QMatmulTiling] = None, block_m: int | None = None,
+                   block_n: int | None = None, block_k: int | None = None,
+                   target_programs: int | None = None, num_warps: int | None = None,
+                   num_stages: int | None = None, interpret: bool = False) -> jax.Array:
+    """x [M, K] @ W [K, N], any M: each program dequantizes a [block_n, block_k] tile in
+    registers (in x's dtype) and multiplies it with a [block_m, block_k] tile of x on
+    the tensor cores (float32 x: TF32); float32 accumulation. The XLA path writes the
+    whole dequantized weight to memory and reads it back. Programs: blocks of rows of
+    x x blocks of value rows x splits of K (split only while the first two leave fewer
+    than target_programs); unsplit, each program writes its outputs in out_dtype.
+    Tiling arguments left None take `tiling`'s (default: the policy's for M rows)."""
+    M, K = x.shape
+    default = tiling or matmul_tiling(M)
+    block_m = block_m or min(default.block_m, max(16, _pow2(M)))
+    block_n, block_k = block_n or default.block_n, block_k or default.block_k
+    target_programs = target_programs or default.target_programs
+    num_warps, num_stages = num_warps or default.num_warps, num_stages or default.num_stages
+    if w.bits not in KERNEL_BITS:
+        raise ValueError(f"qmatmul_pallas handles {KERNEL_BITS}-bit weights, not {w.bits}-bit")
+    N, G, Nv = w.shape[1], w.group_size, w.values.shape[0]
+    m_blocks = pl.cdiv(M, block_m)
+    xp = jnp.pad(x, ((0, m_blocks * block_m - M), (0, 0)))
+    groups = max(1, min(block_k, _pow2(K)) // G)
+    row_blocks, splits, steps = _plan(M, K, Nv, block_n, G * groups, max(1, target_programs // m_blocks))
+    out_dtype = out_dtype or x.dtype
+    kernel = functools.partial(_matmul_kernel, block_m=block_m, split_k=splits > 1, K=K, Nv=Nv, G=G,
+                               bits=w.bits, block_n=block_n, groups=groups, steps=steps)
+    operands = (xp, w.values, w.scales) + ((w.mins,) if w.mins is not None else ())
+    out_shape = ((splits, m_blocks * block_m, N), jnp.float32) if splits > 1 else ((m_blocks * block_m, N), out_dtype)
+    y = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct(*out_shape),
+        grid=(m_blocks, row_blocks, splits),
+        interpret=interpret,
+        compiler_params=None if interpret else plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+    )(*operands)
+    return (finish(y, out_dtype, True) if splits > 1 else y)[:M]

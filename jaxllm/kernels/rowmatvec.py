@@ -16,6 +16,9 @@ every input of a row can also
 which on the split-K path are separate XLA kernels, four to seven per layer
 (benchmarks/NOTES.md, variant 22).
 
+float8 rows (an Fp8Weight, weights.py) are read as stored and widened in registers;
+their per-row scales multiply the dot products before the gate and the residual.
+
 Each program keeps a [rows, block_n, block_k] tile of products in registers and
 reduces it across threads once, after the loop.
 """
@@ -55,13 +58,19 @@ def tiling_for(M: int, K: int, N: int, halves: int, tiling: RowTiling = RowTilin
 def rowmatvec_reference(x: jax.Array, t: jax.Array, out_dtype=None, *,
                         norm_scale: Optional[jax.Array] = None, norm_offset: float = 0.0,
                         norm_eps: float = 1e-6, gate: Optional[str] = None,
-                        residual: Optional[jax.Array] = None) -> jax.Array:
+                        residual: Optional[jax.Array] = None,
+                        row_scales: Optional[jax.Array] = None) -> jax.Array:
     """The XLA path with the kernel's signature (see rowmatvec_pallas; no tiling)."""
     x32 = x.astype(jnp.float32)
     if norm_scale is not None:
         x32 = x32 * jax.lax.rsqrt((x32 * x32).mean(-1, keepdims=True) + norm_eps) * (
             norm_offset + norm_scale.astype(jnp.float32))
-    y = jnp.dot(x32.astype(t.dtype), t.T, preferred_element_type=jnp.float32)
+    if t.dtype.itemsize == 1:  # float8 rows: widened, the activations kept as they are
+        y = jnp.dot(x32, t.astype(jnp.float32).T)
+    else:
+        y = jnp.dot(x32.astype(t.dtype), t.T, preferred_element_type=jnp.float32)
+    if row_scales is not None:
+        y = y * row_scales.astype(jnp.float32)
     if gate is not None:
         g, u = jnp.split(y, 2, axis=-1)
         y = activate(g, gate) * u
@@ -71,9 +80,11 @@ def rowmatvec_reference(x: jax.Array, t: jax.Array, out_dtype=None, *,
 
 
 def _kernel(x_ref, t_ref, *refs, M, K, N, block_n, block_k, rows, steps, norm, gate, residual,
-            tile_acc, prefetch, eviction):
-    scale_ref = refs[0] if norm is not None else None
-    res_ref = refs[1 if norm is not None else 0] if residual else None
+            row_scales, tile_acc, prefetch, eviction):
+    refs = list(refs)
+    scale_ref = refs.pop(0) if norm is not None else None
+    res_ref = refs.pop(0) if residual else None
+    row_scale_ref = refs.pop(0) if row_scales else None
     o_ref = refs[-1]
     j = pl.program_id(0)
     n_ok = j * block_n + jnp.arange(block_n) < N
@@ -117,6 +128,9 @@ def _kernel(x_ref, t_ref, *refs, M, K, N, block_n, block_k, rows, steps, norm, g
     carry = (tuple(acc for _ in halves), jnp.zeros((rows, block_k), jnp.float32))
     accs, squares = jax.lax.fori_loop(0, steps, body, carry + tuple(load(i) for i in range(prefetch)))[:2]
     ys = [jnp.sum(acc, axis=2) if tile_acc else acc for acc in accs]  # [rows, block_n]
+    if row_scales:
+        ys = [y * plgpu.load(row_scale_ref.at[pl.ds(h0 + j * block_n, block_n)], mask=n_ok,
+                             other=0.0).astype(jnp.float32)[None, :] for y, h0 in zip(ys, halves)]
     if norm is not None:
         factor = jax.lax.rsqrt(jnp.sum(squares, axis=1) / K + norm[1])
         ys = [y * factor[:, None] for y in ys]
@@ -148,9 +162,10 @@ def rowmatvec_pallas(x: jax.Array, t: jax.Array, out_dtype=None, *,
                      block_k: int | None = None, min_programs: int | None = None,
                      num_warps: int | None = None, num_stages: int | None = None,
                      tile_acc: bool | None = None, prefetch: int | None = None,
-                     interpret: bool = False) -> jax.Array:
+                     row_scales: Optional[jax.Array] = None, interpret: bool = False) -> jax.Array:
     """y [M, N] = f(x) [M, K] @ t.T for M <= 4 and t [N, K] (or [2N, K] with a gate),
     float32 accumulation, where
+      row_scales [N] (or [2N]): each row's dot product times its scale (float8 rows);
       f(x) = RMSNorm(x) * (norm_offset + norm_scale) when norm_scale [K] is given, else x;
       gate ("silu" or "gelu_tanh"): y = act(g) * u of the two halves g, u of t's rows;
       residual [M, N]: y = residual + y, in the residual's dtype (else out_dtype, default x's).
@@ -166,11 +181,11 @@ def rowmatvec_pallas(x: jax.Array, t: jax.Array, out_dtype=None, *,
                         tile_acc=tile_acc, prefetch=prefetch)
     norm = None if norm_scale is None else (norm_offset, norm_eps)
     kernel = functools.partial(_kernel, M=M, K=K, N=N, rows=_pow2(M), norm=norm, gate=gate,
-                               residual=residual is not None,
+                               residual=residual is not None, row_scales=row_scales is not None,
                                **{k: tiling[k] for k in ("block_n", "block_k", "steps", "tile_acc",
                                                          "prefetch", "eviction")})
     operands = (x, t) + ((norm_scale,) if norm is not None else ()) + (
-        (residual,) if residual is not None else ())
+        (residual,) if residual is not None else ()) + ((row_scales,) if row_scales is not None else ())
     dtype = residual.dtype if residual is not None else (out_dtype or x.dtype)
     compiler_params = None
     if not interpret:

@@ -94,7 +94,7 @@ def resolve(path_or_name: str) -> str:
         f"{', '.join(PACKAGED)}")
 
 
-WEIGHTS = ("file", "dense", "int8", "int4")
+WEIGHTS = ("file", "dense", "int8", "int4", "fp8")
 
 
 def _calibrate(model: Model, source: str, verbose: bool):
@@ -120,7 +120,7 @@ def load(path_or_name: str = DEFAULT_MODEL, dtype=None, verbose: bool = False,
     weights: "file" keeps a GGUF file's quantized tensors quantized on the device
     (Hugging Face checkpoints load dense); "dense" dequantizes everything to
     `dtype`; "int8" / "int4" quantize the dense weights with `jaxllm.quantize`
-    (groups of `group_size` inputs).
+    (groups of `group_size` inputs), "fp8" to float8 e4m3 with a scale per output.
 
     calibration (int4): the text whose activations weigh the quantization error
     (calibration.py, llama.cpp's imatrix): "builtin" (a bundled ~2,400-token text),
@@ -170,7 +170,7 @@ def load(path_or_name: str = DEFAULT_MODEL, dtype=None, verbose: bool = False,
     importance = None
     if weights == "int4" and calibration is not None:
         importance = _calibrate(model, calibration, verbose)
-    if weights in ("int8", "int4"):
+    if weights in ("int8", "int4", "fp8"):
         model.params = quantize(model.params, weights, group_size, importance=importance)
     if tensor_parallel > 1:
         from ..sharding import make_mesh, shard  # noqa: PLC0415
