@@ -227,7 +227,7 @@ def test_fp8_model_runs_near_its_dense_twin():
     bits: ~3% per projection's input), so forward's logits stay within 15% of it (7% is
     typical on this model); greedy decoding follows forward's argmax."""
     config = tiny(vocab_size=96, d_model=64, d_ff=96, head_dim=16)
-    params = jaxllm.init_params(config, jax.random.PRNGKey(11))
+    params = jaxllm.init_params(config, jax.random.PRNGKey(np.random.randint(1 << 30)))
     fparams = jaxllm.quantize(params, "fp8", embeddings="fp8")
     assert isinstance(fparams.embed, jaxllm.Fp8Weight) and isinstance(fparams.layers[0].wqkv, jaxllm.Fp8Weight)
     dense = jaxllm.dequantize_params(fparams)
@@ -314,32 +314,26 @@ def test_quantize_rejects_bad_arguments():
         jaxllm.quantize(params, "int8", group_size=7)
 
 
-def token_nll(params, config, texts, cache: bool = False, chunk: int = 2) -> float:
-    """Mean per-text NLL. The texts run `chunk` at a time, padded at the end to one
-    width (one compile), and only each position's log-probability of its next token
-    leaves the device: Gemma's 262k-entry logits for ten 256-token windows at once took
-    ~11 GB, which with the other test worker ran the 24 GB CI machine out of memory.
-    cache=True: a prefill into a KV cache, so that attention reads what the cache holds
-    (its dtype)."""
+def token_nll(params, config, texts, cache: bool = False) -> float:
+    """Mean per-text NLL; the texts run as one batch padded at the end (one compile).
+    Only each position's log-probability of its next token leaves the device (a [B, T,
+    V] float64 copy of Gemma's 262k vocabulary would take gigabytes). cache=True: a
+    prefill into a KV cache, so that attention reads what the cache holds (its dtype)."""
     width = max(map(len, texts))
+    ids = jnp.asarray([list(t) + [0] * (width - len(t)) for t in texts])
 
     @jax.jit
-    def target_logprobs(params, ids, n):
+    def target_logprobs(params, ids):
         if cache:
-            x, _ = extend_hidden(params, config, ids, n, jaxllm.init_cache(config, chunk, width, jnp.float32))
+            n = jnp.asarray([len(t) for t in texts], jnp.int32)
+            x, _ = extend_hidden(params, config, ids, n, jaxllm.init_cache(config, len(texts), width, jnp.float32))
             logits = unembed(params, config, x[:, :-1])
         else:
             logits = jaxllm.forward(params, config, ids)[:, :-1]
         lp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
         return jnp.take_along_axis(lp, ids[:, 1:, None], 2)[..., 0]
-    per_text = []
-    for i in range(0, len(texts), chunk):
-        part = texts[i:i + chunk]
-        part = part + [part[-1]] * (chunk - len(part))  # a short last chunk repeats a text
-        ids = jnp.asarray([list(t) + [0] * (width - len(t)) for t in part])
-        lp = np.asarray(target_logprobs(params, ids, jnp.asarray([len(t) for t in part], jnp.int32)), np.float64)
-        per_text += [-lp[j, :len(t) - 1].mean() for j, t in enumerate(part)][:len(texts) - i]
-    return float(np.mean(per_text))
+    lp = np.asarray(target_logprobs(params, ids), np.float64)
+    return float(np.mean([-lp[i, :len(t) - 1].mean() for i, t in enumerate(texts)]))
 
 
 def nll(model, params, texts):
