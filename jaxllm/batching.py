@@ -44,6 +44,9 @@ from .tokenizer import StreamDecoder, TextTokenizer
 TOP_LOGPROBS = 20
 
 
+ENGINE_STACK_BYTES = 256 << 20  # reserved address space, touched only as deep as it goes
+
+
 def init_slots(params: Params, config: ModelConfig, n_slots: int, capacity: int) -> DecodeState:
     """n_slots free rows of `capacity` positions each (on params' devices)."""
     cache = place_cache(init_cache(config, n_slots, capacity, params.embed.dtype), params)
@@ -285,7 +288,15 @@ class Engine:
     def start(self, warmup: bool = True) -> "Engine":
         if warmup:
             self._warmup()
-        self._thread.start()
+        # XLA compiles each new admission shape inside this thread; LLVM's passes recurse
+        # deeply, and a thread takes the platform's default stack (8 MB here, less on
+        # some), where XLA's own compile threads get more. Two CI runs lost a worker to
+        # a segfault inside such a compile.
+        previous = threading.stack_size(ENGINE_STACK_BYTES)
+        try:
+            self._thread.start()
+        finally:
+            threading.stack_size(previous)
         return self
 
     def shutdown(self) -> None:

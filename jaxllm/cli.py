@@ -33,7 +33,7 @@ def _load(args):
         raise CliError(f"--calibration applies to --weights int4, not {args.weights}")
     calibration = {None: "builtin", "none": None}.get(args.calibration, args.calibration)
     return load(args.model, verbose=True, weights=args.weights, calibration=calibration,
-                tensor_parallel=args.tensor_parallel)
+                tensor_parallel=args.tensor_parallel, kv_cache=args.kv_cache)
 
 
 def _settings(args) -> SamplerSettings:
@@ -236,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "text by default; 'none' weighs all inputs alike)")
         p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
                        help="split the model over N devices (jax.sharding)")
+        p.add_argument("--kv-cache", default="auto", choices=["auto", "fp8"],
+                       help="what the KV cache stores: the compute dtype (default) or float8 e4m3")
         p.set_defaults(fn=fn)
         return p
 

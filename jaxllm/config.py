@@ -98,6 +98,11 @@ class ModelConfig:
     # in per-shard order, [q_0 k_0 v_0 | q_1 k_1 v_1 | ...], which the model splits so.
     tensor_parallel: int = 1
 
+    # What the KV cache stores: "auto" the weights' compute dtype; "fp8" float8 e4m3
+    # (saturated at +-448, no scales, as vLLM's uncalibrated fp8 cache): half the bytes
+    # that long-context decode reads (cache.py).
+    kv_cache: Literal["auto", "fp8"] = "auto"
+
     arch: str = "llama"  # informational: where the config came from
     bos_token_id: Optional[int] = None
     eos_token_ids: tuple[int, ...] = ()
@@ -105,6 +110,8 @@ class ModelConfig:
     def __post_init__(self):
         if isinstance(self.kernels, str):
             object.__setattr__(self, "kernels", KernelPolicy.for_backend(self.kernels))
+        if self.kv_cache not in ("auto", "fp8"):
+            raise ValueError(f"kv_cache must be 'auto' or 'fp8', got {self.kv_cache!r}")
         if self.head_dim is None:
             object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
         if self.n_heads % self.n_kv_heads:

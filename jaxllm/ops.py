@@ -358,6 +358,8 @@ def attend(q, k, v, q_pos, k_pos, config: ModelConfig, window: Optional[int]) ->
     """
     B, T, H, Dh = q.shape
     K = k.shape[2]
+    if k.dtype.itemsize == 1:  # a float8 cache, widened to the queries' dtype
+        k, v = k.astype(q.dtype), v.astype(q.dtype)
     scale = config.query_scale if config.query_scale is not None else Dh ** -0.5
     q = q.reshape(B, T, K, H // K, Dh)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale

@@ -151,13 +151,21 @@ def measure_projection(k: int, n: int, batch: int, tied: bool, policy, reps: int
             "gbps": chain * (k * n + batch * k + batch * n) * 2 / sec / 1e9, **spread_ms(times)}
 
 
-def measure_decode(params, config, batch: int, n_tokens: int, reps: int, steps_per_sync: int = 16) -> dict:
+def measure_decode(params, config, batch: int, n_tokens: int, reps: int, steps_per_sync: int = 16,
+                   context: int = 0) -> dict:
     """The library's own generation loop: prefill one token per row, then n_tokens
-    decode steps in one compiled while_loop (greedy, no stop tokens)."""
+    decode steps in one compiled while_loop (greedy, no stop tokens). context: the
+    rows start that many positions in (their caches' first slots counted as filled,
+    with whatever they hold: speed does not depend on the values), so that each step
+    reads a long cache without a long prefill per repetition."""
     prompts = [[1]] * batch
 
     def once():
-        run = start(params, config, prompts, max_new_tokens=n_tokens + 1, settings=GREEDY, stop_tokens=[])
+        run = start(params, config, prompts, max_new_tokens=context + n_tokens + 1, settings=GREEDY,
+                    stop_tokens=[], max_context=context + n_tokens + 2 if context else None)
+        if context:
+            cache = run.state.cache
+            run.state = run.state.replace(cache=cache.replace(lengths=cache.lengths + context))
         block(run.state)
         t = time.perf_counter()
         block(run.run(params, config, n_tokens + 1, steps_per_sync=steps_per_sync).tokens)
@@ -377,7 +385,7 @@ def run(args) -> dict:
         shapes = ["smol135m"]
     tg_ratios, quant_ratios, peers = {}, {}, []
     for shape, mode in [(s, m) for s in shapes for m in weight_modes]:
-        config = (TINY if shape == "tiny" else PRESETS[shape]).replace(kernels=args.kernels)
+        config = (TINY if shape == "tiny" else PRESETS[shape]).replace(kernels=args.kernels, kv_cache=args.kv_cache)
         log(f"{shape}: initialising random {dense_name} weights" + (
             f", quantizing to {mode} ..." if mode != "bf16" else " ..."))
         params = block(jaxllm.init_params(config, jax.random.PRNGKey(0), dtype))
@@ -404,11 +412,11 @@ def run(args) -> dict:
         for b in batches:
             log(f"{shape}: tg128 batch {b} ...")
             r = measure_decode(params, config, b, 32 if args.quick else 128, 3 if args.quick else reps,
-                               args.steps_per_sync)
+                               args.steps_per_sync, args.context)
             row = {"bench": "tg128" if b == 1 else "decode", "shape": shape, "weights": weights_name,
                    "batch": b, **r, "weight_bytes_per_step": wbytes, "row_major_weights": by_row,
                    "steps_per_sync": args.steps_per_sync, "kernels": args.kernels,
-                   "devices": args.tensor_parallel}
+                   "devices": args.tensor_parallel, "context": args.context, "kv_cache": args.kv_cache}
             if copy_bw:
                 row["mbu_vs_copy"] = wbytes * r["tok_s"] / b / copy_bw
             if backend == "gpu" and datasheet_tbps:
@@ -422,7 +430,8 @@ def run(args) -> dict:
                 else:
                     quant_ratios[f"{shape} {mode}"] = (r["tok_s"], peer_tg)
             results.append(row)
-            log(f"{shape}: {weights_name} batch {b}: {r['tok_s']:,.1f} tok/s")
+            log(f"{shape}: {weights_name} batch {b}" + (f", context {args.context}, {args.kv_cache} cache"
+                                                         if args.context else "") + f": {r['tok_s']:,.1f} tok/s")
         if backend == "gpu" and shape in ("smol135m", "llama1b") and mode == "bf16" and not args.no_peers:
             peers.append((shape, config))
         if args.only_decode:
@@ -528,6 +537,10 @@ def main(argv=None) -> int:
                         "../shared/anchors/h100-2026-11-23.json")
     p.add_argument("--kernels", default="auto", choices=["auto", "xla", "pallas"], help="fast-path switch")
     p.add_argument("--batches", default="1,8,32,64", help="decode batch sizes")
+    p.add_argument("--context", type=int, default=0, metavar="N",
+                   help="decode with every row N positions in (a cache of N slots read each step)")
+    p.add_argument("--kv-cache", default="auto", choices=["auto", "fp8"],
+                   help="what the KV cache stores: the compute dtype, or float8 e4m3")
     p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
                    help="split each model over N devices (rows say so in 'devices')")
     p.add_argument("--steps-per-sync", type=int, default=16,

@@ -21,6 +21,7 @@ from jaxllm.generate import start
 from jaxllm.kernels import cpu_qmatvec
 from jaxllm.kernels.qmatvec import KERNEL_BITS, qmatmul_pallas, qmatvec_pallas
 from jaxllm.loading.dequant import FORMATS, blocks
+from jaxllm.model import extend_hidden, unembed
 from jaxllm.ops import linear
 from jaxllm.policy import KernelPolicy
 from jaxllm.weights import linear_reference, take_rows
@@ -313,13 +314,36 @@ def test_quantize_rejects_bad_arguments():
         jaxllm.quantize(params, "int8", group_size=7)
 
 
-def nll(model, params, texts):
-    """Mean per-text NLL; the texts run as one batch padded at the end (one compile)."""
+def token_nll(params, config, texts, cache: bool = False, chunk: int = 2) -> float:
+    """Mean per-text NLL. The texts run `chunk` at a time, padded at the end to one
+    width (one compile), and only each position's log-probability of its next token
+    leaves the device: Gemma's 262k-entry logits for ten 256-token windows at once took
+    ~11 GB, which with the other test worker ran the 24 GB CI machine out of memory.
+    cache=True: a prefill into a KV cache, so that attention reads what the cache holds
+    (its dtype)."""
     width = max(map(len, texts))
-    ids = np.asarray([list(t) + [0] * (width - len(t)) for t in texts])
-    lp = jax.nn.log_softmax(jaxllm.forward(params, model.config, jnp.asarray(ids))[:, :-1], -1)
-    token_nll = -np.take_along_axis(np.asarray(lp, np.float64), ids[:, 1:, None], 2)[..., 0]
-    return np.mean([token_nll[i, :len(t) - 1].mean() for i, t in enumerate(texts)])
+
+    @jax.jit
+    def target_logprobs(params, ids, n):
+        if cache:
+            x, _ = extend_hidden(params, config, ids, n, jaxllm.init_cache(config, chunk, width, jnp.float32))
+            logits = unembed(params, config, x[:, :-1])
+        else:
+            logits = jaxllm.forward(params, config, ids)[:, :-1]
+        lp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+        return jnp.take_along_axis(lp, ids[:, 1:, None], 2)[..., 0]
+    per_text = []
+    for i in range(0, len(texts), chunk):
+        part = texts[i:i + chunk]
+        part = part + [part[-1]] * (chunk - len(part))  # a short last chunk repeats a text
+        ids = jnp.asarray([list(t) + [0] * (width - len(t)) for t in part])
+        lp = np.asarray(target_logprobs(params, ids, jnp.asarray([len(t) for t in part], jnp.int32)), np.float64)
+        per_text += [-lp[j, :len(t) - 1].mean() for j, t in enumerate(part)][:len(texts) - i]
+    return float(np.mean(per_text))
+
+
+def nll(model, params, texts):
+    return token_nll(params, model.config, texts)
 
 
 @pytest.mark.slow
@@ -334,6 +358,24 @@ def test_smollm2_quantized_on_device_matches_dequantized(reference_texts):
     base = nll(dense, dense.params, texts)
     assert abs(nll(on_device, on_device.params, texts) / base - 1) < 0.01
     assert nll(dense, jaxllm.quantize(dense.params, "int8"), texts) / base - 1 < 0.02
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["smollm2-135m-instruct", "gemma-3-270m"])
+def test_fp8_weights_and_fp8_cache_cost_under_one_percent(name):
+    """Issue 28: fp8 weights (e4m3 activations per row) and, apart, the float8 KV cache
+    each cost < 1% NLL over the bundled ~2,400-token text (the reference texts' 40 tokens
+    are too few to resolve 1%). Measured 2026-11-30 (2-core CPU): weights +0.80% on
+    SmolLM2 135M, +0.70% on Gemma 3 270M; cache +0.13% / +0.17%. Neither is calibrated,
+    so that text is as foreign to them as any. Every pass prefills a cache, the same
+    computation as forward's but with attention reading the cache."""
+    dense = jaxllm.load(name, weights="dense")
+    windows = text_windows(dense.tokenizer, read_calibration_text("builtin"))
+    base = token_nll(dense.params, dense.config, windows, cache=True)
+    weights = token_nll(jaxllm.quantize(dense.params, "fp8"), dense.config, windows, cache=True)
+    cache = token_nll(dense.params, dense.config.replace(kv_cache="fp8"), windows, cache=True)
+    assert 0 < weights / base - 1 < 0.01
+    assert 0 < cache / base - 1 < 0.01
 
 
 @pytest.mark.slow

@@ -17,6 +17,9 @@ With one split the program writes the output; with several (long caches, so that
 more programs read in parallel: flash-decoding) each writes its running max, sum
 and weighted values, and XLA combines them.
 
+A float8 cache (config.kv_cache "fp8") is read as stored and widened to the model's
+dtype (out_dtype) for the tensor cores; the new key and value are written saturated (cache.to_storage).
+
 Layout: qkv [B, (H + 2K) * Dh] is the fused projection's output (queries of head
 h at h * Dh, keys from H * Dh, values from (H + K) * Dh); caches [B, S, K, Dh].
 The query heads of kv head g are g * G ... g * G + G - 1 (G = H / K), as in
@@ -35,6 +38,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from ..cache import to_storage
 from .matvec import PartialSums, _pow2
 
 GROUP_ROWS = 16  # query heads per program padded to the tensor cores' smallest M
@@ -71,7 +75,7 @@ def _splits(batch: int, spec: AttentionSpec, capacity: int) -> int:
 
 def _kernel(qkv_ref, k_ref, v_ref, lengths_ref, freq_ref, qn_ref, kn_ref, nr_ref, *out_refs,
             spec: AttentionSpec, S: int, half: int, hp: int, bs: int, chunk: int, splits: int,
-            qkv_splits: int, norm_width: Optional[int], prefetch: bool):
+            qkv_splits: int, norm_width: Optional[int], prefetch: bool, compute):
     o_ref, k_out, v_out = out_refs[:3]
     b, g, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     H, K, Dh, G = spec.n_heads, spec.n_kv_heads, spec.head_dim, spec.n_heads // spec.n_kv_heads
@@ -137,11 +141,11 @@ def _kernel(qkv_ref, k_ref, v_ref, lengths_ref, freq_ref, qn_ref, kn_ref, nr_ref
     if spec.rope:
         q1, q2 = rotate(q1, q2)
         k1, k2 = rotate(k1, k2)
-    dtype = k_ref.dtype
+    store, dtype = k_ref.dtype, compute
     # The new key and value as vectors [hp] (their tiles hold one row). The cache
     # keeps them in its dtype; the new token's score uses the same rounded values
     # that later steps will read back.
-    k1, k2, v1, v2 = (jnp.sum(t, axis=0).astype(dtype) for t in (k1, k2, v1, v2))
+    k1, k2, v1, v2 = (to_storage(jnp.sum(t, axis=0), store) for t in (k1, k2, v1, v2))
 
     @pl.when(split == 0)
     def _():
@@ -169,6 +173,7 @@ def _kernel(qkv_ref, k_ref, v_ref, lengths_ref, freq_ref, qn_ref, kn_ref, nr_ref
 
     def attend(i, blk, m, l, acc1, acc2):
         ok = visible(i)
+        blk = [t.astype(dtype) for t in blk]  # a float8 cache widened
         s = plgpu.dot(q1, blk[0], trans_b=True) + plgpu.dot(q2, blk[1], trans_b=True)
         s = jnp.where(ok[None, :], scores_of(s), MASKED)  # [GROUP_ROWS, bs]
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
@@ -228,6 +233,8 @@ def decode_attention_pallas(qkv: jax.Array | PartialSums, k_cache: jax.Array, v_
     their loads already fill the registers (NOTES variants 23 and 28)."""
     B, S, K, Dh = k_cache.shape
     dtype = out_dtype or (k_cache.dtype if isinstance(qkv, PartialSums) else qkv.dtype)
+    if k_cache.dtype.itemsize == 1:  # a float8 cache: the dots take the model's dtype
+        dtype = out_dtype or (jnp.bfloat16 if isinstance(qkv, PartialSums) else qkv.dtype)
     if isinstance(qkv, PartialSums) and qkv.sums.shape[0] > MAX_QKV_SPLITS:
         qkv = qkv.total(dtype)
     qkv_parts = qkv.sums if isinstance(qkv, PartialSums) else qkv[None]
@@ -253,6 +260,7 @@ def decode_attention_pallas(qkv: jax.Array | PartialSums, k_cache: jax.Array, v_
     kernel = functools.partial(_kernel, spec=spec, S=S, half=half, hp=hp, bs=bs, chunk=chunk,
                                splits=splits, qkv_splits=qkv4.shape[0],
                                norm_width=None if norm_rows is None else norm_rows.shape[1],
+                               compute=jnp.dtype(dtype if k_cache.dtype.itemsize == 1 else k_cache.dtype),
                                prefetch=(qkv4.shape[0] == 1 and norm_rows is None) if prefetch == "lean"
                                else prefetch)
     outs = pl.pallas_call(

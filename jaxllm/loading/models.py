@@ -113,7 +113,7 @@ def _calibrate(model: Model, source: str, verbose: bool):
 
 def load(path_or_name: str = DEFAULT_MODEL, dtype=None, verbose: bool = False,
          weights: str = "file", group_size: int = 32, calibration: Optional[str] = "builtin",
-         kernels="auto", tensor_parallel: int = 1) -> Model:
+         kernels="auto", tensor_parallel: int = 1, kv_cache: str = "auto") -> Model:
     """Load a GGUF file, a Hugging Face folder (config.json + safetensors +
     tokenizer.json), or a packaged model by name.
 
@@ -132,6 +132,9 @@ def load(path_or_name: str = DEFAULT_MODEL, dtype=None, verbose: bool = False,
 
     tensor_parallel: split the model over this many devices (sharding.py; it runs the
     XLA paths there).
+
+    kv_cache: what KV caches for this model store: "auto" (the compute dtype) or "fp8"
+    (float8 e4m3: half the bytes; +0.13-0.17% NLL on the packaged models).
     """
     from ..layout import for_policy  # noqa: PLC0415
     from ..quant import quantize  # noqa: PLC0415
@@ -166,7 +169,7 @@ def load(path_or_name: str = DEFAULT_MODEL, dtype=None, verbose: bool = False,
         model = Model(config, params, tokenizer, g.metadata.get("tokenizer.chat_template"), path,
                       dict(Counter(t.type_name for t in g.tensors.values())),
                       os.path.getsize(path))
-    model.config = model.config.replace(kernels=kernels)
+    model.config = model.config.replace(kernels=kernels, kv_cache=kv_cache)
     importance = None
     if weights == "int4" and calibration is not None:
         importance = _calibrate(model, calibration, verbose)
