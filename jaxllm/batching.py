@@ -289,9 +289,8 @@ class Engine:
         if warmup:
             self._warmup()
         # XLA compiles each new admission shape inside this thread; LLVM's passes recurse
-        # deeply, and a thread takes the platform's default stack (8 MB here, less on
-        # some), where XLA's own compile threads get more. Two CI runs lost a worker to
-        # a segfault inside such a compile.
+        # deeply, and a thread takes the platform's default stack (8 MB on Linux, less
+        # on macOS), where XLA sizes its own compile threads itself.
         previous = threading.stack_size(ENGINE_STACK_BYTES)
         try:
             self._thread.start()
