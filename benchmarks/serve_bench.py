@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import inspect
-import json
 import socket
 import sys
 import threading
@@ -42,6 +40,8 @@ from dataclasses import dataclass, field
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from envelope import write_results
 
 import jaxllm
 from jaxllm.batching import Engine, Request
@@ -259,13 +259,7 @@ def main(argv=None) -> int:
                         server.stop()
                     else:
                         engine.shutdown()
-    result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
-              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
-              "command": "python benchmarks/serve_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "results": rows}
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    write_results("serve_bench.py", argv, rows, args.out)
     print(f"{'driver':7} {'workload':10} {'mode':8} {'conc':>5} {'cache':>5} {'tok/s':>9} {'TTFT p50':>9} "
           f"{'p99':>8} {'ITL p50':>8} {'p99':>7}")
     for r in rows:

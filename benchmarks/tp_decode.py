@@ -11,14 +11,14 @@ split's own effect is the ratio against the second.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import statistics
 import sys
 import time
 
 import jax
 import jax.numpy as jnp
+
+from envelope import write_results
 
 import jaxllm
 from jaxllm import sharding
@@ -62,13 +62,7 @@ def main(argv=None) -> int:
                              "batch": batch, "tg128_tok_s": tok_s})
                 print(f"devices {n} kernels {kernels:4} batch {batch:3}: {tok_s:9.1f} tok/s", file=sys.stderr,
                       flush=True)
-    result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
-              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
-              "command": "python benchmarks/tp_decode.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "results": rows}
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    write_results("tp_decode.py", argv, rows, args.out)
     return 0
 
 

@@ -5,18 +5,17 @@ per check; any failure raises."""
 import os
 import re
 import sys
-import threading
 
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0"
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from conftest import ARCH_CONFIGS, tiny  # noqa: E402
+from conftest import ARCH_CONFIGS, serve_all, tiny  # noqa: E402
 
 import jaxllm  # noqa: E402
 from jaxllm import sharding  # noqa: E402
-from jaxllm.batching import Engine, Request  # noqa: E402
+from jaxllm.batching import Engine  # noqa: E402
 from jaxllm.cache import init_cache  # noqa: E402
 from jaxllm.model import decode_step, forward  # noqa: E402
 
@@ -72,14 +71,9 @@ class Letters:
 
 
 engine = Engine(sp, sc, Letters(), n_slots=2, max_context=64, steps_per_chunk=4).start()
-done = threading.Semaphore(0)
 prompts = [[5, 6, 7], [9, 3, 2, 8, 1], [4, 4]]
-requests = [Request(p, 10, on_update=lambda r, t, reason: reason and done.release()) for p in prompts]
 try:
-    for r in requests:
-        engine.submit(r)
-    for _ in requests:
-        assert done.acquire(timeout=120)
+    requests = serve_all(engine, prompts, 10)
 finally:
     engine.shutdown()
 for p, r in zip(prompts, requests):

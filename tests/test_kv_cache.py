@@ -4,18 +4,17 @@ the same cache, and the serving engine on it. Its NLL cost on the real models:
 test_quant.py, beside fp8 weights'."""
 
 import copy
-import threading
 
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import ARCH_CONFIGS, greedy_alone, served_model, tiny
+from conftest import ARCH_CONFIGS, greedy_alone, serve_all, served_model, tiny
 from test_kernels import prefill_and_steps
 
 import jaxllm
-from jaxllm.batching import Engine, Request
+from jaxllm.batching import Engine
 from jaxllm.cache import FP8, cache_bytes, to_storage
 
 
@@ -91,17 +90,9 @@ def test_engine_serves_from_a_float8_cache(tmp_path_factory):
     engine = Engine(model.params, model.config, model.tokenizer, n_slots=4, max_context=512,
                     steps_per_chunk=4, prefill_tokens=1024)
     assert engine.slots.cache.k[0].dtype == FP8
-    done = threading.Semaphore(0)
-    requests = [Request(list(p), 10, on_update=lambda r, t, reason: reason and done.release()) for p in prompts]
     try:
-        for r in requests:
-            engine.submit(r)
-        engine.start()
-        for _ in requests:
-            assert done.acquire(timeout=120)
-        again = Request(list(prompts[1]), 10, on_update=lambda r, t, reason: reason and done.release())
-        engine.submit(again)  # its prefix is copied from a float8 row
-        assert done.acquire(timeout=120)
+        requests = serve_all(engine, prompts, 10, start=True)
+        again, = serve_all(engine, [prompts[1]], 10)  # its prefix is copied from a float8 row
     finally:
         engine.shutdown()
     for p, r in zip(prompts + [prompts[1]], requests + [again]):

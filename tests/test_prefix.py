@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import greedy_alone, served_model
+from conftest import serve_all as run
 from jaxllm.batching import Engine, Metrics, Request
 from jaxllm.prefix import PrefixIndex, block_hashes
 
@@ -51,19 +52,6 @@ class Recorder(Metrics):
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     return served_model(tmp_path_factory, 4, 512)
-
-
-def run(engine, prompts, max_tokens, start=False):
-    done = threading.Semaphore(0)
-    requests = [Request(list(p), max_tokens, on_update=lambda r, t, reason: reason and done.release())
-                for p in prompts]
-    for r in requests:
-        engine.submit(r)
-    if start:
-        engine.start()
-    for _ in requests:
-        assert done.acquire(timeout=120)
-    return requests
 
 
 @pytest.mark.parametrize("reuse", [True, False])
