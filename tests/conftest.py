@@ -11,6 +11,27 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1 "
 
 from jaxllm import ModelConfig, RopeScaling  # noqa: E402
 
+MAPS_LOG = os.environ.get("JAXLLM_TEST_MAPS_LOG")  # a file: each module's memory-map count
+
+
+@pytest.fixture(autouse=True, scope="module")
+def compiled_programs_leave_with_their_module(request):
+    """Every XLA:CPU executable keeps ~3 memory mappings (its JIT-compiled code) while
+    a jit cache holds it, and module-level jitted functions hold every variant they
+    compiled. One pytest worker of the whole suite reached Linux's default limit of
+    65,530 mappings (a core dump held 65,413) and died in the next compile: the JIT's
+    allocation failed, and unwinding the C++ exception that reported it segfaulted.
+    Clearing jax's caches after each module keeps a worker near a few thousand."""
+    yield
+    import gc  # noqa: PLC0415
+
+    import jax  # noqa: PLC0415
+    jax.clear_caches()
+    gc.collect()
+    if MAPS_LOG:
+        with open("/proc/self/maps") as maps, open(MAPS_LOG, "a") as log:
+            log.write(f"{os.getpid()} {request.module.__name__} {sum(1 for _ in maps)}\n")
+
 
 def tiny(**kw) -> ModelConfig:
     base = dict(vocab_size=97, d_model=48, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=80,
