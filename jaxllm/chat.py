@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Optional
 
@@ -19,6 +20,12 @@ def _raise(message):
     raise TemplateError(message)
 
 
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    """Hugging Face's tojson: plain json.dumps (jinja's own escapes <, >, & and ' for
+    HTML, which tool schemas in a prompt must not get)."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
 def render_chat(template: Optional[str], messages: list[dict], add_generation_prompt: bool = True,
                 bos_token: str = "", eos_token: str = "", tools: Optional[list[dict]] = None) -> str:
     """Prompt text for messages [{"role": ..., "content": ...}, ...]; tools (OpenAI's
@@ -34,6 +41,7 @@ def render_chat(template: Optional[str], messages: list[dict], add_generation_pr
                                         extensions=["jinja2.ext.loopcontrols"])
     env.globals.update(raise_exception=_raise,
                        strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    env.filters["tojson"] = _tojson
     try:
         return env.from_string(template).render(
             messages=messages, add_generation_prompt=add_generation_prompt,

@@ -8,13 +8,16 @@ live in `PRESETS`; loaders build configs from GGUF metadata or config.json.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Literal, Optional, Union
 
 from .policy import KernelPolicy
 
 NormKind = Literal["rms", "layer"]
-MlpKind = Literal["swiglu", "gelu", "geglu"]
+# "swiglu_oai": gpt-oss's SwiGLU, gate clamped above and up on both sides at
+# swiglu_limit, gate * sigmoid(swiglu_alpha * gate) * (up + 1)
+MlpKind = Literal["swiglu", "gelu", "geglu", "swiglu_oai"]
 PositionKind = Literal["rope", "learned"]
 
 
@@ -26,6 +29,25 @@ class RopeScaling:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position: int = 8192
+
+
+@dataclass(frozen=True)
+class YarnScaling:
+    """YaRN ("rope_type": "yarn"; gpt-oss): frequencies interpolated by `factor`
+    outside the band between beta_fast and beta_slow rotations over the original
+    context, extrapolated inside it, with a linear ramp between; queries and keys
+    are scaled by 0.1 * ln(factor) + 1 (`attention_factor`). `truncate` rounds the
+    band's ends to whole dimensions (HF's default; gpt-oss sets it False)."""
+
+    factor: float = 32.0
+    original_max_position: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
+
+    @property
+    def attention_factor(self) -> float:
+        return 0.1 * math.log(self.factor) + 1.0 if self.factor > 1 else 1.0
 
 
 @dataclass(frozen=True)
@@ -56,7 +78,7 @@ class ModelConfig:
     rotary_fraction: float = 1.0  # Phi-2: rotate only the first fraction of each head
     # Per-frequency divisors (GGUF's rope_freqs tensor: Llama 3.1+ scaling, precomputed)
     rope_freq_factors: Optional[tuple[float, ...]] = None
-    rope_scaling: Optional[RopeScaling] = None
+    rope_scaling: Optional[Union[RopeScaling, YarnScaling]] = None
 
     qkv_bias: bool = False  # Qwen2, GPT-2
     out_bias: bool = False  # attention output projection bias (GPT-2)
@@ -78,6 +100,9 @@ class ModelConfig:
     query_scale: Optional[float] = None  # attention scale; default head_dim ** -0.5
     attn_softcap: Optional[float] = None  # Gemma 2: cap * tanh(scores / cap)
     final_softcap: Optional[float] = None  # Gemma 2: same on the output logits
+    # gpt-oss: a learned logit per query head joins every softmax over the keys (and
+    # takes its share of the probability, attending to nothing): Layer.sinks [H]
+    attn_sinks: bool = False
 
     # Mixture of experts (Qwen3-MoE, Mixtral): every layer's MLP is n_experts SwiGLU
     # experts of width expert_d_ff (default d_ff), of which each token takes the
@@ -87,6 +112,9 @@ class ModelConfig:
     n_active_experts: int = 0
     expert_d_ff: Optional[int] = None
     router_norm_topk: bool = True
+    router_bias: bool = False  # gpt-oss: Layer.router_bias [E] added to the router logits
+    swiglu_alpha: float = 1.702  # mlp "swiglu_oai" only
+    swiglu_limit: float = 7.0
 
     # Which kernels run (policy.py), part of every jit key. A name is turned into the
     # policy for the default backend when the config is built: "auto" uses Pallas
@@ -122,10 +150,12 @@ class ModelConfig:
             if not 0 < self.n_active_experts <= self.n_experts:
                 raise ValueError(f"n_active_experts must be in [1, n_experts={self.n_experts}], "
                                  f"got {self.n_active_experts}")
-            if self.mlp != "swiglu" or self.mlp_bias or self.parallel_block:
-                raise ValueError("mixture-of-experts layers are SwiGLU MLPs without biases")
+            if self.mlp not in ("swiglu", "swiglu_oai") or self.parallel_block:
+                raise ValueError("mixture-of-experts layers are SwiGLU MLPs")
             if self.expert_d_ff is None:
                 object.__setattr__(self, "expert_d_ff", self.d_ff)
+        elif self.mlp == "swiglu_oai" or self.router_bias:
+            raise ValueError("the swiglu_oai activation and router biases belong to mixture-of-experts layers")
         if self.position == "rope" and self.rotary_dim % 2:
             raise ValueError(f"rotary embeddings need an even rotary dimension, got {self.rotary_dim}")
 
@@ -140,6 +170,15 @@ class ModelConfig:
     @property
     def kv_size(self) -> int:
         return self.n_kv_heads * self.head_dim
+
+    @property
+    def attention_scale(self) -> float:
+        """What q . k is multiplied by: query_scale (default head_dim ** -0.5), times
+        YaRN's attention factor squared (it scales both queries and keys)."""
+        scale = self.query_scale if self.query_scale is not None else self.head_dim ** -0.5
+        if isinstance(self.rope_scaling, YarnScaling):
+            scale *= self.rope_scaling.attention_factor ** 2
+        return scale
 
     def layer_window(self, layer: int) -> Optional[int]:
         """Sliding window of one layer (None: full attention)."""
@@ -158,7 +197,7 @@ class ModelConfig:
     def param_count(self) -> int:
         D, F, L = self.d_model, self.d_ff, self.n_layers
         attn = D * (self.q_size + 2 * self.kv_size) + self.q_size * D
-        mlp = (3 if self.mlp in ("swiglu", "geglu") else 2) * D * F
+        mlp = (3 if self.mlp != "gelu" else 2) * D * F
         if self.n_experts:
             mlp = self.n_experts * 3 * D * self.expert_d_ff + D * self.n_experts
         embed = self.vocab_size * D * (1 if self.tie_embeddings else 2)
@@ -186,5 +225,14 @@ PRESETS: dict[str, ModelConfig] = {
         vocab_size=151936, d_model=2048, n_layers=48, n_heads=32, n_kv_heads=4, head_dim=128, d_ff=6144,
         n_experts=128, n_active_experts=8, expert_d_ff=768, qk_norm=True, rope_theta=1e6,
         max_seq_len=40960, tie_embeddings=False, arch="qwen3moe",
+    ),
+    # gpt-oss-20b: 32 experts, 4 per token; sliding window 128 on alternate layers
+    "gptoss20b": ModelConfig(
+        vocab_size=201088, d_model=2880, n_layers=24, n_heads=64, n_kv_heads=8, head_dim=64, d_ff=2880,
+        n_experts=32, n_active_experts=4, expert_d_ff=2880, mlp="swiglu_oai", mlp_bias=True,
+        router_bias=True, attn_sinks=True, qkv_bias=True, out_bias=True, sliding_window=128,
+        global_layer_period=2, rope_theta=150000.0,
+        rope_scaling=YarnScaling(32.0, 4096, 32.0, 1.0, truncate=False),
+        max_seq_len=131072, tie_embeddings=False, arch="gpt-oss",
     ),
 }

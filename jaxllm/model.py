@@ -35,7 +35,8 @@ def mlp(x, p: Layer, config: ModelConfig, keep_partial: bool = False,
     """The MLP's output delta (or its PartialSums with keep_partial), or residual +
     delta when a residual is given. x [..., D], or a DeferredNorm of it."""
     if config.n_experts:
-        out = moe_mlp(x, p.router, p.w_in, p.w_out, config)
+        out = moe_mlp(x, p.router, p.w_in, p.w_out, config, router_bias=p.router_bias, b_in=p.b_in,
+                      b_out=p.b_out)
         return out if residual is None else residual + out
     policy = config.kernels
     gated = config.mlp == "swiglu" or (config.mlp == "geglu" and config.gelu_approximate)
@@ -106,12 +107,12 @@ def layer_forward(p: Layer, config: ModelConfig, index: int, stream: Residual, p
         inv_freq = rope_inv_freq(config, config.layer_rope_theta(index))
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
     if kv is None:
-        attn = attend(q, k, v, positions, positions, config, window)
+        attn = attend(q, k, v, positions, positions, config, window, p.sinks)
     else:
         k_cache, v_cache = write_rows(kv[0], k, starts), write_rows(kv[1], v, starts)
         S = min(span or k_cache.shape[1], k_cache.shape[1])
         slots = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
-        attn = attend(q, k_cache[:, :S], v_cache[:, :S], positions, slots, config, window)
+        attn = attend(q, k_cache[:, :S], v_cache[:, :S], positions, slots, config, window, p.sinks)
         kv = (k_cache, v_cache)
     return _after_attention(p, config, x, h, attn.reshape(B, T, config.q_size), kv)
 

@@ -12,13 +12,14 @@ G = H / K query heads per kv head, Dh head dim, D model width, V vocab.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .config import ModelConfig
+from .config import ModelConfig, YarnScaling
 from .kernels.add_norm import add_norm_pallas
 from .kernels.cpu_qmatvec import qmatvec_cpu
 from .kernels.decode_attention import AttentionSpec, decode_attention_pallas
@@ -249,22 +250,27 @@ def rms_factor(x32: jax.Array, eps: float) -> jax.Array:
     return jax.lax.rsqrt((x32 * x32).mean(-1, keepdims=True) + eps)
 
 
-def moe_mlp(x: jax.Array, router: jax.Array, w_in: Experts, w_out: Experts, config: ModelConfig) -> jax.Array:
+def moe_mlp(x: jax.Array, router: jax.Array, w_in: Experts, w_out: Experts, config: ModelConfig, *,
+            router_bias: Optional[jax.Array] = None, b_in: Optional[jax.Array] = None,
+            b_out: Optional[jax.Array] = None) -> jax.Array:
     """A mixture-of-experts MLP's output delta for x [..., D]: each token goes to the
-    n_active_experts experts with the highest router softmax (router [D, E]), whose
-    SwiGLU outputs are summed weighted by those probabilities (renormalised over the
-    chosen experts with config.router_norm_topk). The policy picks how the experts
-    run (`KernelPolicy.moe_route`); both ways compute the same sums."""
+    n_active_experts experts with the highest router softmax (router [D, E], plus
+    router_bias [E] for gpt-oss), whose gated MLP outputs (expert biases b_in [E, 2F],
+    b_out [E, D] where the model has them) are summed weighted by those probabilities
+    (renormalised over the chosen experts with config.router_norm_topk: a softmax
+    over the chosen logits, gpt-oss's order). The policy picks how the experts run
+    (`KernelPolicy.moe_route`); both ways compute the same sums."""
     shape, k = x.shape, config.n_active_experts
     x = x.reshape(-1, shape[-1])
-    probs = jax.nn.softmax(jnp.dot(x, router, preferred_element_type=jnp.float32), axis=-1)
+    logits = jnp.dot(x, router, preferred_element_type=jnp.float32)
+    if router_bias is not None:
+        logits = logits + router_bias.astype(jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1)
     weights, experts = jax.lax.top_k(probs, k)  # [N, k]; ties go to the lower index
     if config.router_norm_topk:
         weights = weights / weights.sum(-1, keepdims=True)
-    if config.kernels.moe_route(x.shape[0] * k) == "gather":
-        y = _experts_gathered(x, experts, w_in, w_out)
-    else:
-        y = _experts_grouped(x, experts, w_in, w_out)
+    run = _experts_gathered if config.kernels.moe_route(x.shape[0] * k) == "gather" else _experts_grouped
+    y = run(x, experts, Expert(w_in, b_in), Expert(w_out, b_out), partial(gated_activation, config))
     return jnp.einsum("nk,nkd->nd", weights, y).astype(x.dtype).reshape(shape)
 
 
@@ -279,29 +285,48 @@ def split_fused(x: jax.Array, sizes: Sequence[int], shards: int = 1) -> list[jax
     return [part.reshape(*x.shape[:-1], -1) for part in parts]
 
 
-def _swiglu(h: jax.Array, dtype) -> jax.Array:
+def gated_activation(config: ModelConfig, h: jax.Array, dtype) -> jax.Array:
+    """A gated MLP's hidden activation from its [gate | up] halves h [..., 2F]."""
     gate, up = jnp.split(h, 2, axis=-1)
+    if config.mlp == "swiglu_oai":
+        limit = config.swiglu_limit
+        gate, up = jnp.minimum(gate, limit), jnp.clip(up, -limit, limit)
+        return (gate * jax.nn.sigmoid(config.swiglu_alpha * gate) * (up + 1)).astype(dtype)
     return (jax.nn.silu(gate) * up).astype(dtype)
 
 
-def _experts_gathered(x, experts, w_in: Experts, w_out: Experts) -> jax.Array:
+class Expert(NamedTuple):
+    """One stacked expert projection and its per-expert bias [E, N] (or None)."""
+
+    w: Experts
+    b: Optional[jax.Array]
+
+    def biased(self, y: jax.Array, ids: jax.Array) -> jax.Array:
+        """y [..., N] (float32) of the rows that went through experts ids [...]."""
+        return y if self.b is None else y + self.b[ids].astype(jnp.float32)
+
+
+def _experts_gathered(x, experts, w_in: Expert, w_out: Expert, act) -> jax.Array:
     """[N, k, D] float32: token n through expert experts[n, j], reading only the
     routed experts' weights (few tokens: decode)."""
-    h = jnp.einsum("nd,nkdf->nkf", x, w_in.dense(experts).astype(x.dtype), preferred_element_type=jnp.float32)
-    return jnp.einsum("nkf,nkfd->nkd", _swiglu(h, x.dtype), w_out.dense(experts).astype(x.dtype),
-                      preferred_element_type=jnp.float32)
+    h = jnp.einsum("nd,nkdf->nkf", x, w_in.w.dense(experts).astype(x.dtype), preferred_element_type=jnp.float32)
+    h = act(w_in.biased(h, experts), x.dtype)
+    y = jnp.einsum("nkf,nkfd->nkd", h, w_out.w.dense(experts).astype(x.dtype), preferred_element_type=jnp.float32)
+    return w_out.biased(y, experts)
 
 
-def _experts_grouped(x, experts, w_in: Experts, w_out: Experts) -> jax.Array:
+def _experts_grouped(x, experts, w_in: Expert, w_out: Expert, act) -> jax.Array:
     """Same as _experts_gathered, with the (token, expert) pairs sorted by expert and
     each expert's rows multiplied by its weights once (a grouped matrix multiply)."""
     N, k = experts.shape
     flat = experts.reshape(-1)
     order = jnp.argsort(flat, stable=True)
-    sizes = jnp.bincount(flat, length=w_in.shape[0]).astype(jnp.int32)
-    h = jax.lax.ragged_dot(x[order // k], w_in.dense().astype(x.dtype), sizes, preferred_element_type=jnp.float32)
-    y = jax.lax.ragged_dot(_swiglu(h, x.dtype), w_out.dense().astype(x.dtype), sizes,
-                           preferred_element_type=jnp.float32)
+    ids = flat[order]
+    sizes = jnp.bincount(flat, length=w_in.w.shape[0]).astype(jnp.int32)
+    h = jax.lax.ragged_dot(x[order // k], w_in.w.dense().astype(x.dtype), sizes, preferred_element_type=jnp.float32)
+    h = act(w_in.biased(h, ids), x.dtype)
+    y = jax.lax.ragged_dot(h, w_out.w.dense().astype(x.dtype), sizes, preferred_element_type=jnp.float32)
+    y = w_out.biased(y, ids)
     return jnp.zeros_like(y).at[order].set(y).reshape(N, k, -1)
 
 
@@ -320,11 +345,14 @@ def apply_norm(x: jax.Array, p: Norm, config: ModelConfig) -> jax.Array:
 # ---- positions and attention -----------------------------------------------------------
 
 def rope_inv_freq(config: ModelConfig, theta: float) -> np.ndarray:
-    """Rotary inverse frequencies [R/2] (R = rotary_dim), with Llama-3 scaling when configured."""
+    """Rotary inverse frequencies [R/2] (R = rotary_dim), with Llama-3 or YaRN
+    scaling when configured (YaRN's attention factor is in config.attention_scale)."""
     dim = config.rotary_dim
     inv_freq = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
     s = config.rope_scaling
-    if s is not None:
+    if isinstance(s, YarnScaling):
+        inv_freq = _yarn(inv_freq, s, dim, theta)
+    elif s is not None:
         low_wavelen = s.original_max_position / s.low_freq_factor
         high_wavelen = s.original_max_position / s.high_freq_factor
         wavelen = 2 * math.pi / inv_freq
@@ -338,6 +366,21 @@ def rope_inv_freq(config: ModelConfig, theta: float) -> np.ndarray:
     return inv_freq.astype(np.float32)
 
 
+def _yarn(inv_freq: np.ndarray, s: YarnScaling, dim: int, theta: float) -> np.ndarray:
+    """YaRN (arXiv 2309.00071): dimension d rotates original_max_position * inv_freq[d]
+    / 2 pi times over the original context; those turning more than beta_fast times
+    keep their frequency, those turning fewer than beta_slow times are divided by
+    `factor`, and a linear ramp over dimensions blends the two between."""
+    def dim_of(rotations):
+        return dim * math.log(s.original_max_position / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+    low, high = dim_of(s.beta_fast), dim_of(s.beta_slow)
+    if s.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float64) - low) / max(high - low, 1e-3), 0, 1)
+    return inv_freq / s.factor * ramp + inv_freq * (1 - ramp)
+
+
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
     """x [B, T, N, Dh] rotated by positions [B, T] (rotate-half pairing, as in HF).
     Only the first R = 2 * len(inv_freq) dims rotate; the rest pass through (Phi-2)."""
@@ -349,27 +392,34 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
     return out if rot == x.shape[-1] else jnp.concatenate([out, x[..., rot:]], axis=-1)
 
 
-def attend(q, k, v, q_pos, k_pos, config: ModelConfig, window: Optional[int]) -> jax.Array:
+def attend(q, k, v, q_pos, k_pos, config: ModelConfig, window: Optional[int],
+           sinks: Optional[jax.Array] = None) -> jax.Array:
     """Causal grouped-query attention.
 
     q [B, T, H, Dh]; k, v [B, S, K, Dh]; q_pos [B, T] and k_pos [B, S] are the
     sequence positions of queries and keys. A key is visible when
-    q_pos - window < k_pos <= q_pos. Returns [B, T, H, Dh].
+    q_pos - window < k_pos <= q_pos. sinks [H] (gpt-oss): one more logit per head
+    in each softmax, whose probability goes to no value. Returns [B, T, H, Dh].
     """
     B, T, H, Dh = q.shape
     K = k.shape[2]
     if k.dtype.itemsize == 1:  # a float8 cache, widened to the queries' dtype
         k, v = k.astype(q.dtype), v.astype(q.dtype)
-    scale = config.query_scale if config.query_scale is not None else Dh ** -0.5
     q = q.reshape(B, T, K, H // K, Dh)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * config.attention_scale
     if config.attn_softcap is not None:
         scores = config.attn_softcap * jnp.tanh(scores / config.attn_softcap)
     visible = k_pos[:, None, :] <= q_pos[:, :, None]  # [B, T, S]
     if window is not None:
         visible &= k_pos[:, None, :] > q_pos[:, :, None] - window
     scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1)
+    if sinks is None:
+        probs = jax.nn.softmax(scores, axis=-1)
+    else:
+        sink = sinks.astype(jnp.float32).reshape(1, K, H // K, 1, 1)
+        top = jnp.maximum(scores.max(-1, keepdims=True), sink)
+        e = jnp.exp(scores - top)
+        probs = e / (e.sum(-1, keepdims=True) + jnp.exp(sink - top))
     # A padded query row may see no key at all; its output is never used.
     probs = jnp.where(visible[:, None, None], probs, 0.0).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
@@ -385,7 +435,7 @@ def decode_attention(p, config: ModelConfig, index: int, qkv, kv, starts, dtype,
     rope = config.position == "rope"
     spec = AttentionSpec(
         n_heads=config.n_heads, n_kv_heads=config.n_kv_heads, head_dim=config.head_dim,
-        scale=config.query_scale if config.query_scale is not None else config.head_dim ** -0.5,
+        scale=config.attention_scale,
         rope=rope, window=config.layer_window(index), softcap=config.attn_softcap,
         qk_norm=config.qk_norm, norm_eps=config.norm_eps, norm_offset=config.norm_weight_offset)
     inv_freq = jnp.asarray(rope_inv_freq(config, config.layer_rope_theta(index))) if rope else None

@@ -51,6 +51,8 @@ class Layer:
     # Mixture of experts (config.n_experts > 0): the router [D, E], and w_in / w_out
     # are `Experts` [E, D, 2F] / [E, F, D] with F = config.expert_d_ff
     router: Optional[jax.Array] = None
+    router_bias: Optional[jax.Array] = None  # [E] (gpt-oss); b_in / b_out are then [E, 2F] / [E, D]
+    sinks: Optional[jax.Array] = None  # [H] attention sink logits (config.attn_sinks)
 
 
 @struct.dataclass
@@ -81,28 +83,32 @@ def _init_layer(config: ModelConfig, key, dtype) -> Layer:
     D, F, Dh = config.d_model, config.d_ff, config.head_dim
     keys = iter(jax.random.split(key, 24))
     w = lambda shape: _normal(next(keys), shape, dtype, shape[0] ** -0.5)
-    b = lambda n, present: _normal(next(keys), (n,), dtype, 0.02) if present else None
+    b = lambda n, present: _normal(next(keys), n if isinstance(n, tuple) else (n,), dtype, 0.02) if present else None
     norm = lambda n, present=True: _init_norm(config, next(keys), n, dtype) if present else None
-    gated = config.mlp in ("swiglu", "geglu")
+    gated = config.mlp != "gelu"
     qkv = config.q_size + 2 * config.kv_size
+    E, Fe = config.n_experts, config.expert_d_ff
+    b_in_shape, b_out_shape = ((E, 2 * Fe), (E, D)) if E else (2 * F if gated else F, D)
 
     def mlp():  # drawn where the dense weights always were: their values do not change
         if not config.n_experts:
             return dict(w_in=w((D, 2 * F if gated else F)), w_out=w((F, D)))
-        E, Fe = config.n_experts, config.expert_d_ff
         return dict(w_in=Experts(_normal(next(keys), (E, D, 2 * Fe), dtype, D ** -0.5)),
                     w_out=Experts(_normal(next(keys), (E, Fe, D), dtype, Fe ** -0.5)), router=w((D, E)))
-    return Layer(
+    layer = Layer(
         attn_norm=norm(D),
         wqkv=w((D, qkv)), wo=w((config.q_size, D)),
         mlp_norm=norm(D, not config.parallel_block),
         **mlp(),
         bqkv=b(qkv, config.qkv_bias), bo=b(D, config.out_bias),
-        b_in=b(2 * F if gated else F, config.mlp_bias), b_out=b(D, config.mlp_bias),
+        b_in=b(b_in_shape, config.mlp_bias), b_out=b(b_out_shape, config.mlp_bias),
         q_norm=norm(config.q_size if config.qk_norm_whole else Dh, config.qk_norm),
         k_norm=norm(config.kv_size if config.qk_norm_whole else Dh, config.qk_norm),
         post_attn_norm=norm(D, config.sandwich_norm), post_mlp_norm=norm(D, config.sandwich_norm),
     )
+    # drawn after every older part, so those keep their values
+    return layer.replace(router_bias=b(E, config.router_bias),
+                         sinks=_normal(next(keys), (config.n_heads,), dtype, 1.0) if config.attn_sinks else None)
 
 
 def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32) -> Params:

@@ -23,12 +23,20 @@ from .errors import ModelFileError, UnsupportedArchitectureError
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 END_OF_TURN = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>")
+HARMONY_TURN_ENDS = ("<|return|>", "<|call|>")  # gpt-oss
 
 GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+# gpt-oss (tokenizer.ggml.pre "gpt-4o"): tiktoken's o200k_base, which also splits
+# words at case changes ("HelloWorld" -> "Hello", "World")
+O200K_SPLIT = "|".join([
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+    r"\p{N}{1,3}", r" ?[^\s\p{L}\p{N}]+[\r\n/]*", r"\s*[\r\n]+", r"\s+(?!\S)", r"\s+"])
 
 
 def _byte_level(split: Optional[str], digits: bool = False):
@@ -50,7 +58,7 @@ GPT2_PRE = {
     "smollm": lambda: _byte_level(None, digits=True),
     "starcoder": lambda: _byte_level(None, digits=True),
     "llama-bpe": lambda: _byte_level(LLAMA3_SPLIT), "llama3": lambda: _byte_level(LLAMA3_SPLIT),
-    "qwen2": lambda: _byte_level(QWEN2_SPLIT),
+    "qwen2": lambda: _byte_level(QWEN2_SPLIT), "gpt-4o": lambda: _byte_level(O200K_SPLIT),
 }
 
 
@@ -159,13 +167,22 @@ def tokenizer_from_gguf(g) -> TextTokenizer:
     tok.add_special_tokens([t for t in added if t.special])
     tok.add_tokens([t for t in added if not t.special])
     bos = md.get("tokenizer.ggml.bos_token_id")
-    eos = {int(md[k]) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in md}
-    # Chat models end a turn with a control token the metadata may not name (Gemma's
-    # <end_of_turn>); llama.cpp also stops on these.
-    eos |= {vocab[t] for t in END_OF_TURN if t in vocab and types[vocab[t]] == CONTROL}
-    eos = tuple(sorted(eos))
+    eos = stop_ids(md, vocab, types)
     return TextTokenizer(tok, bos, bool(md.get("tokenizer.ggml.add_bos_token", default_bos)), eos,
                          frozenset(i for i, ty in enumerate(types) if ty == CONTROL))
+
+
+def stop_ids(md: dict, vocab: dict[str, int], types: list[int]) -> tuple[int, ...]:
+    """The ids that end a generation: the metadata's end-of-sequence and end-of-turn
+    tokens, and the control tokens chat models end a turn with that the metadata may
+    not name (Gemma's <end_of_turn>; llama.cpp stops on these too). gpt-oss's harmony
+    format closes every message with <|end|>, its reasoning too, and ends the turn
+    with <|return|> or <|call|>: there <|end|> is no stop (llama.cpp drops it alike)."""
+    eos = {int(md[k]) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in md}
+    eos |= {vocab[t] for t in END_OF_TURN if t in vocab and types[vocab[t]] == CONTROL}
+    if all(t in vocab for t in HARMONY_TURN_ENDS):
+        eos = (eos - {vocab.get("<|end|>")}) | {vocab[t] for t in HARMONY_TURN_ENDS}
+    return tuple(sorted(eos))
 
 
 def _sentencepiece_bpe(tokens, scores, types, md) -> Tokenizer:

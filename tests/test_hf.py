@@ -38,7 +38,20 @@ HF_CONFIGS = {
                                     norm_topk_prob=False),
     "mixtral": lambda: tf.MixtralConfig(**{**COMMON, "intermediate_size": 40}, num_local_experts=6,
                                         num_experts_per_tok=2, sliding_window=None),
+    # gpt-oss: sinks, sliding window on alternate layers, YaRN without rounding, biases
+    # everywhere; a low clamp so the tiny model's activations meet it (GGUF files hold
+    # no clamp: llama.cpp fixes gpt-oss's 7.0, which "gpt_oss_7" keeps)
+    "gpt_oss": lambda: gpt_oss(swiglu_limit=0.2),
+    "gpt_oss_7": lambda: gpt_oss(),
 }
+
+
+def gpt_oss(**kw):
+    return tf.GptOssConfig(**{**COMMON, "intermediate_size": 32, "num_hidden_layers": 4}, head_dim=16,
+                           num_local_experts=6, num_experts_per_tok=2, sliding_window=6, rope_parameters={
+                               "rope_type": "yarn", "factor": 8.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                               "truncate": False, "original_max_position_embeddings": 16, "rope_theta": 150000.0},
+                           **kw)
 
 
 def build(name):
@@ -51,8 +64,8 @@ def build(name):
     cfg._attn_implementation = "eager"
     model = tf.AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():  # nudge norms away from 1 so the test sees their weights
-        for p in model.parameters():
-            if p.dim() == 1:
+        for name_, p in model.named_parameters():
+            if p.dim() == 1 or name_.endswith("_bias"):  # (gpt-oss's expert biases are [E, N])
                 p.add_(0.1 * torch.randn_like(p))
     return cfg, model
 
@@ -74,9 +87,35 @@ def test_matches_transformers(name):
     assert np.abs(ours - ref).max() / np.abs(ref).max() < 1e-4
 
 
+def test_gpt_oss_checkpoint_s_mxfp4_experts():
+    """gpt-oss checkpoints hold their experts as MXFP4 blocks and scales: random ones
+    load and match transformers running the same bytes through its own dequantizer."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors  # noqa: PLC0415
+
+    cfg, model = build("gpt_oss")
+    state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    rng = np.random.default_rng(0)
+    D, F, E = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts
+    for i, layer in enumerate(model.model.layers):
+        for name, (rows, cols) in (("gate_up_proj", (2 * F, D)), ("down_proj", (D, F))):
+            key = f"model.layers.{i}.mlp.experts.{name}"
+            blocks = rng.integers(0, 256, (E, rows, cols // 32, 16), dtype=np.uint8)
+            scales = rng.integers(119, 124, (E, rows, cols // 32), dtype=np.uint8)  # 2^-8 .. 2^-4
+            dense = convert_moe_packed_tensors(torch.from_numpy(blocks), torch.from_numpy(scales), dtype=torch.float32)
+            getattr(layer.mlp.experts, name).data.copy_(dense)
+            del state[key]
+            state[key + "_blocks"], state[key + "_scales"] = blocks, scales
+    config = config_from_hf(cfg.to_dict())
+    params = params_from_hf(config, state.get, jnp.float32)
+    tokens = np.random.randint(0, 101, size=(2, 20))
+    ref = hf_logits(model, tokens)
+    ours = np.asarray(jaxllm.forward(params, config, jnp.asarray(tokens)))
+    assert np.abs(ours - ref).max() / np.abs(ref).max() < 1e-4
+
+
 @pytest.mark.parametrize("name, shard", [("qwen2", None), ("llama", "100KB"), ("qwen3", None),
                                          ("phi2", None), ("phi3", None), ("qwen3_moe", None), ("mixtral", None),
-                                         ("olmoe", None)])
+                                         ("olmoe", None), ("gpt_oss", None)])
 def test_saved_folder_loads_and_matches(tmp_path, name, shard):
     """save_pretrained folders, one file or sharded with an index, load and match."""
     cfg, model = build(name)
@@ -91,7 +130,7 @@ def test_saved_folder_loads_and_matches(tmp_path, name, shard):
 
 @pytest.mark.parametrize("name, arch", [("qwen3", "qwen3"), ("phi2", "phi2"), ("phi3", "phi3"),
                                         ("llama", "llama"), ("qwen2", "qwen2"), ("qwen3_moe", "qwen3moe"),
-                                        ("mixtral", "llama"), ("olmoe", "olmoe")])
+                                        ("mixtral", "llama"), ("olmoe", "olmoe"), ("gpt_oss_7", "gpt-oss")])
 def test_gguf_written_from_the_same_weights_matches(tmp_path, name, arch):
     """The HF weights written as GGUF (F16 matrices, as llama.cpp's converter lays
     them out) load through the GGUF path and still match transformers."""

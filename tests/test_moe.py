@@ -10,6 +10,7 @@ import pytest
 from conftest import tiny
 
 import jaxllm
+from jaxllm.config import YarnScaling
 from jaxllm.ops import moe_mlp
 from jaxllm.weights import Experts
 
@@ -56,6 +57,34 @@ def test_both_routes_match_numpy(route, renormalise):
 
 
 @pytest.mark.parametrize("route", ["gather", "grouped"])
+def test_gpt_oss_experts_match_numpy(route):
+    """gpt-oss's expert MLP in float64, written from its definition: router bias, a
+    softmax over the chosen logits, expert biases, gate clamped above and up on both
+    sides at the limit, gate * sigmoid(alpha * gate) * (up + 1)."""
+    router, w_in, w_out = layer(4)
+    rng = np.random.default_rng(5)
+    r_bias, b_in, b_out = rng.normal(size=E), rng.normal(size=(E, 2 * F)), rng.normal(size=(E, D))
+    x = rng.normal(size=(23, D))
+    limit, alpha = 0.8, 1.702
+    ref = np.zeros_like(x)
+    for n, row in enumerate(x):
+        logits = row @ router + r_bias
+        chosen = sorted(range(E), key=lambda e: (-logits[e], e))[:K]
+        weights = np.exp(logits[chosen] - logits[chosen].max())
+        for e, weight in zip(chosen, weights / weights.sum()):
+            gate, up = np.split(row @ w_in[e] + b_in[e], 2)
+            gate, up = np.minimum(gate, limit), np.clip(up, -limit, limit)
+            ref[n] += weight * ((gate / (1 + np.exp(-alpha * gate)) * (up + 1)) @ w_out[e] + b_out[e])
+    config = tiny(d_model=D, n_experts=E, n_active_experts=K, expert_d_ff=F, mlp="swiglu_oai", mlp_bias=True,
+                  router_bias=True, swiglu_limit=limit)
+    config = config.replace(kernels=config.kernels.replace(moe_gather_max_pairs=10 ** 9 if route == "gather" else 0))
+    f32 = lambda a: jnp.asarray(a, jnp.float32)
+    ours = moe_mlp(f32(x), f32(router), Experts(f32(w_in)), Experts(f32(w_out)), config, router_bias=f32(r_bias),
+                   b_in=f32(b_in), b_out=f32(b_out))
+    assert np.abs(np.asarray(ours) - ref).max() < 1e-4 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("route", ["gather", "grouped"])
 def test_routing_edge_cases(route):
     """Tied router scores (a zero router: every expert equally likely) go to the lowest
     indices; a router that sends every token to the same two experts leaves the
@@ -89,10 +118,23 @@ def test_a_moe_decoder_matches_the_numpy_reference(route):
         assert np.abs(ours - ref).max() < 1e-4 * np.abs(ref).max()
 
 
-def test_a_moe_decoder_decodes_as_its_forward_pass():
+def gpt_oss(**kw):
+    """A tiny gpt-oss: sinks, biases, the clamped SwiGLU (a low clamp, so it acts),
+    YaRN, a sliding window on alternate layers."""
+    return tiny(**{**dict(d_model=64, n_experts=4, n_active_experts=2, expert_d_ff=32, mlp="swiglu_oai",
+                          swiglu_limit=0.5, mlp_bias=True, router_bias=True, attn_sinks=True, qkv_bias=True,
+                          out_bias=True, sliding_window=4, global_layer_period=2, n_layers=4,
+                          rope_scaling=YarnScaling(4.0, 16, truncate=False), arch="gpt-oss"), **kw})
+
+
+@pytest.mark.parametrize("family", ["qwen3moe", "gpt-oss"])
+def test_a_moe_decoder_decodes_as_its_forward_pass(family):
     """Greedy generation (prefill on the grouped route, decode steps on the gathered
     one) equals the argmax chain of the full forward pass, for batched prompts."""
-    c = tiny(n_experts=6, n_active_experts=2, expert_d_ff=24, qk_norm=True, eos_token_ids=())
+    if family == "gpt-oss":
+        c = gpt_oss(n_experts=6, expert_d_ff=24, eos_token_ids=())
+    else:
+        c = tiny(n_experts=6, n_active_experts=2, expert_d_ff=24, qk_norm=True, eos_token_ids=())
     params = jaxllm.init_params(c, jax.random.PRNGKey(5))
     prompts = [[3, 9, 27, 81 % 97, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25,
                 26, 27, 28, 29, 30, 31, 32, 33], [4, 8, 15, 16, 23, 42]]
@@ -104,6 +146,8 @@ def test_a_moe_decoder_decodes_as_its_forward_pass():
         for _ in range(6):
             seq.append(int(jnp.argmax(jaxllm.forward(params, c, jnp.asarray([seq]))[0, -1])))
         assert row == seq[len(prompt):]
+    if family == "gpt-oss":
+        return
     plain = c.replace(qk_norm=False)  # param_count leaves out per-head norms
     assert plain.param_count() == sum(x.size for x in jax.tree.leaves(jaxllm.init_params(plain, jax.random.PRNGKey(0))))
 
@@ -134,7 +178,7 @@ def test_quantized_experts_match_their_dequantized_twin_and_lora_skips_them():
 
 
 def test_a_gguf_file_s_quantized_experts_stay_packed(tmp_path):
-    """Q8_0 and Q4_0 experts (llama.cpp's merged tensors) load as stacked
+    """Q8_0, Q4_0 and MXFP4 experts (llama.cpp's merged tensors) load as stacked
     QuantizedWeights whose model gives the logits of the same file dequantized."""
     from tiny_gguf import GGMLQuantizationType, write_gguf
 
@@ -142,7 +186,7 @@ def test_a_gguf_file_s_quantized_experts_stay_packed(tmp_path):
              arch="qwen3moe")
     params = jaxllm.init_params(c, jax.random.PRNGKey(12))
     tokens = jnp.asarray([[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3, 8]])
-    for kind in (GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0):
+    for kind in (GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0, GGMLQuantizationType.MXFP4):
         path = str(write_gguf(tmp_path / f"{kind.name}.gguf", c, params, arch="qwen3moe", expert_type=kind))
         packed, dense = jaxllm.load(path, dtype=jnp.float32), jaxllm.load(path, dtype=jnp.float32, weights="dense")
         assert isinstance(packed.params.layers[0].w_in.w, jaxllm.QuantizedWeight)
@@ -151,20 +195,25 @@ def test_a_gguf_file_s_quantized_experts_stay_packed(tmp_path):
         assert np.abs(ours - ref).max() < 1e-4 * np.abs(ref).max()
 
 
-@pytest.mark.parametrize("arch", ["qwen3moe", "llama"])
+@pytest.mark.parametrize("arch", ["qwen3moe", "llama", "gpt-oss"])
 def test_jaxllm_generate_runs_a_moe_gguf(tmp_path, arch):
-    """`jaxllm generate` on GGUF files of both families (Qwen3-MoE; Mixtral is llama with
-    experts) written from a tiny model: the library's greedy tokens, exit 0."""
+    """`jaxllm generate` on GGUF files of each family (Qwen3-MoE; Mixtral is llama with
+    experts; gpt-oss, its experts in MXFP4 as its files hold them) written from a tiny
+    model: the library's greedy tokens, exit 0."""
     import json
     import subprocess
     import sys
 
-    from tiny_gguf import write_gguf
+    from tiny_gguf import GGMLQuantizationType, write_gguf
 
-    c = tiny(vocab_size=300, n_experts=4, n_active_experts=2, expert_d_ff=32, qk_norm=arch == "qwen3moe",
-             arch=arch)
+    if arch == "gpt-oss":
+        c = gpt_oss(vocab_size=300)
+    else:
+        c = tiny(vocab_size=300, n_experts=4, n_active_experts=2, expert_d_ff=32, qk_norm=arch == "qwen3moe",
+                 arch=arch)
     params = jaxllm.init_params(c, jax.random.PRNGKey(9))
-    path = str(write_gguf(tmp_path / f"{arch}.gguf", c, params, arch=arch))
+    path = str(write_gguf(tmp_path / f"{arch}.gguf", c, params, arch=arch,
+                          expert_type=GGMLQuantizationType.MXFP4 if arch == "gpt-oss" else None))
     r = subprocess.run([sys.executable, "-m", "jaxllm", "generate", "--model", path, "--json", "--temperature", "0",
                         "--max-new-tokens", "6", "abc"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr

@@ -64,3 +64,35 @@ def test_stream_decoder_matches_whole_decoding_in_windows():
             i += k
         assert out + d.flush() == tok.decode(ids)
     assert max(widest) < 40
+
+
+def test_gpt_4o_pre_tokenizer_splits_as_o200k():
+    """gpt-oss files name tiktoken's o200k split ("gpt-4o"): words split at case
+    changes, contractions kept, numbers in threes without their space, punctuation
+    runs with their newlines. Splits worked out by hand from the pattern."""
+    from jaxllm.tokenizer import GPT2_PRE  # noqa: PLC0415
+    pieces = [w for w, _ in GPT2_PRE["gpt-4o"]().pre_tokenize_str("HelloWorld don't 12345 THE end...\n\nx")]
+    # byte-level pieces: Ġ is a space, Ċ a newline
+    assert pieces == ["Hello", "World", "Ġdon't", "Ġ", "123", "45", "ĠTHE", "Ġend", "...ĊĊ", "x"]
+
+
+def test_stop_tokens_of_chat_models_and_of_harmony():
+    """A turn-ending control token stops generation though the metadata names only the
+    end of sequence (Gemma); gpt-oss's <|end|> closes a message, its reasoning too,
+    so there only <|return|> and <|call|> end the turn."""
+    from jaxllm.tokenizer import CONTROL, NORMAL, stop_ids  # noqa: PLC0415
+    gemma = {"a": 0, "<eos>": 1, "<end_of_turn>": 2}
+    assert stop_ids({"tokenizer.ggml.eos_token_id": 1}, gemma, [NORMAL, CONTROL, CONTROL]) == (1, 2)
+    assert stop_ids({"tokenizer.ggml.eos_token_id": 1}, gemma, [NORMAL, CONTROL, NORMAL]) == (1,)
+    harmony = {"a": 0, "<|end|>": 1, "<|return|>": 2, "<|call|>": 3, "<|endoftext|>": 4}
+    md = {"tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.eot_token_id": 1}
+    assert stop_ids(md, harmony, [NORMAL] + [CONTROL] * 4) == (2, 3, 4)
+
+
+def test_tojson_writes_json_as_hugging_face_does():
+    """Templates (gpt-oss's tool definitions) write JSON unescaped for HTML, non-ASCII
+    kept, and take json.dumps' arguments."""
+    template = "{{ messages[0]['content'] | tojson }}|{{ messages[0]['content'] | tojson(indent=1) }}"
+    value = {"a": "<b>&'é"}
+    out = render_chat(template, [{"role": "user", "content": value}], add_generation_prompt=False)
+    assert out == '{"a": "<b>&\'é"}|{\n "a": "<b>&\'é"\n}'

@@ -1,11 +1,13 @@
 """Write GGUF files with the `gguf` package's writer from jaxllm Params, laid out
 the way llama.cpp's converter writes each architecture (llama's Q/K rows permuted,
-Phi-3's q/k/v and gate/up fused, Phi-2's biases and parallel block)."""
+Phi-3's q/k/v and gate/up fused, Phi-2's biases and parallel block, gpt-oss's
+sinks, expert biases and YaRN metadata)."""
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFWriter, quants
-
+from gguf import GGMLQuantizationType, GGUFWriter, RopeScalingType, quants
 from tokenizer_bytes import BYTE_TOKENS
+
+from jaxllm.config import YarnScaling
 
 
 def _permute(w, n_heads):
@@ -65,7 +67,11 @@ def write_gguf(path, config, params, arch="llama", extra=None, raw_tensor=None, 
             put(name + ".bias", norm.bias)
 
     put("token_embd.weight", params.embed, matrix=True)
-    if config.rope_scaling is not None:  # llama.cpp's converter: scaling as rope_freqs factors
+    if isinstance(config.rope_scaling, YarnScaling):  # gpt-oss's converter: metadata
+        w.add_rope_scaling_type(RopeScalingType.YARN)
+        w.add_rope_scaling_factor(config.rope_scaling.factor)
+        w.add_rope_scaling_orig_ctx_len(config.rope_scaling.original_max_position)
+    elif config.rope_scaling is not None:  # llama.cpp's converter: scaling as rope_freqs factors
         from jaxllm.ops import rope_inv_freq  # noqa: PLC0415
         plain = rope_inv_freq(config.replace(rope_scaling=None), config.rope_theta)
         put("rope_freqs.weight", plain / rope_inv_freq(config, config.rope_theta))
@@ -91,10 +97,18 @@ def write_gguf(path, config, params, arch="llama", extra=None, raw_tensor=None, 
         put(p + "attn_output.weight", np.asarray(L.wo).T, True)
         if L.bo is not None:
             put(p + "attn_output.bias", L.bo)
-        if L.mlp_norm is not None:
-            put_norm(p + "ffn_norm", L.mlp_norm)
+        if L.sinks is not None:
+            put(p + "attn_sinks.weight", L.sinks)
+        if L.mlp_norm is not None:  # gpt-oss's converter names it as Gemma's norm after attention
+            put_norm(p + ("post_attention_norm" if arch == "gpt-oss" else "ffn_norm"), L.mlp_norm)
         if config.n_experts:  # llama.cpp's merged expert tensors, [E, out, in] rows
             put(p + "ffn_gate_inp.weight", np.asarray(L.router).T)  # float32, as llama.cpp's converter
+            if L.router_bias is not None:
+                put(p + "ffn_gate_inp.bias", L.router_bias)
+            if L.b_in is not None:
+                for name, b in zip(("gate", "up"), np.split(np.asarray(L.b_in), 2, axis=-1)):
+                    put(p + f"ffn_{name}_exps.bias", b)
+                put(p + "ffn_down_exps.bias", L.b_out)
             gate, up = np.split(np.asarray(L.w_in.w, np.float32).transpose(0, 2, 1), 2, axis=1)
             down = np.asarray(L.w_out.w, np.float32).transpose(0, 2, 1)
             for name, m in (("gate", gate), ("up", up), ("down", down)):

@@ -5,7 +5,7 @@ a fixed number of bytes holding float16 scales (and minimums) and packed integer
 quants. `blocks(raw, type_name)` splits raw bytes [rows, row_bytes] into integer
 values and per-group scales (and minimums), kept quantized for the device;
 `dequantize(raw, type_name)` returns float32 [rows, row_bytes / type_bytes * block_size].
-Layouts follow ggml-common.h (block_q4_0, ..., block_q6_K).
+Layouts follow ggml-common.h (block_q4_0, ..., block_q6_K, block_mxfp4).
 """
 
 from __future__ import annotations
@@ -131,12 +131,41 @@ def q3_k(b):
     return q, _f16(d) * scales, None
 
 
+# e2m1 (4-bit float) values doubled, so that they are integers: code c -> E2M1_X2[c] / 2
+E2M1_X2 = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], np.int8)
+
+
+def e8m0_half(e: np.ndarray) -> np.ndarray:
+    """An e8m0 scale byte e (2^(e - 127)) halved, as float32 (ggml_e8m0_to_fp32_half):
+    with the doubled e2m1 values the product is exact. e < 2 are float32 subnormals."""
+    e = e.astype(np.uint32)
+    bits = np.where(e < 2, np.uint32(0x00200000) << e, (e - 1) << np.uint32(23))
+    return bits.astype(np.uint32).view(np.float32)
+
+
+def mxfp4(b):
+    """ggml's block_mxfp4: one e8m0 scale byte, then 16 bytes whose low nibbles are
+    values 0-15 and high nibbles 16-31. The doubled e2m1 values are kept as int8 (an
+    8-bit QuantizedWeight holds them exactly)."""
+    e, qs = _split(b, 1)
+    return E2M1_X2[_nibbles(qs)], e8m0_half(e), None
+
+
+def mxfp4_openai(blocks_: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """OpenAI's checkpoint MXFP4 (gpt-oss safetensors): blocks uint8 [..., G, 16] with
+    value 2j in the low nibble of byte j and 2j + 1 in the high one, scales uint8
+    [..., G] (2^(s - 127) per 32 values) -> float32 [..., G * 32]."""
+    q = np.stack([blocks_ & 0x0F, blocks_ >> 4], axis=-1).reshape(*blocks_.shape[:-1], -1)
+    values = E2M1_X2[q].astype(np.float32) * e8m0_half(scales)[..., None]
+    return values.reshape(*blocks_.shape[:-2], -1)
+
+
 # name: (values per block, bytes per block, function, bits the values fit in)
 FORMATS = {
     "Q4_0": (32, 18, q4_0, 4), "Q4_1": (32, 20, q4_1, 4), "Q5_0": (32, 22, q5_0, 5),
     "Q5_1": (32, 24, q5_1, 5), "Q8_0": (32, 34, q8_0, 8), "Q2_K": (QK_K, 84, q2_k, 4),
     "Q3_K": (QK_K, 110, q3_k, 4), "Q4_K": (QK_K, 144, q4_k, 4), "Q5_K": (QK_K, 176, q5_k, 5),
-    "Q6_K": (QK_K, 210, q6_k, 6),
+    "Q6_K": (QK_K, 210, q6_k, 6), "MXFP4": (32, 17, mxfp4, 8),
 }
 FLOAT_TYPES = {"F32": np.float32, "F16": np.float16}
 SUPPORTED_TYPES = ("F32", "F16", "BF16", *FORMATS)

@@ -13,7 +13,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from ..config import ModelConfig
+from ..config import ModelConfig, YarnScaling
 from ..errors import ModelFileError, UnsupportedArchitectureError, UnsupportedTensorTypeError
 from ..params import Layer, Norm, Params
 from ..quant import HostBlocks, concat_rows, pack, stack_experts
@@ -21,7 +21,8 @@ from ..weights import Experts
 from .dequant import FORMATS, SUPPORTED_TYPES, blocks, dequantize
 from .gguf_reader import GGUFFormatError, read_gguf
 
-SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "qwen3moe", "olmoe", "phi2", "phi3", "gpt2", "gemma2", "gemma3")
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "qwen3moe", "olmoe", "gpt-oss", "phi2", "phi3", "gpt2", "gemma2",
+                   "gemma3")
 # the tokenizer's vocabulary-sized arrays, kept out of `metadata` (which `jaxllm info` prints)
 ARRAY_KEYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.scores",
               "tokenizer.ggml.token_type")
@@ -96,9 +97,16 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
         eos_token_ids=tuple(sorted({int(t) for t in (eos, eot) if t is not None})),
         arch=arch,
     )
-    if get("rope.scaling.type", "none") not in ("none", None):
-        raise UnsupportedArchitectureError(
-            f"{g.path}: rope scaling {get('rope.scaling.type')!r} is not supported")
+    scaling = get("rope.scaling.type", "none")
+    if scaling == "yarn":
+        # gpt-oss was trained with the band's ends unrounded (its config.json's
+        # "truncate": false, as OpenAI's reference); llama.cpp rounds them for every model.
+        fields["rope_scaling"] = YarnScaling(
+            float(get("rope.scaling.factor")), int(get("rope.scaling.original_context_length")),
+            float(get("rope.scaling.yarn_beta_fast", 32.0)), float(get("rope.scaling.yarn_beta_slow", 1.0)),
+            truncate=arch != "gpt-oss")
+    elif scaling not in ("none", None):
+        raise UnsupportedArchitectureError(f"{g.path}: rope scaling {scaling!r} is not supported")
     if "rope_freqs.weight" in g.tensors:  # Llama 3.1+: scaling stored as per-frequency factors
         fields["rope_freq_factors"] = tuple(float(f) for f in g.load("rope_freqs.weight").ravel())
     head_dim = fields["head_dim"]
@@ -113,6 +121,9 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
         fields.update(n_experts=int(get("expert_count")), n_active_experts=int(get("expert_used_count")),
                       expert_d_ff=int(get("expert_feed_forward_length", fields["d_ff"])),
                       router_norm_topk=bool(get("expert_weights_norm", True)))
+    if arch == "gpt-oss":
+        fields.update(mlp="swiglu_oai", mlp_bias=True, router_bias=True, attn_sinks=True, qkv_bias=True,
+                      out_bias=True, sliding_window=get("attention.sliding_window"), global_layer_period=2)
     if arch == "phi2":
         fields.update(norm="layer", norm_bias=True, mlp="gelu", qkv_bias=True, out_bias=True,
                       mlp_bias=True, parallel_block=True, lm_head_bias="output.bias" in g.tensors)
@@ -212,10 +223,16 @@ def params_from_gguf(g: GGUFFile, config: ModelConfig, dtype, quantized: bool = 
         return Experts(jnp.asarray(w, dtype))
 
     def experts(p):
-        """A mixture-of-experts layer: the router [D, E] and the stacked experts."""
+        """A mixture-of-experts layer: the router [D, E] and the stacked experts (gate
+        and up fused in the file or not), with their biases where the model has them."""
+        ins = ("gate_up",) if p + "ffn_gate_up_exps.weight" in g.tensors else ("gate", "up")
+        b_in = None
+        if config.mlp_bias:
+            b_in = jnp.asarray(np.concatenate([load(f"{p}ffn_{n}_exps.bias") for n in ins], axis=-1), dtype)
         return dict(router=jnp.asarray(load(p + "ffn_gate_inp.weight").T, dtype),
-                    w_in=stacked(p + "ffn_gate_exps.weight", p + "ffn_up_exps.weight"),
-                    w_out=stacked(p + "ffn_down_exps.weight"))
+                    router_bias=optional(p + "ffn_gate_inp.bias", vec),
+                    w_in=stacked(*(f"{p}ffn_{n}_exps.weight" for n in ins)), b_in=b_in,
+                    w_out=stacked(p + "ffn_down_exps.weight"), b_out=optional(p + "ffn_down_exps.bias", vec))
 
     def layer(i):
         p = f"blk.{i}."
@@ -228,6 +245,8 @@ def params_from_gguf(g: GGUFFile, config: ModelConfig, dtype, quantized: bool = 
             if p + "attn_q.bias" in g.tensors:
                 bqkv = jnp.asarray(np.concatenate([load(p + f"attn_{x}.bias") for x in "qkv"]), dtype)
         gemma = config.sandwich_norm
+        # gpt-oss's converter names its MLP norm as Gemma's norm after attention
+        mlp_norm = "post_attention_norm.weight" if config.arch == "gpt-oss" else "ffn_norm.weight"
         gated = p + "ffn_gate.weight" in g.tensors
         if config.n_experts:
             mlp = experts(p)
@@ -243,7 +262,8 @@ def params_from_gguf(g: GGUFFile, config: ModelConfig, dtype, quantized: bool = 
             q_norm=Norm(vec(p + "attn_q_norm.weight")) if config.qk_norm else None,
             k_norm=Norm(vec(p + "attn_k_norm.weight")) if config.qk_norm else None,
             post_attn_norm=Norm(vec(p + "post_attention_norm.weight")) if gemma else None,
-            mlp_norm=None if config.parallel_block else Norm(vec(p + "ffn_norm.weight"),
+            sinks=vec(p + "attn_sinks.weight") if config.attn_sinks else None,
+            mlp_norm=None if config.parallel_block else Norm(vec(p + mlp_norm),
                                                              optional(p + "ffn_norm.bias", vec)),
             post_mlp_norm=Norm(vec(p + "post_ffw_norm.weight")) if gemma else None, **mlp)
 

@@ -14,13 +14,14 @@ from typing import Callable
 import jax.numpy as jnp
 import numpy as np
 
-from ..config import ModelConfig, RopeScaling
+from ..config import ModelConfig, RopeScaling, YarnScaling
 from ..errors import ModelFileError, UnsupportedArchitectureError
 from ..params import Layer, Norm, Params
 from ..weights import Experts
+from .dequant import mxfp4_openai
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "phi", "phi3", "gpt2", "gemma2", "gemma3_text", "qwen3_moe",
-             "mixtral", "olmoe")
+             "mixtral", "olmoe", "gpt_oss")
 
 # Module names inside each layer that differ from Llama's (attention in, attention
 # out, MLP in, MLP out); Phi-3 stores q/k/v and gate/up already fused.
@@ -37,8 +38,8 @@ MOE_NAMES = {"qwen3_moe": ("mlp", ("gate_proj", "up_proj"), "down_proj"),
              "mixtral": ("block_sparse_moe", ("w1", "w3"), "w2")}
 
 
-def _rope(cfg: dict) -> tuple[float, RopeScaling | None, float | None]:
-    """(global theta, llama-3 scaling, local theta) from either config spelling."""
+def _rope(cfg: dict) -> tuple[float, RopeScaling | YarnScaling | None, float | None]:
+    """(global theta, llama-3 or YaRN scaling, local theta) from either config spelling."""
     params = cfg.get("rope_parameters") or {}
     if "full_attention" in params:  # Gemma 3: one entry per layer type
         local = params.get("sliding_attention", {}).get("rope_theta")
@@ -54,9 +55,15 @@ def _rope(cfg: dict) -> tuple[float, RopeScaling | None, float | None]:
         scaling = RopeScaling(float(src["factor"]), float(src["low_freq_factor"]),
                               float(src["high_freq_factor"]),
                               int(src["original_max_position_embeddings"]))
+    elif kind == "yarn":
+        if any(src.get(k) is not None for k in ("attention_factor", "mscale", "mscale_all_dim")):
+            raise UnsupportedArchitectureError("YaRN with an explicit attention_factor or mscale is not supported")
+        scaling = YarnScaling(float(src["factor"]), int(src["original_max_position_embeddings"]),
+                              float(src.get("beta_fast") or 32.0), float(src.get("beta_slow") or 1.0),
+                              bool(src.get("truncate", True)))
     elif kind not in ("default", None):
         raise UnsupportedArchitectureError(
-            f"rope scaling type {kind!r} is not supported (supported: default, llama3)")
+            f"rope scaling type {kind!r} is not supported (supported: default, llama3, yarn)")
     return float(theta), scaling, None if local is None else float(local)
 
 
@@ -137,6 +144,13 @@ def config_from_hf(cfg: dict) -> ModelConfig:
             if cfg.get("clip_qkv") is not None:
                 raise UnsupportedArchitectureError("OLMoE with clip_qkv is not supported")
             fields.update(qk_norm=True, qk_norm_whole=True)
+    if arch == "gpt_oss":
+        fields.update(n_experts=cfg["num_local_experts"], n_active_experts=cfg["num_experts_per_tok"],
+                      expert_d_ff=cfg["intermediate_size"], mlp="swiglu_oai", mlp_bias=True, router_bias=True,
+                      swiglu_alpha=float(cfg.get("swiglu_alpha", 1.702)),
+                      swiglu_limit=float(cfg.get("swiglu_limit", 7.0)), attn_sinks=True,
+                      sliding_window=cfg.get("sliding_window"),
+                      global_layer_period=_global_period(cfg.get("layer_types")) or 2)
     if arch == "phi":
         if cfg.get("qk_layernorm"):
             raise UnsupportedArchitectureError("Phi with qk_layernorm is not supported")
@@ -202,8 +216,27 @@ def params_from_hf(config: ModelConfig, lookup: Callable[[str], np.ndarray | Non
     attn_in, attn_out, mlp_in, mlp_out = LAYER_NAMES.get(config.arch, LLAMA_NAMES)
     norm_bias = lambda name: vec(name) if config.norm_bias else None
 
+    def gpt_oss_experts(p: str) -> dict:
+        """gpt-oss: router with a bias; experts.gate_up_proj [E, D, 2F] with gate and up
+        interleaved (columns 0::2 and 1::2), down_proj [E, F, D], each with biases, or
+        the checkpoint's MXFP4 blocks and scales instead of the weights."""
+        m = p + "mlp."
+        halves = lambda a: np.concatenate([a[..., 0::2], a[..., 1::2]], axis=-1)
+        w_in, w_out = (get_experts(m + "experts." + n) for n in ("gate_up_proj", "down_proj"))
+        return dict(router=fused(m + "router.weight"), router_bias=vec(m + "router.bias"),
+                    w_in=Experts(cast(halves(w_in))), w_out=Experts(cast(w_out)),
+                    b_in=cast(halves(get(m + "experts.gate_up_proj_bias"))), b_out=vec(m + "experts.down_proj_bias"))
+
+    def get_experts(name: str) -> np.ndarray:
+        """[E, in, out] from a dense tensor, or from MXFP4 `_blocks` / `_scales` [E, out, ...]."""
+        if lookup(name) is not None:
+            return get(name)
+        return mxfp4_openai(get(name + "_blocks"), get(name + "_scales")).transpose(0, 2, 1)
+
     def experts(p: str) -> dict:
         """A mixture-of-experts layer's router and stacked experts."""
+        if config.arch == "gpt_oss":
+            return gpt_oss_experts(p)
         block, ins, out = MOE_NAMES[config.arch]
         m = f"{p}mlp." if lookup(f"{p}mlp.gate.weight") is not None else f"{p}{block}."
         if lookup(m + "experts.gate_up_proj") is not None:
@@ -230,6 +263,7 @@ def params_from_hf(config: ModelConfig, lookup: Callable[[str], np.ndarray | Non
             bqkv=fused_bias(config.qkv_bias, *(a + n + ".bias" for n in attn_in)),
             wo=fused(a + attn_out + ".weight"),
             bo=fused_bias(config.out_bias, a + attn_out + ".bias"),
+            sinks=vec(a + "sinks") if config.attn_sinks else None,
             q_norm=Norm(vec(a + "q_norm.weight")) if config.qk_norm else None,
             k_norm=Norm(vec(a + "k_norm.weight")) if config.qk_norm else None,
             post_attn_norm=Norm(vec(p + "post_attention_layernorm.weight")) if gemma else None,
