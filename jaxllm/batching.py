@@ -37,6 +37,7 @@ from .params import Params
 from .prefix import PrefixIndex, common_length
 from .sampling import RowSampling, SamplerSettings, sample
 from .sharding import place_cache
+from .harmony import HarmonyDecoder, reply_decoder
 from .tokenizer import StreamDecoder, TextTokenizer
 
 # Log-probabilities are recorded with this many top tokens, whatever a request asks
@@ -158,6 +159,8 @@ class Request:
     logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
     text: str = ""  # decoded so far (may run past `emitted` while a stop string could start)
     emitted: int = 0  # characters of `text` handed to on_update
+    reasoning: str = ""  # a harmony reply's analysis channel (harmony.py), apart from `text`
+    reasoning_emitted: int = 0  # characters of `reasoning` there were at the last on_update
     finish_reason: Optional[str] = None
     error: Optional[str] = None
     cancelled: bool = False
@@ -230,7 +233,7 @@ class Engine:
         # requests wait in groups: the n choices of one prompt, admitted together
         self._waiting: collections.deque[list[Request]] = collections.deque()
         self._running: dict[int, Request] = {}
-        self._decoders: dict[int, StreamDecoder] = {}
+        self._decoders: dict[int, StreamDecoder | HarmonyDecoder] = {}
         self._grammars: Optional[Grammars] = None
         self._matchers: Optional[Matchers] = None  # the slots' grammars
         self._cond = threading.Condition()
@@ -486,7 +489,7 @@ class Engine:
             if not a.final:
                 continue
             self._running[slot] = request
-            self._decoders[slot] = StreamDecoder(self.tokenizer)
+            self._decoders[slot] = reply_decoder(self.tokenizer)
             self._take(slot, request, [int(token[r])], still_active=None, scores=[a[r][None] for a in scores])
 
     def _span(self, longest: int) -> int:
@@ -529,6 +532,7 @@ class Engine:
             taken += len(piece)
             request.ids += piece
             request.text += decoder.push(piece)
+            request.reasoning = decoder.reasoning
             if request.stop and self._cut_at_stop(request):
                 reason = "stop"
                 break
@@ -536,6 +540,7 @@ class Engine:
             reason = "length"  # the slot's cache row is full
         if reason is not None:
             request.text += "" if request.stop and reason == "stop" else decoder.flush()
+            request.reasoning = decoder.reasoning
             if request.stop and reason != "stop":
                 self._cut_at_stop(request)
         self._emit(request, final=reason is not None)
@@ -555,8 +560,9 @@ class Engine:
         # While a stop string could still be completing, hold back its length - 1 characters.
         hold = 0 if final or not request.stop else max(map(len, request.stop)) - 1
         upto = max(request.emitted, len(request.text) - hold)
-        if upto > request.emitted:
+        if upto > request.emitted or len(request.reasoning) > request.reasoning_emitted:
             piece, request.emitted = request.text[request.emitted:upto], upto
+            request.reasoning_emitted = len(request.reasoning)
             request.on_update(request, piece, None)
 
     def _retire(self, slot: int, reason: str) -> None:

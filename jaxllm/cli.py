@@ -48,12 +48,17 @@ def _settings(args) -> SamplerSettings:
 def _stream_completion(model, ids: list[int], **kw) -> list[int]:
     """Print one prompt's completion to stdout as it is generated; return its ids."""
     from .generate import generate_stream  # noqa: PLC0415
-    from .tokenizer import StreamDecoder  # noqa: PLC0415
+    from .harmony import reply_decoder  # noqa: PLC0415
 
-    decoder, out = StreamDecoder(model.tokenizer), []
+    decoder, out, thought = reply_decoder(model.tokenizer), [], 0
     for chunk in generate_stream(model.params, model.config, [ids], chunk=4, **kw):
         out += chunk[0]
-        sys.stdout.write(decoder.push(chunk[0]))
+        text = decoder.push(chunk[0])
+        if len(decoder.reasoning) > thought:  # a harmony reply's analysis channel: to stderr
+            sys.stderr.write(decoder.reasoning[thought:])
+            sys.stderr.flush()
+            thought = len(decoder.reasoning)
+        sys.stdout.write(text)
         sys.stdout.flush()
     sys.stdout.write(decoder.flush() + "\n")
     sys.stdout.flush()
@@ -73,11 +78,12 @@ def cmd_generate(args) -> None:
     start = time.perf_counter()
     if args.json or len(prompts) > 1:
         result = generate(model.params, model.config, prompts, **kw)
+        from .harmony import decode_reply  # noqa: PLC0415
         for text, ids, out in zip(args.prompt, prompts, result.tokens):
-            completion = model.tokenizer.decode(out)
+            completion, reasoning = decode_reply(model.tokenizer, out)
             if args.json:
-                print(json.dumps({"prompt": text, "prompt_ids": ids, "ids": out, "text": completion}),
-                      flush=True)
+                print(json.dumps({"prompt": text, "prompt_ids": ids, "ids": out, "text": completion,
+                                  **({"reasoning": reasoning} if reasoning else {})}), flush=True)
             else:
                 print(completion + "\n", flush=True)
         n = sum(len(t) for t in result.tokens)
@@ -152,6 +158,8 @@ def cmd_info(args) -> None:
 
 
 def cmd_chat(args) -> None:
+    from .harmony import decode_reply  # noqa: PLC0415
+
     settings = _settings(args)
     model = _load(args)
     messages = []
@@ -176,7 +184,7 @@ def cmd_chat(args) -> None:
         ids = model.tokenizer.encode(model.apply_chat_template(messages))
         reply = _stream_completion(model, ids, max_new_tokens=args.max_new_tokens,
                                    settings=settings, seed=args.seed)
-        messages.append({"role": "assistant", "content": model.tokenizer.decode(reply)})
+        messages.append({"role": "assistant", "content": decode_reply(model.tokenizer, reply)[0]})
 
 
 def cmd_serve(args) -> None:

@@ -327,20 +327,20 @@ def create_app(model: Model, model_id: str, *, max_batch: int = 8, max_context: 
 
     async def run(requests: list[Request], n: int):
         """Submit (n choices of a prompt together); yield (index, text, finish_reason,
-        tokens so far) as the engine produces them."""
+        tokens so far, characters of reasoning so far) as the engine produces them."""
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         for index, r in enumerate(requests):
             r.on_update = (lambda i: lambda _r, text, reason: loop.call_soon_threadsafe(
-                queue.put_nowait, (i, text, reason, len(_r.ids))))(index)
+                queue.put_nowait, (i, text, reason, len(_r.ids), _r.reasoning_emitted)))(index)
         for first in range(0, len(requests), n):
             metrics.prompt_tokens.inc(len(requests[first].prompt_ids))
             engine.submit_group(requests[first:first + n])
         unfinished = len(requests)
         try:
             while unfinished:
-                index, text, reason, n = await queue.get()
+                index, text, reason, n, thought = await queue.get()
                 unfinished -= reason is not None
-                yield index, text, reason, n
+                yield index, text, reason, n, thought
         finally:  # the client went away (or we failed): free the slots
             for r in requests:
                 if r.finish_reason is None:
@@ -381,13 +381,13 @@ def create_app(model: Model, model_id: str, *, max_batch: int = 8, max_context: 
                 "text_offset": offsets}
 
     async def respond(endpoint: str, body: SamplingFields, requests: list[Request], chunk, final):
-        """Stream chunk(index, text, finish_reason, tokens start..stop) events, or one
-        final(texts, requests) body."""
+        """Stream chunk(index, text, finish_reason, tokens start..stop, new reasoning)
+        events, or one final(texts, requests) body."""
         ident = f"{'chatcmpl' if endpoint.endswith('chat/completions') else 'cmpl'}-{uuid.uuid4().hex}"
         head = {"id": ident, "created": int(time.time()), "model": model_id}
         if not body.stream:
             texts = [""] * len(requests)
-            async for index, text, _, _ in run(requests, body.n):
+            async for index, text, _, _, _ in run(requests, body.n):
                 texts[index] += text
             if error := failure(requests):
                 return reply(endpoint, error.status, error.body())
@@ -396,16 +396,19 @@ def create_app(model: Model, model_id: str, *, max_batch: int = 8, max_context: 
         async def events():
             sse = lambda payload: f"data: {json.dumps(payload)}\n\n"
             sent = [0] * len(requests)  # tokens whose log-probabilities went out
+            thought = [0] * len(requests)  # characters of reasoning that went out
             for index in range(len(requests)):
                 if (opening := chunk(index, None, None, 0, 0)) is not None:
                     yield sse({**head, **opening})
-            async for index, text, reason, n in run(requests, body.n):
+            async for index, text, reason, n, upto in run(requests, body.n):
                 if reason == "error":
                     yield sse(failure(requests).body())
                     break
-                if (text or reason) and (payload := chunk(index, text, reason, sent[index], n)) is not None:
+                thinking = requests[index].reasoning[thought[index]:upto]
+                if (text or reason or thinking) and (
+                        payload := chunk(index, text, reason, sent[index], n, thinking)) is not None:
                     yield sse({**head, **payload})
-                    sent[index] = n
+                    sent[index], thought[index] = n, upto
             else:
                 if body.stream_options and body.stream_options.include_usage:
                     yield sse({**head, **chunk(None, None, None, 0, 0), "choices": [],
@@ -460,15 +463,17 @@ def create_app(model: Model, model_id: str, *, max_batch: int = 8, max_context: 
         requests = make_requests(body, [model.tokenizer.encode(text)], _top_logprobs(body, chat=True), grammar)
 
         def message(r: Request, text: str) -> tuple[dict, str]:
-            """The reply as a message (content, tool calls) and its finish reason."""
+            """The reply as a message (reasoning, content, tool calls) and its finish reason."""
             content, calls = parse_tool_calls(text) if tools else (text, [])
+            thinking = {"reasoning_content": r.reasoning} if r.reasoning else {}
             if not calls:
-                return {"content": text}, r.finish_reason
-            return {"content": content, "tool_calls": calls}, "tool_calls" if r.finish_reason == "stop" else r.finish_reason
+                return {**thinking, "content": text}, r.finish_reason
+            return ({**thinking, "content": content, "tool_calls": calls},
+                    "tool_calls" if r.finish_reason == "stop" else r.finish_reason)
 
         streams = [CallStream() for _ in requests] if tools else None
 
-        def chunk(index, text, reason, start, stop):
+        def chunk(index, text, reason, start, stop, thinking=""):
             if index is None:
                 return {"object": "chat.completion.chunk"}
             if text is None and reason is None:
@@ -480,10 +485,12 @@ def create_app(model: Model, model_id: str, *, max_batch: int = 8, max_context: 
                     for key, value in last.items():
                         delta[key] = delta.get(key, type(value)()) + value
                     reason = "tool_calls" if made_calls and reason == "stop" else reason
-                elif not delta:
+                elif not delta and not thinking:
                     return None  # nothing to say yet: these tokens' log-probabilities go with the next
             else:
                 delta = {"content": text} if text else {}
+            if thinking:  # a harmony reply's analysis channel (harmony.py)
+                delta = {"reasoning_content": thinking, **delta}
             logprobs = chat_logprobs(requests[index], start, stop) if stop > start else None
             return {"object": "chat.completion.chunk", "choices": [
                 {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}]}
@@ -525,9 +532,11 @@ def create_app(model: Model, model_id: str, *, max_batch: int = 8, max_context: 
             r = requests[index]
             return completion_logprobs(r.ids[start:stop], r.logprobs[start:stop], offsets[index])
 
-        def chunk(index, text, reason, start, stop):
+        def chunk(index, text, reason, start, stop, thinking=""):
             if index is None:
                 return {"object": "text_completion"}
+            if thinking and not text and reason is None:
+                return None  # a completion carries its text only (reasoning: the chat endpoint's)
             scored = None
             if text is None and reason is None:
                 if not body.echo:

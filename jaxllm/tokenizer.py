@@ -107,6 +107,7 @@ class StreamDecoder:
     vLLM's incremental detokenizer)."""
 
     CONTEXT = 6  # ids of context before the new ones
+    reasoning = ""  # a plain reply has none (harmony.HarmonyDecoder's has)
 
     def __init__(self, tokenizer: TextTokenizer, skip_special: bool = True):
         self.tokenizer, self.skip_special = tokenizer, skip_special
@@ -180,9 +181,15 @@ def stop_ids(md: dict, vocab: dict[str, int], types: list[int]) -> tuple[int, ..
     with <|return|> or <|call|>: there <|end|> is no stop (llama.cpp drops it alike)."""
     eos = {int(md[k]) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in md}
     eos |= {vocab[t] for t in END_OF_TURN if t in vocab and types[vocab[t]] == CONTROL}
-    if all(t in vocab for t in HARMONY_TURN_ENDS):
-        eos = (eos - {vocab.get("<|end|>")}) | {vocab[t] for t in HARMONY_TURN_ENDS}
-    return tuple(sorted(eos))
+    return tuple(sorted(_harmony_stops(eos, vocab.get)))
+
+
+def _harmony_stops(eos: set[int], token_id) -> set[int]:
+    """eos with harmony's turn ends in place of <|end|> where the vocabulary has them."""
+    ends = [token_id(t) for t in HARMONY_TURN_ENDS]
+    if None in ends:
+        return eos
+    return (eos - {token_id("<|end|>")}) | set(ends)
 
 
 def _sentencepiece_bpe(tokens, scores, types, md) -> Tokenizer:
@@ -229,7 +236,8 @@ def tokenizer_from_json(folder: str) -> TextTokenizer:
     eos_token = cfg.get("eos_token")
     if isinstance(eos_token, dict):
         eos_token = eos_token.get("content")
-    eos = (tok.token_to_id(eos_token),) if eos_token and tok.token_to_id(eos_token) is not None else ()
+    eos = {tok.token_to_id(eos_token)} if eos_token and tok.token_to_id(eos_token) is not None else set()
+    eos = tuple(sorted(_harmony_stops(eos, tok.token_to_id)))
     specials = frozenset(i for i, t in tok.get_added_tokens_decoder().items() if t.special)
     # The post-processor may add BOS itself; we add it explicitly instead.
     add_bos = bool(cfg.get("add_bos_token", False))

@@ -16,9 +16,11 @@ def _permute(w, n_heads):
     return w.reshape(n_heads, 2, out // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(path, config, params, arch="llama", extra=None, raw_tensor=None, f16=False, expert_type=None):
+def write_gguf(path, config, params, arch="llama", extra=None, raw_tensor=None, f16=False, expert_type=None,
+               control=()):
     """raw_tensor: (name, uint8 bytes [rows, row_bytes], GGML type) replacing a tensor;
-    expert_type: a GGML block type the experts are quantized to (gguf's quantizer)."""
+    expert_type: a GGML block type the experts are quantized to (gguf's quantizer);
+    control: names of control tokens, the vocabulary's last ids."""
     w = GGUFWriter(str(path), arch)
     w.add_block_count(config.n_layers)
     w.add_context_length(config.max_seq_len)
@@ -46,8 +48,9 @@ def write_gguf(path, config, params, arch="llama", extra=None, raw_tensor=None, 
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("gpt-2")
     tokens = BYTE_TOKENS + [f"<extra_{i}>" for i in range(max(0, config.vocab_size - len(BYTE_TOKENS)))]
-    w.add_token_list(tokens[:config.vocab_size])
-    w.add_token_types([1] * config.vocab_size)
+    tokens = tokens[:config.vocab_size - len(control)] + list(control)
+    w.add_token_list(tokens)
+    w.add_token_types([1] * (config.vocab_size - len(control)) + [3] * len(control))
     w.add_token_merges([])
     w.add_bos_token_id(1)
     w.add_eos_token_id(0)

@@ -1,0 +1,100 @@
+"""gpt-oss's harmony replies (jaxllm/harmony.py): reasoning, content and tool calls told
+apart by the marker tokens, one id at a time as at once, and through the server's chat
+endpoint (a grammar makes a tiny random model write a harmony reply)."""
+
+import jax
+import pytest
+from conftest import tiny
+from openai import OpenAI
+from test_server import running
+from tiny_gguf import write_gguf
+
+import jaxllm
+from jaxllm.harmony import HarmonyDecoder, decode_reply, is_harmony
+from jaxllm.server import create_app
+from jaxllm.tools import parse_tool_calls
+
+MARKERS = ["<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|return|>", "<|call|>", "<|constrain|>"]
+TEMPLATE = ("{% for m in messages %}<|start|>{{ m['role'] }}<|message|>{{ m['content'] }}<|end|>{% endfor %}"
+            "{% if add_generation_prompt %}<|start|>assistant{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    c = tiny(vocab_size=300, max_seq_len=256)
+    path = write_gguf(tmp_path_factory.mktemp("h") / "harmony.gguf", c, jaxllm.init_params(c, jax.random.PRNGKey(4)),
+                      control=MARKERS, extra={"tokenizer.chat_template": TEMPLATE})
+    return jaxllm.load(str(path))
+
+
+def ids(model, text):
+    return model.tokenizer.encode(text, add_bos=False)
+
+
+REPLY = ("<|channel|>analysis<|message|>The user greets; answer briefly.<|end|>"
+         "<|start|>assistant<|channel|>final<|message|>Hello, wörld!")
+
+
+def test_reasoning_and_content_apart_at_once_and_id_by_id(model):
+    tok = model.tokenizer
+    assert is_harmony(tok) and tok.eos_ids == tuple(sorted({0, *(tok.tok.token_to_id(m)
+                                                              for m in ("<|return|>", "<|call|>"))}))
+    reply = ids(model, REPLY)
+    assert decode_reply(tok, reply) == ("Hello, wörld!", "The user greets; answer briefly.")
+    decoder, content = HarmonyDecoder(tok), ""
+    for i in reply:
+        content += decoder.push([i])
+    assert content + decoder.flush() == "Hello, wörld!"
+    assert decoder.reasoning == "The user greets; answer briefly."
+
+
+def test_a_call_becomes_a_tool_call_and_unmarked_text_stays(model):
+    """A message to functions.NAME is written as the Hermes call the server parses; the
+    commentary channel's preamble is content; a reply without markers is kept whole."""
+    reply = ids(model, '<|channel|>commentary<|message|>Checking.<|end|><|start|>assistant<|channel|>commentary '
+                       'to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}')
+    content, reasoning = decode_reply(model.tokenizer, reply)
+    assert reasoning == ""
+    assert content == 'Checking.<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+    text, calls = parse_tool_calls(content)
+    assert text == "Checking." and [(c["function"]["name"], c["function"]["arguments"]) for c in calls] == [
+        ("get_weather", '{"city": "Paris"}')]
+    assert decode_reply(model.tokenizer, ids(model, "no markers here")) == ("no markers here", "")
+
+
+def test_the_chat_endpoint_returns_reasoning_content(model):
+    """A grammar holds the reply to a harmony exchange: the chat endpoint's message and
+    stream both carry it as reasoning_content and content."""
+    special = lambda m: f"<[{model.tokenizer.tok.token_to_id(m)}]>"
+    grammar = (f'start: {special("<|channel|>")} "analysis" {special("<|message|>")} "Think first." '
+               f'{special("<|end|>")} {special("<|start|>")} "assistant" {special("<|channel|>")} "final" '
+               f'{special("<|message|>")} "Hi."')
+    app = create_app(model, "tiny", max_batch=2, max_context=256, steps_per_chunk=4)
+    for port in running(app):
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        ask = dict(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=60,
+                   extra_body={"structured_outputs": {"grammar": grammar}})
+        message = client.chat.completions.create(**ask).choices[0].message
+        assert message.content == "Hi." and message.model_extra["reasoning_content"] == "Think first."
+        thought, said = "", ""
+        for event in client.chat.completions.create(**ask, stream=True):
+            delta = event.choices[0].delta
+            thought += (delta.model_extra or {}).get("reasoning_content") or ""
+            said += delta.content or ""
+        assert (thought, said) == ("Think first.", "Hi.")
+
+
+def test_a_hugging_face_folder_stops_at_harmony_s_turn_ends(tmp_path):
+    """gpt-oss's tokenizer_config names <|return|> only: <|call|> must stop a reply too
+    (it ends a turn with a tool call), and <|end|> must not (it ends the reasoning)."""
+    import json  # noqa: PLC0415
+
+    from tokenizers import Tokenizer, models  # noqa: PLC0415
+
+    from jaxllm.tokenizer import tokenizer_from_json  # noqa: PLC0415
+    tok = Tokenizer(models.BPE({"a": 0, "b": 1}, []))
+    tok.add_special_tokens(MARKERS)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|end|>"}))
+    loaded = tokenizer_from_json(str(tmp_path))
+    assert loaded.eos_ids == tuple(sorted(tok.token_to_id(m) for m in ("<|return|>", "<|call|>")))
