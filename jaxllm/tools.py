@@ -6,6 +6,8 @@ them, turned into OpenAI's `tool_calls`:
   Mistral                              [TOOL_CALLS] [{"name": ..., "arguments": {...}}, ...]
   Llama 3.1 / 3.2                      {"name": ..., "parameters": {...}} as the whole reply
                                        (optionally after <|python_tag|>)
+  gpt-oss (harmony)                    a commentary message to functions.NAME, which
+                                       harmony.py rewrites in the Hermes form
 
 Text that is not a well-formed call stays content: a reply is never lost to parsing.
 When tool_choice forces a call, `forced_call` writes a grammar that admits only
@@ -204,8 +206,11 @@ class CallStream:
 
 
 def template_family(template: str) -> str:
-    """The call format a chat template's model writes: "mistral", "llama3" or
-    "hermes" (Hermes, Qwen, SmolLM2, and the format taken when a template says none)."""
+    """The call format a chat template's model writes: "harmony" (gpt-oss), "mistral",
+    "llama3" or "hermes" (Hermes, Qwen, SmolLM2, and the format taken when a template
+    says none)."""
+    if "<|channel|>" in template:
+        return "harmony"
     if _MISTRAL in template:
         return "mistral"
     if "<tool_call>" not in template and (_PYTHON_TAG in template or '"parameters"' in template):
@@ -221,6 +226,8 @@ def forced_call(grammars, tools: list[dict], name: Optional[str], template: str,
     if not functions:
         raise ValueError(f"tool_choice names the function {name!r}, which is not among the tools")
     family = template_family(template)
+    if family == "harmony":
+        return _harmony_call(grammars, functions)
     key = "parameters" if family == "llama3" else "arguments"
     schema = {"anyOf": [{"type": "object", "additionalProperties": False, "required": ["name", key],
                          "properties": {"name": {"const": f["name"]},
@@ -238,6 +245,20 @@ def forced_call(grammars, tools: list[dict], name: Optional[str], template: str,
         start = (f'start: block {more}\nblock: {literal("<tool_call>")} "\\n" call "\\n" '
                  f'{literal("</tool_call>")}')
     return grammars.lark(f"{start}\n{call}")
+
+
+def _harmony_call(grammars, functions: list[dict]):
+    """gpt-oss's call: a commentary message to functions.NAME whose body is the JSON
+    arguments (harmony.py reads it back); one per turn, which <|call|> ends."""
+    literal = grammars.literal
+    rules = [f"call: {' | '.join(f'f{i}' for i in range(len(functions)))}"]
+    for i, f in enumerate(functions):
+        header = json.dumps(f"commentary to=functions.{f['name']} ")
+        rules.append(f'f{i}: {literal("<|channel|>")} {header} {literal("<|constrain|>")} "json" '
+                     f'{literal("<|message|>")} a{i}')
+        rules.append(f"a{i}: %json " + json.dumps({**(f.get("parameters") or {"type": "object"}),
+                                                  "x-guidance": JSON_LAYOUT}))
+    return grammars.lark("start: call\n" + "\n".join(rules))
 
 
 def check_tools(tools: list) -> list[dict]:

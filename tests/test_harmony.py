@@ -2,6 +2,8 @@
 apart by the marker tokens, one id at a time as at once, and through the server's chat
 endpoint (a grammar makes a tiny random model write a harmony reply)."""
 
+import dataclasses
+
 import jax
 import pytest
 from conftest import tiny
@@ -98,3 +100,25 @@ def test_a_hugging_face_folder_stops_at_harmony_s_turn_ends(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|end|>"}))
     loaded = tokenizer_from_json(str(tmp_path))
     assert loaded.eos_ids == tuple(sorted(tok.token_to_id(m) for m in ("<|return|>", "<|call|>")))
+
+
+def test_a_forced_call_is_a_harmony_call(model):
+    """tool_choice "required" on a harmony model: the grammar holds the reply to
+    harmony's own call (a commentary message to functions.NAME, JSON arguments valid
+    under the tool's schema), which comes back as tool_calls."""
+    import json  # noqa: PLC0415
+
+    import jsonschema  # noqa: PLC0415
+    params = {"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]}}, "required": ["city"],
+              "additionalProperties": False}
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": params}}]
+    template = TEMPLATE + "{% if tools %}<|channel|>{% endif %}"
+    app = create_app(dataclasses.replace(model, chat_template=template), "tiny", max_batch=2, max_context=256)
+    for port in running(app):
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        choice = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "weather?"}],
+                                                tools=tools, tool_choice="required", max_tokens=60).choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        (call,) = choice.message.tool_calls
+        assert call.function.name == "get_weather"
+        jsonschema.validate(json.loads(call.function.arguments), params)
