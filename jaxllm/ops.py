@@ -286,8 +286,9 @@ def split_fused(x: jax.Array, sizes: Sequence[int], shards: int = 1) -> list[jax
 
 
 def gated_activation(config: ModelConfig, h: jax.Array, dtype) -> jax.Array:
-    """A gated MLP's hidden activation from its [gate | up] halves h [..., 2F]."""
-    gate, up = jnp.split(h, 2, axis=-1)
+    """A gated MLP's hidden activation from its [gate | up] halves h [..., 2F] (in
+    per-shard order under tensor parallelism: split_fused)."""
+    gate, up = split_fused(h, [h.shape[-1] // 2] * 2, config.tensor_parallel)
     if config.mlp == "swiglu_oai":
         limit = config.swiglu_limit
         gate, up = jnp.minimum(gate, limit), jnp.clip(up, -limit, limit)

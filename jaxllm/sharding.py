@@ -12,7 +12,9 @@ table, not of model code:
     one after the MLP, per layer;
   - the embedding and the head split the vocabulary (where it divides); the KV cache
     splits its kv heads.
-  - norms, and the biases added after an all-reduce, are replicated.
+  - norms, and the biases added after an all-reduce, are replicated;
+  - mixture-of-experts layers split every expert as a dense MLP (`EXPERT_AXES`), and
+    attention sinks split with their heads.
 
 Fused projections are stored in per-shard order ([q_0 k_0 v_0 | q_1 k_1 v_1 | ...],
 [gate_0 up_0 | gate_1 up_1 | ...]): a device's columns are then one contiguous block,
@@ -45,14 +47,21 @@ from .weights import Experts, Fp8Weight, QuantizedWeight, permute_outputs
 AXIS = "model"  # the mesh axis tensor parallelism splits over
 
 # logical axis -> mesh axis (None: replicated)
-RULES: dict[str, Optional[str]] = {"embed": None, "heads": AXIS, "ffn": AXIS, "vocab": AXIS, "kv_heads": AXIS}
+RULES: dict[str, Optional[str]] = {"embed": None, "heads": AXIS, "ffn": AXIS, "vocab": AXIS, "kv_heads": AXIS,
+                                   "experts": None}
 
 # The logical axes of each weight as a dense [in, out] matrix (a bias: its out axis).
 AXES: dict[str, tuple[str, ...]] = {
     "wqkv": ("embed", "heads"), "bqkv": ("heads",), "wo": ("heads", "embed"),
     "w_in": ("embed", "ffn"), "b_in": ("ffn",), "w_out": ("ffn", "embed"),
     "embed": ("vocab", "embed"), "lm_head": ("embed", "vocab"), "lm_head_bias": ("vocab",),
+    "sinks": ("heads",),
 }
+# Mixture-of-experts layers: every expert splits as a dense MLP does (its share of each
+# expert's gate, up and down on every device: no expert moves), stacked on a replicated
+# leading axis; the router, its bias and the biases added after the all-reduce are whole.
+EXPERT_AXES: dict[str, tuple[str, ...]] = {
+    "w_in": ("experts", "embed", "ffn"), "b_in": ("experts", "ffn"), "w_out": ("experts", "ffn", "embed")}
 
 
 def make_mesh(n: int, devices: Optional[Sequence] = None) -> Mesh:
@@ -64,12 +73,15 @@ def make_mesh(n: int, devices: Optional[Sequence] = None) -> Mesh:
 
 
 def _shardings(w, axes: tuple[str, ...], mesh: Mesh, rules: dict[str, Optional[str]]):
-    """The NamedShardings of weight w's arrays, whose dense form has logical `axes`."""
+    """The NamedShardings of weight w's arrays, whose dense form has logical `axes`
+    (stacked experts: a leading "experts" axis on every array)."""
+    if isinstance(w, Experts):
+        return Experts(_shardings(w.w, axes, mesh, rules))
     named = lambda *names: NamedSharding(mesh, PartitionSpec(*(rules[a] for a in names)))
     if isinstance(w, QuantizedWeight):
-        k_axis, n_axis = axes
-        rows = named(n_axis, k_axis)  # values, high: [N (packed), K]
-        cols = named(k_axis, n_axis)  # scales, mins: [K/G, N]
+        *lead, k_axis, n_axis = axes
+        rows = named(*lead, n_axis, k_axis)  # values, high: [N (packed), K]
+        cols = named(*lead, k_axis, n_axis)  # scales, mins: [K/G, N]
         return QuantizedWeight(rows, cols, None if w.mins is None else cols,
                                None if w.high is None else rows, w.bits, w.compute_dtype)
     if isinstance(w, Fp8Weight):  # t [N, K], one scale per output
@@ -91,9 +103,8 @@ def check(config: ModelConfig, n: int) -> None:
     """Raise ValueError where the model cannot split over n devices."""
     if n == 1:
         return
-    if config.n_experts:
-        raise ValueError("tensor parallelism does not split mixture-of-experts layers yet")
-    for name, size in (("n_heads", config.n_heads), ("n_kv_heads", config.n_kv_heads), ("d_ff", config.d_ff)):
+    ffn = ("expert_d_ff", config.expert_d_ff) if config.n_experts else ("d_ff", config.d_ff)
+    for name, size in (("n_heads", config.n_heads), ("n_kv_heads", config.n_kv_heads), ffn):
         if size % n:
             raise ValueError(f"tensor parallelism over {n} devices needs {name} ({size}) divisible by {n}")
 
@@ -107,13 +118,16 @@ def shard(params: Params, config: ModelConfig, mesh: Mesh) -> tuple[Params, Mode
         return params, config
     params = untranspose(params)  # the XLA paths read [K, N]
     qkv = _per_shard([config.q_size, config.kv_size, config.kv_size], n)
-    gated = config.mlp in ("swiglu", "geglu")
-    ffn = _per_shard([config.d_ff] * 2, n) if gated else None
+    gated = config.mlp != "gelu"
+    ffn = _per_shard([config.expert_d_ff if config.n_experts else config.d_ff] * 2, n) if gated else None
 
     def layer(p: Layer) -> Layer:
         p = p.replace(wqkv=permute_outputs(p.wqkv, qkv),
                       bqkv=None if p.bqkv is None else p.bqkv[qkv])
-        if ffn is not None:
+        if isinstance(p.w_in, Experts):  # each expert's gate and up in per-shard order
+            p = p.replace(w_in=Experts(jax.vmap(lambda w: permute_outputs(w, ffn))(p.w_in.w)),
+                          b_in=None if p.b_in is None else p.b_in[:, ffn])
+        elif ffn is not None:
             p = p.replace(w_in=permute_outputs(p.w_in, ffn), b_in=None if p.b_in is None else p.b_in[ffn])
         return p
 
@@ -128,10 +142,9 @@ def shard(params: Params, config: ModelConfig, mesh: Mesh) -> tuple[Params, Mode
             value = getattr(tree, f.name)
             if value is None or f.name == "layers":
                 continue
-            if isinstance(value, Experts):
-                raise ValueError("tensor parallelism does not split mixture-of-experts layers yet")
-            if f.name in names:
-                out[f.name] = jax.device_put(value, _shardings(value, names[f.name], mesh, rules))
+            axes = (EXPERT_AXES if config.n_experts and f.name in EXPERT_AXES else names).get(f.name)
+            if axes is not None:
+                out[f.name] = jax.device_put(value, _shardings(value, axes, mesh, rules))
             else:
                 out[f.name] = jax.device_put(value, replicated)
         return tree.replace(**out)
