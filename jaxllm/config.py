@@ -195,13 +195,23 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def param_count(self) -> int:
-        D, F, L = self.d_model, self.d_ff, self.n_layers
-        attn = D * (self.q_size + 2 * self.kv_size) + self.q_size * D
-        mlp = (3 if self.mlp != "gelu" else 2) * D * F
+        """Every weight, bias, norm and sink of the model (as init_params makes it)."""
+        D, L, qkv = self.d_model, self.n_layers, self.q_size + 2 * self.kv_size
+        norm = D * (2 if self.norm == "layer" and self.norm_bias else 1)
+        attn = D * qkv + self.q_size * D + qkv * self.qkv_bias + D * self.out_bias + self.n_heads * self.attn_sinks
+        if self.qk_norm:
+            attn += self.q_size + self.kv_size if self.qk_norm_whole else 2 * self.head_dim
+        width = 2 if self.mlp != "gelu" else 1  # gate and up, or one input projection
         if self.n_experts:
-            mlp = self.n_experts * 3 * D * self.expert_d_ff + D * self.n_experts
-        embed = self.vocab_size * D * (1 if self.tie_embeddings else 2)
-        return L * (attn + mlp + (1 if self.parallel_block else 2) * D) + embed + D
+            E, F = self.n_experts, self.expert_d_ff
+            mlp = E * (width + 1) * D * F + D * E + E * self.router_bias + E * (width * F + D) * self.mlp_bias
+        else:
+            F = self.d_ff
+            mlp = (width + 1) * D * F + (width * F + D) * self.mlp_bias
+        norms = norm * ((1 if self.parallel_block else 2) + 2 * self.sandwich_norm)
+        embed = self.vocab_size * D * (1 if self.tie_embeddings else 2) + self.vocab_size * self.lm_head_bias
+        positions = self.max_seq_len * D if self.position == "learned" else 0
+        return L * (attn + mlp + norms) + embed + positions + norm
 
 
 # Benchmark shapes from ../shared/anchors/*.json (real architectures, random weights).

@@ -20,6 +20,7 @@ def random_tokens(seed, shape, vocab):
 def test_forward_matches_float64_numpy(arch_config):
     c = arch_config
     params = jaxllm.init_params(c, jax.random.PRNGKey(np.random.randint(1 << 30)))
+    assert c.param_count() == sum(x.size for x in jax.tree.leaves(params))  # what `jaxllm info` reports
     tokens = random_tokens(np.random.randint(1 << 30), (2, 11), c.vocab_size)
     logits = jaxllm.forward(params, c, jnp.asarray(tokens))
     p64 = to64(params)
