@@ -6,7 +6,10 @@ It measures what the shared anchors measured: llama.cpp as vendored in
 llama-cpp-python 0.3.36 (commit 0c1e570), built for sm_90 with CUDA, flash attention
 on, every layer on the GPU, `llama-bench -p 512 -n 128 -r 3`, on GGUF files of random
 weights with the anchors' shapes (speed does not depend on the values). F16 files are
-written directly; Q8_0, Q4_0 and Q4_1 files come from llama-quantize's default rules.
+written directly (benchmarks/random_gguf.py); Q8_0, Q4_0 and Q4_1 files come from
+llama-quantize's default rules. The mixture-of-experts shapes (`--shapes
+qwen3moe30b,gptoss20b`, jaxllm's presets) are written directly in each type measured
+(`PRESET_TYPES`; gpt-oss's experts in MXFP4, as its files ship).
 
     # here, where PyPI can be reached: a trimmed source tree (~9 MB) to carry
     python benchmarks/llamacpp_peer.py pack --out .peer/llama.cpp.tar.gz
@@ -30,9 +33,10 @@ import tarfile
 import tempfile
 import time
 
-import numpy as np
-
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from random_gguf import write_random_gguf  # noqa: E402
+
 SHARED_ANCHORS = os.path.join(HERE, "..", "..", "shared", "anchors", "h100-2026-11-23.json")
 SDIST = "llama-cpp-python==0.3.36"
 VERSION = "llama.cpp as vendored in llama-cpp-python 0.3.36 (commit 0c1e570), {build}, llama-bench -p 512 -n 128 -r 3"
@@ -45,9 +49,12 @@ PRUNE = ("models", "docs", "media", "tests", "benches", "examples", ".git", "too
 CMAKE_FLAGS = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_CUDA=ON", "-DCMAKE_CUDA_ARCHITECTURES=90",
                "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
                "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_OPENSSL=OFF"]
-# The quantized types the shared anchors list, per shape.
+# The quantized types the shared anchors list, per shape (from llama-quantize).
 QUANT_TYPES = {"smol135m": ("Q8_0", "Q4_1", "Q4_0"), "llama1b": ("Q8_0", "Q4_0"),
                "llama8b": ("Q8_0", "Q4_0")}
+# The mixture-of-experts shapes' files, each written directly (random_gguf.py) and
+# removed once measured: qwen3moe30b in F16 is 61 GB of a 64 GB disk.
+PRESET_TYPES = {"qwen3moe30b": ("Q8_0", "F16"), "gptoss20b": ("MXFP4", "F16")}
 
 
 def log(msg: str) -> None:
@@ -94,71 +101,26 @@ def build(source: str, work: str, jobs: int, cuda: bool = True) -> str:
     return bin_dir
 
 
-def write_random_gguf(path: str, shape: dict, seed: int = 0) -> None:
-    """A Llama-architecture F16 GGUF of random weights (norms F32) with the anchors'
-    shape, and a SentencePiece-style vocabulary of placeholder pieces (llama-bench
-    draws random token ids, so the pieces are never read)."""
-    import gguf
-
-    d, L, F, V = shape["d_model"], shape["layers"], shape["d_ff"], shape["vocab"]
-    H, KV = shape["heads"], shape["kv_heads"]
-    hd = d // H
-    w = gguf.GGUFWriter(path, "llama")
-    w.add_context_length(8192)
-    w.add_embedding_length(d)
-    w.add_block_count(L)
-    w.add_feed_forward_length(F)
-    w.add_head_count(H)
-    w.add_head_count_kv(KV)
-    w.add_rope_dimension_count(hd)
-    w.add_rope_freq_base(shape["rope_theta"])
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_vocab_size(V)
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
-    specials = ["<unk>", "<s>", "</s>"]
-    byte_pieces = [f"<0x{b:02X}>" for b in range(256)]
-    tokens = specials + byte_pieces + [f"t{i}" for i in range(V - len(specials) - 256)]
-    T = gguf.TokenType
-    types = [T.UNKNOWN, T.CONTROL, T.CONTROL] + [T.BYTE] * 256 + [T.NORMAL] * (V - 259)
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores([0.0] * V)
-    w.add_token_types(types)
-    w.add_unk_token_id(0)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-
-    # One random block repeated: drawing 8e9 normals would take minutes.
-    block = (np.random.default_rng(seed).standard_normal(1 << 20) * 0.02).astype(np.float16)
-    rand = lambda *s: np.resize(block, s)  # noqa: E731
-    ones = lambda n: np.ones(n, np.float32)  # noqa: E731
-    w.add_tensor("token_embd.weight", rand(V, d))
-    for i in range(L):
-        p = f"blk.{i}."
-        w.add_tensor(p + "attn_norm.weight", ones(d))
-        w.add_tensor(p + "attn_q.weight", rand(H * hd, d))
-        w.add_tensor(p + "attn_k.weight", rand(KV * hd, d))
-        w.add_tensor(p + "attn_v.weight", rand(KV * hd, d))
-        w.add_tensor(p + "attn_output.weight", rand(d, H * hd))
-        w.add_tensor(p + "ffn_norm.weight", ones(d))
-        w.add_tensor(p + "ffn_gate.weight", rand(F, d))
-        w.add_tensor(p + "ffn_up.weight", rand(F, d))
-        w.add_tensor(p + "ffn_down.weight", rand(d, F))
-    w.add_tensor("output_norm.weight", ones(d))
-    if not shape.get("tied_embeddings"):
-        w.add_tensor("output.weight", rand(V, d))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+def shape_config(name: str, anchors: dict):
+    """The named shape as a ModelConfig: an anchors file's (Llama architecture), else a
+    jaxllm preset (the mixture-of-experts shapes, which the anchors do not have)."""
+    from jaxllm.config import PRESETS, ModelConfig  # noqa: PLC0415
+    if name not in anchors:
+        return PRESETS[name]
+    s = anchors[name]
+    return ModelConfig(vocab_size=s["vocab"], d_model=s["d_model"], n_layers=s["layers"], n_heads=s["heads"],
+                       n_kv_heads=s["kv_heads"], d_ff=s["d_ff"], rope_theta=s["rope_theta"], max_seq_len=8192,
+                       tie_embeddings=bool(s.get("tied_embeddings")), kernels="xla", arch="llama")
 
 
-def f16_path(work: str, name: str, shape: dict) -> str:
-    """work/NAME-F16.gguf, written first if it is not there."""
-    path = os.path.join(work, f"{name}-F16.gguf")
+def model_path(work: str, name: str, config, kind: str) -> str:
+    """work/NAME-KIND.gguf, written first if it is not there: F16, or (a preset's files)
+    every matrix in Q8_0, or the experts in MXFP4 and the rest F16 (as gpt-oss ships)."""
+    path = os.path.join(work, f"{name}-{kind}.gguf")
     if not os.path.exists(path):
-        log(f"{name}: writing random F16 GGUF ...")
-        write_random_gguf(path + ".part", shape)
+        log(f"{name}: writing random {kind} GGUF ...")
+        matrices = "Q8_0" if kind == "Q8_0" else "F16"
+        write_random_gguf(path + ".part", config, matrices, "MXFP4" if kind == "MXFP4" else matrices)
         os.replace(path + ".part", path)
     return path
 
@@ -197,15 +159,21 @@ def cuda_version() -> str:
 
 def run(args) -> dict:
     t_end = time.time() + args.deadline_s
-    shapes_src = json.load(open(args.shapes_from))["shapes"]
-    shapes = {s: shapes_src[s] for s in args.shapes.split(",")}
+    anchors = json.load(open(args.shapes_from))["shapes"]
+    configs = {s: shape_config(s, anchors) for s in args.shapes.split(",")}
+    shapes = {s: anchors.get(s, {"preset": s, "arch": c.arch, "layers": c.n_layers, "d_model": c.d_model,
+                                 "experts": c.n_experts, "active_experts": c.n_active_experts,
+                                 "expert_d_ff": c.expert_d_ff, "vocab": c.vocab_size})
+              for s, c in configs.items()}
     os.makedirs(args.work, exist_ok=True)
     gpu = not args.cpu
-    # The F16 files are written while llama.cpp compiles (numpy and the disk, not the cores).
+    # The anchor shapes' F16 files are written while llama.cpp compiles (numpy and the
+    # disk, not the cores).
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         building = pool.submit(build, args.source, args.work, args.jobs, gpu)
         for shape in shapes:
-            f16_path(args.work, shape, shapes[shape])
+            if shape in anchors:
+                model_path(args.work, shape, configs[shape], "F16")
         bin_dir = building.result()
     device = device_name()
     report = {
@@ -221,16 +189,16 @@ def run(args) -> dict:
                                                 else "CPU build"),
                       "tg128": {}, "pp512": {}, "stddev": {}},
     }
-    jobs = [(s, "F16") for s in shapes] + [(s, q) for s in shapes for q in QUANT_TYPES.get(s, ())
-                                           if q in args.types.split(",")]
+    jobs = [(s, "F16") for s in shapes if s in anchors]
+    jobs += [(s, q) for s in shapes for q in QUANT_TYPES.get(s, ()) if q in args.types.split(",")]
+    jobs += [(s, q) for s in shapes if s not in anchors for q in PRESET_TYPES.get(s, ("F16",))]
     for shape, qtype in jobs:
         if time.time() > t_end:
             log(f"deadline reached: {shape} {qtype} not measured")
             continue
-        f16 = f16_path(args.work, shape, shapes[shape])
-        model = f16
-        if qtype != "F16":
-            model = os.path.join(args.work, f"{shape}-{qtype}.gguf")
+        model = model_path(args.work, shape, configs[shape], qtype if shape not in anchors else "F16")
+        if shape in anchors and qtype != "F16":  # llama-quantize's file from the F16 one
+            f16, model = model, os.path.join(args.work, f"{shape}-{qtype}.gguf")
             if not os.path.exists(model):
                 log(f"{shape}: llama-quantize {qtype} ...")
                 subprocess.run([os.path.join(bin_dir, "llama-quantize"), f16, model + ".part", qtype,
@@ -242,6 +210,9 @@ def run(args) -> dict:
         except subprocess.CalledProcessError as e:  # one failed model must not cost the others
             log(f"{shape} {qtype}: llama-bench failed ({e.returncode}): {(e.stderr or '')[-800:]}")
             continue
+        finally:
+            if shape not in anchors and not args.keep_models:
+                os.remove(model)
         lc = report["llama_cpp"]
         lc["tg128"].setdefault(shape, {})[qtype] = round(fig["tg128"], 1)
         lc["pp512"].setdefault(shape, {})[qtype] = round(fig["pp512"], 1)
@@ -272,6 +243,8 @@ def main(argv=None) -> int:
     r.add_argument("--deadline-s", type=float, default=1e9, help="stop starting measurements after this")
     r.add_argument("--cpu", action="store_true", help="CPU-only build and run (a check of this script)")
     r.add_argument("--bench-args", default="", help="extra llama-bench arguments, e.g. '-t 2'")
+    r.add_argument("--keep-models", action="store_true",
+                   help="keep the mixture-of-experts shapes' files once measured (they are large)")
     args = p.parse_args(argv)
     if args.cmd == "pack":
         pack(args.out)

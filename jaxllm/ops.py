@@ -270,7 +270,8 @@ def moe_mlp(x: jax.Array, router: jax.Array, w_in: Experts, w_out: Experts, conf
     if config.router_norm_topk:
         weights = weights / weights.sum(-1, keepdims=True)
     run = _experts_gathered if config.kernels.moe_route(x.shape[0] * k) == "gather" else _experts_grouped
-    y = run(x, experts, Expert(w_in, b_in), Expert(w_out, b_out), partial(gated_activation, config))
+    y = run(x, experts, ExpertProjection(w_in, b_in), ExpertProjection(w_out, b_out),
+            partial(gated_activation, config))
     return jnp.einsum("nk,nkd->nd", weights, y).astype(x.dtype).reshape(shape)
 
 
@@ -296,8 +297,8 @@ def gated_activation(config: ModelConfig, h: jax.Array, dtype) -> jax.Array:
     return (jax.nn.silu(gate) * up).astype(dtype)
 
 
-class Expert(NamedTuple):
-    """One stacked expert projection and its per-expert bias [E, N] (or None)."""
+class ExpertProjection(NamedTuple):
+    """A projection of every expert (stacked) and their biases [E, N] (or None)."""
 
     w: Experts
     b: Optional[jax.Array]
@@ -307,7 +308,7 @@ class Expert(NamedTuple):
         return y if self.b is None else y + self.b[ids].astype(jnp.float32)
 
 
-def _experts_gathered(x, experts, w_in: Expert, w_out: Expert, act) -> jax.Array:
+def _experts_gathered(x, experts, w_in: ExpertProjection, w_out: ExpertProjection, act) -> jax.Array:
     """[N, k, D] float32: token n through expert experts[n, j], reading only the
     routed experts' weights (few tokens: decode)."""
     h = jnp.einsum("nd,nkdf->nkf", x, w_in.w.dense(experts).astype(x.dtype), preferred_element_type=jnp.float32)
@@ -316,7 +317,7 @@ def _experts_gathered(x, experts, w_in: Expert, w_out: Expert, act) -> jax.Array
     return w_out.biased(y, experts)
 
 
-def _experts_grouped(x, experts, w_in: Expert, w_out: Expert, act) -> jax.Array:
+def _experts_grouped(x, experts, w_in: ExpertProjection, w_out: ExpertProjection, act) -> jax.Array:
     """Same as _experts_gathered, with the (token, expert) pairs sorted by expert and
     each expert's rows multiplied by its weights once (a grouped matrix multiply)."""
     N, k = experts.shape

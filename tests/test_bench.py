@@ -46,11 +46,38 @@ def test_llamacpp_peer_models_have_the_anchor_shapes(tmp_path):
     for tied in (True, False):
         shape = {"layers": 2, "d_model": 128, "d_ff": 320, "heads": 4, "kv_heads": 2, "vocab": 600,
                  "tied_embeddings": tied, "rope_theta": 5e5}
-        path = str(tmp_path / f"tied{tied}.gguf")
-        llamacpp_peer.write_random_gguf(path, shape)
+        path = llamacpp_peer.model_path(str(tmp_path), f"tied{tied}", llamacpp_peer.shape_config("s", {"s": shape}),
+                                        "F16")
         model = jaxllm.load(path)
         c = model.config
         assert (c.n_layers, c.d_model, c.d_ff, c.n_heads, c.n_kv_heads, c.vocab_size) == (2, 128, 320, 4, 2, 600)
         assert c.tie_embeddings == tied and c.rope_theta == 5e5
         embed = np.asarray(model.params.embed, np.float32)
         assert embed.std() > 0.01 and np.isfinite(embed).all()
+
+
+def test_random_moe_files_of_each_family_load_as_their_shape(tmp_path):
+    """benchmarks/random_gguf.py's Qwen3-MoE and gpt-oss files (Q8_0 matrices, MXFP4
+    experts as gpt-oss ships them) read back through jaxllm's loader with the shape
+    asked for, experts kept packed, and give finite logits."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import random_gguf  # noqa: PLC0415
+
+    import jaxllm  # noqa: PLC0415
+    from jaxllm.config import PRESETS  # noqa: PLC0415
+
+    small = dict(vocab_size=640, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, n_experts=4,
+                 n_active_experts=2, expert_d_ff=32, kernels="xla")
+    for name, matrices, experts in (("qwen3moe30b", "F16", "Q8_0"), ("gptoss20b", "Q8_0", "MXFP4")):
+        config = PRESETS[name].replace(**small)
+        path = str(tmp_path / f"{name}.gguf")
+        random_gguf.write_random_gguf(path, config, matrices, experts)
+        model = jaxllm.load(path, dtype="float32")
+        c = model.config
+        assert (c.arch, c.n_layers, c.n_experts, c.n_active_experts, c.expert_d_ff, c.head_dim) == (
+            config.arch, 2, 4, 2, 32, 16)
+        assert (c.attn_sinks, c.router_bias, c.mlp, c.rope_scaling) == (
+            config.attn_sinks, config.router_bias, config.mlp, config.rope_scaling)
+        assert isinstance(model.params.layers[0].w_in.w, jaxllm.QuantizedWeight)
+        logits = jaxllm.forward(model.params, c, np.asarray([[5, 6, 7, 8]]))
+        assert np.isfinite(np.asarray(logits)).all()
