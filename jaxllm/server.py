@@ -535,8 +535,6 @@ def create_app(model: Model, model_id: str, *, max_batch: int = 8, max_context: 
         def chunk(index, text, reason, start, stop, thinking=""):
             if index is None:
                 return {"object": "text_completion"}
-            if thinking and not text and reason is None:
-                return None  # a completion carries its text only (reasoning: the chat endpoint's)
             scored = None
             if text is None and reason is None:
                 if not body.echo:
@@ -547,8 +545,9 @@ def create_app(model: Model, model_id: str, *, max_batch: int = 8, max_context: 
             elif top is not None:
                 scored = logprobs(index, start, stop)
             offsets[index] += len(text or "")
+            thought = {"reasoning_content": thinking} if thinking else {}  # a harmony reply's (harmony.py)
             return {"object": "text_completion", "choices": [
-                {"index": index, "text": text, "logprobs": scored, "finish_reason": reason}]}
+                {"index": index, "text": text or "", **thought, "logprobs": scored, "finish_reason": reason}]}
 
         def final(texts, requests):
             choices = []
@@ -560,7 +559,8 @@ def create_app(model: Model, model_id: str, *, max_batch: int = 8, max_context: 
                     if prompt_scores is not None:
                         echoed = completion_logprobs(ids[i], prompt_scores[i], 0)
                         scored = {key: echoed[key] + scored[key] for key in scored}
-                choices.append({"index": i, "text": echoes[i] + t, "logprobs": scored,
+                thought = {"reasoning_content": r.reasoning} if r.reasoning else {}
+                choices.append({"index": i, "text": echoes[i] + t, **thought, "logprobs": scored,
                                 "finish_reason": r.finish_reason})
             return {"object": "text_completion", "choices": choices}
 

@@ -66,7 +66,8 @@ def test_a_call_becomes_a_tool_call_and_unmarked_text_stays(model):
 
 def test_the_chat_endpoint_returns_reasoning_content(model):
     """A grammar holds the reply to a harmony exchange: the chat endpoint's message and
-    stream both carry it as reasoning_content and content."""
+    stream both carry it as reasoning_content and content; a completion as its text
+    and reasoning_content."""
     special = lambda m: f"<[{model.tokenizer.tok.token_to_id(m)}]>"
     grammar = (f'start: {special("<|channel|>")} "analysis" {special("<|message|>")} "Think first." '
                f'{special("<|end|>")} {special("<|start|>")} "assistant" {special("<|channel|>")} "final" '
@@ -84,6 +85,11 @@ def test_the_chat_endpoint_returns_reasoning_content(model):
             thought += (delta.model_extra or {}).get("reasoning_content") or ""
             said += delta.content or ""
         assert (thought, said) == ("Think first.", "Hi.")
+        # a completion of the same reply: its text and, beside it, its reasoning
+        prompt = model.apply_chat_template([{"role": "user", "content": "hi"}])
+        done = client.completions.create(model="tiny", prompt=prompt, max_tokens=60,
+                                         extra_body={"structured_outputs": {"grammar": grammar}}).choices[0]
+        assert done.text == "Hi." and done.model_extra["reasoning_content"] == "Think first."
 
 
 def test_a_hugging_face_folder_stops_at_harmony_s_turn_ends(tmp_path):
