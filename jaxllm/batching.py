@@ -37,7 +37,7 @@ from .params import Params
 from .prefix import PrefixIndex, common_length
 from .sampling import RowSampling, SamplerSettings, sample
 from .sharding import place_cache
-from .harmony import HarmonyDecoder, reply_decoder
+from .harmony import HarmonyDecoder, reply_decoder_kind
 from .tokenizer import StreamDecoder, TextTokenizer
 
 # Log-probabilities are recorded with this many top tokens, whatever a request asks
@@ -234,6 +234,7 @@ class Engine:
         self._waiting: collections.deque[list[Request]] = collections.deque()
         self._running: dict[int, Request] = {}
         self._decoders: dict[int, StreamDecoder | HarmonyDecoder] = {}
+        self._reply_decoder = reply_decoder_kind(tokenizer)  # harmony's for gpt-oss (harmony.py)
         self._grammars: Optional[Grammars] = None
         self._matchers: Optional[Matchers] = None  # the slots' grammars
         self._cond = threading.Condition()
@@ -489,7 +490,7 @@ class Engine:
             if not a.final:
                 continue
             self._running[slot] = request
-            self._decoders[slot] = reply_decoder(self.tokenizer)
+            self._decoders[slot] = self._reply_decoder(self.tokenizer)
             self._take(slot, request, [int(token[r])], still_active=None, scores=[a[r][None] for a in scores])
 
     def _span(self, longest: int) -> int:

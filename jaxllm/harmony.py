@@ -32,9 +32,15 @@ def is_harmony(tokenizer: TextTokenizer) -> bool:
     return all(tokenizer.tok.token_to_id(m) is not None for m in MARKERS)
 
 
+def reply_decoder_kind(tokenizer: TextTokenizer) -> type:
+    """The incremental decoder class for a model's replies, decided once per model:
+    harmony's for gpt-oss, else the plain one. Either is made as kind(tokenizer)."""
+    return HarmonyDecoder if is_harmony(tokenizer) else StreamDecoder
+
+
 def reply_decoder(tokenizer: TextTokenizer):
-    """The incremental decoder for a model's replies: harmony's for gpt-oss, else plain."""
-    return HarmonyDecoder(tokenizer) if is_harmony(tokenizer) else StreamDecoder(tokenizer)
+    """A decoder for one reply (reply_decoder_kind's, made)."""
+    return reply_decoder_kind(tokenizer)(tokenizer)
 
 
 def decode_reply(tokenizer: TextTokenizer, ids: list[int]) -> tuple[str, str]:
