@@ -225,10 +225,8 @@ def quantize(params, mode: str, group_size: int = 32, embeddings: str | None = "
 
     def q(w, m, weights=None):
         if isinstance(w, (QuantizedWeight, Fp8Weight)) or (
-                isinstance(w, Experts) and isinstance(w.w, QuantizedWeight)):
+                isinstance(w, Experts) and isinstance(w.w, (QuantizedWeight, Fp8Weight))):
             return w
-        if isinstance(w, Experts) and m == "fp8":
-            raise ValueError("fp8 weights for mixture-of-experts layers are not supported yet")
         if isinstance(w, Experts):  # each expert alone, stacked again
             return stack_experts([quantize_weight(e, m, group_size) for e in w.w])
         return quantize_weight(dense(w), m, group_size, weights)
@@ -244,8 +242,8 @@ def quantize(params, mode: str, group_size: int = 32, embeddings: str | None = "
     return params
 
 
-def stack_experts(weights: list[QuantizedWeight]) -> Experts:
-    """Experts from one QuantizedWeight per expert (alike in shape and format)."""
+def stack_experts(weights: list) -> Experts:
+    """Experts from one QuantizedWeight (or Fp8Weight) per expert, alike in shape and format."""
     return Experts(jax.tree.map(lambda *arrays: jnp.stack(arrays), *weights))
 
 

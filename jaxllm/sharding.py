@@ -85,8 +85,8 @@ def _shardings(w, axes: tuple[str, ...], mesh: Mesh, rules: dict[str, Optional[s
         return QuantizedWeight(rows, cols, None if w.mins is None else cols,
                                None if w.high is None else rows, w.bits, w.compute_dtype)
     if isinstance(w, Fp8Weight):  # t [N, K], one scale per output
-        k_axis, n_axis = axes
-        return Fp8Weight(named(n_axis, k_axis), named(n_axis), w.compute_dtype)
+        *lead, k_axis, n_axis = axes
+        return Fp8Weight(named(*lead, n_axis, k_axis), named(*lead, n_axis), w.compute_dtype)
     return named(*axes)
 
 

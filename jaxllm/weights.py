@@ -296,16 +296,18 @@ class TransposedWeight:
 @struct.dataclass
 class Experts:
     """A mixture-of-experts projection: one weight per expert, `x @ w[e]`, stacked:
-    dense [E, K, N], or a QuantizedWeight whose every array has a leading E axis (a
-    GGUF file's experts kept packed, or quant.quantize's). ops.moe_mlp reads it;
-    ops.linear's tables never see one."""
+    dense [E, K, N], or a QuantizedWeight or Fp8Weight whose every array has a leading
+    E axis (a GGUF file's experts kept packed, or quant.quantize's). ops.moe_mlp reads
+    it; ops.linear's tables never see one."""
 
-    w: Union[jax.Array, QuantizedWeight]
+    w: Union[jax.Array, QuantizedWeight, Fp8Weight]
 
     @property
     def shape(self) -> tuple[int, int, int]:
         if isinstance(self.w, QuantizedWeight):
             return self.w.values.shape[0], self.w.values.shape[-1], self.w.scales.shape[-1]
+        if isinstance(self.w, Fp8Weight):
+            return self.w.t.shape[0], self.w.t.shape[2], self.w.t.shape[1]
         return self.w.shape
 
     @property
@@ -316,6 +318,8 @@ class Experts:
         """The experts' dense weights [E, K, N], or those of the ids `experts` [...] as
         [..., K, N], in the compute dtype (quantized ones dequantized in XLA)."""
         w = self.w if experts is None else jax.tree.map(lambda a: a[experts], self.w)
+        if isinstance(w, Fp8Weight):  # t [..., N, K], scales [..., N]
+            return jnp.swapaxes(w.t.astype(jnp.float32) * w.scales[..., None], -1, -2).astype(w.dtype)
         if not isinstance(w, QuantizedWeight):
             return w
         one = dequantize

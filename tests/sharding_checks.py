@@ -63,7 +63,7 @@ oss = moe.replace(qk_norm=False, mlp="swiglu_oai", swiglu_limit=0.5, mlp_bias=Tr
                   rope_scaling=jaxllm.config.YarnScaling(4.0, 16, truncate=False))
 for name, config in (("qwen3moe", moe), ("gpt-oss", oss)):
     params = jaxllm.init_params(config, jax.random.PRNGKey(7))
-    for mode in ("dense", "int8"):
+    for mode in ("dense", "int8", "fp8"):
         p = params if mode == "dense" else jaxllm.quantize(params, mode)
         sp, sc = sharding.shard(p, config, mesh)
         close(forward(sp, sc, tokens), forward(p, config, tokens), 1e-4)
