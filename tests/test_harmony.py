@@ -75,7 +75,7 @@ def test_the_chat_endpoint_returns_reasoning_content(model):
     app = create_app(model, "tiny", max_batch=2, max_context=256, steps_per_chunk=4)
     for port in running(app):
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
-        ask = dict(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=60,
+        ask = dict(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=200,
                    extra_body={"structured_outputs": {"grammar": grammar}})
         message = client.chat.completions.create(**ask).choices[0].message
         assert message.content == "Hi." and message.model_extra["reasoning_content"] == "Think first."
@@ -87,7 +87,7 @@ def test_the_chat_endpoint_returns_reasoning_content(model):
         assert (thought, said) == ("Think first.", "Hi.")
         # a completion of the same reply: its text and, beside it, its reasoning
         prompt = model.apply_chat_template([{"role": "user", "content": "hi"}])
-        done = client.completions.create(model="tiny", prompt=prompt, max_tokens=60,
+        done = client.completions.create(model="tiny", prompt=prompt, max_tokens=200,
                                          extra_body={"structured_outputs": {"grammar": grammar}}).choices[0]
         assert done.text == "Hi." and done.model_extra["reasoning_content"] == "Think first."
 
@@ -118,12 +118,14 @@ def test_a_forced_call_is_a_harmony_call(model):
     params = {"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]}}, "required": ["city"],
               "additionalProperties": False}
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": params}}]
+    # a byte-level vocabulary: the call alone is ~60 tokens
     template = TEMPLATE + "{% if tools %}<|channel|>{% endif %}"
     app = create_app(dataclasses.replace(model, chat_template=template), "tiny", max_batch=2, max_context=256)
     for port in running(app):
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
         choice = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "weather?"}],
-                                                tools=tools, tool_choice="required", max_tokens=60).choices[0]
+                                                tools=tools, tool_choice="required", max_tokens=200,
+                                                temperature=0).choices[0]
         assert choice.finish_reason == "tool_calls" and choice.message.content is None
         (call,) = choice.message.tool_calls
         assert call.function.name == "get_weather"
