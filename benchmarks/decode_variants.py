@@ -79,6 +79,7 @@ for _name, _change in {"bn128": dict(block_n=128), "bn512": dict(block_n=512), "
 # <= 2048 (XLA's dot on llama8b); tilings around its default (4096 weights per step,
 # 8192 for short rows, >= 264 programs, 4 warps, 3 stages, loads one step ahead)
 VARIANTS["rows-xla-large"] = {"rowmatvec_max_small_side": 2048}
+VARIANTS["moe-xla"] = {"moe_kernel_max_pairs": 0}  # the routed experts gathered by XLA, not read in place
 
 
 def _short(**change):  # the short rows' settings, changed

@@ -27,6 +27,7 @@ import datetime
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -118,11 +119,22 @@ def model_path(work: str, name: str, config, kind: str) -> str:
     every matrix in Q8_0, or the experts in MXFP4 and the rest F16 (as gpt-oss ships)."""
     path = os.path.join(work, f"{name}-{kind}.gguf")
     if not os.path.exists(path):
-        log(f"{name}: writing random {kind} GGUF ...")
+        free, need = shutil.disk_usage(work).free, _file_bytes(config, kind)
+        if free < need + (1 << 30):
+            raise OSError(f"{need / 1e9:.1f} GB to write, {free / 1e9:.1f} GB free")
+        log(f"{name}: writing random {kind} GGUF ({need / 1e9:.1f} GB) ...")
         matrices = "Q8_0" if kind == "Q8_0" else "F16"
         write_random_gguf(path + ".part", config, matrices, "MXFP4" if kind == "MXFP4" else matrices)
         os.replace(path + ".part", path)
     return path
+
+
+def _file_bytes(config, kind: str) -> float:
+    """About the size of model_path's file: its parameters at the type's bytes each."""
+    per_weight = {"F16": 2.0, "Q8_0": 34 / 32, "MXFP4": 17 / 32}[kind]
+    experts = 3 * config.n_layers * config.n_experts * config.d_model * config.expert_d_ff if config.n_experts else 0
+    rest = config.param_count() - experts
+    return experts * per_weight + rest * (34 / 32 if kind == "Q8_0" else 2.0)
 
 
 def llama_bench(bin_dir: str, model: str, gpu: bool, extra: list[str]) -> dict:
@@ -191,12 +203,18 @@ def run(args) -> dict:
     }
     jobs = [(s, "F16") for s in shapes if s in anchors]
     jobs += [(s, q) for s in shapes for q in QUANT_TYPES.get(s, ()) if q in args.types.split(",")]
-    jobs += [(s, q) for s in shapes if s not in anchors for q in PRESET_TYPES.get(s, ("F16",))]
+    preset_types = args.preset_types.split(",") if args.preset_types else None
+    jobs += [(s, q) for s in shapes if s not in anchors for q in PRESET_TYPES.get(s, ("F16",))
+             if preset_types is None or q in preset_types]
     for shape, qtype in jobs:
         if time.time() > t_end:
             log(f"deadline reached: {shape} {qtype} not measured")
             continue
-        model = model_path(args.work, shape, configs[shape], qtype if shape not in anchors else "F16")
+        try:
+            model = model_path(args.work, shape, configs[shape], qtype if shape not in anchors else "F16")
+        except OSError as e:  # a full disk (qwen3moe30b F16 is 61 GB) must not cost the others
+            log(f"{shape} {qtype}: the model file could not be written: {e}")
+            continue
         if shape in anchors and qtype != "F16":  # llama-quantize's file from the F16 one
             f16, model = model, os.path.join(args.work, f"{shape}-{qtype}.gguf")
             if not os.path.exists(model):
@@ -243,6 +261,8 @@ def main(argv=None) -> int:
     r.add_argument("--deadline-s", type=float, default=1e9, help="stop starting measurements after this")
     r.add_argument("--cpu", action="store_true", help="CPU-only build and run (a check of this script)")
     r.add_argument("--bench-args", default="", help="extra llama-bench arguments, e.g. '-t 2'")
+    r.add_argument("--preset-types", default=None,
+                   help=f"of the mixture-of-experts shapes' types ({PRESET_TYPES}), only these, e.g. MXFP4,F16")
     r.add_argument("--keep-models", action="store_true",
                    help="keep the mixture-of-experts shapes' files once measured (they are large)")
     args = p.parse_args(argv)

@@ -23,6 +23,7 @@ from .config import ModelConfig, YarnScaling
 from .kernels.add_norm import add_norm_pallas
 from .kernels.cpu_qmatvec import qmatvec_cpu
 from .kernels.decode_attention import AttentionSpec, decode_attention_pallas
+from .kernels.expert_matvec import expert_matvec_pallas
 from .kernels.matvec import GatedInput, PartialSums, activate, matvec_pallas
 from .kernels.qmatvec import qmatmul_pallas, qmatvec_pallas
 from .kernels.rowmatvec import rowmatvec_pallas
@@ -269,7 +270,9 @@ def moe_mlp(x: jax.Array, router: jax.Array, w_in: Experts, w_out: Experts, conf
     weights, experts = jax.lax.top_k(probs, k)  # [N, k]; ties go to the lower index
     if config.router_norm_topk:
         weights = weights / weights.sum(-1, keepdims=True)
-    run = _experts_gathered if config.kernels.moe_route(x.shape[0] * k) == "gather" else _experts_grouped
+    route = config.kernels.moe_route(x.shape[0] * k, w_in.kind, w_in.bits)
+    run = {"kernel": partial(_experts_in_place, config.kernels), "gather": _experts_gathered,
+           "grouped": _experts_grouped}[route]
     y = run(x, experts, ExpertProjection(w_in, b_in), ExpertProjection(w_out, b_out),
             partial(gated_activation, config))
     return jnp.einsum("nk,nkd->nd", weights, y).astype(x.dtype).reshape(shape)
@@ -315,6 +318,19 @@ def _experts_gathered(x, experts, w_in: ExpertProjection, w_out: ExpertProjectio
     h = act(w_in.biased(h, experts), x.dtype)
     y = jnp.einsum("nkf,nkfd->nkd", h, w_out.w.dense(experts).astype(x.dtype), preferred_element_type=jnp.float32)
     return w_out.biased(y, experts)
+
+
+def _experts_in_place(policy: KernelPolicy, x, experts, w_in: ExpertProjection, w_out: ExpertProjection,
+                      act) -> jax.Array:
+    """Same as _experts_gathered, each pair's expert read where it is stored
+    (kernels/expert_matvec.py)."""
+    N, k = experts.shape
+    ids = experts.reshape(-1)
+    run = lambda rows, w: expert_matvec_pallas(
+        rows, w, ids, tiling=policy.experts, qtiling=policy.qmatvec_tiling(w.bits),
+        int8_activations=policy.int8_activations, interpret=policy.interpret)
+    h = act(w_in.biased(run(jnp.repeat(x, k, axis=0), w_in.w), ids), x.dtype)
+    return w_out.biased(run(h, w_out.w), ids).reshape(N, k, -1)
 
 
 def _experts_grouped(x, experts, w_in: ExpertProjection, w_out: ExpertProjection, act) -> jax.Array:

@@ -90,6 +90,18 @@ class RowTiling:
         return dataclasses.replace(self, **changes) if changes else self
 
 
+@dataclass(frozen=True)
+class ExpertTiling:
+    """kernels/expert_matvec.py's dense kernel (a column strip of one routed expert a
+    program, K split until about target_programs programs over all pairs)."""
+
+    block_n: int = 256
+    block_k: int = 32
+    target_programs: int = 1056
+    num_warps: int = 4
+    num_stages: int = 3
+
+
 QMATVEC_TILINGS = ((8, QMatvecTiling(block_n=32, block_k=256, num_stages=4)),
                    (4, QMatvecTiling(block_n=16, block_k=512, num_stages=3)))
 
@@ -170,6 +182,10 @@ class KernelPolicy:
     # weights are gathered (decode: only the routed experts are read); beyond, tokens
     # are sorted by expert for a grouped matrix multiply (ragged_dot).
     moe_gather_max_pairs: int = 64
+    # Up to this many pairs, where kernels are wanted, each pair's expert is read in
+    # place by kernels/expert_matvec.py instead of gathered by XLA.
+    moe_kernel_max_pairs: int = 64
+    experts: ExpertTiling = ExpertTiling()
     # add_norm's kernel adds at most this many partial-sum values in one program (NOTES).
     add_norm_max_partial_values: int = 16384
     add_norm_max_width: int = 16384
@@ -226,7 +242,7 @@ class KernelPolicy:
             return Plan("xla")
         if kind == "quantized":
             if bits in KERNEL_BITS and small_batch and self.fast:
-                return Plan("qmatvec", dict(self.qmatvec).get(bits, dict(self.qmatvec)[8]))
+                return Plan("qmatvec", self.qmatvec_tiling(bits))
             if self.mode == "auto" and self.platform == "cpu" and small_batch and bits in NATIVE_BITS:
                 return Plan("native")
             if bits in KERNEL_BITS and MAX_ROWS < rows <= self.qmatmul_max_rows and self.fast:
@@ -237,10 +253,18 @@ class KernelPolicy:
             return Plan("matvec", self.matvec)
         return Plan("xla")
 
-    def moe_route(self, pairs: int) -> str:
-        """How a mixture-of-experts MLP runs `pairs` (token, routed expert) pairs:
-        "gather" (each pair reads its expert's weights) or "grouped" (tokens sorted by
-        expert, one grouped matrix multiply)."""
+    def qmatvec_tiling(self, bits: int) -> QMatvecTiling:
+        return dict(self.qmatvec).get(bits, dict(self.qmatvec)[8])
+
+    def moe_route(self, pairs: int, kind: str = "dense", bits: int = 16) -> str:
+        """How a mixture-of-experts MLP runs `pairs` (token, routed expert) pairs through
+        experts of `kind` ("dense", "quantized" of `bits`, "fp8"): "kernel" (each pair
+        reads its expert in place, kernels/expert_matvec.py), "gather" (XLA gathers each
+        pair's expert weights) or "grouped" (tokens sorted by expert, one grouped
+        matrix multiply)."""
+        readable = kind == "dense" or (kind == "quantized" and bits in KERNEL_BITS)
+        if self.fast and readable and pairs <= self.moe_kernel_max_pairs:
+            return "kernel"
         return "gather" if pairs <= self.moe_gather_max_pairs else "grouped"
 
     def add_norm_kernel(self, splits: int, width: int) -> bool:

@@ -314,6 +314,15 @@ class Experts:
     def dtype(self):
         return self.w.dtype
 
+    @property
+    def kind(self) -> str:
+        """"dense", "quantized" or "fp8": how the stacked weights are stored."""
+        return {QuantizedWeight: "quantized", Fp8Weight: "fp8"}.get(type(self.w), "dense")
+
+    @property
+    def bits(self) -> int:
+        return self.w.bits if isinstance(self.w, QuantizedWeight) else 8 * self.w.dtype.itemsize
+
     def dense(self, experts: Optional[jax.Array] = None) -> jax.Array:
         """The experts' dense weights [E, K, N], or those of the ids `experts` [...] as
         [..., K, N], in the compute dtype (quantized ones dequantized in XLA)."""

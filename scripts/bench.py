@@ -400,7 +400,8 @@ def run(args) -> dict:
         wbytes = weight_bytes_per_token(params, config)
         by_row = sum(isinstance(w, TransposedWeight) for w in jax.tree_util.tree_leaves(
             params, is_leaf=lambda w: isinstance(w, TransposedWeight)))
-        peer_format = LLAMA_CPP_FORMAT.get(mode)  # llama.cpp has no FP8 file type
+        # llama.cpp has no FP8 file type; --peer-format names other pairings (gpt-oss's MXFP4)
+        peer_format = args.peer_format.get((shape, mode), LLAMA_CPP_FORMAT.get(mode))
         peer_tg = llama_cpp.get("tg128", {}).get(shape, {}).get(peer_format)
         peer_pp = llama_cpp.get("pp512", {}).get(shape, {}).get(peer_format)
         if args.kernels != "xla" and args.tensor_parallel == 1:
@@ -435,6 +436,7 @@ def run(args) -> dict:
         if backend == "gpu" and shape in ("smol135m", "llama1b") and mode == "bf16" and not args.no_peers:
             peers.append((shape, config))
         if args.only_decode:
+            del params  # before the next shape's weights are made (two 61 GB models do not fit)
             continue
         log(f"{shape}: pp512 ...")
         length = 64 if args.quick else 512
@@ -536,6 +538,9 @@ def main(argv=None) -> int:
                    help="peer figures (JSON); default: the file for this GPU in PEER_FILES, else "
                         "../shared/anchors/h100-2026-11-23.json")
     p.add_argument("--kernels", default="auto", choices=["auto", "xla", "pallas"], help="fast-path switch")
+    p.add_argument("--peer-format", action="append", default=[], metavar="SHAPE:WEIGHTS=TYPE",
+                   help="the llama.cpp file type to compare SHAPE's WEIGHTS with, e.g. gptoss20b:int8=MXFP4 "
+                        f"(default {LLAMA_CPP_FORMAT})")
     p.add_argument("--batches", default="1,8,32,64", help="decode batch sizes")
     p.add_argument("--context", type=int, default=0, metavar="N",
                    help="decode with every row N positions in (a cache of N slots read each step)")
@@ -548,6 +553,11 @@ def main(argv=None) -> int:
     p.add_argument("--only-decode", action="store_true", help="skip M2, pp512, TTFT, host loops")
     p.add_argument("--out", help="JSON file (default benchmarks/results/<device>-<date>.json on GPU)")
     args = p.parse_args(argv)
+    try:
+        args.peer_format = {(shape, mode): kind for (shape, mode), kind in (
+            (pair.split(":"), kind) for pair, kind in (x.split("=") for x in args.peer_format))}
+    except ValueError:
+        p.error("--peer-format takes SHAPE:WEIGHTS=TYPE, e.g. gptoss20b:int8=MXFP4")
     args.shapes_given = args.shapes is not None
     args.shapes = args.shapes or "smol135m,llama1b,llama8b"
     for s in args.shapes.split(","):

@@ -39,15 +39,29 @@ def layer(seed, router_scale=1.0):
             rng.normal(size=(E, D, 2 * F)).astype(np.float32) / 4, rng.normal(size=(E, F, D)).astype(np.float32) / 4)
 
 
+def routed(config, route: str):
+    """config whose MoE layers run every batch on `route`: "gather", "grouped", or
+    "kernel" (kernels/expert_matvec.py, interpreted: the other projections then take
+    their kernels too; activations unrounded, so that quantized weights compare
+    exactly: the int8 activations are tests/test_expert_matvec.py's)."""
+    kernels = config.kernels.replace(moe_gather_max_pairs=10 ** 9 if route == "gather" else 0)
+    if route == "kernel":
+        kernels = kernels.replace(mode="pallas", moe_kernel_max_pairs=10 ** 9, int8_activations=False)
+    return config.replace(kernels=kernels)
+
+
+ROUTES = ["gather", "grouped", "kernel"]
+
+
 def run(x, router, w_in, w_out, renormalise, route):
-    config = tiny(d_model=D, n_experts=E, n_active_experts=K, expert_d_ff=F, router_norm_topk=renormalise)
-    config = config.replace(kernels=config.kernels.replace(moe_gather_max_pairs=10 ** 9 if route == "gather" else 0))
+    config = routed(tiny(d_model=D, n_experts=E, n_active_experts=K, expert_d_ff=F, router_norm_topk=renormalise),
+                    route)
     assert config.kernels.moe_route(x.shape[0] * K) == route
     return np.asarray(moe_mlp(jnp.asarray(x), jnp.asarray(router), Experts(jnp.asarray(w_in)),
                               Experts(jnp.asarray(w_out)), config))
 
 
-@pytest.mark.parametrize("route", ["gather", "grouped"])
+@pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("renormalise", [True, False])
 def test_both_routes_match_numpy(route, renormalise):
     router, w_in, w_out = layer(0)
@@ -56,7 +70,7 @@ def test_both_routes_match_numpy(route, renormalise):
     assert np.abs(run(x, router, w_in, w_out, renormalise, route) - ref).max() < 1e-4 * np.abs(ref).max()
 
 
-@pytest.mark.parametrize("route", ["gather", "grouped"])
+@pytest.mark.parametrize("route", ROUTES)
 def test_gpt_oss_experts_match_numpy(route):
     """gpt-oss's expert MLP in float64, written from its definition: router bias, a
     softmax over the chosen logits, expert biases, gate clamped above and up on both
@@ -77,14 +91,14 @@ def test_gpt_oss_experts_match_numpy(route):
             ref[n] += weight * ((gate / (1 + np.exp(-alpha * gate)) * (up + 1)) @ w_out[e] + b_out[e])
     config = tiny(d_model=D, n_experts=E, n_active_experts=K, expert_d_ff=F, mlp="swiglu_oai", mlp_bias=True,
                   router_bias=True, swiglu_limit=limit)
-    config = config.replace(kernels=config.kernels.replace(moe_gather_max_pairs=10 ** 9 if route == "gather" else 0))
+    config = routed(config, route)
     f32 = lambda a: jnp.asarray(a, jnp.float32)
     ours = moe_mlp(f32(x), f32(router), Experts(f32(w_in)), Experts(f32(w_out)), config, router_bias=f32(r_bias),
                    b_in=f32(b_in), b_out=f32(b_out))
     assert np.abs(np.asarray(ours) - ref).max() < 1e-4 * np.abs(ref).max()
 
 
-@pytest.mark.parametrize("route", ["gather", "grouped"])
+@pytest.mark.parametrize("route", ROUTES)
 def test_routing_edge_cases(route):
     """Tied router scores (a zero router: every expert equally likely) go to the lowest
     indices; a router that sends every token to the same two experts leaves the
@@ -101,7 +115,7 @@ def test_routing_edge_cases(route):
     assert np.abs(run(x, one_way, w_in, w_out, True, route) - ref).max() < 1e-4 * np.abs(ref).max()
 
 
-@pytest.mark.parametrize("route", ["gather", "grouped"])
+@pytest.mark.parametrize("route", ROUTES)
 def test_a_moe_decoder_matches_the_numpy_reference(route):
     """jaxllm.forward of OLMoE- and Qwen3-MoE-like decoders (norms over whole q/k
     projections or per head; top-k renormalised or not) against tests/reference_numpy.py."""
@@ -110,7 +124,7 @@ def test_a_moe_decoder_matches_the_numpy_reference(route):
     for c in (tiny(n_experts=5, n_active_experts=2, expert_d_ff=24, qk_norm=True, qk_norm_whole=True,
                    router_norm_topk=False),
               tiny(n_experts=4, n_active_experts=3, expert_d_ff=16, qk_norm=True, head_dim=16)):
-        c = c.replace(kernels=c.kernels.replace(moe_gather_max_pairs=10 ** 9 if route == "gather" else 0))
+        c = routed(c, route)
         params = jaxllm.init_params(c, jax.random.PRNGKey(11))
         tokens = np.random.default_rng(4).integers(0, c.vocab_size, (2, 13))
         ours = np.asarray(jaxllm.forward(params, c, jnp.asarray(tokens)))
@@ -165,8 +179,8 @@ def test_quantized_experts_match_their_dequantized_twin_and_lora_skips_them():
         assert layer.w_in.shape == params.layers[0].w_in.shape
         twin = jaxllm.dequantize_params(q)
         assert isinstance(twin.layers[0].w_in, Experts) and twin.layers[0].w_in.w.shape == (4, 64, 64)
-        for route in ("gather", "grouped"):
-            cr = c.replace(kernels=c.kernels.replace(moe_gather_max_pairs=10 ** 9 if route == "gather" else 0))
+        for route in ROUTES:
+            cr = routed(c, route)
             ours, ref = jaxllm.forward(q, cr, tokens), jaxllm.forward(twin, cr, tokens)
             if mode == "fp8":
                 assert float(jnp.linalg.norm(ours - ref)) < 0.15 * float(jnp.linalg.norm(ref))
@@ -192,8 +206,10 @@ def test_a_gguf_file_s_quantized_experts_stay_packed(tmp_path):
         packed, dense = jaxllm.load(path, dtype=jnp.float32), jaxllm.load(path, dtype=jnp.float32, weights="dense")
         assert isinstance(packed.params.layers[0].w_in.w, jaxllm.QuantizedWeight)
         assert isinstance(dense.params.layers[0].w_in.w, jax.Array)
-        ours, ref = (np.asarray(jaxllm.forward(m.params, m.config, tokens)) for m in (packed, dense))
-        assert np.abs(ours - ref).max() < 1e-4 * np.abs(ref).max()
+        ref = np.asarray(jaxllm.forward(dense.params, dense.config, tokens))
+        for route in ROUTES:
+            ours = np.asarray(jaxllm.forward(packed.params, routed(packed.config, route), tokens))
+            assert np.abs(ours - ref).max() < 1e-4 * np.abs(ref).max(), route
 
 
 @pytest.mark.parametrize("arch", ["qwen3moe", "llama", "gpt-oss"])

@@ -96,22 +96,24 @@ def _halves(bits: int, Nv: int) -> tuple[int, ...]:
     return (0,) if bits == 8 else (0, Nv)
 
 
-def _step(v_ref, s_ref, m_ref, i, *, j, split, K, Nv, G, bits, block_n, groups, steps):
+def _step(v_ref, s_ref, m_ref, i, *, j, split, K, Nv, G, bits, block_n, groups, steps, expert=0):
     """What loop step i of program (j, split) reads, in both kernels: the inputs' offset
     k0 and mask [BK], the value tile [bn, BK], and per half the groups' scales and
-    minimums [groups, bn] in float32 (minimums None without)."""
+    minimums [groups, bn] in float32 (minimums None without). expert: the weight's
+    index in a stack of experts whose arrays are flattened to [E * Nv, K] and
+    [E * K/G, N] (kernels/expert_matvec.py; 0 for one weight)."""
     BK = G * groups
     k0 = (split * steps + i) * BK
     k_ok = k0 + jnp.arange(BK) < K
     g0 = k0 // G
     g_ok = g0 + jnp.arange(groups) < K // G
     vrow_ok = j * block_n + jnp.arange(block_n) < Nv
-    v = plgpu.load(v_ref.at[pl.ds(j * block_n, block_n), pl.ds(k0, BK)],
+    v = plgpu.load(v_ref.at[pl.ds(expert * Nv + j * block_n, block_n), pl.ds(k0, BK)],
                    mask=vrow_ok[:, None] & k_ok[None, :], other=0)
     mask = g_ok[:, None] & vrow_ok[None, :]
     group_params = []
     for col0 in _halves(bits, Nv):
-        at = (pl.ds(g0, groups), pl.ds(col0 + j * block_n, block_n))
+        at = (pl.ds(expert * (K // G) + g0, groups), pl.ds(col0 + j * block_n, block_n))
         if s_ref.dtype == jnp.uint32:  # float16 (scale, minimum) pairs, one load (quant.unpair per word)
             pairs = plgpu.load(s_ref.at[at], mask=mask, other=0)
             half = lambda u: jax.lax.bitcast_convert_type(u.astype(jnp.uint16), jnp.float16)
@@ -123,18 +125,23 @@ def _step(v_ref, s_ref, m_ref, i, *, j, split, K, Nv, G, bits, block_n, groups, 
     return k0, k_ok, v, group_params
 
 
-def _kernel(x_ref, v_ref, s_ref, *rest, M, gated, int8_x, interpret, **tiling):
+def _kernel(*refs, M, gated, int8_x, interpret, routed=False, **tiling):
+    """routed: the first ref holds an expert id per row of x [P, K] (a third grid axis
+    over those rows), and each row is multiplied by its expert's weights (M = 1)."""
+    ids_ref, (x_ref, v_ref, s_ref, *rest) = (refs[0], refs[1:]) if routed else (None, refs)
     m_ref = rest[0] if len(rest) == 2 else None  # separate float32 minimums
     o_ref = rest[-1]
     j, split = pl.program_id(0), pl.program_id(1)
+    row0 = pl.program_id(2) if routed else 0
+    expert = ids_ref[row0] if routed else 0
     G, block_n, Nv, bits = tiling["G"], tiling["block_n"], tiling["Nv"], tiling["bits"]
     BK = G * tiling["groups"]  # inputs per step: several groups, so each row reads >= 128 contiguous bytes
     halves = _halves(bits, Nv)
 
     def body(i, accs):
-        k0, k_ok, v, group_params = _step(v_ref, s_ref, m_ref, i, j=j, split=split, **tiling)
+        k0, k_ok, v, group_params = _step(v_ref, s_ref, m_ref, i, j=j, split=split, expert=expert, **tiling)
         if gated is None:
-            xs = [plgpu.load(x_ref.at[pl.ds(r, 1), pl.ds(k0, BK)], mask=k_ok[None, :],
+            xs = [plgpu.load(x_ref.at[pl.ds(row0 + r, 1), pl.ds(k0, BK)], mask=k_ok[None, :],
                              other=0.0).astype(jnp.float32) for r in range(M)]  # M x [1, BK]
         else:
             xs = []
@@ -171,7 +178,7 @@ def _kernel(x_ref, v_ref, s_ref, *rest, M, gated, int8_x, interpret, **tiling):
     vrow_ok = j * block_n + jnp.arange(block_n) < Nv
     for h, col0 in enumerate(halves):
         for r in range(M):
-            plgpu.store(o_ref.at[split, pl.ds(r, 1), pl.ds(col0 + j * block_n, block_n)],
+            plgpu.store(o_ref.at[split, pl.ds(row0 + r, 1), pl.ds(col0 + j * block_n, block_n)],
                         accs[h * M + r][None, :], mask=vrow_ok[None, :])
 
 
@@ -188,7 +195,7 @@ def qmatvec_pallas(x: jax.Array, w: QuantizedWeight, out_dtype=None, *,
     x may be a `GatedInput` (whose dtype is float32). int8_activations: x rounded to
     int8 per weight group and integer dot products. Tiling arguments left None take
     `tiling`'s (default: the policy's default for the weight's width)."""
-    default = tiling or dict(QMATVEC_TILINGS).get(w.bits, dict(QMATVEC_TILINGS)[8])  # other widths fail in _launch
+    default = tiling or qmatvec_tiling(w.bits)
     block_n, block_k = block_n or default.block_n, block_k or default.block_k
     target_programs = target_programs or default.target_programs
     num_warps, num_stages = num_warps or default.num_warps, num_stages or default.num_stages
@@ -198,6 +205,11 @@ def qmatvec_pallas(x: jax.Array, w: QuantizedWeight, out_dtype=None, *,
     return _launch(functools.partial(_kernel, int8_x=int8_activations, interpret=interpret), x, w, out_dtype,
                    block_n, block_k, target_programs, num_warps, num_stages, interpret,
                    "qmatvec_pallas", with_rows=True, sum_splits=sum_splits)
+
+
+def qmatvec_tiling(bits: int) -> QMatvecTiling:
+    """The default tiling for weights of `bits` (other widths than KERNEL_BITS fail later)."""
+    return dict(QMATVEC_TILINGS).get(bits, dict(QMATVEC_TILINGS)[8])
 
 
 def _launch(kernel, x, w: QuantizedWeight, out_dtype, block_n, block_k, target_programs, num_warps,

@@ -1,0 +1,103 @@
+"""Matrix-vector products through routed experts: y [P, N] with y[p] = x[p] @ W[ids[p]]
+for a few (token, expert) pairs p (decode) and a stack of expert weights W [E, K, N]
+(`weights.Experts`: dense, or a QuantizedWeight with a leading E axis).
+
+XLA's route (ops._experts_gathered) gathers the routed experts' weights into a new
+[P, K, N] array and multiplies that: the selected weights cross memory three times
+(read, written, read again). Here each program reads its expert's weights in place:
+the expert id of its pair is loaded from `ids`, and the stack, flattened to
+[E * K, N] (quantized: values [E * Nv, K], scales [E * K/G, N]), is read from that
+expert's first row. Programs: blocks of columns x splits of K x pairs, K split until
+about target_programs programs, as in kernels/matvec.py and kernels/qmatvec.py (whose
+kernel reads quantized experts, `routed=True`); the float32 partial sums over the
+splits are added afterwards.
+
+A pair per program row means a batch whose tokens share an expert reads it once per
+token: the route for a few pairs only (policy.moe_route); many tokens take the
+grouped multiply (ragged_dot), which reads each expert once.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from ..policy import KERNEL_BITS, ExpertTiling, QMatvecTiling
+from ..weights import Experts, QuantizedWeight
+from . import qmatvec
+from .matvec import _plan, _pow2
+
+
+def expert_matvec_reference(x: jax.Array, w: Experts, ids: jax.Array) -> jax.Array:
+    """float32 [P, N]: row p of x [P, K] through expert ids[p] (XLA: the gathered weights)."""
+    return jnp.einsum("pk,pkn->pn", x, w.dense(ids).astype(x.dtype), preferred_element_type=jnp.float32)
+
+
+def _dense_kernel(ids_ref, x_ref, w_ref, o_ref, *, K, N, block_n, block_k, steps):
+    j, split, p = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    row0 = ids_ref[p] * K  # the expert's first row in the flattened stack [E * K, N]
+    col_ok = j * block_n + jnp.arange(block_n) < N
+
+    def body(i, acc):
+        k0 = (split * steps + i) * block_k
+        k_ok = k0 + jnp.arange(block_k) < K
+        w = plgpu.load(w_ref.at[pl.ds(row0 + k0, block_k), pl.ds(j * block_n, block_n)],
+                       mask=k_ok[:, None] & col_ok[None, :], other=0.0).astype(jnp.float32)
+        x = plgpu.load(x_ref.at[pl.ds(p, 1), pl.ds(k0, block_k)], mask=k_ok[None, :],
+                       other=0.0).astype(jnp.float32)
+        return acc + jnp.sum(x[:, :, None] * w[None, :, :], axis=1)  # [1, block_n]
+
+    acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((1, block_n), jnp.float32))
+    plgpu.store(o_ref.at[split, pl.ds(p, 1), pl.ds(j * block_n, block_n)], acc, mask=col_ok[None, :])
+
+
+@functools.partial(jax.jit, static_argnames=("tiling", "qtiling", "int8_activations", "interpret"))
+def expert_matvec_pallas(x: jax.Array, w: Experts, ids: jax.Array, *, tiling: ExpertTiling = ExpertTiling(),
+                         qtiling: QMatvecTiling | None = None, int8_activations: bool = True,
+                         interpret: bool = False) -> jax.Array:
+    """float32 [P, N]: row p of x [P, K] through expert ids[p] [P] of w, reading only
+    those experts' weights. Dense experts take `tiling`; quantized ones (4 or 8 bits)
+    kernels/qmatvec.py's kernel with `qtiling` (default: the policy's for the width)
+    and, with int8_activations, its integer dot products."""
+    P, K = x.shape
+    E, wK, N = w.shape
+    if wK != K:
+        raise ValueError(f"input width {K} does not match the experts' {w.shape}")
+    ids = ids.astype(jnp.int32)
+    params = lambda t: None if interpret else plgpu.CompilerParams(num_warps=t.num_warps, num_stages=t.num_stages)
+    if isinstance(w.w, QuantizedWeight):
+        return _quantized(x, w.w, ids, E, K, N, qtiling, int8_activations, interpret, params)
+    if not isinstance(w.w, jax.Array):
+        raise ValueError(f"expert_matvec_pallas reads dense or quantized experts, not {type(w.w).__name__}")
+    col_blocks, splits, steps = _plan(1, K, N, tiling.block_n, tiling.block_k, max(1, tiling.target_programs // P))
+    kernel = functools.partial(_dense_kernel, K=K, N=N, block_n=tiling.block_n, block_k=tiling.block_k,
+                               steps=steps)
+    partial_sums = pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct((splits, P, N), jnp.float32),
+        grid=(col_blocks, splits, P), interpret=interpret, compiler_params=params(tiling),
+    )(ids, x, w.w.reshape(E * K, N))
+    return partial_sums.sum(0)
+
+
+def _quantized(x, w: QuantizedWeight, ids, E, K, N, tiling, int8_activations, interpret, params):
+    if w.bits not in KERNEL_BITS:
+        raise ValueError(f"expert_matvec_pallas handles {KERNEL_BITS}-bit experts, not {w.bits}-bit")
+    tiling = tiling or qmatvec.qmatvec_tiling(w.bits)
+    P = x.shape[0]
+    Nv, G = w.values.shape[1], K // w.scales.shape[1]
+    groups = max(1, min(tiling.block_k, _pow2(K)) // G)
+    row_blocks, splits, steps = _plan(1, K, Nv, tiling.block_n, G * groups, max(1, tiling.target_programs // P))
+    kernel = functools.partial(qmatvec._kernel, M=1, gated=None, int8_x=int8_activations, interpret=interpret,
+                               routed=True, K=K, Nv=Nv, G=G, bits=w.bits, block_n=tiling.block_n,
+                               groups=groups, steps=steps)
+    flat = lambda a: None if a is None else a.reshape(-1, a.shape[-1])
+    operands = (ids, x, flat(w.values), flat(w.scales)) + ((flat(w.mins),) if w.mins is not None else ())
+    partial_sums = pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct((splits, P, N), jnp.float32),
+        grid=(row_blocks, splits, P), interpret=interpret, compiler_params=params(tiling),
+    )(*operands)
+    return partial_sums.sum(0)
