@@ -23,7 +23,7 @@ from .config import ModelConfig, YarnScaling
 from .kernels.add_norm import add_norm_pallas
 from .kernels.cpu_qmatvec import qmatvec_cpu
 from .kernels.decode_attention import AttentionSpec, decode_attention_pallas
-from .kernels.expert_matvec import expert_matvec_pallas
+from .kernels.expert_matvec import expert_matmul_pallas, expert_matvec_pallas, sort_into_blocks
 from .kernels.matvec import GatedInput, PartialSums, activate, matvec_pallas
 from .kernels.qmatvec import qmatmul_pallas, qmatvec_pallas
 from .kernels.rowmatvec import rowmatvec_pallas
@@ -272,7 +272,7 @@ def moe_mlp(x: jax.Array, router: jax.Array, w_in: Experts, w_out: Experts, conf
         weights = weights / weights.sum(-1, keepdims=True)
     route = config.kernels.moe_route(x.shape[0] * k, w_in.kind, w_in.bits)
     run = {"kernel": partial(_experts_in_place, config.kernels), "gather": _experts_gathered,
-           "grouped": _experts_grouped}[route]
+           "grouped": _experts_grouped, "grouped_kernel": partial(_experts_grouped_kernel, config.kernels)}[route]
     y = run(x, experts, ExpertProjection(w_in, b_in), ExpertProjection(w_out, b_out),
             partial(gated_activation, config))
     return jnp.einsum("nk,nkd->nd", weights, y).astype(x.dtype).reshape(shape)
@@ -329,6 +329,20 @@ def _experts_in_place(policy: KernelPolicy, x, experts, w_in: ExpertProjection, 
     run = lambda rows, w: expert_matvec_pallas(
         rows, w, ids, tiling=policy.experts, qtiling=policy.qmatvec_tiling(w.bits),
         int8_activations=policy.int8_activations, interpret=policy.interpret)
+    h = act(w_in.biased(run(jnp.repeat(x, k, axis=0), w_in.w), ids), x.dtype)
+    return w_out.biased(run(h, w_out.w), ids).reshape(N, k, -1)
+
+
+def _experts_grouped_kernel(policy: KernelPolicy, x, experts, w_in: ExpertProjection, w_out: ExpertProjection,
+                            act) -> jax.Array:
+    """Same as _experts_grouped for quantized experts: the pairs sorted by expert into
+    blocks of rows once, both projections' tiles dequantized in registers
+    (kernels/expert_matvec.py's expert_matmul_pallas)."""
+    N, k = experts.shape
+    ids = experts.reshape(-1)
+    tiling = policy.expert_matmul_tiling(N * k, w_in.w.shape[0])
+    blocks = sort_into_blocks(ids, w_in.w.shape[0], tiling.block_m)
+    run = lambda rows, w: expert_matmul_pallas(rows, w, blocks, tiling=tiling, interpret=policy.interpret)
     h = act(w_in.biased(run(jnp.repeat(x, k, axis=0), w_in.w), ids), x.dtype)
     return w_out.biased(run(h, w_out.w), ids).reshape(N, k, -1)
 

@@ -185,6 +185,9 @@ class KernelPolicy:
     # Up to this many pairs, where kernels are wanted, each pair's expert is read in
     # place by kernels/expert_matvec.py instead of gathered by XLA.
     moe_kernel_max_pairs: int = 64
+    # Beyond, up to this many, quantized experts take the grouped kernel
+    # (expert_matmul_pallas) instead of XLA's dequantize-everything-then-ragged_dot.
+    moe_grouped_kernel_max_pairs: int = 8192
     experts: ExpertTiling = ExpertTiling()
     # add_norm's kernel adds at most this many partial-sum values in one program (NOTES).
     add_norm_max_partial_values: int = 16384
@@ -260,12 +263,24 @@ class KernelPolicy:
         """How a mixture-of-experts MLP runs `pairs` (token, routed expert) pairs through
         experts of `kind` ("dense", "quantized" of `bits`, "fp8"): "kernel" (each pair
         reads its expert in place, kernels/expert_matvec.py), "gather" (XLA gathers each
-        pair's expert weights) or "grouped" (tokens sorted by expert, one grouped
-        matrix multiply)."""
-        readable = kind == "dense" or (kind == "quantized" and bits in KERNEL_BITS)
-        if self.fast and readable and pairs <= self.moe_kernel_max_pairs:
+        pair's expert weights), "grouped" (tokens sorted by expert, one grouped matrix
+        multiply, ragged_dot) or "grouped_kernel" (the same for quantized experts in a
+        kernel that dequantizes tiles in registers)."""
+        quantized = kind == "quantized" and bits in KERNEL_BITS
+        if self.fast and (kind == "dense" or quantized) and pairs <= self.moe_kernel_max_pairs:
             return "kernel"
-        return "gather" if pairs <= self.moe_gather_max_pairs else "grouped"
+        if pairs <= self.moe_gather_max_pairs:
+            return "gather"
+        if self.fast and quantized and pairs <= self.moe_grouped_kernel_max_pairs:
+            return "grouped_kernel"
+        return "grouped"
+
+    def expert_matmul_tiling(self, pairs: int, n_experts: int) -> QMatmulTiling:
+        """qmatmul's tiling for the rows an expert gets on average, its blocks no taller
+        than those rows need (at least 16, the tensor cores' least)."""
+        rows = -(-pairs // min(pairs, n_experts))
+        tiling = matmul_tiling(rows, self.qmatmul)
+        return dataclasses.replace(tiling, block_m=min(tiling.block_m, max(16, 1 << (rows - 1).bit_length())))
 
     def add_norm_kernel(self, splits: int, width: int) -> bool:
         """Whether kernels/add_norm.py adds `splits` partial sums of a row of `width` and

@@ -81,3 +81,23 @@ def test_random_moe_files_of_each_family_load_as_their_shape(tmp_path):
         assert isinstance(model.params.layers[0].w_in.w, jaxllm.QuantizedWeight)
         logits = jaxllm.forward(model.params, c, np.asarray([[5, 6, 7, 8]]))
         assert np.isfinite(np.asarray(logits)).all()
+
+
+def test_expert_kernel_benchmark_compares_each_route(tmp_path):
+    """benchmarks/expert_matvec_bench.py on its tiny projection (interpreted): every
+    kernel row agrees with XLA's gathered route, and many pairs of quantized experts
+    take the grouped kernel, as ops.moe_mlp would."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import expert_matvec_bench
+
+    out = tmp_path / "em.json"
+    assert expert_matvec_bench.main(["--projections", "tiny", "--tokens", "1,64", "--tilings", "default",
+                                     "--reps", "1", "--loop", "1", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    routes = {(r["weights"], r["tokens"]): [] for r in rows}
+    for r in rows:
+        routes[(r["weights"], r["tokens"])].append(r["route"])
+        if r["route"] != "xla_gather":
+            assert r["rel_err_vs_xla"] < (1e-2 if r["weights"] == "int8" and r["tokens"] == 1 else 1e-5)
+    assert routes[("int8", 64)] == ["xla_gather", "kernel_grouped"]
+    assert routes[("bf16", 1)] == ["xla_gather", "kernel_default"]

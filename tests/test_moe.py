@@ -45,12 +45,14 @@ def routed(config, route: str):
     their kernels too; activations unrounded, so that quantized weights compare
     exactly: the int8 activations are tests/test_expert_matvec.py's)."""
     kernels = config.kernels.replace(moe_gather_max_pairs=10 ** 9 if route == "gather" else 0)
-    if route == "kernel":
-        kernels = kernels.replace(mode="pallas", moe_kernel_max_pairs=10 ** 9, int8_activations=False)
+    if route in ("kernel", "grouped_kernel"):
+        kernels = kernels.replace(mode="pallas", moe_kernel_max_pairs=10 ** 9 if route == "kernel" else 0,
+                                  int8_activations=False)
     return config.replace(kernels=kernels)
 
 
 ROUTES = ["gather", "grouped", "kernel"]
+QUANTIZED_ROUTES = ROUTES + ["grouped_kernel"]  # the grouped kernel reads quantized experts only
 
 
 def run(x, router, w_in, w_out, renormalise, route):
@@ -179,8 +181,10 @@ def test_quantized_experts_match_their_dequantized_twin_and_lora_skips_them():
         assert layer.w_in.shape == params.layers[0].w_in.shape
         twin = jaxllm.dequantize_params(q)
         assert isinstance(twin.layers[0].w_in, Experts) and twin.layers[0].w_in.w.shape == (4, 64, 64)
-        for route in ROUTES:
+        for route in QUANTIZED_ROUTES if mode != "fp8" else ROUTES:
             cr = routed(c, route)
+            if mode != "fp8":  # (fp8 experts take XLA's routes, their attention the fp8 kernel)
+                assert cr.kernels.moe_route(tokens.size * 2, layer.w_in.kind, layer.w_in.bits) == route
             ours, ref = jaxllm.forward(q, cr, tokens), jaxllm.forward(twin, cr, tokens)
             if mode == "fp8":
                 assert float(jnp.linalg.norm(ours - ref)) < 0.15 * float(jnp.linalg.norm(ref))
@@ -207,7 +211,7 @@ def test_a_gguf_file_s_quantized_experts_stay_packed(tmp_path):
         assert isinstance(packed.params.layers[0].w_in.w, jaxllm.QuantizedWeight)
         assert isinstance(dense.params.layers[0].w_in.w, jax.Array)
         ref = np.asarray(jaxllm.forward(dense.params, dense.config, tokens))
-        for route in ROUTES:
+        for route in QUANTIZED_ROUTES:
             ours = np.asarray(jaxllm.forward(packed.params, routed(packed.config, route), tokens))
             assert np.abs(ours - ref).max() < 1e-4 * np.abs(ref).max(), route
 

@@ -13,20 +13,25 @@ kernel reads quantized experts, `routed=True`); the float32 partial sums over th
 splits are added afterwards.
 
 A pair per program row means a batch whose tokens share an expert reads it once per
-token: the route for a few pairs only (policy.moe_route); many tokens take the
-grouped multiply (ragged_dot), which reads each expert once.
+token: the route for a few pairs only (policy.moe_route). Many pairs of quantized
+experts take `expert_matmul_pallas`: the pairs sorted by expert into blocks of
+block_m rows (each expert's rows padded to whole blocks), each block multiplied by its
+expert's tiles, dequantized in registers, on the tensor cores (qmatvec's qmatmul
+kernel, `routed=True`); XLA's grouped route (ragged_dot) would first dequantize every
+expert into memory. Dense experts keep ragged_dot there.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from ..policy import KERNEL_BITS, ExpertTiling, QMatvecTiling
+from ..policy import KERNEL_BITS, ExpertTiling, QMatmulTiling, QMatvecTiling
 from ..weights import Experts, QuantizedWeight
 from . import qmatvec
 from .matvec import _plan, _pow2
@@ -101,3 +106,65 @@ def _quantized(x, w: QuantizedWeight, ids, E, K, N, tiling, int8_activations, in
         grid=(row_blocks, splits, P), interpret=interpret, compiler_params=params(tiling),
     )(*operands)
     return partial_sums.sum(0)
+
+
+class ExpertBlocks(NamedTuple):
+    """Pairs sorted by expert into blocks of rows (sort_into_blocks): pair p (in sorted
+    order `order[p]`) goes to padded row dest[p]; block b holds expert block_expert[b]'s
+    rows, or none (-1)."""
+
+    order: jax.Array  # [P]
+    dest: jax.Array  # [P]
+    block_expert: jax.Array  # [blocks], int32
+
+
+def sort_into_blocks(ids: jax.Array, n_experts: int, block_m: int) -> ExpertBlocks:
+    """The blocks of block_m rows that pairs routed to ids [P] fill, each expert's rows
+    padded to whole blocks. The block count is static: at most cdiv(P, block_m) plus one
+    partial block per expert that has rows."""
+    P = ids.shape[0]
+    ids = ids.astype(jnp.int32)
+    sizes = jnp.bincount(ids, length=n_experts)
+    blocks_per = (sizes + block_m - 1) // block_m
+    block_end = jnp.cumsum(blocks_per)
+    block_start = block_end - blocks_per
+    b = jnp.arange(pl.cdiv(P, block_m) + min(n_experts, P))
+    block_expert = jnp.where(b < block_end[-1], jnp.searchsorted(block_end, b, side="right"), -1)
+    order = jnp.argsort(ids, stable=True)
+    sorted_ids = ids[order]
+    rank = jnp.arange(P) - (jnp.cumsum(sizes) - sizes)[sorted_ids]  # place among its expert's rows
+    return ExpertBlocks(order, block_start[sorted_ids] * block_m + rank, block_expert.astype(jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnames=("tiling", "interpret"))
+def expert_matmul_pallas(x: jax.Array, w: Experts, blocks: ExpertBlocks, *, tiling: QMatmulTiling,
+                         interpret: bool = False) -> jax.Array:
+    """float32 [P, N]: row p of x [P, K] through the expert `blocks` routes it to, for
+    quantized experts (4 or 8 bits) and blocks of tiling.block_m rows (sort_into_blocks).
+    A block multiplies its [block_m, K] rows by its expert's tiles, dequantized in
+    registers, on the tensor cores; blocks of padding are skipped."""
+    q = w.w
+    if not isinstance(q, QuantizedWeight) or q.bits not in KERNEL_BITS:
+        raise ValueError(f"expert_matmul_pallas reads {KERNEL_BITS}-bit quantized experts")
+    P, K = x.shape
+    E, _, N = w.shape
+    bm, n_blocks = tiling.block_m, blocks.block_expert.shape[0]
+    xp = jnp.zeros((n_blocks * bm, K), x.dtype).at[blocks.dest].set(x[blocks.order])
+    Nv, G = q.values.shape[1], K // q.scales.shape[1]
+    groups = max(1, min(tiling.block_k, _pow2(K)) // G)
+    row_blocks, splits, steps = _plan(bm, K, Nv, tiling.block_n, G * groups,
+                                      max(1, tiling.target_programs // n_blocks))
+    kernel = functools.partial(qmatvec._matmul_kernel, block_m=bm, split_k=splits > 1, routed=True, K=K,
+                               Nv=Nv, G=G, bits=q.bits, block_n=tiling.block_n, groups=groups, steps=steps)
+    flat = lambda a: a.reshape(-1, a.shape[-1])
+    operands = (blocks.block_expert, xp, flat(q.values), flat(q.scales)) + (
+        (flat(q.mins),) if q.mins is not None else ())
+    out_shape = (splits, n_blocks * bm, N) if splits > 1 else (n_blocks * bm, N)
+    y = pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct(out_shape, jnp.float32),
+        grid=(n_blocks, row_blocks, splits), interpret=interpret,
+        compiler_params=None if interpret else plgpu.CompilerParams(num_warps=tiling.num_warps,
+                                                                    num_stages=tiling.num_stages),
+    )(*operands)
+    y = (y.sum(0) if splits > 1 else y)[blocks.dest]
+    return jnp.zeros((P, N), jnp.float32).at[blocks.order].set(y)

@@ -244,17 +244,29 @@ def _launch(kernel, x, w: QuantizedWeight, out_dtype, block_n, block_k, target_p
 
 # ---- batches of 5 rows and more: the dequantized tile feeds a tensor-core dot ----
 
-def _matmul_kernel(x_ref, v_ref, s_ref, *rest, block_m, split_k, **tiling):
+def _matmul_kernel(*refs, block_m, split_k, routed=False, **tiling):
+    """routed: the first ref holds the expert of each block of block_m rows of x (-1: a
+    block of padding, skipped), the weights a flattened stack (_step's expert)."""
+    blocks_ref, (x_ref, v_ref, s_ref, *rest) = (refs[0], refs[1:]) if routed else (None, refs)
     m_ref = rest[0] if len(rest) == 2 else None  # separate float32 minimums
     o_ref = rest[-1]
     i_m, j, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    expert = blocks_ref[i_m] if routed else 0
+    if routed:
+        pl.when(expert >= 0)(lambda: _matmul_program(x_ref, v_ref, s_ref, m_ref, o_ref, i_m, j, split,
+                                                     jnp.maximum(expert, 0), block_m, split_k, tiling))
+    else:
+        _matmul_program(x_ref, v_ref, s_ref, m_ref, o_ref, i_m, j, split, 0, block_m, split_k, tiling)
+
+
+def _matmul_program(x_ref, v_ref, s_ref, m_ref, o_ref, i_m, j, split, expert, block_m, split_k, tiling):
     G, block_n, Nv, bits = tiling["G"], tiling["block_n"], tiling["Nv"], tiling["bits"]
     BK = G * tiling["groups"]
     halves = _halves(bits, Nv)
     rows = pl.ds(i_m * block_m, block_m)
 
     def body(i, accs):
-        k0, k_ok, v, group_params = _step(v_ref, s_ref, m_ref, i, j=j, split=split, **tiling)
+        k0, k_ok, v, group_params = _step(v_ref, s_ref, m_ref, i, j=j, split=split, expert=expert, **tiling)
         x = plgpu.load(x_ref.at[rows, pl.ds(k0, BK)], mask=k_ok[None, :], other=0.0)  # [block_m, BK]
         new = []
         for h, (s, mn) in enumerate(group_params):
