@@ -2,9 +2,10 @@
 for a few (token, expert) pairs p (decode) and a stack of expert weights W [E, K, N]
 (`weights.Experts`: dense, or a QuantizedWeight with a leading E axis).
 
-XLA's route (ops._experts_gathered) gathers the routed experts' weights into a new
-[P, K, N] array and multiplies that: the selected weights cross memory three times
-(read, written, read again). Here each program reads its expert's weights in place:
+XLA's route (ops._experts_gathered) gathers the routed experts' weights as a
+[P, K, N] operand of its dot (fused into it on the H200, at 1.2-3.4 TB/s, slowest at
+batch 1 and for int8 experts: benchmarks/NOTES.md). Here each program reads its
+expert's weights in place:
 the expert id of its pair is loaded from `ids`, and the stack, flattened to
 [E * K, N] (quantized: values [E * Nv, K], scales [E * K/G, N]), is read from that
 expert's first row. Programs: blocks of columns x splits of K x pairs, K split until
