@@ -469,11 +469,13 @@ def decode_attention(p, config: ModelConfig, index: int, qkv, kv, starts, dtype,
         n_heads=config.n_heads, n_kv_heads=config.n_kv_heads, head_dim=config.head_dim,
         scale=config.attention_scale,
         rope=rope, window=config.layer_window(index), softcap=config.attn_softcap,
-        qk_norm=config.qk_norm, norm_eps=config.norm_eps, norm_offset=config.norm_weight_offset)
+        qk_norm=config.qk_norm, norm_eps=config.norm_eps, norm_offset=config.norm_weight_offset,
+        sinks=config.attn_sinks)
     inv_freq = jnp.asarray(rope_inv_freq(config, config.layer_rope_theta(index))) if rope else None
     norms = (p.q_norm.scale, p.k_norm.scale) if config.qk_norm else (None, None)
     out, k_cache, v_cache = decode_attention_pallas(
         qkv if isinstance(qkv, PartialSums) else qkv[:, 0], kv[0], kv[1], starts, inv_freq, *norms,
-        norm_rows, spec=spec, interpret=config.kernels.interpret, out_dtype=dtype,
+        norm_rows, p.sinks if config.attn_sinks else None, spec=spec, interpret=config.kernels.interpret,
+        out_dtype=dtype,
         prefetch=config.kernels.attention_prefetch)
     return out[:, None], (k_cache, v_cache)

@@ -291,7 +291,7 @@ class KernelPolicy:
     def decode_attention(self, config) -> bool:
         """The fused decode-attention kernel for one new token per row. Partial rotary
         (Phi-2) and LayerNorm'd query/key heads take the XLA path."""
-        if not self.fast or config.attn_sinks:  # sinks: XLA's attention (ops.attend)
+        if not self.fast:
             return False
         if config.position == "rope" and config.rotary_dim != config.head_dim:
             return False

@@ -78,9 +78,10 @@ def test_deferred_norms_match_the_xla_path(arch):
 
 # --- decode attention ---------------------------------------------------------------
 
-def numpy_decode_attention(qkv, k_cache, v_cache, lengths, freq, q_norm, k_norm, spec):
+def numpy_decode_attention(qkv, k_cache, v_cache, lengths, freq, q_norm, k_norm, spec, sinks=None):
     """float64: the new token's queries/keys normed and rotated, written at slot
-    min(length, S - 1), attending to the visible filled slots."""
+    min(length, S - 1), attending to the visible filled slots (sinks [H]: one more
+    logit per head in the softmax's sum)."""
     from types import SimpleNamespace
 
     from reference_numpy import norm, rope
@@ -105,8 +106,10 @@ def numpy_decode_attention(qkv, k_cache, v_cache, lengths, freq, q_norm, k_norm,
             s = k_cache[b, visible, h // G] @ q[h] * spec.scale
             if spec.softcap is not None:
                 s = spec.softcap * np.tanh(s / spec.softcap)
-            p = np.exp(s - s.max())
-            out[b, h] = (p / p.sum()) @ v_cache[b, visible, h // G]
+            top = s.max() if sinks is None else max(s.max(), sinks[h])
+            p = np.exp(s - top)
+            total = p.sum() + (0.0 if sinks is None else np.exp(sinks[h] - top))
+            out[b, h] = (p / total) @ v_cache[b, visible, h // G]
     return out.reshape(B, H * Dh), k_cache, v_cache
 
 
@@ -122,6 +125,9 @@ def numpy_decode_attention(qkv, k_cache, v_cache, lengths, freq, q_norm, k_norm,
     # the factor of a deferred norm (model.DeferredNorm), applied by the kernel
     dict(B=2, S=40, K=2, G=2, Dh=32, lengths=[3, 30], qkv_splits=3, row_normed=True),
     dict(B=2, S=40, K=1, G=2, Dh=16, lengths=[9, 2], qk_norm=True, row_normed=True),
+    # gpt-oss's sinks, in the kernel (one split, a window) and in XLA's combination of splits
+    dict(B=2, S=40, K=2, G=3, Dh=16, lengths=[6, 35], window=8, sinks=True),
+    dict(B=1, S=1100, K=2, G=2, Dh=16, lengths=[1000], sinks=True),
 ])
 def test_decode_attention_matches_float64(case):
     from jaxllm.kernels.decode_attention import AttentionSpec, _splits, decode_attention_pallas
@@ -134,6 +140,8 @@ def test_decode_attention_matches_float64(case):
     spec = AttentionSpec(n_heads=K * G, n_kv_heads=K, head_dim=Dh, scale=Dh ** -0.5,
                          rope=case.pop("rope", True), norm_eps=1e-6, **case)
     rng = np.random.default_rng(np.random.randint(1 << 30))
+    # sinks as large as the scores, so that they take a real share of each softmax
+    sinks = rng.normal(size=K * G).astype(np.float32) * 2 if spec.sinks else None
     qkv = rng.standard_normal((B, (K * G + 2 * K) * Dh)).astype(np.float32)
     k_cache, v_cache = (rng.standard_normal((B, S, K, Dh)).astype(np.float32) for _ in range(2))
     freq = (10000.0 ** -(np.arange(Dh // 2) / (Dh // 2))).astype(np.float32)
@@ -141,7 +149,7 @@ def test_decode_attention_matches_float64(case):
     cast = lambda a: np.asarray(jnp.asarray(a, dtype).astype(jnp.float32))  # the kernel's inputs, rounded
     qkv, k_cache, v_cache = cast(qkv), cast(k_cache), cast(v_cache)
     ref_out, ref_k, ref_v = numpy_decode_attention(qkv, k_cache, v_cache, lengths, freq, q_norm,
-                                                   k_norm, spec)
+                                                   k_norm, spec, sinks)
     # Given rows x [B, 40], the kernel multiplies row b by rsqrt(mean(x[b]^2) + eps).
     norm_rows = rng.standard_normal((B, 40)).astype(np.float32) * rng.uniform(0.3, 3.0, (B, 1))
     factor = 1 / np.sqrt((norm_rows.astype(np.float64) ** 2).mean(1) + spec.norm_eps)
@@ -153,8 +161,8 @@ def test_decode_attention_matches_float64(case):
     out, new_k, new_v = decode_attention_pallas(
         qkv_in, jnp.asarray(k_cache, dtype), jnp.asarray(v_cache, dtype),
         jnp.asarray(lengths), jnp.asarray(freq), jnp.asarray(q_norm), jnp.asarray(k_norm),
-        jnp.asarray(norm_rows, dtype) if row_normed else None, spec=spec,
-        interpret=jax.default_backend() != "gpu")
+        jnp.asarray(norm_rows, dtype) if row_normed else None,
+        None if sinks is None else jnp.asarray(sinks), spec=spec, interpret=jax.default_backend() != "gpu")
     assert (S > 512) == (_splits(B, spec, S) > 1)
     # float32 on the GPU: the kernel's dots run in TF32 (~3e-4), as XLA's do by default.
     tol = 2e-2 if dtype == jnp.bfloat16 else 2e-3 if jax.default_backend() == "gpu" else 1e-5

@@ -244,3 +244,23 @@ def test_jaxllm_generate_runs_a_moe_gguf(tmp_path, arch):
     expected = jaxllm.generate(model.params, model.config, [row["prompt_ids"]], max_new_tokens=6,
                                settings=jaxllm.SamplerSettings.greedy()).tokens[0]
     assert row["ids"] == expected
+
+
+@pytest.mark.parametrize("family", ["qwen3moe", "gpt-oss"])
+def test_a_moe_decoder_on_the_kernels_matches_the_xla_path(family):
+    """Prefill and decode steps with every kernel (interpreted): the routed experts read
+    in place, and for gpt-oss the decode-attention kernel with its sinks and sliding
+    window, against the XLA path's logits and cache."""
+    from test_kernels import assert_same_run, prefill_and_steps
+
+    c = gpt_oss() if family == "gpt-oss" else tiny(n_experts=6, n_active_experts=2, expert_d_ff=24, qk_norm=True)
+    params = jaxllm.init_params(c, jax.random.PRNGKey(8))
+    if family == "gpt-oss":  # sinks of the scores' size, so that they take a real share
+        params = params.replace(layers=tuple(
+            layer.replace(sinks=jax.random.normal(jax.random.PRNGKey(i), layer.sinks.shape) * 2)
+            for i, layer in enumerate(params.layers)))
+    tokens = jnp.asarray(np.random.default_rng(2).integers(0, c.vocab_size, (2, 9)))
+    pallas = c.replace(kernels=jaxllm.KernelPolicy.for_backend("pallas"))
+    assert pallas.kernels.decode_attention(pallas) and pallas.kernels.moe_route(2 * c.n_active_experts) == "kernel"
+    with jax.default_matmul_precision("highest"):
+        assert_same_run(prefill_and_steps(params, pallas, tokens), prefill_and_steps(params, c.replace(kernels="xla"), tokens))

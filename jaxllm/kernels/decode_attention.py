@@ -63,6 +63,7 @@ class AttentionSpec:
     qk_norm: bool = False  # RMSNorm of each query and key head before the rotation
     norm_eps: float = 1e-6
     norm_offset: float = 0.0  # the norm multiplies by (offset + scale)
+    sinks: bool = False  # a learned logit per query head in each softmax, going to no value (gpt-oss)
 
 
 def _splits(batch: int, spec: AttentionSpec, capacity: int) -> int:
@@ -73,7 +74,7 @@ def _splits(batch: int, spec: AttentionSpec, capacity: int) -> int:
     return int(max(1, min(capacity // SLOTS_PER_SPLIT, 256 // (batch * spec.n_kv_heads))))
 
 
-def _kernel(qkv_ref, k_ref, v_ref, lengths_ref, freq_ref, qn_ref, kn_ref, nr_ref, *out_refs,
+def _kernel(qkv_ref, k_ref, v_ref, lengths_ref, freq_ref, qn_ref, kn_ref, nr_ref, sink_ref, *out_refs,
             spec: AttentionSpec, S: int, half: int, hp: int, bs: int, chunk: int, splits: int,
             qkv_splits: int, norm_width: Optional[int], prefetch: bool, compute):
     o_ref, k_out, v_out = out_refs[:3]
@@ -196,6 +197,12 @@ def _kernel(qkv_ref, k_ref, v_ref, lengths_ref, freq_ref, qn_ref, kn_ref, nr_ref
             0, n_blocks, lambda i, carry: attend(i, load_block(i), *carry), (m, l, acc1, acc2))
     out_mask = row_ok[:, None] & d_ok[None, :]
     if splits == 1:
+        if spec.sinks:  # one more logit per head in the softmax's sum (several splits: XLA adds it)
+            sink = plgpu.load(sink_ref.at[pl.ds(g * G, GROUP_ROWS)], mask=row_ok, other=MASKED)
+            top = jnp.maximum(m, sink)
+            alpha = jnp.exp(m - top)
+            l = l * alpha + jnp.exp(sink - top)
+            acc1, acc2 = acc1 * alpha[:, None], acc2 * alpha[:, None]
         for h, acc in zip(halves, (acc1, acc2)):
             plgpu.store(o_ref.at[b, pl.ds(g * G, GROUP_ROWS), h], (acc / l[:, None]).astype(o_ref.dtype),
                         mask=out_mask)
@@ -213,8 +220,8 @@ def _kernel(qkv_ref, k_ref, v_ref, lengths_ref, freq_ref, qn_ref, kn_ref, nr_ref
                    donate_argnames=("k_cache", "v_cache"))
 def decode_attention_pallas(qkv: jax.Array | PartialSums, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array,
                             inv_freq: Optional[jax.Array], q_norm: Optional[jax.Array],
-                            k_norm: Optional[jax.Array], norm_rows: Optional[jax.Array] = None, *,
-                            spec: AttentionSpec, block_slots: int = 64, num_warps: int = 4,
+                            k_norm: Optional[jax.Array], norm_rows: Optional[jax.Array] = None,
+                            sinks: Optional[jax.Array] = None, *, spec: AttentionSpec, block_slots: int = 64, num_warps: int = 4,
                             num_stages: int = 3, interpret: bool = False, out_dtype=None,
                             prefetch: bool | str = "lean"):
     """qkv [B, (H + 2K) * Dh] (or its PartialSums [splits, B, (H + 2K) * Dh]) of one
@@ -222,6 +229,8 @@ def decode_attention_pallas(qkv: jax.Array | PartialSums, k_cache: jax.Array, v_
     [Dh / 2] (rope); q_norm, k_norm [Dh] (qk_norm). With norm_rows [B, D], each row
     of qkv is first multiplied by rsqrt(mean(norm_rows[b]^2) + norm_eps): the factor
     of the RMSNorm before the projection, left to this kernel (model.DeferredNorm).
+    sinks [H] (spec.sinks): each head's softmax sums one more logit, whose share
+    goes to no value.
     Returns (attention output [B, H * Dh] in out_dtype (default: qkv's, or the cache's
     for partial sums), k_cache, v_cache) with the new keys and values written at slot
     min(lengths[b], S - 1).
@@ -246,10 +255,14 @@ def decode_attention_pallas(qkv: jax.Array | PartialSums, k_cache: jax.Array, v_
     chunk = pl.cdiv(S, splits)
     qkv4 = qkv_parts.reshape(qkv_parts.shape[0], B, H + 2 * K, Dh)
     dummy = jnp.zeros((hp,), jnp.float32)
+    if spec.sinks != (sinks is not None):
+        raise ValueError("sinks are given exactly when spec.sinks is set")
+    # padded past the last group's GROUP_ROWS rows, so that no masked load leaves the array
+    sink_rows = dummy if sinks is None else jnp.pad(sinks.astype(jnp.float32), (0, GROUP_ROWS), constant_values=MASKED)
     operands = (qkv4, k_cache, v_cache, lengths.astype(jnp.int32),
                 dummy if inv_freq is None else inv_freq.astype(jnp.float32),
                 dummy if q_norm is None else q_norm, dummy if k_norm is None else k_norm,
-                dummy[None] if norm_rows is None else norm_rows)
+                dummy[None] if norm_rows is None else norm_rows, sink_rows)
     cache_shapes = [jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
                     jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)]
     if splits == 1:
@@ -274,7 +287,13 @@ def decode_attention_pallas(qkv: jax.Array | PartialSums, k_cache: jax.Array, v_
         return out.reshape(B, H * Dh), k_cache, v_cache
     acc, k_cache, v_cache, m, l = outs
     G = H // K
-    weight = jnp.exp(m - m.max(axis=2, keepdims=True))  # [B, K, splits, GROUP_ROWS]
-    out = (weight[..., None] * acc).sum(2) / (weight * l).sum(2)[..., None]
+    top = m.max(axis=2, keepdims=True)  # [B, K, 1, GROUP_ROWS]
+    if sinks is not None:
+        sink = sink_rows[:H].reshape(K, G)
+        sink = jnp.pad(sink, ((0, 0), (0, GROUP_ROWS - G)), constant_values=MASKED)[None, :, None]
+        top = jnp.maximum(top, sink)
+    weight = jnp.exp(m - top)  # [B, K, splits, GROUP_ROWS]
+    total = (weight * l).sum(2) + (jnp.exp(sink - top)[:, :, 0] if sinks is not None else 0.0)
+    out = (weight[..., None] * acc).sum(2) / total[..., None]
     out = out[:, :, :G].reshape(B, H * Dh).astype(dtype)
     return out, k_cache, v_cache
