@@ -324,13 +324,10 @@ def _experts_in_place(policy: KernelPolicy, x, experts, w_in: ExpertProjection, 
                       act) -> jax.Array:
     """Same as _experts_gathered, each pair's expert read where it is stored
     (kernels/expert_matvec.py)."""
-    N, k = experts.shape
     ids = experts.reshape(-1)
-    run = lambda rows, w: expert_matvec_pallas(
+    return _experts_by_kernel(lambda rows, w: expert_matvec_pallas(
         rows, w, ids, tiling=policy.experts, qtiling=policy.qmatvec_tiling(w.bits),
-        int8_activations=policy.int8_activations, interpret=policy.interpret)
-    h = act(w_in.biased(run(jnp.repeat(x, k, axis=0), w_in.w), ids), x.dtype)
-    return w_out.biased(run(h, w_out.w), ids).reshape(N, k, -1)
+        int8_activations=policy.int8_activations, interpret=policy.interpret), x, experts, w_in, w_out, act)
 
 
 def _experts_grouped_kernel(policy: KernelPolicy, x, experts, w_in: ExpertProjection, w_out: ExpertProjection,
@@ -338,11 +335,17 @@ def _experts_grouped_kernel(policy: KernelPolicy, x, experts, w_in: ExpertProjec
     """Same as _experts_grouped for quantized experts: the pairs sorted by expert into
     blocks of rows once, both projections' tiles dequantized in registers
     (kernels/expert_matvec.py's expert_matmul_pallas)."""
+    tiling = policy.expert_matmul_tiling(experts.size, w_in.w.shape[0])
+    blocks = sort_into_blocks(experts.reshape(-1), w_in.w.shape[0], tiling.block_m)
+    return _experts_by_kernel(lambda rows, w: expert_matmul_pallas(
+        rows, w, blocks, tiling=tiling, interpret=policy.interpret), x, experts, w_in, w_out, act)
+
+
+def _experts_by_kernel(run, x, experts, w_in: ExpertProjection, w_out: ExpertProjection, act) -> jax.Array:
+    """[N, k, D] float32 through run(rows [P, K], w: Experts) -> [P, N] float32, which
+    multiplies row p by the expert of pair p (pairs in experts.reshape(-1)'s order)."""
     N, k = experts.shape
     ids = experts.reshape(-1)
-    tiling = policy.expert_matmul_tiling(N * k, w_in.w.shape[0])
-    blocks = sort_into_blocks(ids, w_in.w.shape[0], tiling.block_m)
-    run = lambda rows, w: expert_matmul_pallas(rows, w, blocks, tiling=tiling, interpret=policy.interpret)
     h = act(w_in.biased(run(jnp.repeat(x, k, axis=0), w_in.w), ids), x.dtype)
     return w_out.biased(run(h, w_out.w), ids).reshape(N, k, -1)
 
@@ -475,7 +478,6 @@ def decode_attention(p, config: ModelConfig, index: int, qkv, kv, starts, dtype,
     norms = (p.q_norm.scale, p.k_norm.scale) if config.qk_norm else (None, None)
     out, k_cache, v_cache = decode_attention_pallas(
         qkv if isinstance(qkv, PartialSums) else qkv[:, 0], kv[0], kv[1], starts, inv_freq, *norms,
-        norm_rows, p.sinks if config.attn_sinks else None, spec=spec, interpret=config.kernels.interpret,
-        out_dtype=dtype,
+        norm_rows, p.sinks, spec=spec, interpret=config.kernels.interpret, out_dtype=dtype,
         prefetch=config.kernels.attention_prefetch)
     return out[:, None], (k_cache, v_cache)

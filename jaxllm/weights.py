@@ -317,7 +317,7 @@ class Experts:
     @property
     def kind(self) -> str:
         """"dense", "quantized" or "fp8": how the stacked weights are stored."""
-        return {QuantizedWeight: "quantized", Fp8Weight: "fp8"}.get(type(self.w), "dense")
+        return kind_of(self.w)
 
     @property
     def bits(self) -> int:

@@ -289,8 +289,8 @@ def decode_attention_pallas(qkv: jax.Array | PartialSums, k_cache: jax.Array, v_
     G = H // K
     top = m.max(axis=2, keepdims=True)  # [B, K, 1, GROUP_ROWS]
     if sinks is not None:
-        sink = sink_rows[:H].reshape(K, G)
-        sink = jnp.pad(sink, ((0, 0), (0, GROUP_ROWS - G)), constant_values=MASKED)[None, :, None]
+        sink = jnp.pad(sinks.astype(jnp.float32).reshape(K, G), ((0, 0), (0, GROUP_ROWS - G)),
+                       constant_values=MASKED)[None, :, None]
         top = jnp.maximum(top, sink)
     weight = jnp.exp(m - top)  # [B, K, splits, GROUP_ROWS]
     total = (weight * l).sum(2) + (jnp.exp(sink - top)[:, :, 0] if sinks is not None else 0.0)
