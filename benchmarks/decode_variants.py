@@ -80,6 +80,16 @@ for _name, _change in {"bn128": dict(block_n=128), "bn512": dict(block_n=512), "
 # 8192 for short rows, >= 264 programs, 4 warps, 3 stages, loads one step ahead)
 VARIANTS["rows-xla-large"] = {"rowmatvec_max_small_side": 2048}
 VARIANTS["moe-xla"] = {"moe_kernel_max_pairs": 0}  # the routed experts gathered by XLA, not read in place
+VARIANTS["moe-kernel16"] = {"moe_kernel_max_pairs": 16}  # in place to 16 pairs, grouped past them
+VARIANTS["moe-grouped-xla"] = {"moe_grouped_kernel_max_pairs": 0}  # past 64 pairs, XLA's dequantize + ragged_dot
+VARIANTS["attn-xla"] = {"attention_kernel": False}  # XLA's attention at decode, not the fused kernel
+# decode attention over long caches: more programs (splits), larger blocks of slots
+for _programs in (256, 512, 1024, 2048):
+    VARIANTS[f"attn-progs{_programs}"] = {"attention_programs": _programs, "attention_programs_fp8": _programs}
+VARIANTS["attn-bs32"] = {"attention_block_slots": 32}
+VARIANTS["attn-bs128"] = {"attention_block_slots": 128}
+VARIANTS["attn-progs1024-bs128"] = {"attention_programs": 1024, "attention_programs_fp8": 1024,
+                                    "attention_block_slots": 128}
 
 
 def _short(**change):  # the short rows' settings, changed
@@ -142,6 +152,9 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--prefill", action="store_true", help="also pp512 (batch 1)")
+    ap.add_argument("--batch", type=int, default=1, help="decode rows (tg128 per row)")
+    ap.add_argument("--context", type=int, default=0, help="rows start this many positions in (bench.py --context)")
+    ap.add_argument("--kv-cache", default="auto", choices=["auto", "fp8"])
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
@@ -150,7 +163,7 @@ def main(argv=None) -> int:
     rows = []
     for spec in args.runs:
         shape, weights, names = spec.split(":")
-        config = PRESETS[shape]
+        config = PRESETS[shape].replace(kv_cache=args.kv_cache)
         params = jax.block_until_ready(jaxllm.init_params(config, jax.random.PRNGKey(0), jnp.bfloat16))
         dtype, _, layout = weights.partition("+")
         if dtype != "bf16":
@@ -163,7 +176,8 @@ def main(argv=None) -> int:
             config = config.replace(kernels=policy_of(name))
             print(f"{shape} {weights} {name} ...", file=sys.stderr, flush=True)
             r = {"shape": shape, "weights": weights, "variant": name, "settings": _jsonable(VARIANTS[name]),
-                 **measure_decode(params, config, 1, 128, args.reps),
+                 "batch": args.batch, "context": args.context, "kv_cache": args.kv_cache,
+                 **measure_decode(params, config, args.batch, 128, args.reps, context=args.context),
                  "rel_err_vs_xla": fast_path_error(params, config)}
             if args.prefill:
                 r["pp512_tok_s"] = measure_prefill(params, config, 1, 512, args.reps)["tok_s"]

@@ -461,6 +461,10 @@ def attend(q, k, v, q_pos, k_pos, config: ModelConfig, window: Optional[int],
     return out.reshape(B, T, H, Dh)
 
 
+def _attention_programs(policy: KernelPolicy, cache_dtype) -> int:
+    return policy.attention_programs_fp8 if jnp.dtype(cache_dtype).itemsize == 1 else policy.attention_programs
+
+
 def decode_attention(p, config: ModelConfig, index: int, qkv, kv, starts, dtype,
                      norm_rows: Optional[jax.Array] = None):
     """qkv [B, 1, q + 2kv] (or its PartialSums [S, B, q + 2kv]) of one new token per
@@ -479,5 +483,6 @@ def decode_attention(p, config: ModelConfig, index: int, qkv, kv, starts, dtype,
     out, k_cache, v_cache = decode_attention_pallas(
         qkv if isinstance(qkv, PartialSums) else qkv[:, 0], kv[0], kv[1], starts, inv_freq, *norms,
         norm_rows, p.sinks, spec=spec, interpret=config.kernels.interpret, out_dtype=dtype,
-        prefetch=config.kernels.attention_prefetch)
+        prefetch=config.kernels.attention_prefetch, programs=_attention_programs(config.kernels, kv[0].dtype),
+        block_slots=config.kernels.attention_block_slots)
     return out[:, None], (k_cache, v_cache)

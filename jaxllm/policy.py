@@ -166,6 +166,14 @@ class KernelPolicy:
     # Decode attention loads cache blocks ahead: "lean" only where q/k/v arrive as one
     # array with no norm factor to compute (NOTES 23, 28); True always; False never.
     attention_prefetch: Union[bool, Literal["lean"]] = "lean"
+    # The fused decode-attention kernel where it applies (False: XLA's attention; for A/B runs).
+    attention_kernel: bool = True
+    # Its programs over a long cache (splits = programs / (rows x kv heads)), for a cache
+    # in the model's dtype and a float8 one (NOTES "Decode at 8k context"), and the
+    # slots each program reads a step.
+    attention_programs: int = 256
+    attention_programs_fp8: int = 1024
+    attention_block_slots: int = 64
     # The split-K dense kernel under "auto" for weights whose smaller side is at most
     # this; None: never. On the GPU every such layer projection is stored by output
     # row, so only an untied head of <= 2048 columns would reach it (docs/architecture.md).
@@ -291,7 +299,7 @@ class KernelPolicy:
     def decode_attention(self, config) -> bool:
         """The fused decode-attention kernel for one new token per row. Partial rotary
         (Phi-2) and LayerNorm'd query/key heads take the XLA path."""
-        if not self.fast:
+        if not (self.fast and self.attention_kernel):
             return False
         if config.position == "rope" and config.rotary_dim != config.head_dim:
             return False

@@ -66,12 +66,12 @@ class AttentionSpec:
     sinks: bool = False  # a learned logit per query head in each softmax, going to no value (gpt-oss)
 
 
-def _splits(batch: int, spec: AttentionSpec, capacity: int) -> int:
-    """Static split count: one for short caches; for long ones enough programs to
-    keep ~2 per multiprocessor busy, each reading at least SLOTS_PER_SPLIT slots."""
+def _splits(batch: int, spec: AttentionSpec, capacity: int, programs: int = 256) -> int:
+    """Static split count: one for short caches; for long ones enough splits for about
+    `programs` programs in all, each reading at least SLOTS_PER_SPLIT slots."""
     if capacity <= SLOTS_PER_SPLIT:
         return 1
-    return int(max(1, min(capacity // SLOTS_PER_SPLIT, 256 // (batch * spec.n_kv_heads))))
+    return int(max(1, min(capacity // SLOTS_PER_SPLIT, programs // (batch * spec.n_kv_heads))))
 
 
 def _kernel(qkv_ref, k_ref, v_ref, lengths_ref, freq_ref, qn_ref, kn_ref, nr_ref, sink_ref, *out_refs,
@@ -216,14 +216,14 @@ def _kernel(qkv_ref, k_ref, v_ref, lengths_ref, freq_ref, qn_ref, kn_ref, nr_ref
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "block_slots", "num_warps", "num_stages",
-                                             "interpret", "out_dtype", "prefetch"),
+                                             "interpret", "out_dtype", "prefetch", "programs"),
                    donate_argnames=("k_cache", "v_cache"))
 def decode_attention_pallas(qkv: jax.Array | PartialSums, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array,
                             inv_freq: Optional[jax.Array], q_norm: Optional[jax.Array],
                             k_norm: Optional[jax.Array], norm_rows: Optional[jax.Array] = None,
                             sinks: Optional[jax.Array] = None, *, spec: AttentionSpec, block_slots: int = 64, num_warps: int = 4,
                             num_stages: int = 3, interpret: bool = False, out_dtype=None,
-                            prefetch: bool | str = "lean"):
+                            prefetch: bool | str = "lean", programs: int = 256):
     """qkv [B, (H + 2K) * Dh] (or its PartialSums [splits, B, (H + 2K) * Dh]) of one
     new token per row at positions lengths [B]; caches [B, S, K, Dh]; inv_freq
     [Dh / 2] (rope); q_norm, k_norm [Dh] (qk_norm). With norm_rows [B, D], each row
@@ -239,7 +239,9 @@ def decode_attention_pallas(qkv: jax.Array | PartialSums, k_cache: jax.Array, v_
     queries and keys, so that their memory latencies overlap; block i + 1 while block
     i is scored). "lean": only where qkv arrives as one array with no norm factor to
     compute (the row-major projections): after split-K partial sums and a norm's rows
-    their loads already fill the registers (NOTES variants 23 and 28)."""
+    their loads already fill the registers (NOTES variants 23 and 28).
+    programs: about how many programs read a long cache (more splits for fewer rows);
+    block_slots: the cache slots one step of a program reads."""
     B, S, K, Dh = k_cache.shape
     dtype = out_dtype or (k_cache.dtype if isinstance(qkv, PartialSums) else qkv.dtype)
     if k_cache.dtype.itemsize == 1:  # a float8 cache: the dots take the model's dtype
@@ -251,7 +253,7 @@ def decode_attention_pallas(qkv: jax.Array | PartialSums, k_cache: jax.Array, v_
     half = Dh // 2
     hp = max(16, _pow2(half))
     bs = max(16, min(block_slots, _pow2(S)))
-    splits = _splits(B, spec, S)
+    splits = _splits(B, spec, S, programs)
     chunk = pl.cdiv(S, splits)
     qkv4 = qkv_parts.reshape(qkv_parts.shape[0], B, H + 2 * K, Dh)
     dummy = jnp.zeros((hp,), jnp.float32)
