@@ -203,11 +203,19 @@ def main(argv=None) -> int:
     p.add_argument("--max-context", type=int, default=2048)
     p.add_argument("--steps-per-chunk", type=int, default=8)
     p.add_argument("--prefill-tokens", type=int, default=8192)
+    p.add_argument("--kv-pages", type=int, help="a paged KV cache of this many pages (jaxllm serve --kv-pages)")
+    p.add_argument("--kv-memory", type=float, help="a paged KV cache in this fraction of the free device memory")
+    p.add_argument("--page-size", type=int, default=64)
     p.add_argument("--no-warm-pass", action="store_true", help="measure the first pass (compiles included)")
     p.add_argument("--out", help="results JSON")
     args = p.parse_args(argv)
 
     model = load_model(args)
+    kv_pages = args.kv_pages
+    if args.kv_memory:
+        from jaxllm.pages import device_pages  # noqa: PLC0415
+        kv_pages = device_pages(model.config, model.params.embed.dtype, args.kv_memory, args.page_size)
+    paged = {} if kv_pages is None else {"kv_pages": kv_pages, "page_size": args.page_size}
     label = args.shape if not args.model else args.model
     weights = "bf16" if not args.model else "file"
     rows = []
@@ -221,8 +229,9 @@ def main(argv=None) -> int:
             for reuse in caches:
                 engine_kw = dict(max_batch=args.max_batch, max_context=args.max_context,
                                  steps_per_chunk=args.steps_per_chunk, prefill_tokens=args.prefill_tokens,
-                                 reuse_prefixes=reuse)
-                log(f"{driver}: starting the engine ({args.max_batch} slots x {args.max_context}) ...")
+                                 reuse_prefixes=reuse, **paged)
+                log(f"{driver}: starting the engine ({args.max_batch} slots x {args.max_context}"
+                    + (f", {kv_pages} pages of {args.page_size}) ..." if paged else ") ..."))
                 t0 = time.perf_counter()
                 if driver == "http":
                     server = HttpServer(model, engine_kw)
@@ -251,6 +260,7 @@ def main(argv=None) -> int:
                                "concurrency": concurrency, "requests": int(n), "max_batch": args.max_batch,
                                "max_context": args.max_context, "prefill_tokens": args.prefill_tokens,
                                "shared_prefix": args.shared_prefix, "prefix_cache": reuse,
+                               "kv_pages": kv_pages, "page_size": args.page_size if paged else None,
                                **summarize(traces, time.perf_counter() - t0)}
                         rows.append(row)
                         log(f"  {row['output_tok_s']:,.0f} tok/s, TTFT p50 {row['ttft_ms_p50']:.0f} ms")

@@ -26,14 +26,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .cache import KVCache, init_cache
+from .cache import init_cache, init_paged_cache, put_rows, rows_of
 from .config import ModelConfig
 from .decoding import (DecodeState, check_prompt, decode, decode_stepped, empty_scores, init_state, prompt_seen,
                        record, take_tokens, token_entries, token_scores)
+from .errors import ContextLengthError
 from .generate import bucket_length
 from .grammar import Grammar, Grammars, Matchers, allowed_logits
 from .model import extend_hidden, unembed
 from .params import Params
+from .pages import PagePool
 from .prefix import PrefixIndex, common_length
 from .sampling import RowSampling, SamplerSettings, sample
 from .sharding import place_cache
@@ -48,9 +50,14 @@ TOP_LOGPROBS = 20
 ENGINE_STACK_BYTES = 256 << 20  # reserved address space, touched only as deep as it goes
 
 
-def init_slots(params: Params, config: ModelConfig, n_slots: int, capacity: int) -> DecodeState:
-    """n_slots free rows of `capacity` positions each (on params' devices)."""
-    cache = place_cache(init_cache(config, n_slots, capacity, params.embed.dtype), params)
+def init_slots(params: Params, config: ModelConfig, n_slots: int, capacity: int,
+               pool: Optional[PagePool] = None) -> DecodeState:
+    """n_slots free rows of up to `capacity` positions each (on params' devices): each
+    its own cache row, or with `pool` rows holding pages of one pool (cache.PagedKVCache)."""
+    dtype = params.embed.dtype
+    cache = init_cache(config, n_slots, capacity, dtype) if pool is None else init_paged_cache(
+        config, n_slots, capacity, pool.n_pages, pool.page_size, dtype)
+    cache = place_cache(cache, params)
     return init_state(cache, jnp.zeros((n_slots, 2), jnp.uint32),
                       jnp.zeros((n_slots,), jnp.int32),
                       RowSampling.from_settings([SamplerSettings.greedy()] * n_slots),
@@ -59,8 +66,8 @@ def init_slots(params: Params, config: ModelConfig, n_slots: int, capacity: int)
 
 @partial(jax.jit, static_argnames=("config", "span"), donate_argnames=("slots",))
 def admit(params: Params, config: ModelConfig, slots: DecodeState, tokens, lengths, sources, starts, prompts,
-          dest, of_prompt, final, keys, sampling: RowSampling, max_new, obeys_stops, stop_ids, masks=None, *,
-          span: int):
+          dest, of_prompt, final, keys, sampling: RowSampling, max_new, obeys_stops, stop_ids, masks=None,
+          pages=None, *, span: int):
     """Prefill G prompts at once and start R slots on them (a request's n choices
     share one prompt).
 
@@ -75,21 +82,21 @@ def admit(params: Params, config: ModelConfig, slots: DecodeState, tokens, lengt
     prefilled a piece per call) takes the keys and values only. dest = the number of
     slots marks a padding entry (dropped). Attention
     and the copies cover the first `span` positions of a row: span >= starts + T.
+    pages [B, W]: a paged cache's new page table (the host's PagePool), set first.
     Returns (slots, first tokens [R], their Scores [R], [R, k])."""
     B = slots.active.shape[0]
+    if pages is not None:
+        slots = slots.replace(cache=slots.cache.replace(pages=pages))
     # Each prompt runs against a working copy of the first `span` positions of its
     # source row (the prefix it reuses, or a free row's leftovers that the causal
     # mask never shows): attention costs T x span, not T x the whole row.
-    work = KVCache(k=tuple(k[sources, :span] for k in slots.cache.k),
-                   v=tuple(v[sources, :span] for v in slots.cache.v), lengths=starts)
-    x, work = extend_hidden(params, config, tokens, lengths, work, span)
+    x, work = extend_hidden(params, config, tokens, lengths, rows_of(slots.cache, sources, span, starts), span)
     last = jnp.take_along_axis(x, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
     logits = unembed(params, config, last)[of_prompt]  # [R, V]
-    put = lambda big, small: big.at[dest, :span].set(small[of_prompt], mode="drop")
     set_rows = lambda array, value: array.at[dest].set(value, mode="drop")
     whole = starts + lengths
-    cache = KVCache(k=tuple(map(put, slots.cache.k, work.k)), v=tuple(map(put, slots.cache.v, work.v)),
-                    lengths=set_rows(slots.cache.lengths, whole[of_prompt]))
+    cache = put_rows(slots.cache, dest, work, of_prompt, span)
+    cache = cache.replace(lengths=set_rows(cache.lengths, whole[of_prompt]))
     seen = prompt_seen(prompts, whole, config.vocab_size)[of_prompt]
     token = sample(allowed_logits(logits, masks), jax.vmap(jax.random.fold_in, (0, None))(keys, 0), sampling, seen)
     slots = slots.replace(
@@ -210,16 +217,28 @@ class Engine:
     drains. With `reuse_prefixes` a prompt copies the
     longest prefix some slot's cache row still holds (prefix.py) and prefills the
     rest only.
+
+    With `kv_pages`, the slots' keys and values live in one pool of that many pages of
+    `page_size` positions (cache.PagedKVCache, pages.PagePool) instead of a row of
+    `max_context` positions per slot: a request holds the pages its prompt and
+    max_tokens need, so many more slots fit the same memory (`pages_for_memory` sizes
+    the pool from a fraction of the device's free memory).
     """
 
     def __init__(self, params: Params, config: ModelConfig, tokenizer: TextTokenizer, *,
                  n_slots: int = 8, max_context: Optional[int] = None, steps_per_chunk: int = 8,
                  prefill_tokens: int = 8192, reuse_prefixes: bool = True, warm_prompt_tokens: int = 0,
-                 metrics: Optional[Metrics] = None):
+                 metrics: Optional[Metrics] = None, kv_pages: Optional[int] = None, page_size: int = 64):
         if n_slots < 1 or steps_per_chunk < 1 or prefill_tokens < 1:
             raise ValueError("n_slots, steps_per_chunk and prefill_tokens must be >= 1")
         self.params, self.config, self.tokenizer = params, config, tokenizer
         self.capacity = min(max_context or config.max_seq_len, config.max_seq_len)
+        self.pool = None
+        if kv_pages is not None:
+            self.capacity -= self.capacity % page_size
+            if self.capacity < page_size:
+                raise ValueError(f"max_context must be at least one page ({page_size} positions)")
+            self.pool = PagePool(kv_pages, page_size, n_slots, self.capacity)
         self.n_slots, self.steps_per_chunk = n_slots, steps_per_chunk
         self.prefill_tokens, self.reuse_prefixes = prefill_tokens, reuse_prefixes
         self.warm_prompt_tokens = warm_prompt_tokens
@@ -229,7 +248,7 @@ class Engine:
         self.metrics = metrics or Metrics()
         self.stop_ids = jnp.asarray(config.eos_token_ids or (-2,), jnp.int32)  # -2 never matches
         self._stop_set = set(config.eos_token_ids)
-        self.slots = init_slots(params, config, n_slots, self.capacity)
+        self.slots = init_slots(params, config, n_slots, self.capacity, self.pool)
         # requests wait in groups: the n choices of one prompt, admitted together
         self._waiting: collections.deque[list[Request]] = collections.deque()
         self._running: dict[int, Request] = {}
@@ -246,6 +265,11 @@ class Engine:
     def check(self, prompt_ids: Sequence[int], max_tokens: int) -> None:
         """Raise ValueError / ContextLengthError for a request that cannot run."""
         check_prompt(self.config, prompt_ids, max_tokens, self.capacity, whole_budget=True)
+        if self.pool is not None and self.pool.pages_for(len(prompt_ids) + max_tokens) > self.pool.usable:
+            raise ContextLengthError(
+                f"the prompt ({len(prompt_ids)} tokens) and max_tokens ({max_tokens}) need "
+                f"{len(prompt_ids) + max_tokens} positions; the KV cache pool holds "
+                f"{self.pool.usable * self.pool.page_size}")
 
     def grammars(self) -> Grammars:
         """The model's grammar compiler, built on first use (~0.3 s for a 49k vocabulary)."""
@@ -266,6 +290,9 @@ class Engine:
         self.check(first.prompt_ids, first.max_tokens)
         if len(requests) > self.n_slots:
             raise ValueError(f"{len(requests)} choices of one prompt exceed the engine's {self.n_slots} slots")
+        if self.pool is not None and len(requests) * self.pool.pages_for(
+                len(first.prompt_ids) + first.max_tokens) > self.pool.usable:
+            raise ContextLengthError(f"{len(requests)} choices of this prompt and max_tokens exceed the KV cache pool")
         if any(r.prompt_ids != first.prompt_ids or r.max_tokens != first.max_tokens for r in requests):
             raise ValueError("a group's requests share their prompt and max_tokens")
         with self._cond:
@@ -288,6 +315,14 @@ class Engine:
     @property
     def running(self) -> int:
         return len(self._running)
+
+    def page_use(self) -> dict[str, int]:
+        """The paged pool's pages: held by running requests (and long prompts being
+        prefilled), cached (rows whose requests ended, holding prefixes), free."""
+        busy = set(self._running) | {b for a in self._partial for b in a.rows}
+        held = [len(pages) for pages in self.pool.held]
+        running = sum(held[b] for b in busy)
+        return {"running": running, "cached": sum(held) - running, "free": self.pool.free}
 
     def start(self, warmup: bool = True) -> "Engine":
         if warmup:
@@ -321,11 +356,16 @@ class Engine:
                        if i == 0 or (1 << i) * width <= self.prefill_tokens]
             n *= 2
         for count, width in dict.fromkeys(shapes):
-            count = min(count, self.n_slots)
+            count = min(count, self.n_slots, self.pool.usable if self.pool else self.n_slots)
+            for b in range(count):
+                if self.pool is not None:
+                    self.pool.reserve([b], 1, ())
             self._admit([Admission([Request([0], 2)], [b], 0, 0, width, 1) for b in range(count)], quiet=True)
             for b in range(count):
                 self.slots = release(self.slots, jnp.int32(b))
                 self.prefixes.forget(b)
+                if self.pool is not None:
+                    self.pool.release(b)
         self.slots, _, _ = decode_chunk(self.params, self.config, self.slots, self.stop_ids,
                                         self.steps_per_chunk, self._span(0))
         jax.block_until_ready(self.slots)
@@ -366,7 +406,9 @@ class Engine:
             self._admitting = []
             if self._matchers is not None:
                 self._matchers.detach_all()
-            self.slots = init_slots(self.params, self.config, self.n_slots, self.capacity)
+            if self.pool is not None:
+                self.pool.reset()
+            self.slots = init_slots(self.params, self.config, self.n_slots, self.capacity, self.pool)
             self.prefixes = PrefixIndex(self.n_slots)
             for request in victims:
                 if request.finish_reason is None:
@@ -423,16 +465,32 @@ class Engine:
             width, end = self._piece(prompt, start)
             if not fits(start, width):
                 break
-            if source in free:
-                free.remove(source)  # the row already holding the prefix takes it on
-                rows = [source] + [free.pop(0) for _ in group[1:]]
-            else:
-                rows = [free.pop(0) for _ in group]
+            # the row already holding the prefix takes it on
+            rows = ([source] if source in free else []) + [b for b in free if b != source]
+            rows = rows[:len(group)]
+            if self.pool is not None and not self._reserve(rows, n + group[0].max_tokens, plan, source):
+                break  # the head waits for pages
+            for b in rows:
+                free.remove(b)
             if source >= 0:
                 self.prefixes.touch(source)
             self._waiting.popleft()
             plan.append(Admission(group, rows, max(source, 0), start, width, end, start))
         return plan
+
+    def _reserve(self, rows: list[int], positions: int, plan: list[Admission], source: int) -> bool:
+        """Pages for `positions` positions in each of `rows` (pages.PagePool.reserve),
+        evicting the cached prefixes of rows that nothing running, planned or being
+        copied from holds, least recently used first."""
+        busy = set(self._running) | {b for a in self._partial for b in a.rows} | set(rows) | {source}
+        busy |= {b for a in plan for b in a.rows} | {a.source for a in plan if a.start}
+        evictable = self.prefixes.by_age(b for b in range(self.n_slots) if b not in busy)
+        evicted = self.pool.reserve(rows, positions, evictable)
+        if evicted is None:
+            return False
+        for b in evicted:
+            self.prefixes.forget(b)
+        return True
 
     def _piece(self, prompt: list[int], start: int) -> tuple[int, int]:
         """(width, end): the next piece of `prompt` from position `start`: the rest, or
@@ -476,7 +534,7 @@ class Engine:
             RowSampling.from_settings([r.settings for r in requests] + [SamplerSettings.greedy()] * padding),
             jnp.asarray([r.max_tokens for r in requests] + [1] * padding, jnp.int32),
             jnp.asarray([not r.ignore_eos for r in requests] + [True] * padding), self.stop_ids, masks,
-            span=span)
+            None if self.pool is None else jnp.asarray(self.pool.table), span=span)
         token, scores = np.asarray(token), [np.asarray(a) for a in scores]
         if masks is not None:
             self._matchers.consume(token[:len(requests)], dest[:len(requests)].tolist())

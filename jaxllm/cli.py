@@ -201,15 +201,34 @@ def cmd_serve(args) -> None:
         raise CliError("--max-request-bytes must be >= 1024")
     if args.prefill_tokens < 1 or args.warm_prompts < 0:
         raise CliError("--prefill-tokens must be >= 1 and --warm-prompts >= 0")
+    if args.kv_pages is not None and args.kv_memory is not None:
+        raise CliError("give --kv-pages or --kv-memory, not both")
+    if args.kv_memory is not None and not 0 < args.kv_memory <= 1:
+        raise CliError("--kv-memory must be a fraction in (0, 1]")
+    if args.page_size < 16 or args.page_size & (args.page_size - 1):
+        raise CliError("--page-size must be a power of two >= 16")
+    if args.kv_pages is not None and args.kv_pages < 2:
+        raise CliError("--kv-pages must be >= 2")
     model = _load(args)
     model_id = os.path.basename(args.model.rstrip(os.sep))
     # Every slot holds a whole context and decode attention reads all of it.
     max_context = args.max_context or min(model.config.max_seq_len, 2048)
+    kv_pages = args.kv_pages
+    if args.kv_memory is not None:
+        from .pages import device_pages  # noqa: PLC0415
+        try:
+            kv_pages = device_pages(model.config, model.params.embed.dtype, args.kv_memory, args.page_size)
+        except ValueError as e:
+            raise CliError(f"--kv-memory: {e}") from None
+    if kv_pages is not None:
+        status(f"KV cache: {kv_pages} pages of {args.page_size} positions "
+               f"({(kv_pages - 1) * args.page_size:,} positions for all slots together)")
     status(f"compiling the decode loop for {args.max_batch} slots ...")
     serve(model, model_id, host=args.host, port=args.port, max_batch=args.max_batch,
           max_context=max_context, steps_per_chunk=args.steps_per_chunk, prefill_tokens=args.prefill_tokens,
           reuse_prefixes=not args.no_prefix_cache, warm_prompt_tokens=args.warm_prompts, api_key=args.api_key or None,
-          metrics_key=args.metrics_key, max_body_bytes=args.max_request_bytes)
+          metrics_key=args.metrics_key, max_body_bytes=args.max_request_bytes, kv_pages=kv_pages,
+          page_size=args.page_size)
 
 
 def _sampling_args(p) -> None:
@@ -278,6 +297,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-tokens", type=int, default=8192,
                    help="prompt tokens (padded) prefilled together between decode chunks; "
                         "a longer prompt is prefilled in pieces of this size")
+    p.add_argument("--kv-pages", type=int, metavar="N",
+                   help="a paged KV cache: one pool of N pages shared by all slots, each request "
+                        "holding the pages its prompt and max_tokens need (default: each slot its own "
+                        "--max-context row)")
+    p.add_argument("--kv-memory", type=float, metavar="FRACTION",
+                   help="a paged KV cache filling FRACTION of the device memory left after the weights "
+                        "(e.g. 0.9; GPUs)")
+    p.add_argument("--page-size", type=int, default=64, help="positions per KV page (paged cache)")
     p.add_argument("--no-prefix-cache", action="store_true",
                    help="prefill every prompt whole, even when a slot still holds its beginning")
     p.add_argument("--warm-prompts", type=int, default=0, metavar="TOKENS",

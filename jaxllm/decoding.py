@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from .cache import KVCache
+from .cache import Cache
 from .config import ModelConfig
 from .errors import ContextLengthError
 from .grammar import Matchers, allowed_logits
@@ -32,7 +32,7 @@ class DecodeState:
     """What the decode loop carries for B rows. A row that is not `active` (stopped,
     or a free slot of the engine) neither advances its cache nor samples."""
 
-    cache: KVCache  # [B, S] per layer; lengths [B] = the next position of each row
+    cache: Cache  # KVCache [B, S] per layer, or a PagedKVCache; lengths [B] = the next position of each row
     last: jax.Array  # [B] int32: the newest token of each row, fed next
     active: jax.Array  # [B] bool
     n_generated: jax.Array  # [B] int32: tokens sampled so far by each row
@@ -46,7 +46,7 @@ class DecodeState:
     obeys_stops: Optional[jax.Array] = None
 
 
-def init_state(cache: KVCache, keys: jax.Array, max_new: jax.Array, sampling: Optional[RowSampling] = None,
+def init_state(cache: Cache, keys: jax.Array, max_new: jax.Array, sampling: Optional[RowSampling] = None,
                track_seen: bool = False, vocab_size: int = 0, track_counts: bool = False,
                per_row_stops: bool = False) -> DecodeState:
     """Rows that are all inactive, over `cache` (B = its batch)."""
@@ -207,13 +207,13 @@ def decode(params: Params, config: ModelConfig, settings: Optional[SamplerSettin
 # ready when its program is dispatched (the host waits for it), so neither program
 # donates what the one queued just before it is still computing.
 @partial(jax.jit, static_argnames=("config", "span"), donate_argnames=("cache",))
-def _advance(params: Params, config: ModelConfig, cache: KVCache, rows: DecodeState, span: Optional[int]):
+def _advance(params: Params, config: ModelConfig, cache: Cache, rows: DecodeState, span: Optional[int]):
     state, logits = advance(params, config, rows.replace(cache=cache), span)
     return state.cache, logits
 
 
 @partial(jax.jit, static_argnames=("settings", "top_logprobs"), donate_argnames=("rows",))
-def _choose(settings: Optional[SamplerSettings], rows: DecodeState, cache: KVCache, logits: jax.Array,
+def _choose(settings: Optional[SamplerSettings], rows: DecodeState, cache: Cache, logits: jax.Array,
             stop_ids: jax.Array, top_logprobs: Optional[int], masks: jax.Array):
     state, token, scores = choose(settings, rows.replace(cache=cache), logits, stop_ids, top_logprobs, masks)
     return state.replace(cache=None), token, scores

@@ -20,7 +20,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from .cache import KVCache, write_rows
+from .cache import Cache, cache_layer, layer_view, with_layers, write_layer
 from .config import ModelConfig
 from .kernels.matvec import GatedInput, PartialSums
 from .ops import (DeferredNorm, Residual, add_norm, apply_norm, apply_rope, attend, decode_attention,
@@ -75,10 +75,10 @@ def layer_forward(p: Layer, config: ModelConfig, index: int, stream: Residual, p
 
     The previous block's output arrives not yet added (`Residual`); it is added here
     together with the attention norm, and this layer's leaves the same way.
-    positions [B, T]. With `kv` = (k_cache, v_cache) [B, S, K, Dh], the new keys and
-    values are written at slots starts[b] + t and attention reads the whole cache, or
-    its first `span` slots when every row's keys lie there; without, attention reads
-    the T tokens themselves.
+    positions [B, T]. With `kv` (one layer of a cache: (k_cache, v_cache) [B, S, K, Dh],
+    or a cache.PagedLayer), the new keys and values are written at positions starts[b] + t
+    and attention reads the whole cache, or its first `span` positions when every row's
+    keys lie there; without, attention reads the T tokens themselves.
     """
     policy = config.kernels
     B, T, _ = stream.x.shape
@@ -109,11 +109,11 @@ def layer_forward(p: Layer, config: ModelConfig, index: int, stream: Residual, p
     if kv is None:
         attn = attend(q, k, v, positions, positions, config, window, p.sinks)
     else:
-        k_cache, v_cache = write_rows(kv[0], k, starts), write_rows(kv[1], v, starts)
-        S = min(span or k_cache.shape[1], k_cache.shape[1])
+        kv = write_layer(kv, k, v, starts)
+        k_cache, v_cache = layer_view(kv, span)
+        S = k_cache.shape[1]
         slots = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
-        attn = attend(q, k_cache[:, :S], v_cache[:, :S], positions, slots, config, window, p.sinks)
-        kv = (k_cache, v_cache)
+        attn = attend(q, k_cache, v_cache, positions, slots, config, window, p.sinks)
     return _after_attention(p, config, x, h, attn.reshape(B, T, config.q_size), kv)
 
 
@@ -174,7 +174,7 @@ def forward(params: Params, config: ModelConfig, tokens: jax.Array) -> jax.Array
 
 
 def extend_hidden(params: Params, config: ModelConfig, tokens: jax.Array, n_new: jax.Array,
-                  cache: KVCache, span: Optional[int] = None):
+                  cache: Cache, span: Optional[int] = None):
     """Append tokens [B, T] (the first n_new[b] of each row are real) to the cache.
 
     Returns (hidden [B, T, D] before the final norm, cache with lengths += n_new).
@@ -184,18 +184,17 @@ def extend_hidden(params: Params, config: ModelConfig, tokens: jax.Array, n_new:
     B, T = tokens.shape
     positions = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)
     stream = Residual(embed(params, config, tokens, positions))
-    ks, vs = [], []
+    span = min(span or cache.capacity, cache.capacity)
+    layers = []
     for i, layer in enumerate(params.layers):
-        stream, (k, v) = layer_forward(layer, config, i, stream, positions,
-                                       (cache.k[i], cache.v[i]), cache.lengths, span)
-        ks.append(k)
-        vs.append(v)
-    return stream.total(), KVCache(k=tuple(ks), v=tuple(vs), lengths=cache.lengths + n_new.astype(jnp.int32))
+        stream, kv = layer_forward(layer, config, i, stream, positions, cache_layer(cache, i), cache.lengths, span)
+        layers.append(kv)
+    return stream.total(), with_layers(cache, layers, cache.lengths + n_new.astype(jnp.int32))
 
 
 @partial(jax.jit, static_argnames=("config",), donate_argnames=("cache",))
 def extend(params: Params, config: ModelConfig, tokens: jax.Array, n_new: jax.Array,
-           cache: KVCache):
+           cache: Cache):
     """Prefill: append tokens [B, T] to the cache (row b's first n_new[b] are real).
 
     Returns (logits [B, V] of each row's last real new token, updated cache).
@@ -207,7 +206,7 @@ def extend(params: Params, config: ModelConfig, tokens: jax.Array, n_new: jax.Ar
 
 
 @partial(jax.jit, static_argnames=("config",), donate_argnames=("cache",))
-def decode_step(params: Params, config: ModelConfig, tokens: jax.Array, cache: KVCache):
+def decode_step(params: Params, config: ModelConfig, tokens: jax.Array, cache: Cache):
     """One incremental step: tokens [B] at position lengths[b] -> (logits [B, V], cache)."""
     x, cache = extend_hidden(params, config, tokens[:, None], jnp.ones_like(tokens), cache)
     return unembed(params, config, x[:, 0]), cache

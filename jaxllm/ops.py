@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .cache import PagedLayer
 from .config import ModelConfig, YarnScaling
 from .kernels.add_norm import add_norm_pallas
 from .kernels.cpu_qmatvec import qmatvec_cpu
@@ -480,9 +481,11 @@ def decode_attention(p, config: ModelConfig, index: int, qkv, kv, starts, dtype,
         sinks=config.attn_sinks)
     inv_freq = jnp.asarray(rope_inv_freq(config, config.layer_rope_theta(index))) if rope else None
     norms = (p.q_norm.scale, p.k_norm.scale) if config.qk_norm else (None, None)
+    paged = isinstance(kv, PagedLayer)
+    k_cache, v_cache = (kv.k, kv.v) if paged else kv
     out, k_cache, v_cache = decode_attention_pallas(
-        qkv if isinstance(qkv, PartialSums) else qkv[:, 0], kv[0], kv[1], starts, inv_freq, *norms,
-        norm_rows, p.sinks, spec=spec, interpret=config.kernels.interpret, out_dtype=dtype,
-        prefetch=config.kernels.attention_prefetch, programs=_attention_programs(config.kernels, kv[0].dtype),
-        block_slots=config.kernels.attention_block_slots)
-    return out[:, None], (k_cache, v_cache)
+        qkv if isinstance(qkv, PartialSums) else qkv[:, 0], k_cache, v_cache, starts, inv_freq, *norms,
+        norm_rows, p.sinks, kv.pages if paged else None, spec=spec, interpret=config.kernels.interpret,
+        out_dtype=dtype, prefetch=config.kernels.attention_prefetch,
+        programs=_attention_programs(config.kernels, k_cache.dtype), block_slots=config.kernels.attention_block_slots)
+    return out[:, None], kv.replace(k=k_cache, v=v_cache) if paged else (k_cache, v_cache)

@@ -134,6 +134,9 @@ class PrometheusMetrics(Metrics):
                                      "prompt tokens copied from a cached prefix, not computed", registry=r)
         self.waiting_gauge = Gauge("jaxllm_queue_length", "requests waiting for a slot", registry=r)
         self.running_gauge = Gauge("jaxllm_running_requests", "requests holding a slot", registry=r)
+        self.pages_gauge = Gauge("jaxllm_kv_pages", "pages of the paged KV cache pool (--kv-pages), by use: "
+                                 "running (held by running requests), cached (prefixes of ended requests, "
+                                 "evicted when needed), free", ["use"], registry=r)
         self.ttft = Histogram("jaxllm_time_to_first_token_seconds", "time to first token",
                               buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30), registry=r)
         self.itl = Histogram("jaxllm_inter_token_latency_seconds", "time between tokens",
@@ -154,6 +157,10 @@ class PrometheusMetrics(Metrics):
     def occupancy(self, waiting: int, running: int) -> None:
         self.waiting_gauge.set(waiting)
         self.running_gauge.set(running)
+
+    def pages(self, use: dict[str, int]) -> None:
+        for name, count in use.items():
+            self.pages_gauge.labels(name).set(count)
 
 
 # -- the app ----------------------------------------------------------------------------
@@ -240,7 +247,8 @@ def _stops(body: SamplingFields) -> tuple[str, ...]:
 def create_app(model: Model, model_id: str, *, max_batch: int = 8, max_context: Optional[int] = None,
                steps_per_chunk: int = 8, prefill_tokens: int = 8192, reuse_prefixes: bool = True,
                warm_prompt_tokens: int = 0, warmup: bool = True, api_key: Optional[str] = None,
-               metrics_key: Optional[str] = None, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+               metrics_key: Optional[str] = None, max_body_bytes: int = MAX_BODY_BYTES,
+               kv_pages: Optional[int] = None, page_size: int = 64) -> FastAPI:
     """The ASGI app serving `model` under the name `model_id`; its engine starts
     (and compiles) when the app starts and stops with it (batching.Engine says what
     the engine's options do). api_key: every /v1/ request needs `Authorization:
@@ -249,7 +257,8 @@ def create_app(model: Model, model_id: str, *, max_batch: int = 8, max_context: 
     metrics = PrometheusMetrics()
     engine = Engine(model.params, model.config, model.tokenizer, n_slots=max_batch,
                     max_context=max_context, steps_per_chunk=steps_per_chunk, prefill_tokens=prefill_tokens,
-                    reuse_prefixes=reuse_prefixes, warm_prompt_tokens=warm_prompt_tokens, metrics=metrics)
+                    reuse_prefixes=reuse_prefixes, warm_prompt_tokens=warm_prompt_tokens, metrics=metrics,
+                    kv_pages=kv_pages, page_size=page_size)
     started = int(time.time())
 
     @asynccontextmanager
@@ -580,6 +589,8 @@ def create_app(model: Model, model_id: str, *, max_batch: int = 8, max_context: 
     @app.get("/metrics")
     async def prometheus():
         metrics.occupancy(engine.waiting, engine.running)
+        if engine.pool is not None:
+            metrics.pages(engine.page_use())
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app

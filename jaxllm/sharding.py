@@ -38,7 +38,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from .cache import KVCache
+from .cache import Cache, PagedKVCache
 from .config import ModelConfig
 from .layout import untranspose
 from .params import Layer, Params
@@ -166,13 +166,15 @@ def cache_sharding(params: Params) -> Optional[NamedSharding]:
     return None if mesh is None else NamedSharding(mesh, PartitionSpec(None, None, RULES["kv_heads"], None))
 
 
-def place_cache(cache: KVCache, params: Params) -> KVCache:
-    """cache on params' mesh (unchanged for a single device)."""
+def place_cache(cache: Cache, params: Params) -> Cache:
+    """cache on params' mesh (unchanged for a single device): keys and values (a paged
+    cache's pools [N, P, K, Dh] alike) split by kv head, the rest replicated."""
     sharding = cache_sharding(params)
     if sharding is None:
         return cache
     replicated = NamedSharding(sharding.mesh, PartitionSpec())
-    return KVCache(k=tuple(jax.device_put(a, sharding) for a in cache.k),
-                   v=tuple(jax.device_put(a, sharding) for a in cache.v),
-                   lengths=jax.device_put(cache.lengths, replicated))
+    rest = {"pages": jax.device_put(cache.pages, replicated)} if isinstance(cache, PagedKVCache) else {}
+    return cache.replace(k=tuple(jax.device_put(a, sharding) for a in cache.k),
+                         v=tuple(jax.device_put(a, sharding) for a in cache.v),
+                         lengths=jax.device_put(cache.lengths, replicated), **rest)
 

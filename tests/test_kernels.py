@@ -128,6 +128,12 @@ def numpy_decode_attention(qkv, k_cache, v_cache, lengths, freq, q_norm, k_norm,
     # gpt-oss's sinks, in the kernel (one split, a window) and in XLA's combination of splits
     dict(B=2, S=40, K=2, G=3, Dh=16, lengths=[6, 35], window=8, sinks=True),
     dict(B=1, S=1100, K=2, G=2, Dh=16, lengths=[1000], sinks=True),
+    # a paged cache (cache.PagedKVCache): the rows' pages shuffled through a pool
+    dict(B=2, S=48, K=2, G=3, Dh=16, lengths=[5, 47], page=16),
+    dict(B=2, S=64, K=1, G=4, Dh=24, lengths=[63, 30], qk_norm=True, window=7, softcap=5.0, page=16),
+    dict(B=1, S=1104, K=2, G=2, Dh=16, lengths=[1000], window=700, page=16),  # several splits
+    dict(B=3, S=32, K=2, G=2, Dh=16, lengths=[35, 0, 17], dtype=jnp.bfloat16, page=16),  # past the table
+    dict(B=2, S=64, K=2, G=3, Dh=16, lengths=[6, 50], window=8, sinks=True, page=32, qkv_splits=3),
 ])
 def test_decode_attention_matches_float64(case):
     from jaxllm.kernels.decode_attention import AttentionSpec, _splits, decode_attention_pallas
@@ -137,6 +143,7 @@ def test_decode_attention_matches_float64(case):
     B, S, K, G, Dh = (case.pop(k) for k in ("B", "S", "K", "G", "Dh"))
     lengths, dtype = np.array(case.pop("lengths"), np.int32), case.pop("dtype", jnp.float32)
     qkv_splits, row_normed = case.pop("qkv_splits", None), case.pop("row_normed", False)
+    page = case.pop("page", None)
     spec = AttentionSpec(n_heads=K * G, n_kv_heads=K, head_dim=Dh, scale=Dh ** -0.5,
                          rope=case.pop("rope", True), norm_eps=1e-6, **case)
     rng = np.random.default_rng(np.random.randint(1 << 30))
@@ -158,11 +165,21 @@ def test_decode_attention_matches_float64(case):
     if qkv_splits:  # random parts adding up to qkv
         parts = rng.standard_normal((qkv_splits - 1, B, qkv.shape[1])).astype(np.float32)
         qkv_in = PartialSums(jnp.asarray(np.concatenate([parts, (given - parts.sum(0))[None]])))
+    caches, table = (k_cache, v_cache), None
+    if page:  # row b's page i is pool page table[b, i]; page 0 is the scratch page
+        table = rng.permutation(np.arange(1, B * (S // page) + 1)).reshape(B, S // page)
+        pools = [np.zeros((table.size + 1, page, K, Dh), np.float32) for _ in range(2)]
+        for pool, cache in zip(pools, caches):
+            pool[table] = cache.reshape(B, S // page, page, K, Dh)
+        caches = pools
     out, new_k, new_v = decode_attention_pallas(
-        qkv_in, jnp.asarray(k_cache, dtype), jnp.asarray(v_cache, dtype),
+        qkv_in, *(jnp.asarray(c, dtype) for c in caches),
         jnp.asarray(lengths), jnp.asarray(freq), jnp.asarray(q_norm), jnp.asarray(k_norm),
         jnp.asarray(norm_rows, dtype) if row_normed else None,
-        None if sinks is None else jnp.asarray(sinks), spec=spec, interpret=jax.default_backend() != "gpu")
+        None if sinks is None else jnp.asarray(sinks), None if table is None else jnp.asarray(table),
+        spec=spec, interpret=jax.default_backend() != "gpu")
+    if page:  # the rows read back through the table
+        new_k, new_v = (np.asarray(pool, np.float32)[table].reshape(B, S, K, Dh) for pool in (new_k, new_v))
     assert (S > 512) == (_splits(B, spec, S) > 1)
     # float32 on the GPU: the kernel's dots run in TF32 (~3e-4), as XLA's do by default.
     tol = 2e-2 if dtype == jnp.bfloat16 else 2e-3 if jax.default_backend() == "gpu" else 1e-5
@@ -173,6 +190,8 @@ def test_decode_attention_matches_float64(case):
         got = np.asarray(got, np.float64)
         written = np.zeros((B, S), bool)
         written[np.arange(B), np.minimum(lengths, S - 1)] = True
+        if page:  # a position past the table goes to the scratch page, not the row's last slot
+            written[lengths >= S] = False
         np.testing.assert_array_equal(got[~written], before[~written])  # nothing else touched
         assert np.linalg.norm(got[written] - ref[written]) / np.linalg.norm(ref[written]) < tol
 

@@ -378,9 +378,32 @@ def test_metrics_parse_and_move(server, client):
     assert ("jaxllm_queue_length", ()) in after and ("jaxllm_running_requests", ()) in after
 
 
+def test_a_paged_server_answers_as_the_rows_server_and_reports_its_pages(model, server, client):
+    """The same greedy completions from a server on a paged KV pool; /metrics counts its
+    pages, none held by a running request once the server is idle."""
+    prompts = ["one two three", "the paged cache", "one two four"]
+    want = [client.completions.create(model="tiny", prompt=p, max_tokens=12, temperature=0).choices[0].text
+            for p in prompts]
+    app = create_app(model, "tiny", max_batch=16, max_context=CONTEXT, steps_per_chunk=4, kv_pages=9,
+                     page_size=16)
+    for port in running(app):
+        paged = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+        with ThreadPoolExecutor(3) as pool:
+            got = list(pool.map(lambda p: paged.completions.create(
+                model="tiny", prompt=p, max_tokens=12, temperature=0).choices[0].text, prompts))
+        pages = {labels[0][1]: value for (name, labels), value in metric_values(port).items()
+                 if name == "jaxllm_kv_pages"}
+    assert got == want
+    assert pages["running"] == 0 and pages["cached"] + pages["free"] == 8 and pages["cached"] > 0
+
+
 @pytest.mark.parametrize("args, message", [
     (["--max-batch", "0"], "--max-batch must be >= 1"),
-    (["--max-request-bytes", "10"], "--max-request-bytes must be >= 1024")])
+    (["--max-request-bytes", "10"], "--max-request-bytes must be >= 1024"),
+    (["--kv-pages", "1"], "--kv-pages must be >= 2"),
+    (["--page-size", "24"], "--page-size must be a power of two >= 16"),
+    (["--kv-memory", "1.5"], "--kv-memory must be a fraction in (0, 1]"),
+    (["--kv-memory", "0.5", "--kv-pages", "100"], "give --kv-pages or --kv-memory, not both")])
 def test_serve_command_rejects_bad_arguments(args, message):
     result = subprocess.run([sys.executable, "-m", "jaxllm", "serve", *args],
                             capture_output=True, text=True, timeout=120)

@@ -25,11 +25,18 @@ def model(tmp_path_factory):
     return served_model(tmp_path_factory, 11, 256)
 
 
-def test_mixed_requests_all_end_and_answer_as_alone(model):
+# Rows of their own, or more rows on a paged pool of 20 pages of 16 positions, where a
+# request needs up to 9 (two choices 18): requests wait for pages and cached prefixes
+# are evicted.
+LAYOUTS = {"rows": dict(n_slots=4), "paged": dict(n_slots=6, kv_pages=21, page_size=16)}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_mixed_requests_all_end_and_answer_as_alone(model, layout):
     rng = np.random.default_rng(7)
     systems = [rng.integers(3, 300, n).tolist() for n in (40, 70, 20)]
-    engine = Engine(model.params, model.config, model.tokenizer, n_slots=4, max_context=160,
-                    steps_per_chunk=4, prefill_tokens=64).start()
+    engine = Engine(model.params, model.config, model.tokenizer, max_context=160,
+                    steps_per_chunk=4, prefill_tokens=64, **LAYOUTS[layout]).start()
     requests, groups, lock = [], [], threading.Lock()
     ended = threading.Semaphore(0)
     rejected = []
@@ -70,6 +77,8 @@ def test_mixed_requests_all_end_and_answer_as_alone(model):
             assert ended.acquire(timeout=300), "a request never ended"
         assert engine.running == 0 and engine.waiting == 0
         assert not bool(np.asarray(engine.slots.active).any())  # every slot released on the device
+        if engine.pool is not None:
+            engine.pool.check()  # every page held by one row or free
         # Sampled requests again, each alone: the same tokens as in the crowd.
         again = [Request(q.prompt_ids, q.max_tokens, q.settings, seed=q.seed,
                          on_update=lambda q, text, reason: reason and ended.release())

@@ -74,8 +74,8 @@ def _splits(batch: int, spec: AttentionSpec, capacity: int, programs: int = 256)
     return int(max(1, min(capacity // SLOTS_PER_SPLIT, programs // (batch * spec.n_kv_heads))))
 
 
-def _kernel(qkv_ref, k_ref, v_ref, lengths_ref, freq_ref, qn_ref, kn_ref, nr_ref, sink_ref, *out_refs,
-            spec: AttentionSpec, S: int, half: int, hp: int, bs: int, chunk: int, splits: int,
+def _kernel(qkv_ref, k_ref, v_ref, lengths_ref, freq_ref, qn_ref, kn_ref, nr_ref, sink_ref, pages_ref, *out_refs,
+            spec: AttentionSpec, S: int, page: Optional[int], half: int, hp: int, bs: int, chunk: int, splits: int,
             qkv_splits: int, norm_width: Optional[int], prefetch: bool, compute):
     o_ref, k_out, v_out = out_refs[:3]
     b, g, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -91,18 +91,25 @@ def _kernel(qkv_ref, k_ref, v_ref, lengths_ref, freq_ref, qn_ref, kn_ref, nr_ref
     pos = lengths_ref[b]
     slot = jnp.minimum(pos, S - 1)  # where XLA's dynamic_update_slice would write
     lo = jnp.int32(0) if spec.window is None else jnp.maximum(pos - spec.window + 1, 0)
-    start = jnp.maximum(lo, split * chunk)
+    first = jnp.maximum(lo, split * chunk)
+    # A paged cache's blocks start on multiples of bs (bs divides the page size), so
+    # that a block never straddles two pages.
+    start = first if page is None else first // bs * bs
     stop = jnp.minimum(jnp.minimum(pos + 1, S), (split + 1) * chunk)  # exclusive
     n_blocks = jnp.maximum(stop - start + bs - 1, 0) // bs
 
     def visible(i):  # [bs] the slots of block i this program reads
         slots = start + i * bs + jnp.arange(bs)
-        return (slots < stop) & (slots != slot)
+        return (slots >= first) & (slots < stop) & (slots != slot)
+
+    def at(ref, s0, n, h):  # positions s0 .. s0 + n - 1 of row b, kv head g, half h
+        if page is None:
+            return ref.at[b, pl.ds(s0, n), g, h]
+        return ref.at[pages_ref[b, jnp.minimum(s0 // page, S // page - 1)], pl.ds(s0 % page, n), g, h]
 
     def load_block(i):  # block i's key and value halves [bs, hp], zero where not visible
         ok = visible(i)
-        return tuple(plgpu.load(ref.at[b, pl.ds(start + i * bs, bs), g, h],
-                                mask=ok[:, None] & d_ok[None, :], other=0.0)
+        return tuple(plgpu.load(at(ref, start + i * bs, bs, h), mask=ok[:, None] & d_ok[None, :], other=0.0)
                      for ref in (k_ref, v_ref) for h in halves)
 
     first_block = load_block(0) if prefetch else None
@@ -151,8 +158,13 @@ def _kernel(qkv_ref, k_ref, v_ref, lengths_ref, freq_ref, qn_ref, kn_ref, nr_ref
     @pl.when(split == 0)
     def _():
         for h, kh, vh in ((halves[0], k1, v1), (halves[1], k2, v2)):
-            plgpu.store(k_out.at[b, slot, g, h], kh, mask=d_ok)
-            plgpu.store(v_out.at[b, slot, g, h], vh, mask=d_ok)
+            if page is None:
+                k_at, v_at = k_out.at[b, slot, g, h], v_out.at[b, slot, g, h]
+            else:  # past the row's table: the scratch page, as cache.write_layer
+                target = jnp.where(pos < S, pages_ref[b, slot // page], 0)
+                k_at, v_at = k_out.at[target, pos % page, g, h], v_out.at[target, pos % page, g, h]
+            plgpu.store(k_at, kh, mask=d_ok)
+            plgpu.store(v_at, vh, mask=d_ok)
 
     k1, k2, v1, v2 = (t.astype(jnp.float32) for t in (k1, k2, v1, v2))
     q1, q2 = q1.astype(dtype), q2.astype(dtype)
@@ -221,7 +233,8 @@ def _kernel(qkv_ref, k_ref, v_ref, lengths_ref, freq_ref, qn_ref, kn_ref, nr_ref
 def decode_attention_pallas(qkv: jax.Array | PartialSums, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array,
                             inv_freq: Optional[jax.Array], q_norm: Optional[jax.Array],
                             k_norm: Optional[jax.Array], norm_rows: Optional[jax.Array] = None,
-                            sinks: Optional[jax.Array] = None, *, spec: AttentionSpec, block_slots: int = 64, num_warps: int = 4,
+                            sinks: Optional[jax.Array] = None, pages: Optional[jax.Array] = None, *,
+                            spec: AttentionSpec, block_slots: int = 64, num_warps: int = 4,
                             num_stages: int = 3, interpret: bool = False, out_dtype=None,
                             prefetch: bool | str = "lean", programs: int = 256):
     """qkv [B, (H + 2K) * Dh] (or its PartialSums [splits, B, (H + 2K) * Dh]) of one
@@ -230,7 +243,9 @@ def decode_attention_pallas(qkv: jax.Array | PartialSums, k_cache: jax.Array, v_
     of qkv is first multiplied by rsqrt(mean(norm_rows[b]^2) + norm_eps): the factor
     of the RMSNorm before the projection, left to this kernel (model.DeferredNorm).
     sinks [H] (spec.sinks): each head's softmax sums one more logit, whose share
-    goes to no value.
+    goes to no value. pages [B, W] (a cache.PagedKVCache's table): the caches are page
+    pools [N, P, K, Dh] and row b's position s lives at slot s % P of page
+    pages[b, s // P] (P a power of two >= 16); S is then W x P.
     Returns (attention output [B, H * Dh] in out_dtype (default: qkv's, or the cache's
     for partial sums), k_cache, v_cache) with the new keys and values written at slot
     min(lengths[b], S - 1).
@@ -242,7 +257,14 @@ def decode_attention_pallas(qkv: jax.Array | PartialSums, k_cache: jax.Array, v_
     their loads already fill the registers (NOTES variants 23 and 28).
     programs: about how many programs read a long cache (more splits for fewer rows);
     block_slots: the cache slots one step of a program reads."""
-    B, S, K, Dh = k_cache.shape
+    if pages is None:
+        B, S, K, Dh = k_cache.shape
+        page = None
+    else:
+        (B, W), (_, page, K, Dh) = pages.shape, k_cache.shape
+        S = W * page
+        if page < 16 or page & (page - 1):
+            raise ValueError(f"the paged kernel takes pages of a power of two >= 16 positions, not {page}")
     dtype = out_dtype or (k_cache.dtype if isinstance(qkv, PartialSums) else qkv.dtype)
     if k_cache.dtype.itemsize == 1:  # a float8 cache: the dots take the model's dtype
         dtype = out_dtype or (jnp.bfloat16 if isinstance(qkv, PartialSums) else qkv.dtype)
@@ -252,9 +274,9 @@ def decode_attention_pallas(qkv: jax.Array | PartialSums, k_cache: jax.Array, v_
     H = spec.n_heads
     half = Dh // 2
     hp = max(16, _pow2(half))
-    bs = max(16, min(block_slots, _pow2(S)))
+    bs = max(16, min(block_slots, _pow2(S), page or S))
     splits = _splits(B, spec, S, programs)
-    chunk = pl.cdiv(S, splits)
+    chunk = pl.cdiv(S, splits) if page is None else pl.cdiv(pl.cdiv(S, splits), bs) * bs
     qkv4 = qkv_parts.reshape(qkv_parts.shape[0], B, H + 2 * K, Dh)
     dummy = jnp.zeros((hp,), jnp.float32)
     if spec.sinks != (sinks is not None):
@@ -264,7 +286,8 @@ def decode_attention_pallas(qkv: jax.Array | PartialSums, k_cache: jax.Array, v_
     operands = (qkv4, k_cache, v_cache, lengths.astype(jnp.int32),
                 dummy if inv_freq is None else inv_freq.astype(jnp.float32),
                 dummy if q_norm is None else q_norm, dummy if k_norm is None else k_norm,
-                dummy[None] if norm_rows is None else norm_rows, sink_rows)
+                dummy[None] if norm_rows is None else norm_rows, sink_rows,
+                jnp.zeros((1, 1), jnp.int32) if pages is None else pages.astype(jnp.int32))
     cache_shapes = [jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
                     jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)]
     if splits == 1:
@@ -272,7 +295,7 @@ def decode_attention_pallas(qkv: jax.Array | PartialSums, k_cache: jax.Array, v_
     else:
         out_shape = ([jax.ShapeDtypeStruct((B, K, splits, GROUP_ROWS, Dh), jnp.float32)] + cache_shapes
                      + [jax.ShapeDtypeStruct((B, K, splits, GROUP_ROWS), jnp.float32)] * 2)
-    kernel = functools.partial(_kernel, spec=spec, S=S, half=half, hp=hp, bs=bs, chunk=chunk,
+    kernel = functools.partial(_kernel, spec=spec, S=S, page=page, half=half, hp=hp, bs=bs, chunk=chunk,
                                splits=splits, qkv_splits=qkv4.shape[0],
                                norm_width=None if norm_rows is None else norm_rows.shape[1],
                                compute=jnp.dtype(dtype if k_cache.dtype.itemsize == 1 else k_cache.dtype),

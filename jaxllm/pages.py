@@ -1,0 +1,126 @@
+"""The host side of the paged KV cache (cache.PagedKVCache): which pages of the pool
+each serving-engine row holds.
+
+A row is given pages for its whole budget when its request is admitted (the prompt
+plus max_tokens, rounded up to whole pages): a running request never waits for
+memory, so nothing is preempted and nothing is lost; a request that does not fit
+waits in the queue until pages come free. Where vLLM reserves a page at a time and
+preempts, this reserves up front: simpler and never stalls a stream, at the cost of
+holding pages for tokens a request may not generate.
+
+A row keeps its pages after its request ends: they still hold that request's keys
+and values, which a later prompt with the same prefix copies (prefix.py). Such
+pages are evicted, least recently used row first, only when an admission needs
+them. The table [rows, W] is the device's page table: page 0 is the scratch page
+that every entry a row does not own points at.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+
+
+class PagePool:
+    """n_pages pages of page_size positions (page 0 scratch, never held) shared by
+    n_rows rows of up to `capacity` positions each."""
+
+    def __init__(self, n_pages: int, page_size: int, n_rows: int, capacity: int):
+        if n_pages < 2:
+            raise ValueError(f"a KV pool needs at least 2 pages (page 0 is scratch), got {n_pages}")
+        if page_size < 16 or page_size & (page_size - 1):
+            raise ValueError(f"the page size must be a power of two >= 16, got {page_size}")
+        if capacity % page_size:
+            raise ValueError(f"the row capacity {capacity} is not a multiple of the page size {page_size}")
+        self.n_pages, self.page_size, self.capacity = n_pages, page_size, capacity
+        self.n_rows = n_rows
+        self.reset()
+
+    def reset(self) -> None:
+        """Every page free, every row holding none."""
+        self.table = np.zeros((self.n_rows, self.capacity // self.page_size), np.int32)
+        self.held: list[list[int]] = [[] for _ in range(self.n_rows)]
+        self._free = list(range(self.n_pages - 1, 0, -1))  # popped from the end: low pages first
+
+    @property
+    def usable(self) -> int:
+        return self.n_pages - 1
+
+    @property
+    def free(self) -> int:
+        return len(self._free)
+
+    def pages_for(self, positions: int) -> int:
+        return -(-min(positions, self.capacity) // self.page_size)
+
+    def reserve(self, rows: Sequence[int], positions: int, evictable: Iterable[int]) -> Optional[list[int]]:
+        """Give each of `rows` pages for its first `positions` positions, keeping those it
+        holds (a prefix it may reuse lives in its first pages). Pages come from the free
+        list, then from `evictable` rows (least recently used first), whose pages are all
+        taken. Returns the rows evicted, or None (nothing changed) when even they do not
+        give enough."""
+        need = self.pages_for(positions)
+        rows = list(rows)
+        extra = sum(need - len(self.held[r]) for r in rows)  # negative where rows give pages back
+        evict: list[int] = []
+        available = self.free
+        for r in evictable:
+            if available >= extra:
+                break
+            if r in rows or not self.held[r]:
+                continue
+            evict.append(r)
+            available += len(self.held[r])
+        if available < extra:
+            return None
+        for r in evict:
+            self.release(r)
+        for r in rows:
+            while len(self.held[r]) > need:
+                self._free.append(self.held[r].pop())
+        for r in rows:
+            while len(self.held[r]) < need:
+                self.held[r].append(self._free.pop())
+            self.table[r] = 0
+            self.table[r, :need] = self.held[r]
+        return evict
+
+    def release(self, row: int) -> None:
+        """Row `row`'s pages back to the free list; its table entries to the scratch page."""
+        self._free.extend(reversed(self.held[row]))
+        self.held[row] = []
+        self.table[row] = 0
+
+    def check(self) -> None:
+        """Every page held by at most one row or free, exactly once (tests)."""
+        pages = [p for row in self.held for p in row] + self._free
+        assert sorted(pages) == list(range(1, self.n_pages)), "pages lost or held twice"
+        for r, row in enumerate(self.held):
+            assert list(self.table[r, :len(row)]) == row and not self.table[r, len(row):].any()
+
+
+def pages_for_memory(free_bytes: int, fraction: float, page_bytes: int) -> int:
+    """How many pages `fraction` of free_bytes holds."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"the KV memory fraction must be in (0, 1], got {fraction}")
+    return int(free_bytes * fraction) // page_bytes
+
+
+def device_pages(config, dtype, fraction: float, page_size: int) -> int:
+    """Pages of page_size positions that `fraction` of the first device's free memory
+    (after whatever it holds now: the weights) holds; a cache split over
+    config.tensor_parallel devices puts 1/N of each page on each. ValueError on a
+    device that does not report its memory (the CPU)."""
+    import jax  # noqa: PLC0415
+
+    from .cache import page_bytes  # noqa: PLC0415
+    device = jax.devices()[0]
+    stats = device.memory_stats() or {}
+    if "bytes_limit" not in stats:
+        raise ValueError(f"the {device.platform} device does not report its memory: give the pages' count")
+    free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    pages = pages_for_memory(free, fraction, page_bytes(config, page_size, dtype) // config.tensor_parallel)
+    if pages < 2:
+        raise ValueError(f"{fraction} of the {free / 2**30:.1f} GiB free holds no KV pages")
+    return pages

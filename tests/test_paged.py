@@ -1,0 +1,117 @@
+"""The paged KV cache (cache.PagedKVCache, pages.PagePool, issue 27): a model reading and
+writing its cache through a shuffled page table gives the contiguous cache's logits and
+keys, on the XLA path and on the kernels (interpreted); the pool's bookkeeping; the
+engine on a pool small enough that requests wait for pages and cached prefixes are
+evicted answers every request as it would alone (also tests/test_soak.py)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import ARCH_CONFIGS, greedy_alone, serve_all, served_model
+
+import jaxllm
+from jaxllm.batching import Engine
+from jaxllm.cache import PagedKVCache, init_paged_cache, layer_view
+from jaxllm.pages import PagePool, pages_for_memory
+
+
+def paged_like(config, batch, capacity, page, rng):
+    """An empty paged cache whose rows hold shuffled pages of a pool with spare pages."""
+    cache = init_paged_cache(config, batch, capacity, batch * capacity // page + 3, page, jnp.float32)
+    table = rng.permutation(np.arange(1, cache.n_pages))[:batch * capacity // page].reshape(batch, -1)
+    return cache.replace(pages=jnp.asarray(table, jnp.int32))
+
+
+def run(params, config, cache, tokens):
+    """A 5-token prefill (row 1's prompt 3 long) and 6 decode steps: their logits, the cache."""
+    logits, cache = jaxllm.extend(params, config, tokens[:, :5], jnp.array([5, 3]), cache)
+    steps = [logits]
+    for t in range(5, 11):
+        logits, cache = jaxllm.decode_step(params, config, tokens[:, t], cache)
+        steps.append(logits)
+    return steps, cache
+
+
+@pytest.mark.parametrize("arch", ["llama3", "mistral", "qwen3", "gemma", "gpt2"])
+@pytest.mark.parametrize("kernels", ["xla", "pallas"])
+def test_a_paged_cache_gives_the_contiguous_caches_logits_and_keys(arch, kernels):
+    c = ARCH_CONFIGS[arch].replace(tie_embeddings=False, kernels=kernels)
+    rng = np.random.default_rng(np.random.randint(1 << 30))
+    params = jaxllm.init_params(c, jax.random.PRNGKey(int(rng.integers(1 << 30))))
+    tokens = jnp.asarray(rng.integers(0, c.vocab_size, (2, 11)))
+    ref_logits, ref_cache = run(params, c.replace(kernels="xla"), jaxllm.init_cache(c, 2, 32, jnp.float32), tokens)
+    logits, cache = run(params, c, paged_like(c, 2, 32, 16, rng), tokens)
+    assert isinstance(cache, PagedKVCache)
+    for got, want in zip(logits, ref_logits):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(cache.lengths, ref_cache.lengths)
+    for i in range(c.n_layers):
+        k, v = layer_view(jaxllm.cache.cache_layer(cache, i))
+        filled = np.arange(32)[None, :] < np.asarray(ref_cache.lengths)[:, None]
+        np.testing.assert_allclose(np.asarray(k)[filled], np.asarray(ref_cache.k[i])[filled], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(v)[filled], np.asarray(ref_cache.v[i])[filled], rtol=1e-5, atol=1e-5)
+
+
+def test_the_pool_gives_each_page_to_one_row_and_evicts_only_when_it_must():
+    pool = PagePool(n_pages=11, page_size=16, n_rows=4, capacity=64)  # 10 usable pages, 4 a row
+    assert pool.reserve([0], 40, ()) == [] and pool.held[0] == [1, 2, 3] and pool.free == 7
+    before = (pool.table.copy(), [list(r) for r in pool.held], pool.free)
+    assert pool.reserve([1, 2], 64, ()) is None  # 8 pages asked, 7 free, nothing evictable
+    np.testing.assert_array_equal(pool.table, before[0])
+    assert [list(r) for r in pool.held] == before[1] and pool.free == before[2]
+    assert pool.reserve([1, 2], 64, [3, 0]) == [0]  # row 3 holds nothing; row 0's 3 pages make 10
+    assert pool.held[0] == [] and not pool.table[0].any() and pool.free == 2
+    assert all(len(pool.held[r]) == 4 for r in (1, 2))
+    pool.check()
+    kept = pool.held[1][:2]
+    assert pool.reserve([1], 20, ()) == [] and pool.held[1] == kept and pool.free == 4  # gives 2 back
+    assert pool.reserve([1], 64, ()) == [] and pool.held[1][:2] == kept  # its first pages stay
+    np.testing.assert_array_equal(pool.table[1], pool.held[1])
+    pool.release(2)
+    assert pool.free == 6 and not pool.table[2].any()
+    pool.check()
+    assert pool.pages_for(1) == 1 and pool.pages_for(17) == 2 and pool.pages_for(1000) == 4
+
+
+def test_bad_pool_settings_are_refused():
+    with pytest.raises(ValueError, match="power of two"):
+        PagePool(10, 24, 2, 48)
+    with pytest.raises(ValueError, match="multiple"):
+        PagePool(10, 16, 2, 40)
+    with pytest.raises(ValueError, match="at least 2"):
+        PagePool(1, 16, 2, 32)
+    assert pages_for_memory(10_000, 0.5, 1_000) == 5
+    with pytest.raises(ValueError, match="fraction"):
+        pages_for_memory(10_000, 0.0, 1_000)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return served_model(tmp_path_factory, 5, 256)
+
+
+def test_an_engine_on_a_small_pool_answers_every_request_as_alone(model):
+    """Ten prompts, some sharing a 40-token beginning, through 6 rows on 12 pages of 16
+    positions (each request needs 4-6 pages): requests wait for pages, cached prefixes are
+    evicted, and every answer equals the prompt run alone; afterwards no running request
+    holds a page and every page is held once or free."""
+    rng = np.random.default_rng(3)
+    system = rng.integers(3, 300, 40).tolist()
+    prompts = [(system if i % 2 else []) + rng.integers(3, 300, int(rng.integers(2, 30))).tolist() for i in range(10)]
+    engine = Engine(model.params, model.config, model.tokenizer, n_slots=6, max_context=128,
+                    steps_per_chunk=4, prefill_tokens=64, kv_pages=13, page_size=16)
+    try:
+        requests = serve_all(engine, prompts, 24, start=True)
+    finally:
+        engine.shutdown()
+    for prompt, request in zip(prompts, requests):
+        assert request.finish_reason in ("stop", "length"), request.error
+        assert request.ids == greedy_alone(model, prompt, 24)
+    engine.pool.check()
+    assert engine.running == 0
+    small = Engine(model.params, model.config, model.tokenizer, n_slots=2, max_context=128, kv_pages=5,
+                   page_size=16)  # 64 positions in all
+    small.check([5] * 30, 30)
+    with pytest.raises(jaxllm.ContextLengthError, match="pool holds 64"):
+        small.check([5] * 50, 50)  # fits a row's 128 positions, not the pool
