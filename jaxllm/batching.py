@@ -67,7 +67,7 @@ def init_slots(params: Params, config: ModelConfig, n_slots: int, capacity: int,
 @partial(jax.jit, static_argnames=("config", "span"), donate_argnames=("slots",))
 def admit(params: Params, config: ModelConfig, slots: DecodeState, tokens, lengths, sources, starts, prompts,
           dest, of_prompt, final, keys, sampling: RowSampling, max_new, obeys_stops, stop_ids, masks=None,
-          pages=None, *, span: int):
+          pages=None, skip=None, *, span: int):
     """Prefill G prompts at once and start R slots on them (a request's n choices
     share one prompt).
 
@@ -82,20 +82,23 @@ def admit(params: Params, config: ModelConfig, slots: DecodeState, tokens, lengt
     prefilled a piece per call) takes the keys and values only. dest = the number of
     slots marks a padding entry (dropped). Attention
     and the copies cover the first `span` positions of a row: span >= starts + T.
-    pages [B, W]: a paged cache's new page table (the host's PagePool), set first.
+    pages [B, W]: a paged cache's new page table (the host's PagePool), taking effect
+    after the sources are read; skip [R]: the pages at the start of row dest[r] that
+    already hold its prompt's beginning (shared with its source), not written.
     Returns (slots, first tokens [R], their Scores [R], [R, k])."""
     B = slots.active.shape[0]
-    if pages is not None:
-        slots = slots.replace(cache=slots.cache.replace(pages=pages))
     # Each prompt runs against a working copy of the first `span` positions of its
     # source row (the prefix it reuses, or a free row's leftovers that the causal
     # mask never shows): attention costs T x span, not T x the whole row.
-    x, work = extend_hidden(params, config, tokens, lengths, rows_of(slots.cache, sources, span, starts), span)
+    work = rows_of(slots.cache, sources, span, starts)
+    if pages is not None:
+        slots = slots.replace(cache=slots.cache.replace(pages=pages))
+    x, work = extend_hidden(params, config, tokens, lengths, work, span)
     last = jnp.take_along_axis(x, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
     logits = unembed(params, config, last)[of_prompt]  # [R, V]
     set_rows = lambda array, value: array.at[dest].set(value, mode="drop")
     whole = starts + lengths
-    cache = put_rows(slots.cache, dest, work, of_prompt, span)
+    cache = put_rows(slots.cache, dest, work, of_prompt, span, skip)
     cache = cache.replace(lengths=set_rows(cache.lengths, whole[of_prompt]))
     seen = prompt_seen(prompts, whole, config.vocab_size)[of_prompt]
     token = sample(allowed_logits(logits, masks), jax.vmap(jax.random.fold_in, (0, None))(keys, 0), sampling, seen)
@@ -187,6 +190,7 @@ class Admission:
     width: int  # the tokens this call computes, padded to a bucket
     end: int  # the prompt's tokens the slots hold after this call: all of it, or a piece so far
     reused: int = 0  # its tokens copied from another request's row, not computed
+    skip: int = 0  # paged cache: the rows' first pages, which hold the prompt's beginning already
 
     @property
     def final(self) -> bool:
@@ -320,9 +324,9 @@ class Engine:
         """The paged pool's pages: held by running requests (and long prompts being
         prefilled), cached (rows whose requests ended, holding prefixes), free."""
         busy = set(self._running) | {b for a in self._partial for b in a.rows}
-        held = [len(pages) for pages in self.pool.held]
-        running = sum(held[b] for b in busy)
-        return {"running": running, "cached": sum(held) - running, "free": self.pool.free}
+        running = {p for b in busy for p in self.pool.held[b]}
+        held = {p for pages in self.pool.held for p in pages}
+        return {"running": len(running), "cached": len(held - running), "free": self.pool.free}
 
     def start(self, warmup: bool = True) -> "Engine":
         if warmup:
@@ -445,7 +449,8 @@ class Engine:
             if not fits(a.end, piece[0]):
                 return plan
             self._partial.remove(a)
-            plan.append(Admission(a.group, a.rows, a.rows[0], a.end, *piece, a.reused))
+            plan.append(Admission(a.group, a.rows, a.rows[0], a.end, *piece, a.reused,
+                                  skip=a.end // self.pool.page_size if self.pool else 0))
         while self._waiting:
             group = self._waiting[0]
             for request in [r for r in group if r.cancelled]:
@@ -468,24 +473,30 @@ class Engine:
             # the row already holding the prefix takes it on
             rows = ([source] if source in free else []) + [b for b in free if b != source]
             rows = rows[:len(group)]
-            if self.pool is not None and not self._reserve(rows, n + group[0].max_tokens, plan, source):
-                break  # the head waits for pages
+            skip = 0
+            if self.pool is not None:
+                # the prefix's full pages are shared with the source row, not copied
+                skip = start // self.pool.page_size
+                if not self._reserve(rows, n + group[0].max_tokens, plan, source,
+                                     self.pool.held[source][:skip] if source >= 0 else []):
+                    break  # the head waits for pages
             for b in rows:
                 free.remove(b)
             if source >= 0:
                 self.prefixes.touch(source)
             self._waiting.popleft()
-            plan.append(Admission(group, rows, max(source, 0), start, width, end, start))
+            plan.append(Admission(group, rows, max(source, 0), start, width, end, start, skip))
         return plan
 
-    def _reserve(self, rows: list[int], positions: int, plan: list[Admission], source: int) -> bool:
-        """Pages for `positions` positions in each of `rows` (pages.PagePool.reserve),
-        evicting the cached prefixes of rows that nothing running, planned or being
-        copied from holds, least recently used first."""
+    def _reserve(self, rows: list[int], positions: int, plan: list[Admission], source: int,
+                 prefix: list[int]) -> bool:
+        """Pages for `positions` positions in each of `rows`, the `prefix` pages shared
+        (pages.PagePool.reserve), evicting the cached prefixes of rows that nothing
+        running, planned or being copied from holds, least recently used first."""
         busy = set(self._running) | {b for a in self._partial for b in a.rows} | set(rows) | {source}
         busy |= {b for a in plan for b in a.rows} | {a.source for a in plan if a.start}
         evictable = self.prefixes.by_age(b for b in range(self.n_slots) if b not in busy)
-        evicted = self.pool.reserve(rows, positions, evictable)
+        evicted = self.pool.reserve(rows, positions, evictable, prefix)
         if evicted is None:
             return False
         for b in evicted:
@@ -506,7 +517,7 @@ class Engine:
         span = min(self.capacity, _pow2(max(a.start for a in plan) + T))
         tokens, prompts = np.zeros((G, T), np.int32), np.zeros((G, span), np.int32)
         lengths, sources, starts = np.ones(G, np.int32), np.zeros(G, np.int32), np.zeros(G, np.int32)
-        dest, of_prompt = np.full(R, self.n_slots, np.int32), np.zeros(R, np.int32)
+        dest, of_prompt, skip = np.full(R, self.n_slots, np.int32), np.zeros(R, np.int32), np.zeros(R, np.int32)
         entries = [(g, a, slot, request) for g, a in enumerate(plan) for slot, request in zip(a.rows, a.group)]
         for g, a in enumerate(plan):
             prompt = a.group[0].prompt_ids[:a.end]
@@ -517,7 +528,7 @@ class Engine:
                 self.prefixes.hold(slot, prompt)
         final = np.zeros(R, bool)
         for r, (g, a, slot, _) in enumerate(entries):
-            dest[r], of_prompt[r], final[r] = slot, g, a.final
+            dest[r], of_prompt[r], final[r], skip[r] = slot, g, a.final, a.skip
         requests = [request for *_, request in entries]
         padding = R - len(requests)
         masks = None
@@ -534,7 +545,7 @@ class Engine:
             RowSampling.from_settings([r.settings for r in requests] + [SamplerSettings.greedy()] * padding),
             jnp.asarray([r.max_tokens for r in requests] + [1] * padding, jnp.int32),
             jnp.asarray([not r.ignore_eos for r in requests] + [True] * padding), self.stop_ids, masks,
-            None if self.pool is None else jnp.asarray(self.pool.table), span=span)
+            *((None, None) if self.pool is None else (jnp.asarray(self.pool.table), jnp.asarray(skip))), span=span)
         token, scores = np.asarray(token), [np.asarray(a) for a in scores]
         if masks is not None:
             self._matchers.consume(token[:len(requests)], dest[:len(requests)].tolist())

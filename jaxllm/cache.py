@@ -197,16 +197,22 @@ def rows_of(cache: Cache, sources: jax.Array, span: int, starts: jax.Array) -> K
                    v=tuple(gather_pages(v, pages, span) for v in cache.v), lengths=starts)
 
 
-def put_rows(cache: Cache, dest: jax.Array, work: KVCache, of_prompt: jax.Array, span: int) -> Cache:
+def put_rows(cache: Cache, dest: jax.Array, work: KVCache, of_prompt: jax.Array, span: int,
+             skip: Optional[jax.Array] = None) -> Cache:
     """cache with row dest[r]'s first `span` positions taken from working row of_prompt[r]
-    (dest = the batch size marks padding: dropped)."""
+    (dest = the batch size marks padding: dropped). A paged cache leaves the first
+    skip[r] pages of row dest[r] as they are (they hold those positions already, and
+    may be shared with other rows)."""
     if isinstance(cache, KVCache):
         put = lambda big, small: big.at[dest, :span].set(small[of_prompt], mode="drop")
         return cache.replace(k=tuple(map(put, cache.k, work.k)), v=tuple(map(put, cache.v, work.v)))
     P = cache.page_size
     n = -(-span // P)
-    # padding entries write to the scratch page
-    pages = jnp.where((dest < cache.batch)[:, None], cache.pages[jnp.minimum(dest, cache.batch - 1), :n], 0)
+    # padding entries and skipped pages write to the scratch page
+    written = dest[:, None] < cache.batch
+    if skip is not None:
+        written &= jnp.arange(n)[None, :] >= skip[:, None]
+    pages = jnp.where(written, cache.pages[jnp.minimum(dest, cache.batch - 1), :n], 0)
 
     def put(pool, small):
         rows = small[of_prompt]

@@ -70,7 +70,7 @@ def mlp(x, p: Layer, config: ModelConfig, keep_partial: bool = False,
 
 
 def layer_forward(p: Layer, config: ModelConfig, index: int, stream: Residual, positions,
-                  kv=None, starts=None, span: Optional[int] = None):
+                  kv=None, starts=None, span: Optional[int] = None, n_new: Optional[jax.Array] = None):
     """One decoder layer: the residual stream [B, T, D] in, (stream, kv) out.
 
     The previous block's output arrives not yet added (`Residual`); it is added here
@@ -78,7 +78,8 @@ def layer_forward(p: Layer, config: ModelConfig, index: int, stream: Residual, p
     positions [B, T]. With `kv` (one layer of a cache: (k_cache, v_cache) [B, S, K, Dh],
     or a cache.PagedLayer), the new keys and values are written at positions starts[b] + t
     and attention reads the whole cache, or its first `span` positions when every row's
-    keys lie there; without, attention reads the T tokens themselves.
+    keys lie there; without, attention reads the T tokens themselves. n_new [B]: the
+    real new tokens per row (a decode step's rows with none read no cache).
     """
     policy = config.kernels
     B, T, _ = stream.x.shape
@@ -92,7 +93,7 @@ def layer_forward(p: Layer, config: ModelConfig, index: int, stream: Residual, p
                 and not plan_for(policy, p.wqkv, B).fuses):
             qkv_in, norm_rows = h.scaled, h.x.reshape(B, -1)
         qkv = linear(qkv_in, p.wqkv, policy, p.bqkv, keep_partial=True)
-        attn, kv = decode_attention(p, config, index, qkv, kv, starts, x.dtype, norm_rows)
+        attn, kv = decode_attention(p, config, index, qkv, kv, starts, x.dtype, norm_rows, n_new)
         return _after_attention(p, config, x, h, attn, kv)
     qkv = linear(h, p.wqkv, policy, p.bqkv)
     q, k, v = split_fused(qkv, [config.q_size, config.kv_size, config.kv_size], config.tensor_parallel)
@@ -187,7 +188,8 @@ def extend_hidden(params: Params, config: ModelConfig, tokens: jax.Array, n_new:
     span = min(span or cache.capacity, cache.capacity)
     layers = []
     for i, layer in enumerate(params.layers):
-        stream, kv = layer_forward(layer, config, i, stream, positions, cache_layer(cache, i), cache.lengths, span)
+        stream, kv = layer_forward(layer, config, i, stream, positions, cache_layer(cache, i), cache.lengths, span,
+                                   n_new)
         layers.append(kv)
     return stream.total(), with_layers(cache, layers, cache.lengths + n_new.astype(jnp.int32))
 

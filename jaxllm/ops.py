@@ -467,11 +467,12 @@ def _attention_programs(policy: KernelPolicy, cache_dtype) -> int:
 
 
 def decode_attention(p, config: ModelConfig, index: int, qkv, kv, starts, dtype,
-                     norm_rows: Optional[jax.Array] = None):
+                     norm_rows: Optional[jax.Array] = None, live: Optional[jax.Array] = None):
     """qkv [B, 1, q + 2kv] (or its PartialSums [S, B, q + 2kv]) of one new token per
     row at positions starts [B] -> (attention output [B, 1, q_size] in dtype, kv)
     through kernels/decode_attention.py. norm_rows [B, D]: the projection's input was
-    a DeferredNorm of these rows, whose factor the kernel applies."""
+    a DeferredNorm of these rows, whose factor the kernel applies. live [B]: rows not
+    decoding (0) skip reading their cache."""
     rope = config.position == "rope"
     spec = AttentionSpec(
         n_heads=config.n_heads, n_kv_heads=config.n_kv_heads, head_dim=config.head_dim,
@@ -485,7 +486,7 @@ def decode_attention(p, config: ModelConfig, index: int, qkv, kv, starts, dtype,
     k_cache, v_cache = (kv.k, kv.v) if paged else kv
     out, k_cache, v_cache = decode_attention_pallas(
         qkv if isinstance(qkv, PartialSums) else qkv[:, 0], k_cache, v_cache, starts, inv_freq, *norms,
-        norm_rows, p.sinks, kv.pages if paged else None, spec=spec, interpret=config.kernels.interpret,
+        norm_rows, p.sinks, kv.pages if paged else None, live, spec=spec, interpret=config.kernels.interpret,
         out_dtype=dtype, prefetch=config.kernels.attention_prefetch,
         programs=_attention_programs(config.kernels, k_cache.dtype), block_slots=config.kernels.attention_block_slots)
     return out[:, None], kv.replace(k=k_cache, v=v_cache) if paged else (k_cache, v_cache)

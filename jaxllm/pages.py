@@ -9,9 +9,10 @@ preempts, this reserves up front: simpler and never stalls a stream, at the cost
 holding pages for tokens a request may not generate.
 
 A row keeps its pages after its request ends: they still hold that request's keys
-and values, which a later prompt with the same prefix copies (prefix.py). Such
-pages are evicted, least recently used row first, only when an admission needs
-them. The table [rows, W] is the device's page table: page 0 is the scratch page
+and values, which a later prompt with the same prefix reuses (prefix.py): the full
+pages of the common prefix are shared (each page counts the rows holding it), the
+rest copied. Such pages are evicted, least recently used row first, only when an
+admission needs them; a shared page is freed when the last row holding it lets go. The table [rows, W] is the device's page table: page 0 is the scratch page
 that every entry a row does not own points at.
 """
 
@@ -41,6 +42,7 @@ class PagePool:
         """Every page free, every row holding none."""
         self.table = np.zeros((self.n_rows, self.capacity // self.page_size), np.int32)
         self.held: list[list[int]] = [[] for _ in range(self.n_rows)]
+        self.refs = np.zeros(self.n_pages, np.int64)  # rows holding each page
         self._free = list(range(self.n_pages - 1, 0, -1))  # popped from the end: low pages first
 
     @property
@@ -54,50 +56,88 @@ class PagePool:
     def pages_for(self, positions: int) -> int:
         return -(-min(positions, self.capacity) // self.page_size)
 
-    def reserve(self, rows: Sequence[int], positions: int, evictable: Iterable[int]) -> Optional[list[int]]:
-        """Give each of `rows` pages for its first `positions` positions, keeping those it
-        holds (a prefix it may reuse lives in its first pages). Pages come from the free
-        list, then from `evictable` rows (least recently used first), whose pages are all
-        taken. Returns the rows evicted, or None (nothing changed) when even they do not
-        give enough."""
+    def reserve(self, rows: Sequence[int], positions: int, evictable: Iterable[int],
+                prefix: Sequence[int] = ()) -> Optional[list[int]]:
+        """Give each of `rows` the pages for its first `positions` positions: first the
+        `prefix` pages (full pages of a prompt's beginning that another row holds:
+        shared, not copied), then pages of its own. A row keeps those of its pages it
+        alone holds where its own pages go; pages it shared with another row are
+        replaced, so that nothing it writes reaches another row. Fresh pages come from
+        the free list, then from `evictable` rows (least recently used first). Returns
+        the rows evicted, or None (nothing changed) when even they do not give enough."""
         need = self.pages_for(positions)
-        rows = list(rows)
-        extra = sum(need - len(self.held[r]) for r in rows)  # negative where rows give pages back
+        prefix = list(prefix)[:need]
+        plans = {}  # row -> its new table, None where a fresh page goes
+        for r in rows:
+            old = self.held[r]
+            plans[r] = prefix + [old[i] if i < len(old) and self.refs[old[i]] == 1 and old[i] not in prefix
+                                 else None for i in range(len(prefix), need)]
+        fresh = sum(t.count(None) for t in plans.values())
+        refs = dict(enumerate(self.refs))  # a dry run of the references
+        for r in rows:
+            for p in plans[r]:
+                if p is not None:
+                    refs[p] += 1
+        available = self.free + sum(1 for r in rows for p in self.held[r] if _drop(refs, p))
         evict: list[int] = []
-        available = self.free
         for r in evictable:
-            if available >= extra:
+            if available >= fresh:
                 break
-            if r in rows or not self.held[r]:
+            if r in plans or not self.held[r]:
                 continue
             evict.append(r)
-            available += len(self.held[r])
-        if available < extra:
+            available += sum(1 for p in self.held[r] if _drop(refs, p))
+        if available < fresh:
             return None
+        for r in rows:  # (all new references before any old one is let go of, as in the dry run)
+            for p in plans[r]:
+                if p is not None:
+                    self.refs[p] += 1
+        for r in rows:
+            self._let_go(r)
         for r in evict:
-            self.release(r)
+            self._let_go(r)
         for r in rows:
-            while len(self.held[r]) > need:
-                self._free.append(self.held[r].pop())
-        for r in rows:
-            while len(self.held[r]) < need:
-                self.held[r].append(self._free.pop())
+            table = [p if p is not None else self._take() for p in plans[r]]
+            self.held[r] = table
             self.table[r] = 0
-            self.table[r, :need] = self.held[r]
+            self.table[r, :need] = table
         return evict
 
     def release(self, row: int) -> None:
-        """Row `row`'s pages back to the free list; its table entries to the scratch page."""
-        self._free.extend(reversed(self.held[row]))
+        """Row `row`'s pages let go of (free once no row holds them); its table entries
+        to the scratch page."""
+        self._let_go(row)
+
+    def _let_go(self, row: int) -> None:
+        for p in self.held[row]:
+            self.refs[p] -= 1
+            if self.refs[p] == 0:
+                self._free.append(p)
         self.held[row] = []
         self.table[row] = 0
 
+    def _take(self) -> int:
+        p = self._free.pop()
+        self.refs[p] = 1
+        return p
+
     def check(self) -> None:
-        """Every page held by at most one row or free, exactly once (tests)."""
-        pages = [p for row in self.held for p in row] + self._free
-        assert sorted(pages) == list(range(1, self.n_pages)), "pages lost or held twice"
+        """Each page free or held, its count the rows holding it, each table its row's
+        pages (tests)."""
+        counts = np.zeros(self.n_pages, np.int64)
         for r, row in enumerate(self.held):
             assert list(self.table[r, :len(row)]) == row and not self.table[r, len(row):].any()
+            assert len(set(row)) == len(row), "a row holds a page twice"
+            counts[row] += 1
+        np.testing.assert_array_equal(counts, self.refs, "reference counts")
+        assert sorted(self._free) == [p for p in range(1, self.n_pages) if counts[p] == 0], "free list"
+
+
+def _drop(refs: dict, page: int) -> bool:
+    """One reference to page let go of in a dry run; whether that frees it."""
+    refs[page] -= 1
+    return refs[page] == 0
 
 
 def pages_for_memory(free_bytes: int, fraction: float, page_bytes: int) -> int:

@@ -134,6 +134,9 @@ def numpy_decode_attention(qkv, k_cache, v_cache, lengths, freq, q_norm, k_norm,
     dict(B=1, S=1104, K=2, G=2, Dh=16, lengths=[1000], window=700, page=16),  # several splits
     dict(B=3, S=32, K=2, G=2, Dh=16, lengths=[35, 0, 17], dtype=jnp.bfloat16, page=16),  # past the table
     dict(B=2, S=64, K=2, G=3, Dh=16, lengths=[6, 50], window=8, sinks=True, page=32, qkv_splits=3),
+    # a row not decoding (a free serving slot) reads nothing: only the live rows' outputs count
+    dict(B=3, S=48, K=2, G=2, Dh=16, lengths=[30, 40, 12], live=[1, 0, 1], page=16),
+    dict(B=2, S=40, K=2, G=2, Dh=16, lengths=[30, 20], live=[0, 1]),
 ])
 def test_decode_attention_matches_float64(case):
     from jaxllm.kernels.decode_attention import AttentionSpec, _splits, decode_attention_pallas
@@ -144,6 +147,7 @@ def test_decode_attention_matches_float64(case):
     lengths, dtype = np.array(case.pop("lengths"), np.int32), case.pop("dtype", jnp.float32)
     qkv_splits, row_normed = case.pop("qkv_splits", None), case.pop("row_normed", False)
     page = case.pop("page", None)
+    live = np.array(case.pop("live", [1] * B), bool)
     spec = AttentionSpec(n_heads=K * G, n_kv_heads=K, head_dim=Dh, scale=Dh ** -0.5,
                          rope=case.pop("rope", True), norm_eps=1e-6, **case)
     rng = np.random.default_rng(np.random.randint(1 << 30))
@@ -177,7 +181,7 @@ def test_decode_attention_matches_float64(case):
         jnp.asarray(lengths), jnp.asarray(freq), jnp.asarray(q_norm), jnp.asarray(k_norm),
         jnp.asarray(norm_rows, dtype) if row_normed else None,
         None if sinks is None else jnp.asarray(sinks), None if table is None else jnp.asarray(table),
-        spec=spec, interpret=jax.default_backend() != "gpu")
+        None if live.all() else jnp.asarray(live), spec=spec, interpret=jax.default_backend() != "gpu")
     if page:  # the rows read back through the table
         new_k, new_v = (np.asarray(pool, np.float32)[table].reshape(B, S, K, Dh) for pool in (new_k, new_v))
     assert (S > 512) == (_splits(B, spec, S) > 1)
@@ -185,6 +189,11 @@ def test_decode_attention_matches_float64(case):
     tol = 2e-2 if dtype == jnp.bfloat16 else 2e-3 if jax.default_backend() == "gpu" else 1e-5
     out = np.asarray(out, np.float64)
     assert out.shape == (B, K * G * Dh)
+    if not live.all():  # a row that reads no cache attends to its new token alone: its value
+        H, v_new = K * G, qkv.reshape(B, -1, Dh)[:, K * G + K:]
+        dead = np.repeat(v_new, G, axis=1).reshape(B, H * Dh)[~live]
+        assert np.linalg.norm(out[~live] - dead) / np.linalg.norm(dead) < tol
+    out, ref_out = out[live], ref_out[live]
     assert np.linalg.norm(out - ref_out) / np.linalg.norm(ref_out) < tol
     for got, ref, before in ((new_k, ref_k, k_cache), (new_v, ref_v, v_cache)):
         got = np.asarray(got, np.float64)

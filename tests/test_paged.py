@@ -74,6 +74,30 @@ def test_the_pool_gives_each_page_to_one_row_and_evicts_only_when_it_must():
     assert pool.pages_for(1) == 1 and pool.pages_for(17) == 2 and pool.pages_for(1000) == 4
 
 
+def test_prefix_pages_are_shared_counted_and_freed_by_the_last_holder():
+    pool = PagePool(n_pages=13, page_size=16, n_rows=4, capacity=96)  # 12 usable, 6 a row
+    assert pool.reserve([0], 70, ()) == []  # 5 pages: 1..5
+    prefix = pool.held[0][:2]  # a 40-token prompt's beginning: 2 full pages
+    assert pool.reserve([1, 2], 60, (), prefix) == []  # two choices: 2 shared + 2 own each
+    assert pool.held[1][:2] == prefix == pool.held[2][:2] and pool.free == 12 - 5 - 4
+    assert list(pool.refs[prefix]) == [3, 3]
+    pool.check()
+    # row 0 reused for another prompt: its shared pages are replaced, its own kept
+    own = pool.held[0][2:]
+    assert pool.reserve([0], 90, ()) == []
+    assert not set(pool.held[0]) & set(prefix) and pool.held[0][2:5] == own
+    assert list(pool.refs[prefix]) == [2, 2]
+    pool.check()
+    # evicting row 1 frees only its own pages; the shared ones live on in row 2
+    assert pool.free == 0 and pool.reserve([3], 32, [], ()) is None  # nothing evictable offered
+    assert pool.reserve([3], 64, [1], ()) is None  # 4 pages asked; row 1 gives 2
+    assert pool.reserve([3], 32, [1], ()) == [1]
+    assert list(pool.refs[prefix]) == [1, 1] and pool.free == 0 and pool.held[1] == []
+    pool.release(2)
+    pool.check()
+    assert pool.free == 12 - 6 - 2
+
+
 def test_bad_pool_settings_are_refused():
     with pytest.raises(ValueError, match="power of two"):
         PagePool(10, 24, 2, 48)

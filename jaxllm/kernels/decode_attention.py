@@ -74,7 +74,8 @@ def _splits(batch: int, spec: AttentionSpec, capacity: int, programs: int = 256)
     return int(max(1, min(capacity // SLOTS_PER_SPLIT, programs // (batch * spec.n_kv_heads))))
 
 
-def _kernel(qkv_ref, k_ref, v_ref, lengths_ref, freq_ref, qn_ref, kn_ref, nr_ref, sink_ref, pages_ref, *out_refs,
+def _kernel(qkv_ref, k_ref, v_ref, lengths_ref, freq_ref, qn_ref, kn_ref, nr_ref, sink_ref, pages_ref, live_ref,
+            *out_refs,
             spec: AttentionSpec, S: int, page: Optional[int], half: int, hp: int, bs: int, chunk: int, splits: int,
             qkv_splits: int, norm_width: Optional[int], prefetch: bool, compute):
     o_ref, k_out, v_out = out_refs[:3]
@@ -96,7 +97,8 @@ def _kernel(qkv_ref, k_ref, v_ref, lengths_ref, freq_ref, qn_ref, kn_ref, nr_ref
     # that a block never straddles two pages.
     start = first if page is None else first // bs * bs
     stop = jnp.minimum(jnp.minimum(pos + 1, S), (split + 1) * chunk)  # exclusive
-    n_blocks = jnp.maximum(stop - start + bs - 1, 0) // bs
+    # a row that is not decoding (a free serving slot) reads none of its cache
+    n_blocks = jnp.where(live_ref[b] > 0, jnp.maximum(stop - start + bs - 1, 0) // bs, 0)
 
     def visible(i):  # [bs] the slots of block i this program reads
         slots = start + i * bs + jnp.arange(bs)
@@ -233,7 +235,8 @@ def _kernel(qkv_ref, k_ref, v_ref, lengths_ref, freq_ref, qn_ref, kn_ref, nr_ref
 def decode_attention_pallas(qkv: jax.Array | PartialSums, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array,
                             inv_freq: Optional[jax.Array], q_norm: Optional[jax.Array],
                             k_norm: Optional[jax.Array], norm_rows: Optional[jax.Array] = None,
-                            sinks: Optional[jax.Array] = None, pages: Optional[jax.Array] = None, *,
+                            sinks: Optional[jax.Array] = None, pages: Optional[jax.Array] = None,
+                            live: Optional[jax.Array] = None, *,
                             spec: AttentionSpec, block_slots: int = 64, num_warps: int = 4,
                             num_stages: int = 3, interpret: bool = False, out_dtype=None,
                             prefetch: bool | str = "lean", programs: int = 256):
@@ -245,7 +248,9 @@ def decode_attention_pallas(qkv: jax.Array | PartialSums, k_cache: jax.Array, v_
     sinks [H] (spec.sinks): each head's softmax sums one more logit, whose share
     goes to no value. pages [B, W] (a cache.PagedKVCache's table): the caches are page
     pools [N, P, K, Dh] and row b's position s lives at slot s % P of page
-    pages[b, s // P] (P a power of two >= 16); S is then W x P.
+    pages[b, s // P] (P a power of two >= 16); S is then W x P. live [B]: rows where it
+    is 0 read no cache (their output is the new token's value alone, meaningless: a
+    free serving slot's step); their new key and value are still written.
     Returns (attention output [B, H * Dh] in out_dtype (default: qkv's, or the cache's
     for partial sums), k_cache, v_cache) with the new keys and values written at slot
     min(lengths[b], S - 1).
@@ -287,7 +292,8 @@ def decode_attention_pallas(qkv: jax.Array | PartialSums, k_cache: jax.Array, v_
                 dummy if inv_freq is None else inv_freq.astype(jnp.float32),
                 dummy if q_norm is None else q_norm, dummy if k_norm is None else k_norm,
                 dummy[None] if norm_rows is None else norm_rows, sink_rows,
-                jnp.zeros((1, 1), jnp.int32) if pages is None else pages.astype(jnp.int32))
+                jnp.zeros((1, 1), jnp.int32) if pages is None else pages.astype(jnp.int32),
+                jnp.ones((B,), jnp.int32) if live is None else live.astype(jnp.int32))
     cache_shapes = [jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
                     jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)]
     if splits == 1:
