@@ -94,14 +94,15 @@ class Letters:
         return "".join(chr(97 + i % 26) for i in ids)
 
 
-engine = Engine(sp, sc, Letters(), n_slots=2, max_context=64, steps_per_chunk=4).start()
-prompts = [[5, 6, 7], [9, 3, 2, 8, 1], [4, 4]]
-try:
-    requests = serve_all(engine, prompts, 10)
-finally:
-    engine.shutdown()
-for p, r in zip(prompts, requests):
-    assert r.ids == jaxllm.generate(params, config, [p], max_new_tokens=10, settings=GREEDY).tokens[0], r.error
+prompts = [[5, 6, 7], [9, 3, 2, 8, 1], [4, 4], [5, 6, 7] * 7 + [1]]
+for layout in (dict(n_slots=2), dict(n_slots=3, kv_pages=7, page_size=16)):  # rows; a paged pool, split by kv head
+    engine = Engine(sp, sc, Letters(), max_context=64, steps_per_chunk=4, **layout).start()
+    try:
+        requests = serve_all(engine, prompts, 10)
+    finally:
+        engine.shutdown()
+    for p, r in zip(prompts, requests):
+        assert r.ids == jaxllm.generate(params, config, [p], max_new_tokens=10, settings=GREEDY).tokens[0], r.error
 print("ok engine")
 
 # What cannot split says so.
