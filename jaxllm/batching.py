@@ -225,7 +225,7 @@ class Engine:
     With `kv_pages`, the slots' keys and values live in one pool of that many pages of
     `page_size` positions (cache.PagedKVCache, pages.PagePool) instead of a row of
     `max_context` positions per slot: a request holds the pages its prompt and
-    max_tokens need, so many more slots fit the same memory (`pages_for_memory` sizes
+    max_tokens need, so many more slots fit the same memory (`pages.device_pages` sizes
     the pool from a fraction of the device's free memory).
     """
 

@@ -211,7 +211,7 @@ def cmd_serve(args) -> None:
         raise CliError("--kv-pages must be >= 2")
     model = _load(args)
     model_id = os.path.basename(args.model.rstrip(os.sep))
-    # Every slot holds a whole context and decode attention reads all of it.
+    # Without a paged pool every slot holds a whole context.
     max_context = args.max_context or min(model.config.max_seq_len, 2048)
     kv_pages = args.kv_pages
     if args.kv_memory is not None:
