@@ -16,6 +16,7 @@ owns the slots and turns queued `Request`s into tokens and text.
 from __future__ import annotations
 
 import collections
+import itertools
 import threading
 import time
 from dataclasses import dataclass, field
@@ -67,7 +68,7 @@ def init_slots(params: Params, config: ModelConfig, n_slots: int, capacity: int,
 @partial(jax.jit, static_argnames=("config", "span"), donate_argnames=("slots",))
 def admit(params: Params, config: ModelConfig, slots: DecodeState, tokens, lengths, sources, starts, prompts,
           dest, of_prompt, final, keys, sampling: RowSampling, max_new, obeys_stops, stop_ids, masks=None,
-          pages=None, skip=None, *, span: int):
+          pages=None, skip=None, generated=None, gen_from=None, *, span: int):
     """Prefill G prompts at once and start R slots on them (a request's n choices
     share one prompt).
 
@@ -85,6 +86,9 @@ def admit(params: Params, config: ModelConfig, slots: DecodeState, tokens, lengt
     pages [B, W]: a paged cache's new page table (the host's PagePool), taking effect
     after the sources are read; skip [R]: the pages at the start of row dest[r] that
     already hold its prompt's beginning (shared with its source), not written.
+    A preempted request resumes with its generated tokens as the end of its prompt:
+    generated [R] counts them (its budget, its next key fold_in(key, generated) and its
+    token counts go on from there), gen_from [G] is where they begin in prompts.
     Returns (slots, first tokens [R], their Scores [R], [R, k])."""
     B = slots.active.shape[0]
     # Each prompt runs against a working copy of the first `span` positions of its
@@ -101,12 +105,21 @@ def admit(params: Params, config: ModelConfig, slots: DecodeState, tokens, lengt
     cache = put_rows(slots.cache, dest, work, of_prompt, span, skip)
     cache = cache.replace(lengths=set_rows(cache.lengths, whole[of_prompt]))
     seen = prompt_seen(prompts, whole, config.vocab_size)[of_prompt]
-    token = sample(allowed_logits(logits, masks), jax.vmap(jax.random.fold_in, (0, None))(keys, 0), sampling, seen)
+    R = dest.shape[0]
+    generated = jnp.zeros((R,), jnp.int32) if generated is None else generated
+    counts = 0
+    if slots.counts is not None and gen_from is not None:  # the generated tokens' counts, as decoding kept them
+        mine = (jnp.arange(prompts.shape[1]) >= gen_from[:, None]) & (jnp.arange(prompts.shape[1]) < whole[:, None])
+        counts = jnp.zeros((prompts.shape[0], config.vocab_size), jnp.int32).at[
+            jnp.arange(prompts.shape[0])[:, None], prompts].add(mine.astype(jnp.int32))[of_prompt]
+    token = sample(allowed_logits(logits, masks), jax.vmap(jax.random.fold_in)(keys, generated), sampling, seen,
+                   None if slots.counts is None else jnp.zeros((R, config.vocab_size), jnp.int32) + counts)
     slots = slots.replace(
-        cache=cache, active=set_rows(slots.active, final), n_generated=set_rows(slots.n_generated, 0),
+        cache=cache, active=set_rows(slots.active, final), n_generated=set_rows(slots.n_generated, generated),
         max_new=set_rows(slots.max_new, max_new), keys=set_rows(slots.keys, keys),
         sampling=jax.tree.map(set_rows, slots.sampling, sampling), seen=set_rows(slots.seen, seen),
-        counts=set_rows(slots.counts, 0), obeys_stops=set_rows(slots.obeys_stops, obeys_stops))
+        counts=None if slots.counts is None else set_rows(slots.counts, counts),
+        obeys_stops=set_rows(slots.obeys_stops, obeys_stops))
     taken = set_rows(jnp.zeros((B,), bool), final)
     tokens_by_row = set_rows(jnp.full((B,), -1, jnp.int32), jnp.where(final, token, -1))
     return (record(slots, tokens_by_row, stop_ids, rows=taken), token,
@@ -146,6 +159,7 @@ class Metrics:
     def first_token(self, seconds: float) -> None: ...
     def tokens(self, count: int, seconds_each: float) -> None: ...
     def occupancy(self, waiting: int, running: int) -> None: ...
+    def preempted(self) -> None: ...
 
 
 @dataclass(eq=False)
@@ -191,10 +205,30 @@ class Admission:
     end: int  # the prompt's tokens the slots hold after this call: all of it, or a piece so far
     reused: int = 0  # its tokens copied from another request's row, not computed
     skip: int = 0  # paged cache: the rows' first pages, which hold the prompt's beginning already
+    # what the admission prefills in all (taken when planned: admitting one choice of a
+    # group adds its first token to its ids, which must not change its sibling's plan)
+    length: int = field(init=False)
+
+    def __post_init__(self):
+        self.length = len(context_of(self.group[0]))
 
     @property
     def final(self) -> bool:
-        return self.end == len(self.group[0].prompt_ids)
+        return self.end == self.length
+
+
+def context_of(request: Request) -> list[int]:
+    """What a request's admission prefills: its prompt, and after a preemption also the
+    tokens it generated before (recomputed, then generation goes on)."""
+    return request.prompt_ids + request.ids
+
+
+@dataclass
+class HeldBack:
+    """A preempted request's host state, kept until it runs again."""
+
+    decoder: object  # its StreamDecoder or HarmonyDecoder, mid-text
+    matcher: object = None  # its grammar matcher (grammar.Matchers.take), or None
 
 
 def _pow2(n: int) -> int:
@@ -256,6 +290,9 @@ class Engine:
         # requests wait in groups: the n choices of one prompt, admitted together
         self._waiting: collections.deque[list[Request]] = collections.deque()
         self._running: dict[int, Request] = {}
+        self._admitted: dict[int, int] = {}  # slot -> admission order (preemption takes the newest)
+        self._order = itertools.count()
+        self._held_back: dict[Request, HeldBack] = {}  # preempted requests waiting to resume
         self._decoders: dict[int, StreamDecoder | HarmonyDecoder] = {}
         self._reply_decoder = reply_decoder_kind(tokenizer)  # harmony's for gpt-oss (harmony.py)
         self._grammars: Optional[Grammars] = None
@@ -406,6 +443,7 @@ class Engine:
             victims = list(self._running.values()) + self._admitting + [r for a in self._partial for r in a.group]
             self._partial = []
             self._running.clear()
+            self._admitted.clear()
             self._decoders.clear()
             self._admitting = []
             if self._matchers is not None:
@@ -445,7 +483,7 @@ class Engine:
                 for request in a.group:
                     self._end(request, "cancelled")
                 continue
-            piece = self._piece(a.group[0].prompt_ids, a.end)
+            piece = self._piece(context_of(a.group[0]), a.end)
             if not fits(a.end, piece[0]):
                 return plan
             self._partial.remove(a)
@@ -461,11 +499,11 @@ class Engine:
                 continue
             if len(group) > len(free):
                 break  # the head waits for its slots
-            prompt = group[0].prompt_ids
+            prompt = context_of(group[0])
             n = len(prompt)
             source, start = self.prefixes.match(prompt, n - 1) if self.reuse_prefixes else (-1, 0)
             if self.reuse_prefixes and any(
-                    common_length(prompt, a.group[0].prompt_ids) - start >= WAIT_FOR_PREFIX for a in plan):
+                    common_length(prompt, context_of(a.group[0])) - start >= WAIT_FOR_PREFIX for a in plan):
                 break  # it copies what this call computes, from the next call on
             width, end = self._piece(prompt, start)
             if not fits(start, width):
@@ -477,7 +515,9 @@ class Engine:
             if self.pool is not None:
                 # the prefix's full pages are shared with the source row, not copied
                 skip = start // self.pool.page_size
-                if not self._reserve(rows, n + group[0].max_tokens, plan, source,
+                # pages for the prompt and the first decode chunk; more as it runs (_grow)
+                budget = group[0].max_tokens - len(group[0].ids)
+                if not self._reserve(rows, n + min(budget, self.steps_per_chunk), plan, source,
                                      self.pool.held[source][:skip] if source >= 0 else []):
                     break  # the head waits for pages
             for b in rows:
@@ -518,12 +558,14 @@ class Engine:
         tokens, prompts = np.zeros((G, T), np.int32), np.zeros((G, span), np.int32)
         lengths, sources, starts = np.ones(G, np.int32), np.zeros(G, np.int32), np.zeros(G, np.int32)
         dest, of_prompt, skip = np.full(R, self.n_slots, np.int32), np.zeros(R, np.int32), np.zeros(R, np.int32)
+        gen_from = np.full(G, span, np.int32)  # where a resumed prompt's generated tokens begin
         entries = [(g, a, slot, request) for g, a in enumerate(plan) for slot, request in zip(a.rows, a.group)]
         for g, a in enumerate(plan):
-            prompt = a.group[0].prompt_ids[:a.end]
+            prompt = context_of(a.group[0])[:a.end]
             tokens[g, :a.end - a.start] = prompt[a.start:]
             prompts[g, :a.end] = prompt
             lengths[g], sources[g], starts[g] = a.end - a.start, a.source, a.start
+            gen_from[g] = len(a.group[0].prompt_ids)
             for slot in a.rows:
                 self.prefixes.hold(slot, prompt)
         final = np.zeros(R, bool)
@@ -534,9 +576,14 @@ class Engine:
         masks = None
         if any(request.grammar is not None for request in requests):
             self.grammars()  # the slots' matchers, made on first use
-            for *_, slot, request in entries:
-                if request.grammar is not None:
+            for _, a, slot, request in entries:
+                held = self._held_back.get(request)
+                if request.grammar is None:
+                    continue
+                if held is None:
                     self._matchers.attach(slot, request.grammar)
+                elif a.final:  # a preempted request's matcher, where its tokens left it
+                    self._matchers.put(slot, held.matcher)
             masks = jnp.asarray(self._matchers.masks(dest.tolist()))
         self.slots, token, scores = admit(
             self.params, self.config, self.slots, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(sources),
@@ -545,7 +592,8 @@ class Engine:
             RowSampling.from_settings([r.settings for r in requests] + [SamplerSettings.greedy()] * padding),
             jnp.asarray([r.max_tokens for r in requests] + [1] * padding, jnp.int32),
             jnp.asarray([not r.ignore_eos for r in requests] + [True] * padding), self.stop_ids, masks,
-            *((None, None) if self.pool is None else (jnp.asarray(self.pool.table), jnp.asarray(skip))), span=span)
+            *((None, None) if self.pool is None else (jnp.asarray(self.pool.table), jnp.asarray(skip))),
+            jnp.asarray([len(r.ids) for r in requests] + [0] * padding, jnp.int32), jnp.asarray(gen_from), span=span)
         token, scores = np.asarray(token), [np.asarray(a) for a in scores]
         if masks is not None:
             self._matchers.consume(token[:len(requests)], dest[:len(requests)].tolist())
@@ -553,20 +601,67 @@ class Engine:
         if quiet:
             return
         done = [a for a in plan if a.final]
-        self.metrics.prefill(sum(len(a.group[0].prompt_ids) for a in done), sum(a.reused for a in done))
+        fresh = [a for a in done if not a.group[0].ids]  # a resumed request's prompt was counted before
+        self.metrics.prefill(sum(len(a.group[0].prompt_ids) for a in fresh), sum(a.reused for a in fresh))
         self._partial += [a for a in plan if not a.final]
         for r, (_, a, slot, request) in enumerate(entries):
             if not a.final:
                 continue
             self._running[slot] = request
-            self._decoders[slot] = self._reply_decoder(self.tokenizer)
+            self._admitted[slot] = next(self._order)
+            held = self._held_back.pop(request, None)
+            self._decoders[slot] = held.decoder if held else self._reply_decoder(self.tokenizer)
             self._take(slot, request, [int(token[r])], still_active=None, scores=[a[r][None] for a in scores])
 
     def _span(self, longest: int) -> int:
         """Cache slots a chunk must read when the longest running row holds `longest`."""
         return min(self.capacity, max(128, 1 << (longest + self.steps_per_chunk - 1).bit_length()))
 
+    def _grow(self) -> None:
+        """Before a decode chunk: pages for each running request's next steps, oldest
+        request first; where the pool has none left (after evicting cached prefixes),
+        the newest running requests are preempted: their pages freed, they wait at the
+        head of the queue and resume by prefilling their prompt and what they generated
+        (vLLM's recompute). The oldest always fits: engine.check admits no request
+        whose whole budget exceeds the pool."""
+        for slot in sorted(self._running, key=self._admitted.__getitem__):
+            if slot not in self._running:
+                continue  # preempted for an older one
+            request = self._running[slot]
+            fed = len(request.prompt_ids) + len(request.ids) - 1
+            need = min(len(request.prompt_ids) + request.max_tokens, fed + self.steps_per_chunk)
+            while True:
+                busy = set(self._running) | {b for a in self._partial for b in a.rows}
+                evicted = self.pool.grow(slot, need, self.prefixes.by_age(
+                    b for b in range(self.n_slots) if b not in busy))
+                if evicted is not None:
+                    for b in evicted:
+                        self.prefixes.forget(b)
+                    break
+                newest = max(self._running, key=self._admitted.__getitem__)
+                self._preempt(newest)
+                if newest == slot:
+                    break
+
+    def _preempt(self, slot: int) -> None:
+        request = self._running.pop(slot)
+        del self._admitted[slot]
+        self._held_back[request] = HeldBack(self._decoders.pop(slot),
+                                            self._matchers.take(slot) if self._matchers is not None else None)
+        self.slots = release(self.slots, jnp.int32(slot))
+        self.pool.release(slot)
+        self.prefixes.forget(slot)
+        self.metrics.preempted()
+        with self._cond:
+            self._waiting.appendleft([request])
+
     def _decode(self) -> None:
+        if self.pool is not None:
+            self._grow()
+            if not self._running:
+                return
+            # the grown, evicted and preempted rows' pages, before any step writes through them
+            self.slots = self.slots.replace(cache=self.slots.cache.replace(pages=jnp.asarray(self.pool.table)))
         longest = max(len(r.prompt_ids) + len(r.ids) for r in self._running.values())
         logprobs = any(r.top_logprobs is not None for r in self._running.values())
         if self._matchers:  # some slot follows a grammar: stepped from here
@@ -637,6 +732,7 @@ class Engine:
 
     def _retire(self, slot: int, reason: str) -> None:
         request = self._running.pop(slot)
+        self._admitted.pop(slot, None)
         # The row holds every token sampled but the last (never fed back).
         self.prefixes.hold(slot, request.prompt_ids + request.ids[:-1])
         self._decoders.pop(slot, None)
@@ -648,5 +744,7 @@ class Engine:
         self._end(request, reason)
 
     def _end(self, request: Request, reason: str) -> None:
+        if self._held_back.pop(request, None) is not None and reason in ("cancelled", "error"):
+            self._emit(request, final=True)  # preempted, it had streamed part of its text
         request.finish_reason = reason
         request.on_update(request, "", reason)

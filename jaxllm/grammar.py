@@ -130,6 +130,16 @@ class Matchers:
         with self._lock:
             self._rows.pop(row, None)
 
+    def take(self, row: int):
+        """Row `row`'s matcher, detached as it stands (a preempted request keeps it)."""
+        with self._lock:
+            return self._rows.pop(row, None)
+
+    def put(self, row: int, matcher) -> None:
+        """A matcher `take` returned, attached to row `row` (the request's new slot)."""
+        with self._lock:
+            self._rows[row] = matcher
+
     def detach_all(self) -> None:
         with self._lock:
             self._rows.clear()

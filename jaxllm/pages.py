@@ -1,12 +1,11 @@
 """The host side of the paged KV cache (cache.PagedKVCache): which pages of the pool
 each serving-engine row holds.
 
-A row is given pages for its whole budget when its request is admitted (the prompt
-plus max_tokens, rounded up to whole pages): a running request never waits for
-memory, so nothing is preempted and nothing is lost; a request that does not fit
-waits in the queue until pages come free. Where vLLM reserves a page at a time and
-preempts, this reserves up front: simpler and never stalls a stream, at the cost of
-holding pages for tokens a request may not generate.
+A row is given pages for its prompt and its first decode chunk when its request is
+admitted (`reserve`), and more before each chunk (`grow`), so a request holds only what
+it has written, as vLLM's. When none are left the engine (batching.Engine._grow)
+preempts the newest running requests: their pages go back, and they resume later by
+prefilling their prompt and what they had generated.
 
 A row keeps its pages after its request ends: they still hold that request's keys
 and values, which a later prompt with the same prefix reuses (prefix.py): the full
@@ -79,15 +78,8 @@ class PagePool:
                 if p is not None:
                     refs[p] += 1
         available = self.free + sum(1 for r in rows for p in self.held[r] if _drop(refs, p))
-        evict: list[int] = []
-        for r in evictable:
-            if available >= fresh:
-                break
-            if r in plans or not self.held[r]:
-                continue
-            evict.append(r)
-            available += sum(1 for p in self.held[r] if _drop(refs, p))
-        if available < fresh:
+        evict = self._evictions(refs, available, fresh, evictable, plans)
+        if evict is None:
             return None
         for r in rows:  # (all new references before any old one is let go of, as in the dry run)
             for p in plans[r]:
@@ -103,6 +95,36 @@ class PagePool:
             self.table[r] = 0
             self.table[r, :need] = table
         return evict
+
+    def grow(self, row: int, positions: int, evictable: Iterable[int]) -> Optional[list[int]]:
+        """Fresh pages appended to row `row` until it holds its first `positions`
+        positions (a running request's next decode steps), evicting `evictable` rows as
+        `reserve` does. Returns the rows evicted, or None (nothing changed)."""
+        fresh = self.pages_for(positions) - len(self.held[row])
+        if fresh <= 0:
+            return []
+        evict = self._evictions(dict(enumerate(self.refs)), self.free, fresh, evictable, (row,))
+        if evict is None:
+            return None
+        for r in evict:
+            self._let_go(r)
+        self.held[row] += [self._take() for _ in range(fresh)]
+        self.table[row, :len(self.held[row])] = self.held[row]
+        return evict
+
+    def _evictions(self, refs: dict, available: int, fresh: int, evictable: Iterable[int],
+                   keep: Iterable[int]) -> Optional[list[int]]:
+        """The evictable rows (in order, none of `keep`) whose letting go frees enough
+        pages for `fresh` beyond `available` (refs: a dry run's counts), or None."""
+        evict: list[int] = []
+        for r in evictable:
+            if available >= fresh:
+                break
+            if r in keep or not self.held[r]:
+                continue
+            evict.append(r)
+            available += sum(1 for p in self.held[r] if _drop(refs, p))
+        return evict if available >= fresh else None
 
     def release(self, row: int) -> None:
         """Row `row`'s pages let go of (free once no row holds them); its table entries

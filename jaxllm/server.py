@@ -134,6 +134,8 @@ class PrometheusMetrics(Metrics):
                                      "prompt tokens copied from a cached prefix, not computed", registry=r)
         self.waiting_gauge = Gauge("jaxllm_queue_length", "requests waiting for a slot", registry=r)
         self.running_gauge = Gauge("jaxllm_running_requests", "requests holding a slot", registry=r)
+        self.preemptions = Counter("jaxllm_preemptions", "running requests preempted for KV pages "
+                                   "(they resume by recomputing what they had)", registry=r)
         self.pages_gauge = Gauge("jaxllm_kv_pages", "pages of the paged KV cache pool (--kv-pages), by use: "
                                  "running (held by running requests), cached (prefixes of ended requests, "
                                  "evicted when needed), free", ["use"], registry=r)
@@ -157,6 +159,9 @@ class PrometheusMetrics(Metrics):
     def occupancy(self, waiting: int, running: int) -> None:
         self.waiting_gauge.set(waiting)
         self.running_gauge.set(running)
+
+    def preempted(self) -> None:
+        self.preemptions.inc()
 
     def pages(self, use: dict[str, int]) -> None:
         for name, count in use.items():

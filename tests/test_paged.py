@@ -98,6 +98,19 @@ def test_prefix_pages_are_shared_counted_and_freed_by_the_last_holder():
     assert pool.free == 12 - 6 - 2
 
 
+def test_a_row_grows_by_fresh_pages_and_evicts_for_them():
+    pool = PagePool(n_pages=9, page_size=16, n_rows=3, capacity=128)  # 8 usable
+    assert pool.reserve([0], 20, ()) == [] and pool.reserve([1], 64, ()) == []  # 2 + 4 pages
+    assert pool.grow(0, 32, ()) == [] and len(pool.held[0]) == 2  # already enough
+    assert pool.grow(0, 60, ()) == [] and len(pool.held[0]) == 4 and pool.free == 0
+    before = (pool.table.copy(), pool.free)
+    assert pool.grow(0, 80, ()) is None  # nothing free, nothing evictable
+    np.testing.assert_array_equal(pool.table, before[0])
+    assert pool.grow(0, 80, [1]) == [1] and len(pool.held[0]) == 5 and pool.free == 3
+    np.testing.assert_array_equal(pool.table[0, :5], pool.held[0])
+    pool.check()
+
+
 def test_bad_pool_settings_are_refused():
     with pytest.raises(ValueError, match="power of two"):
         PagePool(10, 24, 2, 48)
@@ -139,3 +152,60 @@ def test_an_engine_on_a_small_pool_answers_every_request_as_alone(model):
     small.check([5] * 30, 30)
     with pytest.raises(jaxllm.ContextLengthError, match="pool holds 64"):
         small.check([5] * 50, 50)  # fits a row's 128 positions, not the pool
+
+
+def test_requests_the_pool_cannot_hold_together_are_preempted_and_resume_as_alone(model):
+    """Six requests of ~10-token prompts and 40 tokens each through 6 rows on 8 pages of 16
+    positions: each needs 4 pages at the end and all start together (pages are given a
+    chunk at a time), so running requests are preempted and recompute what they had;
+    every answer (greedy, and sampled with a seed) equals the prompt run alone."""
+    from jaxllm.batching import Metrics, Request
+
+    class Counting(Metrics):
+        preemptions = 0
+
+        def preempted(self):
+            Counting.preemptions += 1
+
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(3, 300, int(rng.integers(6, 14))).tolist() for _ in range(6)]
+    hot = jaxllm.SamplerSettings(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, frequency_penalty=0.5)
+
+    def run(engine, settings):
+        import threading
+        done = threading.Semaphore(0)
+        requests = [Request(p, 40, settings, seed=i, ignore_eos=True,
+                            on_update=lambda r, t, reason: reason and done.release()) for i, p in enumerate(prompts)]
+        for r in requests:
+            engine.submit(r)
+        for _ in requests:
+            assert done.acquire(timeout=300)
+        return requests
+
+    engine = Engine(model.params, model.config, model.tokenizer, n_slots=6, max_context=128, steps_per_chunk=4,
+                    kv_pages=9, page_size=16, metrics=Counting()).start()
+    try:
+        crowd = run(engine, jaxllm.SamplerSettings.greedy()) + run(engine, hot)
+        preempted = Counting.preemptions
+        alone = []
+        for settings in (jaxllm.SamplerSettings.greedy(), hot):
+            for i, p in enumerate(prompts):
+                alone += run_one(engine, p, settings, i)
+    finally:
+        engine.shutdown()
+    assert preempted > 0
+    for got, want in zip(crowd, alone):
+        assert got.finish_reason == "length" and len(got.ids) == 40, got.error
+        assert got.ids == want.ids
+    engine.pool.check()
+
+
+def run_one(engine, prompt, settings, seed):
+    import threading
+
+    from jaxllm.batching import Request
+    done = threading.Semaphore(0)
+    r = Request(prompt, 40, settings, seed=seed, ignore_eos=True, on_update=lambda r, t, reason: reason and done.release())
+    engine.submit(r)
+    assert done.acquire(timeout=300)
+    return [r]
