@@ -215,7 +215,10 @@ def test_fp8_weight_and_product_match_float64():
         got = np.asarray(linear(jnp.asarray(x), fw, KernelPolicy.for_backend("auto")), np.float64)
         np.testing.assert_allclose(got, xq @ dense, rtol=1e-5, atol=1e-5 * np.abs(xq @ dense).max())
         exact = x.astype(np.float64) @ w
-        assert np.linalg.norm(got - exact) / np.linalg.norm(exact) < 0.05
+        # e4m3 keeps 3 mantissa bits: each operand's rounding is ~2.5% rms relative, the
+        # product's ~3.6%; one row of 40 outputs spreads around that (0.05 failed at 5.8%
+        # once in CI's random draws). The exact check is the one against xq @ dense above.
+        assert np.linalg.norm(got - exact) / np.linalg.norm(exact) < 0.1
     ids = jnp.asarray([[3, 0], [39, 7]])
     np.testing.assert_allclose(np.asarray(weights.fp8_take_rows(fw, ids).astype(jnp.float32)),
                                dense.T[np.asarray(ids)], rtol=1e-6)
