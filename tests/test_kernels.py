@@ -25,13 +25,13 @@ def test_matvec_matches_reference(M, K, N, tiling):
     np.testing.assert_allclose(got, matvec_reference(x, w), rtol=1e-4, atol=1e-4)
 
 
-def prefill_and_steps(params, config, tokens):
-    """Logits of a 3-token prefill and 6 decode steps over tokens [2, 9] (row 1's prompt
-    is 2 long), and the cache after them."""
-    cache = jaxllm.init_cache(config, 2, 16, jnp.float32)
-    logits, cache = jaxllm.extend(params, config, tokens[:, :3], jnp.array([3, 2]), cache)
+def prefill_and_steps(params, config, tokens, cache=None, prompt=3):
+    """Logits of a `prompt`-token prefill (row 1's one shorter) and decode steps over the
+    rest of tokens [2, T], and the cache after them (by default a 16-slot cache)."""
+    cache = jaxllm.init_cache(config, 2, 16, jnp.float32) if cache is None else cache
+    logits, cache = jaxllm.extend(params, config, tokens[:, :prompt], jnp.array([prompt, prompt - 1]), cache)
     steps = [logits]
-    for t in range(3, 9):
+    for t in range(prompt, tokens.shape[1]):
         logits, cache = jaxllm.decode_step(params, config, tokens[:, t], cache)
         steps.append(logits)
     return steps, cache

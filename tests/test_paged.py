@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import ARCH_CONFIGS, greedy_alone, serve_all, served_model
+from test_kernels import prefill_and_steps
 
 import jaxllm
 from jaxllm.batching import Engine
@@ -23,16 +24,6 @@ def paged_like(config, batch, capacity, page, rng):
     return cache.replace(pages=jnp.asarray(table, jnp.int32))
 
 
-def run(params, config, cache, tokens):
-    """A 5-token prefill (row 1's prompt 3 long) and 6 decode steps: their logits, the cache."""
-    logits, cache = jaxllm.extend(params, config, tokens[:, :5], jnp.array([5, 3]), cache)
-    steps = [logits]
-    for t in range(5, 11):
-        logits, cache = jaxllm.decode_step(params, config, tokens[:, t], cache)
-        steps.append(logits)
-    return steps, cache
-
-
 @pytest.mark.parametrize("arch", ["llama3", "mistral", "qwen3", "gemma", "gpt2"])
 @pytest.mark.parametrize("kernels", ["xla", "pallas"])
 def test_a_paged_cache_gives_the_contiguous_caches_logits_and_keys(arch, kernels):
@@ -40,8 +31,9 @@ def test_a_paged_cache_gives_the_contiguous_caches_logits_and_keys(arch, kernels
     rng = np.random.default_rng(np.random.randint(1 << 30))
     params = jaxllm.init_params(c, jax.random.PRNGKey(int(rng.integers(1 << 30))))
     tokens = jnp.asarray(rng.integers(0, c.vocab_size, (2, 11)))
-    ref_logits, ref_cache = run(params, c.replace(kernels="xla"), jaxllm.init_cache(c, 2, 32, jnp.float32), tokens)
-    logits, cache = run(params, c, paged_like(c, 2, 32, 16, rng), tokens)
+    ref_logits, ref_cache = prefill_and_steps(params, c.replace(kernels="xla"), tokens,
+                                              jaxllm.init_cache(c, 2, 32, jnp.float32), prompt=5)
+    logits, cache = prefill_and_steps(params, c, tokens, paged_like(c, 2, 32, 16, rng), prompt=5)
     assert isinstance(cache, PagedKVCache)
     for got, want in zip(logits, ref_logits):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
