@@ -42,14 +42,20 @@ SHARED_ANCHORS = os.path.join(HERE, "..", "..", "shared", "anchors", "h100-2026-
 SDIST = "llama-cpp-python==0.3.36"
 VERSION = "llama.cpp as vendored in llama-cpp-python 0.3.36 (commit 0c1e570), {build}, llama-bench -p 512 -n 128 -r 3"
 GPU_BUILD = "CUDA {cuda}, sm_90, flash attention on, all layers on GPU"
+SERVER_VERSION = ("llama-server of llama.cpp as vendored in llama-cpp-python 0.3.36 (commit 0c1e570), "
+                  "CUDA {cuda}, sm_90, -fa on -ngl 99, one slot per stream")
 # Parts of the tree llama-bench and llama-quantize do not need: vocabularies, docs,
 # tests, other backends. What is left packs to ~9 MB (the sdist is 77 MB).
 PRUNE = ("models", "docs", "media", "tests", "benches", "examples", ".git", "tools/server/public",
          "ggml/src/ggml-sycl", "ggml/src/ggml-vulkan", "ggml/src/ggml-opencl",
          "ggml/src/ggml-metal", "ggml/src/ggml-hexagon")
 CMAKE_FLAGS = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_CUDA=ON", "-DCMAKE_CUDA_ARCHITECTURES=90",
-               "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
-               "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_OPENSSL=OFF"]
+               "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_APP=OFF",
+               "-DLLAMA_OPENSSL=OFF"]
+# llama-server (benchmarks/serve_bench.py's peer) without its web UI: the UI's assets
+# come from npm or a download, neither of which the GPU machine reaches; the server
+# then embeds an empty asset table and its API is unchanged.
+SERVER_FLAGS = ["-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF"]
 # The quantized types the shared anchors list, per shape (from llama-quantize).
 QUANT_TYPES = {"smol135m": ("Q8_0", "Q4_1", "Q4_0"), "llama1b": ("Q8_0", "Q4_0"),
                "llama8b": ("Q8_0", "Q4_0")}
@@ -82,22 +88,25 @@ def pack(out: str) -> None:
     log(f"wrote {out} ({os.path.getsize(out) / 1e6:.1f} MB)")
 
 
-def build(source: str, work: str, jobs: int, cuda: bool = True) -> str:
-    """llama-bench and llama-quantize built under work/build (kept if already there)."""
+def build(source: str, work: str, jobs: int, cuda: bool = True, server: bool = False) -> str:
+    """llama-bench and llama-quantize (and llama-server where asked) built under
+    work/build (kept if already there); the folder of the programs."""
     bin_dir = os.path.join(work, "build", "bin")
-    if all(os.path.exists(os.path.join(bin_dir, b)) for b in ("llama-bench", "llama-quantize")):
+    targets = ["llama-bench", "llama-quantize"] + (["llama-server"] if server else [])
+    if all(os.path.exists(os.path.join(bin_dir, b)) for b in targets):
         return bin_dir
     tree = os.path.join(work, "llama.cpp")
     if not os.path.isdir(tree):
         with tarfile.open(source) as t:
             t.extractall(work, filter="data")
     flags = CMAKE_FLAGS if cuda else [f for f in CMAKE_FLAGS if "CUDA" not in f]
+    flags += SERVER_FLAGS if server else ["-DLLAMA_BUILD_SERVER=OFF"]
     log(f"building llama.cpp ({'CUDA' if cuda else 'CPU only'}, {jobs} jobs) ...")
     t0 = time.time()
     subprocess.run(["cmake", "-S", tree, "-B", os.path.join(work, "build"), "-G", "Ninja", *flags],
                    check=True, stdout=subprocess.DEVNULL)
-    subprocess.run(["cmake", "--build", os.path.join(work, "build"), "--target", "llama-bench",
-                    "llama-quantize", "-j", str(jobs)], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(["cmake", "--build", os.path.join(work, "build"), "--target", *targets, "-j", str(jobs)],
+                   check=True, stdout=subprocess.DEVNULL)
     log(f"built in {time.time() - t0:.0f} s")
     return bin_dir
 

@@ -17,7 +17,17 @@ file (`--model`). Drivers: `engine` submits `batching.Request`s to an Engine in 
 process; `http` starts `jaxllm serve`'s app on loopback and streams
 /v1/completions through the official OpenAI client (token ids as the prompt).
 
-Each row: {"bench": "serve", "engine": "jaxllm", "driver", "shape", "weights",
+Peer: `--engine llama-server` runs the same workloads through the same HTTP driver
+against llama.cpp's server on the same GPU (one slot per --max-batch, each of
+--max-context, flash attention, every layer on the GPU), built from the tarball
+`benchmarks/llamacpp_peer.py pack` writes, on a random-weight F16 GGUF of the shape.
+Run it as a second process in the same call (jaxllm's process holds the GPU memory):
+
+    python benchmarks/serve_bench.py --engine llama-server --prepare-only ...  # build, write the GGUF
+    python benchmarks/serve_bench.py --drivers http ... --out jax.json
+    python benchmarks/serve_bench.py --engine llama-server ... --out peer.json
+
+Each row: {"bench": "serve", "engine": "jaxllm" or "llama.cpp", "driver", "shape", "weights",
 "workload", "mode", "concurrency", "requests", "output_tok_s", "ttft_ms_p50",
 "ttft_ms_p99", "itl_ms_p50", "itl_ms_p99", ...}. TTFT: submission to the first
 token. ITL: the gap between two deliveries of a request divided by the tokens the
@@ -31,10 +41,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import inspect
+import os
 import socket
+import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 
 import jax
@@ -151,6 +164,12 @@ def drive_http(url: str, prompts, out_tokens: int, concurrency: int) -> list[Tra
     return asyncio.run(main())
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class HttpServer:
     """`jaxllm serve`'s app on a loopback port, on a thread."""
 
@@ -158,9 +177,7 @@ class HttpServer:
         import uvicorn  # noqa: PLC0415
 
         from jaxllm.server import create_app  # noqa: PLC0415
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         app = create_app(model, "m", **engine_kw)
         self.engine = app.state.engine
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
@@ -172,6 +189,58 @@ class HttpServer:
     def stop(self):
         self.server.should_exit = True
         self.thread.join()
+
+
+def llama_server_files(args) -> tuple[str, str]:
+    """llama-server built (kept in --llamacpp-work once built) and the shape's random F16
+    GGUF written there: (the program, the model file)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import llamacpp_peer  # noqa: PLC0415
+    os.makedirs(args.llamacpp_work, exist_ok=True)
+    bin_dir = llamacpp_peer.build(args.llamacpp_source, args.llamacpp_work, os.cpu_count(), server=True)
+    model = llamacpp_peer.model_path(args.llamacpp_work, args.shape, jaxllm.PRESETS[args.shape], "F16")
+    return os.path.join(bin_dir, "llama-server"), model
+
+
+class LlamaServer:
+    """llama.cpp's server on a loopback port: --max-batch slots of --max-context each,
+    flash attention, every layer on the GPU; its log in a file beside the model."""
+
+    def __init__(self, program: str, model: str, slots: int, context: int, timeout_s: float = 900):
+        self.port = free_port()
+        self.log_path = model + ".server.log"
+        cmd = [program, "-m", model, "--host", "127.0.0.1", "--port", str(self.port), "-ngl", "99",
+               "-fa", "on", "-np", str(slots), "-c", str(slots * context), "--no-webui"]
+        log(" ".join(cmd))
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + timeout_s
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"llama-server exited ({self.proc.returncode}): {self.tail()}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=5) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            if time.time() > deadline:
+                self.stop()
+                raise TimeoutError(f"llama-server not ready in {timeout_s:.0f} s: {self.tail()}")
+            time.sleep(0.5)
+
+    def tail(self) -> str:
+        self.log.flush()
+        with open(self.log_path) as f:
+            return f.read()[-2000:]
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
 
 
 # -- figures ---------------------------------------------------------------------------
@@ -190,26 +259,32 @@ def summarize(traces: list[Trace], seconds: float) -> dict:
             "itl_ms_p50": pct(itl, 50), "itl_ms_p99": pct(itl, 99)}
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", default="llama8b", help="a preset shape of random weights")
-    p.add_argument("--model", help="a model file or folder instead of --shape")
-    p.add_argument("--workloads", default="1024/256x256", help="IN/OUTxREQUESTS, comma-separated")
-    p.add_argument("--modes", default="offline", help="offline and/or online")
-    p.add_argument("--concurrency", type=int, default=32, help="streams in online mode")
-    p.add_argument("--shared-prefix", type=int, default=0, help="tokens every prompt starts with")
-    p.add_argument("--drivers", default="engine", help="engine and/or http")
-    p.add_argument("--max-batch", type=int, default=256)
-    p.add_argument("--max-context", type=int, default=2048)
-    p.add_argument("--steps-per-chunk", type=int, default=8)
-    p.add_argument("--prefill-tokens", type=int, default=8192)
-    p.add_argument("--kv-pages", type=int, help="a paged KV cache of this many pages (jaxllm serve --kv-pages)")
-    p.add_argument("--kv-memory", type=float, help="a paged KV cache in this fraction of the free device memory")
-    p.add_argument("--page-size", type=int, default=64)
-    p.add_argument("--no-warm-pass", action="store_true", help="measure the first pass (compiles included)")
-    p.add_argument("--out", help="results JSON")
-    args = p.parse_args(argv)
+def measure(run, spec: str, modes: str, streams: list[int], vocab: int, rng, prefix, warm_passes: int,
+            row_of, warm_requests: int | None = None) -> list[dict]:
+    """Each mode (and each stream count online) of one workload: warm-up passes (of
+    `warm_requests` requests where given, else the workload's), then one measured pass;
+    a row each."""
+    lengths, n = spec.split("x")
+    n_in, n_out = map(int, lengths.split("/"))
+    rows = []
+    for mode in modes.split(","):
+        for concurrency in [int(n)] if mode == "offline" else streams:
+            for _ in range(warm_passes):
+                log(f"  {spec} {mode} {concurrency}: warm-up pass ...")
+                run(prompts_of(rng, warm_requests or int(n), n_in, vocab, prefix), n_out, concurrency)
+            log(f"  {spec} {mode} {concurrency}: measuring ...")
+            prompts = prompts_of(rng, int(n), n_in, vocab, prefix)
+            t0 = time.perf_counter()
+            traces = run(prompts, n_out, concurrency)
+            row = {"bench": "serve", **row_of(), "workload": f"{n_in}/{n_out}", "mode": mode,
+                   "concurrency": concurrency, "requests": int(n),
+                   **summarize(traces, time.perf_counter() - t0)}
+            rows.append(row)
+            log(f"  {row['output_tok_s']:,.0f} tok/s, TTFT p50 {row['ttft_ms_p50']:.0f} ms")
+    return rows
 
+
+def bench_jaxllm(args, rng) -> list[dict]:
     model = load_model(args)
     kv_pages = args.kv_pages
     if args.kv_memory:
@@ -217,16 +292,11 @@ def main(argv=None) -> int:
         kv_pages = device_pages(model.config, model.params.embed.dtype, args.kv_memory, args.page_size)
     paged = {} if kv_pages is None else {"kv_pages": kv_pages, "page_size": args.page_size}
     label = args.shape if not args.model else args.model
-    weights = "bf16" if not args.model else "file"
     rows = []
-    rng = np.random.default_rng(0)
     for spec in args.workloads.split(","):
-        lengths, n = spec.split("x")
-        n_in, n_out = map(int, lengths.split("/"))
         prefix = rng.integers(10, model.config.vocab_size - 10, args.shared_prefix).tolist()
-        caches = [True, False] if args.shared_prefix else [True]
         for driver in args.drivers.split(","):
-            for reuse in caches:
+            for reuse in [True, False] if args.shared_prefix else [True]:
                 engine_kw = dict(max_batch=args.max_batch, max_context=args.max_context,
                                  steps_per_chunk=args.steps_per_chunk, prefill_tokens=args.prefill_tokens,
                                  reuse_prefixes=reuse, **paged)
@@ -235,47 +305,99 @@ def main(argv=None) -> int:
                 t0 = time.perf_counter()
                 if driver == "http":
                     server = HttpServer(model, engine_kw)
-                    engine = server.engine
-                    run = lambda ps, c: drive_http(f"http://127.0.0.1:{server.port}/v1", ps, n_out, c)
+                    run = lambda ps, n_out, c: drive_http(f"http://127.0.0.1:{server.port}/v1", ps, n_out, c)
                 else:
                     engine_kw["n_slots"] = engine_kw.pop("max_batch")
                     engine_kw = {k: v for k, v in engine_kw.items() if k in ENGINE_OPTIONS}
                     engine = Engine(model.params, model.config, model.tokenizer, **engine_kw).start()
-                    run = lambda ps, c: drive_engine(engine, ps, n_out, c)
+                    run = lambda ps, n_out, c: drive_engine(engine, ps, n_out, c)
                 log(f"  ready in {time.perf_counter() - t0:.1f} s")
+                row_of = lambda: {"engine": "jaxllm", "driver": driver, "shape": label,
+                                  "weights": "bf16" if not args.model else "file", "max_batch": args.max_batch,
+                                  "max_context": args.max_context, "prefill_tokens": args.prefill_tokens,
+                                  "shared_prefix": args.shared_prefix, "prefix_cache": reuse,
+                                  "kv_pages": kv_pages, "page_size": args.page_size if paged else None}
+                # Each pass compiles the batched prefill's shapes it meets; a shared prefix
+                # meets the cache from the second pass on, whose admissions compile there.
+                warm = 0 if args.no_warm_pass else 2 if args.shared_prefix and reuse else 1
                 try:
-                    for mode in args.modes.split(","):
-                        concurrency = int(n) if mode == "offline" else args.concurrency
-                        # A shared prefix meets the cache from the second pass on: those
-                        # admissions' shapes compile there.
-                        for _ in range(0 if args.no_warm_pass else 2 if args.shared_prefix and reuse else 1):
-                            log(f"  {spec} {mode}: warm-up pass ...")
-                            run(prompts_of(rng, int(n), n_in, model.config.vocab_size, prefix), concurrency)
-                        log(f"  {spec} {mode}: measuring ...")
-                        prompts = prompts_of(rng, int(n), n_in, model.config.vocab_size, prefix)
-                        t0 = time.perf_counter()
-                        traces = run(prompts, concurrency)
-                        row = {"bench": "serve", "engine": "jaxllm", "driver": driver, "shape": label,
-                               "weights": weights, "workload": f"{n_in}/{n_out}", "mode": mode,
-                               "concurrency": concurrency, "requests": int(n), "max_batch": args.max_batch,
-                               "max_context": args.max_context, "prefill_tokens": args.prefill_tokens,
-                               "shared_prefix": args.shared_prefix, "prefix_cache": reuse,
-                               "kv_pages": kv_pages, "page_size": args.page_size if paged else None,
-                               **summarize(traces, time.perf_counter() - t0)}
-                        rows.append(row)
-                        log(f"  {row['output_tok_s']:,.0f} tok/s, TTFT p50 {row['ttft_ms_p50']:.0f} ms")
+                    rows += measure(run, spec, args.modes, args.streams, model.config.vocab_size, rng, prefix,
+                                    warm, row_of)
                 finally:
                     if driver == "http":
                         server.stop()
                     else:
                         engine.shutdown()
+    return rows
+
+
+def bench_llama_server(args, rng) -> list[dict]:
+    """The same workloads against llama.cpp's server (random F16 weights of the shape)."""
+    program, model = llama_server_files(args)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from llamacpp_peer import SERVER_VERSION, cuda_version  # noqa: PLC0415
+    vocab = jaxllm.PRESETS[args.shape].vocab_size
+    t0 = time.perf_counter()
+    server = LlamaServer(program, model, args.max_batch, args.max_context)
+    log(f"llama-server ready in {time.perf_counter() - t0:.1f} s")
+    run = lambda ps, n_out, c: drive_http(f"http://127.0.0.1:{server.port}/v1", ps, n_out, c)
+    row_of = lambda: {"engine": "llama.cpp", "version": SERVER_VERSION.format(cuda=cuda_version()),
+                      "driver": "http", "shape": args.shape, "weights": "F16", "max_batch": args.max_batch,
+                      "max_context": args.max_context, "shared_prefix": args.shared_prefix,
+                      "prefix_cache": "llama-server's default (cache_prompt)"}
+    rows = []
+    try:
+        for spec in args.workloads.split(","):
+            prefix = rng.integers(10, vocab - 10, args.shared_prefix).tolist()
+            # Nothing compiles on first use: a short pass warms the server (a shared
+            # prefix: its slots then hold the prefix, as jaxllm's cache does).
+            warm = 0 if args.no_warm_pass else 1
+            rows += measure(run, spec, args.modes, args.streams, vocab, rng, prefix, warm, row_of,
+                            warm_requests=args.max_batch)
+    finally:
+        server.stop()
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--engine", default="jaxllm", choices=["jaxllm", "llama-server"])
+    p.add_argument("--shape", default="llama8b", help="a preset shape of random weights")
+    p.add_argument("--model", help="a model file or folder instead of --shape (jaxllm)")
+    p.add_argument("--workloads", default="1024/256x256", help="IN/OUTxREQUESTS, comma-separated")
+    p.add_argument("--modes", default="offline", help="offline and/or online")
+    p.add_argument("--concurrency", default="32", help="streams in online mode, comma-separated")
+    p.add_argument("--shared-prefix", type=int, default=0, help="tokens every prompt starts with")
+    p.add_argument("--drivers", default="engine", help="engine and/or http (jaxllm)")
+    p.add_argument("--max-batch", type=int, default=256)
+    p.add_argument("--max-context", type=int, default=2048)
+    p.add_argument("--steps-per-chunk", type=int, default=8)
+    p.add_argument("--prefill-tokens", type=int, default=8192)
+    p.add_argument("--kv-pages", type=int, help="a paged KV cache of this many pages (jaxllm serve --kv-pages)")
+    p.add_argument("--kv-memory", type=float, help="a paged KV cache in this fraction of the free device memory")
+    p.add_argument("--page-size", type=int, default=64)
+    p.add_argument("--no-warm-pass", action="store_true", help="measure the first pass (compiles included)")
+    p.add_argument("--llamacpp-source", default=".peer/llama.cpp.tar.gz",
+                   help="llama.cpp's trimmed tree (benchmarks/llamacpp_peer.py pack)")
+    p.add_argument("--llamacpp-work", default=".peerwork", help="llama-server's build and model file")
+    p.add_argument("--prepare-only", action="store_true",
+                   help="--engine llama-server: build the server and write the model file, then stop")
+    p.add_argument("--out", help="results JSON")
+    args = p.parse_args(argv)
+    args.streams = [int(c) for c in args.concurrency.split(",")]
+    if args.prepare_only:
+        program, model = llama_server_files(args)
+        log(f"ready: {program} {model}")
+        return 0
+    rng = np.random.default_rng(0)
+    rows = (bench_jaxllm if args.engine == "jaxllm" else bench_llama_server)(args, rng)
     write_results("serve_bench.py", argv, rows, args.out)
-    print(f"{'driver':7} {'workload':10} {'mode':8} {'conc':>5} {'cache':>5} {'tok/s':>9} {'TTFT p50':>9} "
+    print(f"{'engine':9} {'driver':6} {'workload':10} {'mode':8} {'conc':>5} {'cache':>5} {'tok/s':>9} {'TTFT p50':>9} "
           f"{'p99':>8} {'ITL p50':>8} {'p99':>7}")
     for r in rows:
-        print(f"{r['driver']:7} {r['workload']:10} {r['mode']:8} {r['concurrency']:5d} {str(r['prefix_cache']):>5} "
-              f"{r['output_tok_s']:9,.0f} {r['ttft_ms_p50']:9.1f} {r['ttft_ms_p99']:8.1f} "
-              f"{r['itl_ms_p50']:8.2f} {r['itl_ms_p99']:7.2f}")
+        print(f"{r['engine']:9} {r['driver']:6} {r['workload']:10} {r['mode']:8} {r['concurrency']:5d} "
+              f"{str(r['prefix_cache'])[:5]:>5} {r['output_tok_s']:9,.0f} {r['ttft_ms_p50']:9.1f} "
+              f"{r['ttft_ms_p99']:8.1f} {r['itl_ms_p50']:8.2f} {r['itl_ms_p99']:7.2f}")
     return 0
 
 
