@@ -102,3 +102,30 @@ def test_mixed_requests_all_end_and_answer_as_alone(model, layout):
                 assert q.ids == full[:len(q.ids)]
             else:
                 assert q.ids == full
+
+
+def test_http_soak_on_a_pool_that_preempts(tmp_path):
+    """benchmarks/serve_soak.py against a tiny float32 model for a few seconds: streamed
+    and plain completions and chat calls, cancellations and bad requests over loopback
+    HTTP on a pool that makes requests wait and be preempted; every check passes and
+    each greedy answer equals the same request served alone."""
+    import sys  # noqa: PLC0415
+
+    import jax  # noqa: PLC0415
+    from conftest import tiny  # noqa: PLC0415
+    from tiny_gguf import write_gguf  # noqa: PLC0415
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1] / "benchmarks"))
+    from serve_soak import soak  # noqa: PLC0415
+    template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                "{% if add_generation_prompt %}<assistant>{% endif %}")
+    c = tiny(vocab_size=300, max_seq_len=256)
+    path = write_gguf(tmp_path / "t.gguf", c, jaxllm.init_params(c, jax.random.PRNGKey(3)),
+                      extra={"tokenizer.chat_template": template})
+    summary = soak(jaxllm.load(str(path)), dict(max_batch=6, max_context=160, steps_per_chunk=4, prefill_tokens=64,
+                                                kv_pages=21, page_size=16),
+                   seconds=8, streams=8, max_prompt=60, max_tokens=40, warm_seconds=2, alone_limit=40)
+    assert summary["failures"] == []
+    assert summary["ends"].get("bad", 0) >= 2 and summary["ends"].get("cancelled", 0) >= 2
+    assert summary["ends"].get("length", 0) + summary["ends"].get("stop", 0) >= 10
+    assert summary["alone_checked"] >= 5 and summary["alone_mismatched"] == 0
+    assert summary["idle_after"]["pages"]["running"] == 0
