@@ -17,14 +17,15 @@ file (`--model`). Drivers: `engine` submits `batching.Request`s to an Engine in 
 process; `http` starts `jaxllm serve`'s app on loopback and streams
 /v1/completions through the official OpenAI client (token ids as the prompt).
 
-Peer: `--engine llama-server` runs the same workloads through the same HTTP driver
-against llama.cpp's server on the same GPU (one slot per --max-batch, each of
---max-context, flash attention, every layer on the GPU), built from the tarball
-`benchmarks/llamacpp_peer.py pack` writes, on a random-weight F16 GGUF of the shape.
-Run it as a second process in the same call (jaxllm's process holds the GPU memory):
+Servers in processes of their own: `--engine llama-server` runs the same workloads
+through the same HTTP driver against llama.cpp's server on the same GPU (one slot per
+--max-batch, each of --max-context, flash attention, every layer on the GPU), built
+from the tarball `benchmarks/llamacpp_peer.py pack` writes, on a random-weight F16
+GGUF of the shape; `--engine jaxllm-server` starts `jaxllm serve` on that same file,
+as a user would. One after the other in the same call (each holds the GPU memory):
 
-    python benchmarks/serve_bench.py --engine llama-server --prepare-only ...  # build, write the GGUF
-    python benchmarks/serve_bench.py --drivers http ... --out jax.json
+    python benchmarks/serve_bench.py --engine llama-server --prepare-only  # build, write the GGUF
+    python benchmarks/serve_bench.py --engine jaxllm-server --kv-memory 0.8 ... --out jax.json
     python benchmarks/serve_bench.py --engine llama-server ... --out peer.json
 
 Each row: {"bench": "serve", "engine": "jaxllm" or "llama.cpp", "driver", "shape", "weights",
@@ -134,7 +135,7 @@ def drive_engine(engine: Engine, prompts, out_tokens: int, concurrency: int) -> 
     return traces
 
 
-def drive_http(url: str, prompts, out_tokens: int, concurrency: int) -> list[Trace]:
+def drive_http(url: str, prompts, out_tokens: int, concurrency: int, model: str = "m") -> list[Trace]:
     from openai import AsyncOpenAI  # noqa: PLC0415
 
     async def main():
@@ -147,7 +148,7 @@ def drive_http(url: str, prompts, out_tokens: int, concurrency: int) -> list[Tra
                 trace = traces[i]
                 trace.submitted = time.perf_counter()
                 stream = await client.completions.create(
-                    model="m", prompt=prompt, max_tokens=out_tokens, temperature=0, stream=True,
+                    model=model, prompt=prompt, max_tokens=out_tokens, temperature=0, stream=True,
                     stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
                 pieces = 0
                 async for chunk in stream:
@@ -202,31 +203,28 @@ def llama_server_files(args) -> tuple[str, str]:
     return os.path.join(bin_dir, "llama-server"), model
 
 
-class LlamaServer:
-    """llama.cpp's server on a loopback port: --max-batch slots of --max-context each,
-    flash attention, every layer on the GPU; its log in a file beside the model."""
+class ServerProcess:
+    """A server program on a loopback port, its output in `log_path`; ready once its
+    /health answers 200."""
 
-    def __init__(self, program: str, model: str, slots: int, context: int, timeout_s: float = 900):
-        self.port = free_port()
-        self.log_path = model + ".server.log"
-        cmd = [program, "-m", model, "--host", "127.0.0.1", "--port", str(self.port), "-ngl", "99",
-               "-fa", "on", "-np", str(slots), "-c", str(slots * context), "--no-webui"]
+    def __init__(self, cmd: list[str], port: int, log_path: str, timeout_s: float = 1200):
+        self.port, self.log_path = port, log_path
         log(" ".join(cmd))
-        self.log = open(self.log_path, "w")
+        self.log = open(log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.time() + timeout_s
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"llama-server exited ({self.proc.returncode}): {self.tail()}")
+                raise RuntimeError(f"{cmd[0]} exited ({self.proc.returncode}): {self.tail()}")
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=5) as r:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
                     if r.status == 200:
                         return
             except OSError:
                 pass
             if time.time() > deadline:
                 self.stop()
-                raise TimeoutError(f"llama-server not ready in {timeout_s:.0f} s: {self.tail()}")
+                raise TimeoutError(f"{cmd[0]} not ready in {timeout_s:.0f} s: {self.tail()}")
             time.sleep(0.5)
 
     def tail(self) -> str:
@@ -237,10 +235,31 @@ class LlamaServer:
     def stop(self):
         self.proc.terminate()
         try:
-            self.proc.wait(30)
+            self.proc.wait(60)
         except subprocess.TimeoutExpired:
             self.proc.kill()
         self.log.close()
+
+
+def llama_server(program: str, model: str, args) -> ServerProcess:
+    """llama.cpp's server: --max-batch slots of --max-context each, flash attention,
+    every layer on the GPU."""
+    port = free_port()
+    return ServerProcess([program, "-m", model, "--host", "127.0.0.1", "--port", str(port), "-ngl", "99",
+                          "-fa", "on", "-np", str(args.max_batch), "-c", str(args.max_batch * args.max_context),
+                          "--no-webui"], port, model + ".llama-server.log")
+
+
+def jaxllm_server(model: str, args) -> ServerProcess:
+    """`jaxllm serve` as its users start it, in a process of its own."""
+    port = free_port()
+    pool = ([] if args.kv_memory is None and args.kv_pages is None else
+            ["--kv-memory", str(args.kv_memory)] if args.kv_memory else ["--kv-pages", str(args.kv_pages)])
+    cmd = [sys.executable, "-m", "jaxllm", "serve", "--model", model, "--port", str(port),
+           "--max-batch", str(args.max_batch), "--max-context", str(args.max_context),
+           "--steps-per-chunk", str(args.steps_per_chunk), "--prefill-tokens", str(args.prefill_tokens),
+           *pool, *(["--page-size", str(args.page_size)] if pool else [])]
+    return ServerProcess(cmd, port, model + ".jaxllm-serve.log")
 
 
 # -- figures ---------------------------------------------------------------------------
@@ -331,29 +350,40 @@ def bench_jaxllm(args, rng) -> list[dict]:
     return rows
 
 
-def bench_llama_server(args, rng) -> list[dict]:
-    """The same workloads against llama.cpp's server (random F16 weights of the shape)."""
-    program, model = llama_server_files(args)
+def bench_server(args, rng) -> list[dict]:
+    """The workloads against a server in a process of its own: llama.cpp's (on the
+    shape's random F16 GGUF) or `jaxllm serve` (on the same file, or --model)."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from llamacpp_peer import SERVER_VERSION, cuda_version  # noqa: PLC0415
-    vocab = jaxllm.PRESETS[args.shape].vocab_size
+    program, gguf = llama_server_files(args) if args.engine == "llama-server" or not args.model else (None, None)
+    model = args.model or gguf
     t0 = time.perf_counter()
-    server = LlamaServer(program, model, args.max_batch, args.max_context)
-    log(f"llama-server ready in {time.perf_counter() - t0:.1f} s")
-    run = lambda ps, n_out, c: drive_http(f"http://127.0.0.1:{server.port}/v1", ps, n_out, c)
-    row_of = lambda: {"engine": "llama.cpp", "version": SERVER_VERSION.format(cuda=cuda_version()),
-                      "driver": "http", "shape": args.shape, "weights": "F16", "max_batch": args.max_batch,
-                      "max_context": args.max_context, "shared_prefix": args.shared_prefix,
-                      "prefix_cache": "llama-server's default (cache_prompt)"}
+    if args.engine == "llama-server":
+        server = llama_server(program, model, args)
+        about = {"engine": "llama.cpp", "version": SERVER_VERSION.format(cuda=cuda_version()),
+                 "weights": "F16", "prefix_cache": "llama-server's default (cache_prompt)"}
+    else:
+        server = jaxllm_server(model, args)
+        about = {"engine": "jaxllm", "weights": "F16 file, bf16", "prefill_tokens": args.prefill_tokens,
+                 "steps_per_chunk": args.steps_per_chunk, "kv_memory": args.kv_memory, "kv_pages": args.kv_pages,
+                 "page_size": args.page_size, "prefix_cache": True}
+    log(f"{args.engine} ready in {time.perf_counter() - t0:.1f} s")
+    vocab = jaxllm.PRESETS[args.shape].vocab_size
+    served_as = os.path.basename(model.rstrip(os.sep))  # jaxllm serve's model id (llama-server takes any)
+    run = lambda ps, n_out, c: drive_http(f"http://127.0.0.1:{server.port}/v1", ps, n_out, c, served_as)
+    row_of = lambda: {**about, "driver": "http (own process)", "shape": args.shape, "model": model,
+                      "max_batch": args.max_batch, "max_context": args.max_context,
+                      "shared_prefix": args.shared_prefix}
     rows = []
     try:
         for spec in args.workloads.split(","):
             prefix = rng.integers(10, vocab - 10, args.shared_prefix).tolist()
-            # Nothing compiles on first use: a short pass warms the server (a shared
-            # prefix: its slots then hold the prefix, as jaxllm's cache does).
-            warm = 0 if args.no_warm_pass else 1
+            # llama-server compiles nothing on first use: a short pass warms it (with a
+            # shared prefix its slots then hold the prefix, as jaxllm's cache does).
+            # jaxllm's passes compile the batched prefill's shapes they meet.
+            warm = 0 if args.no_warm_pass else 2 if args.shared_prefix and args.engine != "llama-server" else 1
             rows += measure(run, spec, args.modes, args.streams, vocab, rng, prefix, warm, row_of,
-                            warm_requests=args.max_batch)
+                            warm_requests=args.max_batch if args.engine == "llama-server" else None)
     finally:
         server.stop()
     return rows
@@ -361,7 +391,9 @@ def bench_llama_server(args, rng) -> list[dict]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--engine", default="jaxllm", choices=["jaxllm", "llama-server"])
+    p.add_argument("--engine", default="jaxllm", choices=["jaxllm", "jaxllm-server", "llama-server"],
+                   help="jaxllm: in this process (--drivers); jaxllm-server: `jaxllm serve` in a process "
+                        "of its own on the shape's F16 GGUF (or --model); llama-server: llama.cpp's, on that file")
     p.add_argument("--shape", default="llama8b", help="a preset shape of random weights")
     p.add_argument("--model", help="a model file or folder instead of --shape (jaxllm)")
     p.add_argument("--workloads", default="1024/256x256", help="IN/OUTxREQUESTS, comma-separated")
@@ -379,7 +411,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-warm-pass", action="store_true", help="measure the first pass (compiles included)")
     p.add_argument("--llamacpp-source", default=".peer/llama.cpp.tar.gz",
                    help="llama.cpp's trimmed tree (benchmarks/llamacpp_peer.py pack)")
-    p.add_argument("--llamacpp-work", default=".peerwork", help="llama-server's build and model file")
+    p.add_argument("--llamacpp-work", default=".peerwork", help="llama-server's build and the model file")
     p.add_argument("--prepare-only", action="store_true",
                    help="--engine llama-server: build the server and write the model file, then stop")
     p.add_argument("--out", help="results JSON")
@@ -390,7 +422,7 @@ def main(argv=None) -> int:
         log(f"ready: {program} {model}")
         return 0
     rng = np.random.default_rng(0)
-    rows = (bench_jaxllm if args.engine == "jaxllm" else bench_llama_server)(args, rng)
+    rows = (bench_jaxllm if args.engine == "jaxllm" else bench_server)(args, rng)
     write_results("serve_bench.py", argv, rows, args.out)
     print(f"{'engine':9} {'driver':6} {'workload':10} {'mode':8} {'conc':>5} {'cache':>5} {'tok/s':>9} {'TTFT p50':>9} "
           f"{'p99':>8} {'ITL p50':>8} {'p99':>7}")
