@@ -7,7 +7,8 @@ engine, in-process or through its HTTP server.
 A workload IN/OUTxN is N requests of IN random prompt tokens that each generate
 exactly OUT tokens (`ignore_eos`, as vLLM's benchmark asks). Modes: offline (all N
 submitted at once: output tokens/s over the whole run) and online (`--concurrency
-C` streams, each sending its next request when its last ends). `--shared-prefix P`
+C` streams, each sending its next request when its last ends; IN/OUTxN@C runs that
+workload online at C streams whatever --modes says). `--shared-prefix P`
 starts every prompt with the same P tokens (a system prompt) and runs the workload
 with the prefix cache on and off.
 
@@ -279,27 +280,31 @@ def summarize(traces: list[Trace], seconds: float) -> dict:
 
 
 def measure(run, spec: str, modes: str, streams: list[int], vocab: int, rng, prefix, warm_passes: int,
-            row_of, warm_requests: int | None = None) -> list[dict]:
+            row_of, on_row, warm_one_wave: bool = False) -> list[dict]:
     """Each mode (and each stream count online) of one workload: warm-up passes (of
-    `warm_requests` requests where given, else the workload's), then one measured pass;
-    a row each."""
+    one wave of requests with warm_one_wave, else the workload's), then one measured
+    pass; a row each, handed to on_row as soon as measured. A workload written
+    IN/OUTxN@C runs online at C streams whatever the modes say."""
+    spec, _, at = spec.partition("@")
     lengths, n = spec.split("x")
     n_in, n_out = map(int, lengths.split("/"))
+    runs = [("online", int(at))] if at else \
+        [(mode, c) for mode in modes.split(",") for c in ([int(n)] if mode == "offline" else streams)]
     rows = []
-    for mode in modes.split(","):
-        for concurrency in [int(n)] if mode == "offline" else streams:
-            for _ in range(warm_passes):
-                log(f"  {spec} {mode} {concurrency}: warm-up pass ...")
-                run(prompts_of(rng, warm_requests or int(n), n_in, vocab, prefix), n_out, concurrency)
-            log(f"  {spec} {mode} {concurrency}: measuring ...")
-            prompts = prompts_of(rng, int(n), n_in, vocab, prefix)
-            t0 = time.perf_counter()
-            traces = run(prompts, n_out, concurrency)
-            row = {"bench": "serve", **row_of(), "workload": f"{n_in}/{n_out}", "mode": mode,
-                   "concurrency": concurrency, "requests": int(n),
-                   **summarize(traces, time.perf_counter() - t0)}
-            rows.append(row)
-            log(f"  {row['output_tok_s']:,.0f} tok/s, TTFT p50 {row['ttft_ms_p50']:.0f} ms")
+    for mode, concurrency in runs:
+        for _ in range(warm_passes):
+            log(f"  {spec} {mode} {concurrency}: warm-up pass ...")
+            warm_n = min(int(n), concurrency) if warm_one_wave else int(n)
+            run(prompts_of(rng, warm_n, n_in, vocab, prefix), n_out, concurrency)
+        log(f"  {spec} {mode} {concurrency}: measuring ...")
+        prompts = prompts_of(rng, int(n), n_in, vocab, prefix)
+        t0 = time.perf_counter()
+        traces = run(prompts, n_out, concurrency)
+        row = {"bench": "serve", **row_of(), "workload": f"{n_in}/{n_out}", "mode": mode,
+               "concurrency": concurrency, "requests": int(n), **summarize(traces, time.perf_counter() - t0)}
+        rows.append(row)
+        on_row(row)
+        log(f"  {row['output_tok_s']:,.0f} tok/s, TTFT p50 {row['ttft_ms_p50']:.0f} ms")
     return rows
 
 
@@ -341,7 +346,7 @@ def bench_jaxllm(args, rng) -> list[dict]:
                 warm = 0 if args.no_warm_pass else 2 if args.shared_prefix and reuse else 1
                 try:
                     rows += measure(run, spec, args.modes, args.streams, model.config.vocab_size, rng, prefix,
-                                    warm, row_of)
+                                    warm, row_of, args.on_row)
                 finally:
                     if driver == "http":
                         server.stop()
@@ -382,8 +387,8 @@ def bench_server(args, rng) -> list[dict]:
             # shared prefix its slots then hold the prefix, as jaxllm's cache does).
             # jaxllm's passes compile the batched prefill's shapes they meet.
             warm = 0 if args.no_warm_pass else 2 if args.shared_prefix and args.engine != "llama-server" else 1
-            rows += measure(run, spec, args.modes, args.streams, vocab, rng, prefix, warm, row_of,
-                            warm_requests=args.max_batch if args.engine == "llama-server" else None)
+            rows += measure(run, spec, args.modes, args.streams, vocab, rng, prefix, warm, row_of, args.on_row,
+                            warm_one_wave=args.engine == "llama-server")
     finally:
         server.stop()
     return rows
@@ -396,7 +401,8 @@ def main(argv=None) -> int:
                         "of its own on the shape's F16 GGUF (or --model); llama-server: llama.cpp's, on that file")
     p.add_argument("--shape", default="llama8b", help="a preset shape of random weights")
     p.add_argument("--model", help="a model file or folder instead of --shape (jaxllm)")
-    p.add_argument("--workloads", default="1024/256x256", help="IN/OUTxREQUESTS, comma-separated")
+    p.add_argument("--workloads", default="1024/256x256",
+                   help="IN/OUTxREQUESTS (or IN/OUTxREQUESTS@STREAMS: online), comma-separated")
     p.add_argument("--modes", default="offline", help="offline and/or online")
     p.add_argument("--concurrency", default="32", help="streams in online mode, comma-separated")
     p.add_argument("--shared-prefix", type=int, default=0, help="tokens every prompt starts with")
@@ -422,8 +428,10 @@ def main(argv=None) -> int:
         log(f"ready: {program} {model}")
         return 0
     rng = np.random.default_rng(0)
+    measured = []
+    # The results file is rewritten after every row: a run cut short keeps what it measured.
+    args.on_row = lambda row: (measured.append(row), write_results("serve_bench.py", argv, measured, args.out))
     rows = (bench_jaxllm if args.engine == "jaxllm" else bench_server)(args, rng)
-    write_results("serve_bench.py", argv, rows, args.out)
     print(f"{'engine':9} {'driver':6} {'workload':10} {'mode':8} {'conc':>5} {'cache':>5} {'tok/s':>9} {'TTFT p50':>9} "
           f"{'p99':>8} {'ITL p50':>8} {'p99':>7}")
     for r in rows:
