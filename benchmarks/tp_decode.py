@@ -4,8 +4,9 @@
 
 Random bf16 weights of a preset shape; tg128 (128 tokens decoded after a 16-token
 prompt, greedy) per batch, median of --reps runs after one warm-up. One device runs
-twice: with the default kernels and with the XLA paths the sharded model uses, so the
-split's own effect is the ratio against the second.
+twice: with the default kernels and with the XLA paths. Several devices run both ways
+of sharding.shard: "per-shard" (each layer under shard_map with the default kernels
+on a device's share) and "xla" (XLA's partitioner over the XLA paths).
 """
 
 from __future__ import annotations
@@ -54,13 +55,15 @@ def main(argv=None) -> int:
             variants = [("auto", for_policy(params, config.kernels), config),
                         ("xla", params, config.replace(kernels="xla"))]
         else:
-            variants = [("xla", *sharding.shard(params, config, sharding.make_mesh(n)))]
+            mesh = sharding.make_mesh(n)
+            variants = [("per-shard", *sharding.shard(params, config, mesh, layers="per_shard")),
+                        ("xla", *sharding.shard(params, config, mesh, layers="xla"))]
         for kernels, ps, cs in variants:
             for batch in map(int, args.batches.split(",")):
                 tok_s = tg(ps, cs, batch, args.reps)
                 rows.append({"shape": args.shape, "weights": "bf16", "devices": n, "kernels": kernels,
                              "batch": batch, "tg128_tok_s": tok_s})
-                print(f"devices {n} kernels {kernels:4} batch {batch:3}: {tok_s:9.1f} tok/s", file=sys.stderr,
+                print(f"devices {n} kernels {kernels:9} batch {batch:3}: {tok_s:9.1f} tok/s", file=sys.stderr,
                       flush=True)
     write_results("tp_decode.py", argv, rows, args.out)
     return 0

@@ -125,6 +125,13 @@ class ModelConfig:
     # Devices the weights are split over (sharding.py): fused projections are stored
     # in per-shard order, [q_0 k_0 v_0 | q_1 k_1 v_1 | ...], which the model splits so.
     tensor_parallel: int = 1
+    # How the split runs (sharding.shard decides): True, each layer per device under
+    # shard_map on a config of its share (sharding.shard_config), with the kernels;
+    # False, XLA's partitioner over the whole model's XLA paths.
+    shard_layers: bool = False
+    # On one device's share of a per-shard layer: the output projection's and the
+    # MLP's products are partial sums over this many devices, all-reduced (model.py).
+    shard_of: int = 1
 
     # What the KV cache stores: "auto" the weights' compute dtype; "fp8" float8 e4m3
     # (saturated at +-448, no scales, as vLLM's uncalibrated fp8 cache): half the bytes

@@ -19,6 +19,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import AbstractMesh, PartitionSpec
 
 from .cache import Cache, cache_layer, layer_view, with_layers, write_layer
 from .config import ModelConfig
@@ -27,6 +28,7 @@ from .ops import (DeferredNorm, Residual, add_norm, apply_norm, apply_rope, atte
                   defers_norm, head_logits, linear, lookup, moe_mlp, plan_for, rope_inv_freq,
                   split_fused)
 from .params import Layer, Params
+from .sharding import AXIS, kv_specs, layer_specs, shard_config
 from .weights import tied_head
 
 
@@ -123,6 +125,8 @@ def _after_attention(p: Layer, config: ModelConfig, x, h, attn, kv):
     policy = config.kernels
     plain = not (config.sandwich_norm or config.parallel_block)
     rows = math.prod(x.shape[:-1])
+    if config.shard_of > 1:
+        return _after_attention_of_a_share(p, config, x, h, attn, kv)
     if plain and p.bo is None and p.b_out is None and plan_for(policy, p.wo, rows).fuses:
         # The row-major kernels add the residual themselves: the stream leaves complete.
         x = linear(attn, p.wo, policy, residual=x)
@@ -138,6 +142,56 @@ def _after_attention(p: Layer, config: ModelConfig, x, h, attn, kv):
     if config.sandwich_norm:
         out = apply_norm(out, p.post_mlp_norm, config)
     return Residual(x, out), kv
+
+
+def _after_attention_of_a_share(p: Layer, config: ModelConfig, x, h, attn, kv):
+    """_after_attention on one device's heads and ffn share (sharding.shard_config):
+    the output projection's and the MLP's products are partial sums, each all-reduced
+    over the devices (the layer's two all-reduces) before a bias, a norm or the
+    residual meets it; so no kernel adds the residual or a bias inside."""
+    rows = math.prod(x.shape[:-1])
+    all_reduce = lambda y, bias: (lambda s: s if bias is None else s + bias)(jax.lax.psum(y, AXIS))
+    attn = all_reduce(linear(attn, p.wo, config.kernels), p.bo)
+    if config.sandwich_norm:
+        attn = apply_norm(attn, p.post_attn_norm, config)
+
+    def mlp_delta(h):
+        if config.n_experts and p.b_out is not None:
+            # Experts' output biases are weighted by the routing inside moe_mlp: each
+            # device adds its 1/n share (exact for a power-of-two n).
+            return all_reduce(mlp(h, p.replace(b_out=p.b_out / config.shard_of), config), None)
+        return all_reduce(mlp(h, p.replace(b_out=None), config), p.b_out)
+
+    if config.parallel_block:
+        return Residual(x, attn + mlp_delta(h)), kv
+    x, h = add_norm(Residual(x, attn), p.mlp_norm, config, defers_norm(config, p.mlp_norm, p.w_in, rows))
+    out = mlp_delta(h)
+    if config.sandwich_norm:
+        out = apply_norm(out, p.post_mlp_norm, config)
+    return Residual(x, out), kv
+
+
+def layer_call(p: Layer, config: ModelConfig, index: int, stream: Residual, positions, kv=None, starts=None,
+               span: Optional[int] = None, n_new: Optional[jax.Array] = None):
+    """layer_forward; under per-shard tensor parallelism (config.shard_layers) the same
+    on every device's share of the layer, under shard_map: the stream and positions
+    whole on every device, weights and the cache layer split as sharding.shard
+    placed them."""
+    if not config.shard_layers:
+        return layer_forward(p, config, index, stream, positions, kv, starts, span, n_new)
+    share = shard_config(config)
+
+    def on_a_share(p, x, positions, kv, starts, n_new):
+        stream, kv = layer_forward(p, share, index, Residual(x), positions, kv, starts, span, n_new)
+        return stream.total(), kv
+
+    whole = PartitionSpec()
+    kv_spec = None if kv is None else kv_specs(kv)
+    mesh = AbstractMesh((config.tensor_parallel,), (AXIS,))
+    x, kv = jax.shard_map(on_a_share, mesh=mesh, check_vma=False,
+                          in_specs=(layer_specs(p, config), whole, whole, kv_spec, whole, whole),
+                          out_specs=(whole, kv_spec))(p, stream.total(), positions, kv, starts, n_new)
+    return Residual(x), kv
 
 
 def embed(params: Params, config: ModelConfig, tokens: jax.Array, positions: jax.Array) -> jax.Array:
@@ -170,7 +224,7 @@ def forward(params: Params, config: ModelConfig, tokens: jax.Array) -> jax.Array
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     stream = Residual(embed(params, config, tokens, positions))
     for i, layer in enumerate(params.layers):
-        stream, _ = layer_forward(layer, config, i, stream, positions)
+        stream, _ = layer_call(layer, config, i, stream, positions)
     return unembed(params, config, stream.total())
 
 
@@ -188,8 +242,8 @@ def extend_hidden(params: Params, config: ModelConfig, tokens: jax.Array, n_new:
     span = min(span or cache.capacity, cache.capacity)
     layers = []
     for i, layer in enumerate(params.layers):
-        stream, kv = layer_forward(layer, config, i, stream, positions, cache_layer(cache, i), cache.lengths, span,
-                                   n_new)
+        stream, kv = layer_call(layer, config, i, stream, positions, cache_layer(cache, i), cache.lengths, span,
+                                n_new)
         layers.append(kv)
     return stream.total(), with_layers(cache, layers, cache.lengths + n_new.astype(jnp.int32))
 

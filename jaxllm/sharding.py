@@ -19,8 +19,17 @@ table, not of model code:
 Fused projections are stored in per-shard order ([q_0 k_0 v_0 | q_1 k_1 v_1 | ...],
 [gate_0 up_0 | gate_1 up_1 | ...]): a device's columns are then one contiguous block,
 and `config.tensor_parallel` tells the model to split them so (ops.split_fused).
-Decided once, here: a sharded model runs the XLA paths (`kernels="xla"`); the Pallas
-kernels are single-device programs.
+Two ways to run the split, decided once, here (`shard(..., layers=)`):
+  - "per_shard" (the default where the weights allow): each decoder layer runs under
+    `shard_map` on every device's share, the single-device code with its Pallas
+    kernels on a config of that share (`shard_config`: H/n heads, K/n kv heads, F/n
+    ffn), and the output projection's and the MLP's partial sums are all-reduced
+    inside (`config.shard_of`; model.py). The embedding and head stay outside, split
+    by XLA's partitioner.
+  - "xla": the XLA paths (`kernels="xla"`) over the sharded arrays; XLA's SPMD
+    partitioner inserts the collectives. Packed 4-6-bit weights (below), fp8
+    weights (their activations' per-row scale) and OLMoE's norms over the whole q
+    and k projections (statistics across every device's part) run this way.
 
 Quantized weights shard with their scales (rows of `values` are outputs, columns of
 `scales` are outputs; an Fp8Weight's rows and scales are outputs). 8-bit weights split exactly like dense ones; packed 4-6-bit
@@ -32,13 +41,13 @@ communication (benchmarks/NOTES.md).
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from .cache import Cache, PagedKVCache
+from .cache import Cache, PagedKVCache, PagedLayer
 from .config import ModelConfig
 from .layout import untranspose
 from .params import Layer, Params
@@ -72,12 +81,12 @@ def make_mesh(n: int, devices: Optional[Sequence] = None) -> Mesh:
     return Mesh(np.array(devices[:n]), (AXIS,))
 
 
-def _shardings(w, axes: tuple[str, ...], mesh: Mesh, rules: dict[str, Optional[str]]):
-    """The NamedShardings of weight w's arrays, whose dense form has logical `axes`
-    (stacked experts: a leading "experts" axis on every array)."""
+def _specs(w, axes: tuple[str, ...], rules: dict[str, Optional[str]]):
+    """The PartitionSpecs of weight w's arrays (a pytree like w), whose dense form has
+    logical `axes` (stacked experts: a leading "experts" axis on every array)."""
     if isinstance(w, Experts):
-        return Experts(_shardings(w.w, axes, mesh, rules))
-    named = lambda *names: NamedSharding(mesh, PartitionSpec(*(rules[a] for a in names)))
+        return Experts(_specs(w.w, axes, rules))
+    named = lambda *names: PartitionSpec(*(rules[a] for a in names))
     if isinstance(w, QuantizedWeight):
         *lead, k_axis, n_axis = axes
         rows = named(*lead, n_axis, k_axis)  # values, high: [N (packed), K]
@@ -99,6 +108,64 @@ def _per_shard(sizes: Sequence[int], shards: int) -> np.ndarray:
                            for s in range(shards) for start, size in zip(starts, sizes)])
 
 
+def _is_spec(x) -> bool:
+    return isinstance(x, PartitionSpec)
+
+
+def _rules(config: ModelConfig, n: int) -> dict[str, Optional[str]]:
+    # A vocabulary that does not divide (GPT-2's 50,257) keeps the embedding and head whole on every device.
+    return RULES if config.vocab_size % n == 0 else {**RULES, "vocab": None}
+
+
+def _field_specs(tree, config: ModelConfig, rules):
+    """{field: PartitionSpec pytree} for a Params' or Layer's array fields (not None,
+    not the layers): split by AXES (EXPERT_AXES for experts), else replicated."""
+    out = {}
+    for f in dataclasses.fields(tree):
+        value = getattr(tree, f.name)
+        if value is None or f.name == "layers":
+            continue
+        axes = (EXPERT_AXES if config.n_experts and f.name in EXPERT_AXES else AXES).get(f.name)
+        out[f.name] = PartitionSpec() if axes is None else _specs(value, axes, rules)
+    return out
+
+
+def layer_specs(layer: Layer, config: ModelConfig) -> Layer:
+    """A Layer of PartitionSpecs: how `shard` placed this layer's arrays (shard_map's
+    in_specs for a per-shard layer)."""
+    return layer.replace(**_field_specs(layer, config, _rules(config, config.tensor_parallel)))
+
+
+def kv_specs(kv):
+    """PartitionSpecs of one cache layer ((k, v) [B, S, K, Dh], or a PagedLayer's pools
+    [N, P, K, Dh] and table): keys and values split by kv head, the table replicated."""
+    heads = PartitionSpec(None, None, RULES["kv_heads"], None)
+    if isinstance(kv, PagedLayer):
+        return PagedLayer(heads, heads, PartitionSpec())
+    return type(kv)(heads for _ in kv)
+
+
+def shard_config(config: ModelConfig) -> ModelConfig:
+    """The config of one device's share of a per-shard layer: its heads, kv heads and
+    ffn width, fused projections whole (tensor_parallel 1), outputs of the row-parallel
+    projections partial sums over `shard_of` devices."""
+    n = config.tensor_parallel
+    ffn = {"expert_d_ff": config.expert_d_ff // n} if config.n_experts else {"d_ff": config.d_ff // n}
+    return config.replace(n_heads=config.n_heads // n, n_kv_heads=config.n_kv_heads // n, tensor_parallel=1,
+                          shard_layers=False, shard_of=n, **ffn)
+
+
+def runs_per_shard(params: Params, config: ModelConfig) -> bool:
+    """Whether every layer's share on a device is a model of its own: no packed
+    4-6-bit weight (a device's packed rows are not its outputs), no fp8 weight (its
+    activations are scaled per row by the row's largest value, across every device's
+    part of the row) and no norm across every head (OLMoE's qk_norm_whole)."""
+    leaves = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, (QuantizedWeight, Fp8Weight)))
+    split_statistic = any(isinstance(w, Fp8Weight) or (isinstance(w, QuantizedWeight) and w.bits < 8)
+                          for w in leaves)
+    return not split_statistic and not config.qk_norm_whole
+
+
 def check(config: ModelConfig, n: int) -> None:
     """Raise ValueError where the model cannot split over n devices."""
     if n == 1:
@@ -109,14 +176,17 @@ def check(config: ModelConfig, n: int) -> None:
             raise ValueError(f"tensor parallelism over {n} devices needs {name} ({size}) divisible by {n}")
 
 
-def shard(params: Params, config: ModelConfig, mesh: Mesh) -> tuple[Params, ModelConfig]:
+def shard(params: Params, config: ModelConfig, mesh: Mesh,
+          layers: Literal["per_shard", "xla"] = "per_shard") -> tuple[Params, ModelConfig]:
     """params laid out in per-shard order and placed on `mesh`, and the config that
-    runs them (tensor_parallel = the mesh's size, XLA kernels)."""
+    runs them (tensor_parallel = the mesh's size): each layer per shard with the
+    config's kernels where the weights allow (`runs_per_shard`), else the XLA paths
+    partitioned by XLA."""
     n = mesh.shape[AXIS]
     check(config, n)
     if n == 1:
         return params, config
-    params = untranspose(params)  # the XLA paths read [K, N]
+    params = untranspose(params)  # the XLA paths and a shard's kernels read [K, N]
     qkv = _per_shard([config.q_size, config.kv_size, config.kv_size], n)
     gated = config.mlp != "gelu"
     ffn = _per_shard([config.expert_d_ff if config.n_experts else config.d_ff] * 2, n) if gated else None
@@ -132,26 +202,18 @@ def shard(params: Params, config: ModelConfig, mesh: Mesh) -> tuple[Params, Mode
         return p
 
     params = params.replace(layers=tuple(layer(p) for p in params.layers))
-    replicated = NamedSharding(mesh, PartitionSpec())
-    # A vocabulary that does not divide (GPT-2's 50,257) keeps the embedding and head whole on every device.
-    rules = RULES if config.vocab_size % n == 0 else {**RULES, "vocab": None}
+    rules = _rules(config, n)
 
-    def place(tree, names):
-        out = {}
-        for f in dataclasses.fields(tree):
-            value = getattr(tree, f.name)
-            if value is None or f.name == "layers":
-                continue
-            axes = (EXPERT_AXES if config.n_experts and f.name in EXPERT_AXES else names).get(f.name)
-            if axes is not None:
-                out[f.name] = jax.device_put(value, _shardings(value, axes, mesh, rules))
-            else:
-                out[f.name] = jax.device_put(value, replicated)
-        return tree.replace(**out)
+    def place(tree):
+        specs = _field_specs(tree, config, rules)
+        return tree.replace(**{name: jax.device_put(getattr(tree, name), jax.tree.map(
+            lambda spec: NamedSharding(mesh, spec), spec_tree, is_leaf=_is_spec)) for name, spec_tree in specs.items()})
 
-    params = place(params, AXES)
-    params = params.replace(layers=tuple(place(p, AXES) for p in params.layers))
-    return params, config.replace(tensor_parallel=n, kernels="xla")
+    params = place(params)
+    params = params.replace(layers=tuple(place(p) for p in params.layers))
+    per_shard = layers == "per_shard" and runs_per_shard(params, config)
+    return params, config.replace(tensor_parallel=n, shard_layers=per_shard,
+                                  kernels=config.kernels if per_shard else "xla")
 
 
 def mesh_of(params: Params) -> Optional[Mesh]:

@@ -393,7 +393,7 @@ def run(args) -> dict:
         if mode != "bf16":
             params = block(jaxllm.quantize(params, mode, group_size=32))
             weights_name = mode
-        if args.tensor_parallel > 1:  # split over devices (jaxllm/sharding.py): the XLA paths
+        if args.tensor_parallel > 1:  # split over devices (jaxllm/sharding.py): layers per shard
             params, config = shard(params, config, make_mesh(args.tensor_parallel))
         else:
             params = block(for_policy(params, config.kernels))  # on the GPU, projections stored by output row

@@ -35,13 +35,42 @@ for name, config in sorted(ARCH_CONFIGS.items()):
     config = config.replace(kernels="xla")
     params = jaxllm.init_params(config, jax.random.PRNGKey(3))
     sharded, sharded_config = sharding.shard(params, config, mesh)
-    assert sharded_config.tensor_parallel == 2
+    assert sharded_config.tensor_parallel == 2 and sharded_config.shard_layers  # each layer per shard
     tokens = jax.random.randint(jax.random.PRNGKey(4), (2, 13), 0, config.vocab_size)
     close(forward(sharded, sharded_config, tokens), forward(params, config, tokens), 1e-4)
     prompts = [[5, 6, 7], [9, 3, 2, 8, 1]]
     alone = jaxllm.generate(params, config, prompts, max_new_tokens=8, settings=GREEDY).tokens
     assert jaxllm.generate(sharded, sharded_config, prompts, max_new_tokens=8, settings=GREEDY).tokens == alone
     print("ok", name)
+
+# The other way to run the split: XLA's partitioner over the whole model.
+for name in ("llama3", "gemma"):
+    config = ARCH_CONFIGS[name].replace(kernels="xla")
+    params = jaxllm.init_params(config, jax.random.PRNGKey(3))
+    sharded, sharded_config = sharding.shard(params, config, mesh, layers="xla")
+    assert not sharded_config.shard_layers
+    tokens = jax.random.randint(jax.random.PRNGKey(4), (2, 13), 0, config.vocab_size)
+    close(forward(sharded, sharded_config, tokens), forward(params, config, tokens), 1e-4)
+    print("ok", f"{name}-partitioned")
+
+# Per shard, the Pallas kernels (interpreted here) run on each device's share: logits
+# and greedy tokens as one device's on the same kernels, and the decode step holds
+# kernels inside the shard_map.
+for name in ("llama3", "gemma", "phi2"):
+    config = ARCH_CONFIGS[name].replace(kernels="pallas")
+    params = jaxllm.init_params(config, jax.random.PRNGKey(3))
+    sharded, sharded_config = sharding.shard(params, config, mesh)
+    assert sharded_config.shard_layers and sharded_config.kernels == config.kernels
+    tokens = jax.random.randint(jax.random.PRNGKey(4), (2, 13), 0, config.vocab_size)
+    close(forward(sharded, sharded_config, tokens), forward(params, config, tokens), 1e-4)
+    prompts = [[5, 6, 7], [9, 3, 2, 8, 1]]
+    alone = jaxllm.generate(params, config, prompts, max_new_tokens=6, settings=GREEDY).tokens
+    assert jaxllm.generate(sharded, sharded_config, prompts, max_new_tokens=6, settings=GREEDY).tokens == alone
+    cache = sharding.place_cache(init_cache(config, 2, 32, jnp.float32), sharded)
+    step = str(jax.make_jaxpr(lambda p, t, c: decode_step(p, sharded_config, t, c))(sharded, jnp.array([1, 2]),
+                                                                                     cache))
+    assert step.count("shard_map") == config.n_layers and "pallas_call" in step
+    print("ok", f"{name}-kernels-per-shard")
 
 # Quantized weights shard with their scales.
 config = tiny(vocab_size=128, d_model=64, d_ff=128, head_dim=16, n_heads=4, n_kv_heads=2, kernels="xla")
@@ -50,6 +79,7 @@ tokens = jax.random.randint(jax.random.PRNGKey(6), (2, 9), 0, config.vocab_size)
 for mode in ("int8", "int4", "fp8"):
     q = jaxllm.quantize(params, mode)
     sq, sc = sharding.shard(q, config, mesh)
+    assert sc.shard_layers == (mode == "int8")  # int4's packed rows and fp8's row scales: partitioned
     close(forward(sq, sc, tokens), forward(q, config, tokens), 1e-4)
     print("ok", mode)
 

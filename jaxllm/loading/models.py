@@ -130,8 +130,8 @@ def load(path_or_name: str = DEFAULT_MODEL, dtype=None, verbose: bool = False,
     kernels: the `KernelPolicy` (or its mode: "auto", "xla", "pallas") the model runs
     with; the weights are laid out for it (layout.for_policy).
 
-    tensor_parallel: split the model over this many devices (sharding.py; it runs the
-    XLA paths there).
+    tensor_parallel: split the model over this many devices (sharding.py: each layer per
+    device's share, with the kernels, where the weights allow).
 
     kv_cache: what KV caches for this model store: "auto" (the compute dtype) or "fp8"
     (float8 e4m3: half the bytes; +0.13-0.17% NLL on the packaged models).
