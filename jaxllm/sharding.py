@@ -201,19 +201,27 @@ def shard(params: Params, config: ModelConfig, mesh: Mesh,
             p = p.replace(w_in=permute_outputs(p.w_in, ffn), b_in=None if p.b_in is None else p.b_in[ffn])
         return p
 
-    params = params.replace(layers=tuple(layer(p) for p in params.layers))
     rules = _rules(config, n)
 
     def place(tree):
         specs = _field_specs(tree, config, rules)
-        return tree.replace(**{name: jax.device_put(getattr(tree, name), jax.tree.map(
+        return tree.replace(**{name: jax.device_put(_from_host(getattr(tree, name)), jax.tree.map(
             lambda spec: NamedSharding(mesh, spec), spec_tree, is_leaf=_is_spec)) for name, spec_tree in specs.items()})
 
-    params = place(params)
-    params = params.replace(layers=tuple(place(p) for p in params.layers))
+    # Layer by layer: each layer's reordered copy goes to its devices before the next
+    # is made, so no device ever holds more than one layer's whole weights.
+    params = place(params).replace(layers=tuple(place(layer(p)) for p in params.layers))
     per_shard = layers == "per_shard" and runs_per_shard(params, config)
     return params, config.replace(tensor_parallel=n, shard_layers=per_shard,
                                   kernels=config.kernels if per_shard else "xla")
+
+
+def _from_host(tree):
+    """Arrays a loader staged in host memory (the CPU device, models.load with
+    tensor_parallel) as NumPy arrays, which device_put splits onto a mesh of any
+    process's devices; others unchanged."""
+    on_host = lambda a: isinstance(a, jax.Array) and all(d.platform == "cpu" for d in a.devices())
+    return jax.tree.map(lambda a: np.asarray(a) if on_host(a) else a, tree)
 
 
 def mesh_of(params: Params) -> Optional[Mesh]:

@@ -72,6 +72,25 @@ for name in ("llama3", "gemma", "phi2"):
     assert step.count("shard_map") == config.n_layers and "pallas_call" in step
     print("ok", f"{name}-kernels-per-shard")
 
+# jaxllm.load(..., tensor_parallel=2) reads a GGUF file into host memory and places
+# each device's share: the same logits as the file loaded whole, dense and int8.
+from tiny_gguf import write_gguf  # noqa: E402
+
+config = tiny(vocab_size=128, d_model=64, d_ff=128, head_dim=16, n_heads=4, n_kv_heads=2)
+path = write_gguf(os.path.join(os.environ.get("TMPDIR", "/tmp"), f"tp-load-{os.getpid()}.gguf"), config,
+                  jaxllm.init_params(config, jax.random.PRNGKey(8)))
+tokens = jax.random.randint(jax.random.PRNGKey(4), (2, 13), 0, config.vocab_size)
+for weights in ("dense", "int8"):
+    whole = jaxllm.load(str(path), weights=weights, kernels="xla")
+    split = jaxllm.load(str(path), weights=weights, kernels="xla", tensor_parallel=2)
+    w = split.params.layers[0].w_out
+    w = w.values if isinstance(w, jaxllm.QuantizedWeight) else w
+    assert split.config.shard_layers and len(w.sharding.device_set) == 2
+    assert all(s.data.size == w.size // 2 for s in w.addressable_shards)  # each device holds its half
+    close(forward(split.params, split.config, tokens), forward(whole.params, whole.config, tokens), 1e-4)
+    print("ok", f"load-{weights}")
+os.remove(path)
+
 # Quantized weights shard with their scales.
 config = tiny(vocab_size=128, d_model=64, d_ff=128, head_dim=16, n_heads=4, n_kv_heads=2, kernels="xla")
 params = jaxllm.init_params(config, jax.random.PRNGKey(5))

@@ -9,7 +9,8 @@ import os
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import jax
@@ -136,16 +137,31 @@ def load(path_or_name: str = DEFAULT_MODEL, dtype=None, verbose: bool = False,
     kv_cache: what KV caches for this model store: "auto" (the compute dtype) or "fp8"
     (float8 e4m3: half the bytes; +0.13-0.17% NLL on the packaged models).
     """
-    from ..layout import for_policy  # noqa: PLC0415
-    from ..quant import quantize  # noqa: PLC0415
-    from .gguf import GGUFFile, config_from_gguf, params_from_gguf  # noqa: PLC0415
-    from .hf import load_hf_folder  # noqa: PLC0415
-
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
     dtype = dtype or default_dtype()
     path = resolve(path_or_name)
     start = time.perf_counter()
+    # Split over devices, the weights are read into host memory and each device gets
+    # only its share (sharding.shard): a model larger than one device loads.
+    with jax.default_device(jax.local_devices(backend="cpu")[0]) if tensor_parallel > 1 else nullcontext():
+        model = _load_placed(path, dtype, weights, group_size, calibration, kernels, tensor_parallel, kv_cache,
+                             verbose)
+    if verbose:
+        print(f"loaded {os.path.basename(path.rstrip(os.sep))} ({model.config.arch}, "
+              f"{model.config.param_count() / 1e6:.0f}M parameters) in {time.perf_counter() - start:.1f}s",
+              file=sys.stderr)
+    return model
+
+
+def _load_placed(path, dtype, weights, group_size, calibration, kernels, tensor_parallel, kv_cache,
+                 verbose) -> Model:
+    """load's work after its checks: read, quantize, place."""
+    from ..layout import for_policy  # noqa: PLC0415
+    from ..quant import quantize  # noqa: PLC0415
+    from .gguf import GGUFFile, config_from_gguf, params_from_gguf  # noqa: PLC0415
+    from .hf import load_hf_folder  # noqa: PLC0415
+
     if os.path.isdir(path):
         config, params = load_hf_folder(path, dtype)
         tokenizer = tokenizer_from_json(path)
@@ -172,7 +188,9 @@ def load(path_or_name: str = DEFAULT_MODEL, dtype=None, verbose: bool = False,
     model.config = model.config.replace(kernels=kernels, kv_cache=kv_cache)
     importance = None
     if weights == "int4" and calibration is not None:
-        importance = _calibrate(model, calibration, verbose)
+        # Staged in host memory (tensor_parallel), the calibration passes run there, on the XLA paths.
+        calibrating = model if tensor_parallel == 1 else replace(model, config=model.config.replace(kernels="xla"))
+        importance = _calibrate(calibrating, calibration, verbose)
     if weights in ("int8", "int4", "fp8"):
         model.params = quantize(model.params, weights, group_size, importance=importance)
     if tensor_parallel > 1:
@@ -180,8 +198,4 @@ def load(path_or_name: str = DEFAULT_MODEL, dtype=None, verbose: bool = False,
         model.params, model.config = shard(model.params, model.config, make_mesh(tensor_parallel))
     else:
         model.params = for_policy(model.params, model.config.kernels)  # on the GPU, projections by output row
-    if verbose:
-        print(f"loaded {os.path.basename(path.rstrip(os.sep))} ({config.arch}, "
-              f"{config.param_count() / 1e6:.0f}M parameters) in {time.perf_counter() - start:.1f}s",
-              file=sys.stderr)
     return model
