@@ -122,11 +122,11 @@ def layer_forward(p: Layer, config: ModelConfig, index: int, stream: Residual, p
 
 def _after_attention(p: Layer, config: ModelConfig, x, h, attn, kv):
     """Output projection, residual and the MLP: attn [B, T, q_size] -> (stream, kv)."""
+    if config.shard_of > 1:
+        return _after_attention_of_a_share(p, config, x, h, attn, kv)
     policy = config.kernels
     plain = not (config.sandwich_norm or config.parallel_block)
     rows = math.prod(x.shape[:-1])
-    if config.shard_of > 1:
-        return _after_attention_of_a_share(p, config, x, h, attn, kv)
     if plain and p.bo is None and p.b_out is None and plan_for(policy, p.wo, rows).fuses:
         # The row-major kernels add the residual themselves: the stream leaves complete.
         x = linear(attn, p.wo, policy, residual=x)
