@@ -18,7 +18,7 @@ from .grammar import Grammar, Grammars
 from .model import decode_step, extend, forward
 from .params import Layer, Norm, Params, init_params
 from .policy import KernelPolicy
-from .quant import dequantize_params, quantize
+from .quant import dequantize_params, quantize, quantize_layer
 from .sampling import RowSampling, SamplerSettings, filter_logits, sample
 from .scoring import score_ids
 from .weights import Fp8Weight, QuantizedWeight, TransposedWeight
@@ -30,7 +30,7 @@ __all__ = [
     "Fp8Weight", "Layer", "ModelConfig", "Norm", "PRESETS", "Params", "QuantizedWeight", "RopeScaling", "RowSampling",
     "SamplerSettings", "TransposedWeight", "decode_step", "dequantize_params", "extend", "filter_logits",
     "forward", "generate", "generate_stream", "init_cache", "init_params", "input_importance", "quantize",
-    "sample", "score_ids",
+    "quantize_layer", "sample", "score_ids",
 ]
 
 from .chat import render_chat  # noqa: E402

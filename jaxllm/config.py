@@ -237,6 +237,12 @@ PRESETS: dict[str, ModelConfig] = {
         rope_theta=500000.0, rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192),
         max_seq_len=131072, tie_embeddings=False, arch="llama",
     ),
+    # Llama 3.1 70B (issue 29): 141 GB of bf16 weights, more than one H200 holds
+    "llama70b": ModelConfig(
+        vocab_size=128256, d_model=8192, n_layers=80, n_heads=64, n_kv_heads=8, d_ff=28672,
+        rope_theta=500000.0, rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192),
+        max_seq_len=131072, tie_embeddings=False, arch="llama",
+    ),
     # Qwen3-30B-A3B: 128 experts, 8 per token (issue 30)
     "qwen3moe30b": ModelConfig(
         vocab_size=151936, d_model=2048, n_layers=48, n_heads=32, n_kv_heads=4, head_dim=128, d_ff=6144,

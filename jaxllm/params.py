@@ -111,17 +111,21 @@ def _init_layer(config: ModelConfig, key, dtype) -> Layer:
                          sinks=_normal(next(keys), (config.n_heads,), dtype, 1.0) if config.attn_sinks else None)
 
 
-def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32) -> Params:
+def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32, each_layer=None) -> Params:
     """Random weights of any shape, generated on the default device.
 
     Each layer is produced by its own compiled call, so an 8B model never passes
     through host memory and peak device memory is the weights plus one layer's
-    float32 temporaries.
+    float32 temporaries. each_layer (Layer -> Layer) is applied to every layer as it
+    is made (quant.quantize_layer, a device_put onto a mesh): a model whose dense
+    weights would not fit one device is made quantized or spread over several.
     """
     dtype = jnp.dtype(dtype)
     k_embed, k_head, k_pos, k_norm, k_layers = jax.random.split(key, 5)
     init_layer = jax.jit(_init_layer, static_argnums=(0, 2))
-    layers = tuple(init_layer(config, k, dtype) for k in jax.random.split(k_layers, config.n_layers))
+    each_layer = each_layer or (lambda layer: layer)
+    layers = tuple(jax.block_until_ready(each_layer(init_layer(config, k, dtype)))
+                   for k in jax.random.split(k_layers, config.n_layers))
     make = jax.jit(_normal, static_argnums=(1, 2, 3))
     return Params(
         embed=make(k_embed, (config.vocab_size, config.d_model), dtype, config.d_model ** -0.5),

@@ -223,23 +223,33 @@ def quantize(params, mode: str, group_size: int = 32, embeddings: str | None = "
     if importance is not None and len(importance) != len(params.layers):
         raise ValueError(f"importance has {len(importance)} layers; the model has {len(params.layers)}")
 
-    def q(w, m, weights=None):
-        if isinstance(w, (QuantizedWeight, Fp8Weight)) or (
-                isinstance(w, Experts) and isinstance(w.w, (QuantizedWeight, Fp8Weight))):
-            return w
-        if isinstance(w, Experts):  # each expert alone, stacked again
-            return stack_experts([quantize_weight(e, m, group_size) for e in w.w])
-        return quantize_weight(dense(w), m, group_size, weights)
-    layers = tuple(layer.replace(**{
-        name: q(getattr(layer, name), mode, None if importance is None else importance[i].get(name))
-        for name in PROJECTIONS}) for i, layer in enumerate(params.layers))
+    layers = tuple(quantize_layer(layer, mode, group_size, None if importance is None else importance[i])
+                   for i, layer in enumerate(params.layers))
     params = params.replace(layers=layers)
     if embeddings is not None:
         if not isinstance(params.embed, (QuantizedWeight, Fp8Weight)):  # stored [V, D]; quantized as the [D, V] head
             params = params.replace(embed=quantize_weight(params.embed.T, embeddings, group_size))
         if params.lm_head is not None:
-            params = params.replace(lm_head=q(params.lm_head, embeddings))
+            params = params.replace(lm_head=_quantized(params.lm_head, embeddings, group_size))
     return params
+
+
+def quantize_layer(layer, mode: str, group_size: int = 32, importance: dict | None = None):
+    """One layer's projections as `quantize` makes them (already quantized ones kept):
+    what init_params(each_layer=...) applies as each random layer is made, so a
+    model whose dense weights would not fit is made quantized."""
+    return layer.replace(**{name: _quantized(getattr(layer, name), mode, group_size,
+                                             None if importance is None else importance.get(name))
+                            for name in PROJECTIONS})
+
+
+def _quantized(w, mode: str, group_size: int, importance=None):
+    if isinstance(w, (QuantizedWeight, Fp8Weight)) or (
+            isinstance(w, Experts) and isinstance(w.w, (QuantizedWeight, Fp8Weight))):
+        return w
+    if isinstance(w, Experts):  # each expert alone, stacked again
+        return stack_experts([quantize_weight(e, mode, group_size) for e in w.w])
+    return quantize_weight(dense(w), mode, group_size, importance)
 
 
 def stack_experts(weights: list) -> Experts:

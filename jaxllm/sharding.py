@@ -136,6 +136,13 @@ def layer_specs(layer: Layer, config: ModelConfig) -> Layer:
     return layer.replace(**_field_specs(layer, config, _rules(config, config.tensor_parallel)))
 
 
+def layer_shardings(layer: Layer, config: ModelConfig, mesh: Mesh) -> Layer:
+    """Where `shard` puts this layer's arrays on `mesh` (a Layer of NamedShardings):
+    init_params(each_layer=...) spreads random layers so as they are made."""
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec),
+                        layer_specs(layer, config.replace(tensor_parallel=mesh.shape[AXIS])), is_leaf=_is_spec)
+
+
 def kv_specs(kv):
     """PartitionSpecs of one cache layer ((k, v) [B, S, K, Dh], or a PagedLayer's pools
     [N, P, K, Dh] and table): keys and values split by kv head, the table replicated."""

@@ -35,7 +35,7 @@ from jaxllm.generate import start  # noqa: E402
 from jaxllm.layout import TransposedWeight, for_policy  # noqa: E402
 from jaxllm.model import decode_step, extend  # noqa: E402
 from jaxllm.quant import weight_bytes  # noqa: E402
-from jaxllm.sharding import make_mesh, place_cache, shard  # noqa: E402
+from jaxllm.sharding import layer_shardings, make_mesh, place_cache, shard  # noqa: E402
 from jaxllm.weights import Experts  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
@@ -388,15 +388,24 @@ def run(args) -> dict:
         config = (TINY if shape == "tiny" else PRESETS[shape]).replace(kernels=args.kernels, kv_cache=args.kv_cache)
         log(f"{shape}: initialising random {dense_name} weights" + (
             f", quantizing to {mode} ..." if mode != "bf16" else " ..."))
-        params = block(jaxllm.init_params(config, jax.random.PRNGKey(0), dtype))
+        # Each layer is quantized, and spread over the devices, as it is made: the dense
+        # model never has to fit one device (llama70b's 141 GB).
+        mesh = make_mesh(args.tensor_parallel) if args.tensor_parallel > 1 else None
+
+        def each(layer, mode=mode, mesh=mesh, config=config):
+            layer = layer if mode == "bf16" else jaxllm.quantize_layer(layer, mode)
+            return layer if mesh is None else jax.device_put(layer, layer_shardings(layer, config, mesh))
+        t0 = time.perf_counter()
+        params = block(jaxllm.init_params(config, jax.random.PRNGKey(0), dtype, each_layer=each))
         weights_name = dense_name
         if mode != "bf16":
-            params = block(jaxllm.quantize(params, mode, group_size=32))
+            params = block(jaxllm.quantize(params, mode, group_size=32))  # the embedding and head
             weights_name = mode
-        if args.tensor_parallel > 1:  # split over devices (jaxllm/sharding.py): layers per shard
-            params, config = shard(params, config, make_mesh(args.tensor_parallel))
+        if mesh is not None:  # split over devices (jaxllm/sharding.py): layers per shard
+            params, config = shard(params, config, mesh)
         else:
             params = block(for_policy(params, config.kernels))  # on the GPU, projections stored by output row
+        log(f"{shape}: {mode} weights made in {time.perf_counter() - t0:.1f} s")
         wbytes = weight_bytes_per_token(params, config)
         by_row = sum(isinstance(w, TransposedWeight) for w in jax.tree_util.tree_leaves(
             params, is_leaf=lambda w: isinstance(w, TransposedWeight)))
