@@ -439,3 +439,15 @@ def test_transposed_projections_quantize_and_merge_like_the_usual_layout():
     assert all(isinstance(getattr(layer, name), TransposedWeight)
                for layer in on_gpu.layers for name in ("wqkv", "wo", "w_in", "w_out"))
     assert not isinstance(on_gpu.lm_head, TransposedWeight)
+
+
+def test_layers_quantized_as_they_are_made_equal_the_model_quantized_after():
+    """init_params(each_layer=quantize_layer) (bench.py's way to a model whose dense
+    weights would not fit) gives quantize(init_params(...))'s weights."""
+    c = tiny(vocab_size=64, d_model=64, d_ff=128, head_dim=16, n_heads=4, n_kv_heads=2)
+    after = jaxllm.quantize(jaxllm.init_params(c, jax.random.PRNGKey(2)), "int8")
+    made = jaxllm.quantize(jaxllm.init_params(c, jax.random.PRNGKey(2),
+                                              each_layer=lambda layer: jaxllm.quantize_layer(layer, "int8")), "int8")
+    assert isinstance(made.layers[0].wqkv, jaxllm.QuantizedWeight)
+    for a, b in zip(jax.tree.leaves(made), jax.tree.leaves(after), strict=True):
+        np.testing.assert_array_equal(a, b)
