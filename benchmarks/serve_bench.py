@@ -355,6 +355,16 @@ def bench_jaxllm(args, rng) -> list[dict]:
     return rows
 
 
+def vocab_of(model: str) -> int:
+    """A model file's or folder's vocabulary size, from its metadata alone."""
+    if os.path.isdir(model):
+        import json  # noqa: PLC0415
+        with open(os.path.join(model, "config.json")) as f:
+            return json.load(f)["vocab_size"]
+    from jaxllm.loading.gguf import GGUFFile, config_from_gguf  # noqa: PLC0415
+    return config_from_gguf(GGUFFile(model)).vocab_size
+
+
 def bench_server(args, rng) -> list[dict]:
     """The workloads against a server in a process of its own: llama.cpp's (on the
     shape's random F16 GGUF) or `jaxllm serve` (on the same file, or --model)."""
@@ -373,7 +383,7 @@ def bench_server(args, rng) -> list[dict]:
                  "steps_per_chunk": args.steps_per_chunk, "kv_memory": args.kv_memory, "kv_pages": args.kv_pages,
                  "page_size": args.page_size, "prefix_cache": True}
     log(f"{args.engine} ready in {time.perf_counter() - t0:.1f} s")
-    vocab = jaxllm.PRESETS[args.shape].vocab_size
+    vocab = vocab_of(model) if args.model else jaxllm.PRESETS[args.shape].vocab_size
     served_as = os.path.basename(model.rstrip(os.sep))  # jaxllm serve's model id (llama-server takes any)
     run = lambda ps, n_out, c: drive_http(f"http://127.0.0.1:{server.port}/v1", ps, n_out, c, served_as)
     row_of = lambda: {**about, "driver": "http (own process)", "shape": args.shape, "model": model,

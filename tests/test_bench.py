@@ -101,3 +101,28 @@ def test_expert_kernel_benchmark_compares_each_route(tmp_path):
             assert r["rel_err_vs_xla"] < (1e-2 if r["weights"] == "int8" and r["tokens"] == 1 else 1e-5)
     assert routes[("int8", 64)] == ["xla_gather", "kernel_grouped"]
     assert routes[("bf16", 1)] == ["xla_gather", "kernel_default"]
+
+
+def test_serve_bench_drives_jaxllm_serve_in_a_process_of_its_own(tmp_path):
+    """benchmarks/serve_bench.py --engine jaxllm-server (the harness the llama-server
+    peer shares) starts `jaxllm serve` on a model file, runs an offline and an online
+    workload through the openai client, counts every requested token and writes its
+    rows."""
+    import jax  # noqa: PLC0415
+    from conftest import tiny  # noqa: PLC0415
+    from tiny_gguf import write_gguf  # noqa: PLC0415
+
+    import jaxllm  # noqa: PLC0415
+    c = tiny(vocab_size=300, max_seq_len=256)
+    model = write_gguf(tmp_path / "t.gguf", c, jaxllm.init_params(c, jax.random.PRNGKey(0)))
+    out = tmp_path / "serve.json"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "serve_bench.py"), "--engine",
+                        "jaxllm-server", "--model", str(model), "--workloads", "12/5x6,8/3x4@2", "--max-batch", "4",
+                        "--max-context", "64", "--kv-pages", "12", "--page-size", "16", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(out.read_text())["results"]
+    assert [(row["workload"], row["mode"], row["concurrency"]) for row in rows] == [
+        ("12/5", "offline", 6), ("8/3", "online", 2)]
+    assert [row["output_tokens"] for row in rows] == [30, 12]  # ignore_eos: every request to its length
+    assert all(row["engine"] == "jaxllm" and row["output_tok_s"] > 0 and row["ttft_ms_p50"] > 0 for row in rows)
