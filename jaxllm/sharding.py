@@ -27,14 +27,16 @@ Two ways to run the split, decided once, here (`shard(..., layers=)`):
     inside (`config.shard_of`; model.py). The embedding and head stay outside, split
     by XLA's partitioner.
   - "xla": the XLA paths (`kernels="xla"`) over the sharded arrays; XLA's SPMD
-    partitioner inserts the collectives. Packed 4-6-bit weights (below), fp8
-    weights (their activations' per-row scale) and OLMoE's norms over the whole q
-    and k projections (statistics across every device's part) run this way.
+    partitioner inserts the collectives. Fp8 weights (their activations' per-row
+    scale) and OLMoE's norms over the whole q and k projections (statistics across
+    every device's part) run this way.
 
 Quantized weights shard with their scales (rows of `values` are outputs, columns of
-`scales` are outputs; an Fp8Weight's rows and scales are outputs). 8-bit weights split exactly like dense ones; packed 4-6-bit
-weights hold output rows i and i + N/2 in one byte, so a device's block of packed
-rows is not its block of outputs: XLA still computes them correctly, with more
+`scales` are outputs; an Fp8Weight's rows and scales are outputs). 8-bit weights
+split exactly like dense ones. Packed 4-6-bit weights hold output rows i and i + N/2
+in one byte, so a device's block of packed rows is not its block of outputs: per
+shard, the column-parallel ones are repacked by device (weights.pack_by_block); under
+XLA's partitioner they are left as they are, which it computes correctly with more
 communication (benchmarks/NOTES.md).
 """
 
@@ -51,7 +53,7 @@ from .cache import Cache, PagedKVCache, PagedLayer
 from .config import ModelConfig
 from .layout import untranspose
 from .params import Layer, Params
-from .weights import Experts, Fp8Weight, QuantizedWeight, permute_outputs
+from .weights import Experts, Fp8Weight, QuantizedWeight, pack_by_block, permute_outputs
 
 AXIS = "model"  # the mesh axis tensor parallelism splits over
 
@@ -163,14 +165,12 @@ def shard_config(config: ModelConfig) -> ModelConfig:
 
 
 def runs_per_shard(params: Params, config: ModelConfig) -> bool:
-    """Whether every layer's share on a device is a model of its own: no packed
-    4-6-bit weight (a device's packed rows are not its outputs), no fp8 weight (its
-    activations are scaled per row by the row's largest value, across every device's
-    part of the row) and no norm across every head (OLMoE's qk_norm_whole)."""
-    leaves = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, (QuantizedWeight, Fp8Weight)))
-    split_statistic = any(isinstance(w, Fp8Weight) or (isinstance(w, QuantizedWeight) and w.bits < 8)
-                          for w in leaves)
-    return not split_statistic and not config.qk_norm_whole
+    """Whether every layer's share on a device can be a model of its own: no fp8
+    weight (its activations are scaled per row by the row's largest value, across every
+    device's part of the row) and no norm across every head (OLMoE's qk_norm_whole).
+    Packed 4-6-bit weights can: shard repacks their column-parallel ones by device."""
+    leaves = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, Fp8Weight))
+    return not any(isinstance(w, Fp8Weight) for w in leaves) and not config.qk_norm_whole
 
 
 def check(config: ModelConfig, n: int) -> None:
@@ -198,14 +198,21 @@ def shard(params: Params, config: ModelConfig, mesh: Mesh,
     gated = config.mlp != "gelu"
     ffn = _per_shard([config.expert_d_ff if config.n_experts else config.d_ff] * 2, n) if gated else None
 
+    per_shard = layers == "per_shard" and runs_per_shard(params, config)
+    # Per shard, a device's packed rows must hold its own outputs (weights.pack_by_block).
+    by_device = (lambda w: pack_by_block(w, n) if isinstance(w, QuantizedWeight) else w) if per_shard \
+        else (lambda w: w)
+
     def layer(p: Layer) -> Layer:
-        p = p.replace(wqkv=permute_outputs(p.wqkv, qkv),
+        p = p.replace(wqkv=by_device(permute_outputs(p.wqkv, qkv)),
                       bqkv=None if p.bqkv is None else p.bqkv[qkv])
         if isinstance(p.w_in, Experts):  # each expert's gate and up in per-shard order
-            p = p.replace(w_in=Experts(jax.vmap(lambda w: permute_outputs(w, ffn))(p.w_in.w)),
+            p = p.replace(w_in=Experts(jax.vmap(lambda w: by_device(permute_outputs(w, ffn)))(p.w_in.w)),
                           b_in=None if p.b_in is None else p.b_in[:, ffn])
         elif ffn is not None:
-            p = p.replace(w_in=permute_outputs(p.w_in, ffn), b_in=None if p.b_in is None else p.b_in[ffn])
+            p = p.replace(w_in=by_device(permute_outputs(p.w_in, ffn)), b_in=None if p.b_in is None else p.b_in[ffn])
+        else:  # an ungated MLP's input projection needs no reordering, only its packing by device
+            p = p.replace(w_in=by_device(p.w_in))
         return p
 
     rules = _rules(config, n)
@@ -218,7 +225,6 @@ def shard(params: Params, config: ModelConfig, mesh: Mesh,
     # Layer by layer: each layer's reordered copy goes to its devices before the next
     # is made, so no device ever holds more than one layer's whole weights.
     params = place(params).replace(layers=tuple(place(layer(p)) for p in params.layers))
-    per_shard = layers == "per_shard" and runs_per_shard(params, config)
     return params, config.replace(tensor_parallel=n, shard_layers=per_shard,
                                   kernels=config.kernels if per_shard else "xla")
 

@@ -141,6 +141,23 @@ def permute_outputs(w, order):
                      mins=None if w.mins is None else w.mins[:, order])
 
 
+def pack_by_block(w: QuantizedWeight, blocks: int) -> QuantizedWeight:
+    """A packed (4-6-bit) weight's planes repacked so that each of `blocks` equal runs
+    of packed rows holds one block of N/blocks outputs, packed as a weight of those
+    outputs alone: the layout a device's share of a column-parallel weight needs
+    (sharding.py). The whole is no longer one weight's packing: only the blocks are
+    read, each on its own device. 8-bit weights come back unchanged."""
+    if w.bits == 8:
+        return w
+
+    def planes(packed, slices, width):
+        rows = _split(packed, slices, width)
+        n = rows.shape[0] // blocks
+        return jnp.concatenate([interleave(rows[b * n:(b + 1) * n], slices, width) for b in range(blocks)])
+    return w.replace(values=planes(w.values, 2, 4),
+                     high=None if w.high is None else planes(w.high, PLANE_SLICES[w.bits], w.bits - 4))
+
+
 def level_offset(bits: int) -> int:
     return 1 << (bits - 1)
 

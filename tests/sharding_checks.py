@@ -98,9 +98,14 @@ tokens = jax.random.randint(jax.random.PRNGKey(6), (2, 9), 0, config.vocab_size)
 for mode in ("int8", "int4", "fp8"):
     q = jaxllm.quantize(params, mode)
     sq, sc = sharding.shard(q, config, mesh)
-    assert sc.shard_layers == (mode == "int8")  # int4's packed rows and fp8's row scales: partitioned
+    assert sc.shard_layers == (mode != "fp8")  # fp8's per-row activation scales: partitioned
     close(forward(sq, sc, tokens), forward(q, config, tokens), 1e-4)
     print("ok", mode)
+# int4 per shard on the kernels: each device's packed rows repacked to hold its outputs
+q = jaxllm.quantize(params, "int4")
+sq, sc = sharding.shard(q, config.replace(kernels="pallas"), mesh)
+close(forward(sq, sc, tokens), forward(q, config.replace(kernels="pallas"), tokens), 1e-4)
+print("ok int4-kernels-per-shard")
 
 # Mixture-of-experts layers (Qwen3-MoE's, gpt-oss's with sinks, biases and YaRN):
 # every expert split as a dense MLP, dense or quantized; prefill on the grouped route,
@@ -112,7 +117,7 @@ oss = moe.replace(qk_norm=False, mlp="swiglu_oai", swiglu_limit=0.5, mlp_bias=Tr
                   rope_scaling=jaxllm.config.YarnScaling(4.0, 16, truncate=False))
 for name, config in (("qwen3moe", moe), ("gpt-oss", oss)):
     params = jaxllm.init_params(config, jax.random.PRNGKey(7))
-    for mode in ("dense", "int8", "fp8"):
+    for mode in ("dense", "int8", "int4", "fp8"):
         p = params if mode == "dense" else jaxllm.quantize(params, mode)
         sp, sc = sharding.shard(p, config, mesh)
         close(forward(sp, sc, tokens), forward(p, config, tokens), 1e-4)
