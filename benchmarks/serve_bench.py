@@ -280,10 +280,10 @@ def summarize(traces: list[Trace], seconds: float) -> dict:
 
 
 def measure(run, spec: str, modes: str, streams: list[int], vocab: int, rng, prefix, warm_passes: int,
-            row_of, on_row, warm_one_wave: bool = False) -> list[dict]:
-    """Each mode (and each stream count online) of one workload: warm-up passes (of
-    one wave of requests with warm_one_wave, else the workload's), then one measured
-    pass; a row each, handed to on_row as soon as measured. A workload written
+            row_of, on_row, warm_wave: int | None = None) -> list[dict]:
+    """Each mode (and each stream count online) of one workload: warm-up passes (one
+    wave of at most `warm_wave` requests where given, else the workload's), then one
+    measured pass; a row each, handed to on_row as soon as measured. A workload written
     IN/OUTxN@C runs online at C streams whatever the modes say."""
     spec, _, at = spec.partition("@")
     lengths, n = spec.split("x")
@@ -294,7 +294,7 @@ def measure(run, spec: str, modes: str, streams: list[int], vocab: int, rng, pre
     for mode, concurrency in runs:
         for _ in range(warm_passes):
             log(f"  {spec} {mode} {concurrency}: warm-up pass ...")
-            warm_n = min(int(n), concurrency) if warm_one_wave else int(n)
+            warm_n = min(int(n), concurrency, warm_wave) if warm_wave else int(n)
             run(prompts_of(rng, warm_n, n_in, vocab, prefix), n_out, concurrency)
         log(f"  {spec} {mode} {concurrency}: measuring ...")
         prompts = prompts_of(rng, int(n), n_in, vocab, prefix)
@@ -398,7 +398,7 @@ def bench_server(args, rng) -> list[dict]:
             # jaxllm's passes compile the batched prefill's shapes they meet.
             warm = 0 if args.no_warm_pass else 2 if args.shared_prefix and args.engine != "llama-server" else 1
             rows += measure(run, spec, args.modes, args.streams, vocab, rng, prefix, warm, row_of, args.on_row,
-                            warm_one_wave=args.engine == "llama-server")
+                            warm_wave=args.max_batch if args.engine == "llama-server" else None)
     finally:
         server.stop()
     return rows
