@@ -376,7 +376,7 @@ def bench_server(args, rng) -> list[dict]:
     if args.engine == "llama-server":
         server = llama_server(program, model, args)
         about = {"engine": "llama.cpp", "version": SERVER_VERSION.format(cuda=cuda_version()),
-                 "weights": "F16", "prefix_cache": "llama-server's default (cache_prompt)"}
+                 "weights": "F16", "prefix_cache": "cache_prompt (llama-server's default)"}
     else:
         server = jaxllm_server(model, args)
         about = {"engine": "jaxllm", "weights": "F16 file, bf16", "prefill_tokens": args.prefill_tokens,
