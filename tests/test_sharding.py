@@ -54,8 +54,8 @@ def test_two_devices_match_one():
     assert out.returncode == 0, out.stderr[-3000:]
     ok = {line.split()[1] for line in out.stdout.splitlines() if line.startswith("ok ")}
     assert ok == {"gemma", "gpt2", "llama3", "mistral", "phi2", "qwen2", "qwen3", "smollm2", "int8", "int4", "fp8",
-                  "llama3-partitioned", "gemma-partitioned", "llama3-kernels-per-shard", "gemma-kernels-per-shard",
-                  "phi2-kernels-per-shard", "load-dense", "load-int8", "int4-kernels-per-shard", "qwen3moe-int4", "gpt-oss-int4",
+                  "llama3-partitioned", "llama3-kernels-per-shard", "gemma-kernels-per-shard",
+                  "phi2-kernels-per-shard", "load-dense", "load-int8", "int4-kernels-per-shard", "qwen3moe-int4",
                   "qwen3moe-dense", "qwen3moe-int8", "qwen3moe-fp8", "gpt-oss-dense", "gpt-oss-int8", "gpt-oss-fp8",
                   "collectives", "engine", "errors"}
 
