@@ -124,8 +124,7 @@ def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32, each_lay
     k_embed, k_head, k_pos, k_norm, k_layers = jax.random.split(key, 5)
     init_layer = jax.jit(_init_layer, static_argnums=(0, 2))
     each_layer = each_layer or (lambda layer: layer)
-    layers = tuple(jax.block_until_ready(each_layer(init_layer(config, k, dtype)))
-                   for k in jax.random.split(k_layers, config.n_layers))
+    layers = tuple(each_layer(init_layer(config, k, dtype)) for k in jax.random.split(k_layers, config.n_layers))
     make = jax.jit(_normal, static_argnums=(1, 2, 3))
     return Params(
         embed=make(k_embed, (config.vocab_size, config.d_model), dtype, config.d_model ** -0.5),

@@ -138,11 +138,15 @@ def layer_specs(layer: Layer, config: ModelConfig) -> Layer:
     return layer.replace(**_field_specs(layer, config, _rules(config, config.tensor_parallel)))
 
 
+def _named(specs, mesh: Mesh):
+    """A pytree of PartitionSpecs as NamedShardings on mesh."""
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs, is_leaf=_is_spec)
+
+
 def layer_shardings(layer: Layer, config: ModelConfig, mesh: Mesh) -> Layer:
     """Where `shard` puts this layer's arrays on `mesh` (a Layer of NamedShardings):
     init_params(each_layer=...) spreads random layers so as they are made."""
-    return jax.tree.map(lambda spec: NamedSharding(mesh, spec),
-                        layer_specs(layer, config.replace(tensor_parallel=mesh.shape[AXIS])), is_leaf=_is_spec)
+    return _named(layer_specs(layer, config.replace(tensor_parallel=mesh.shape[AXIS])), mesh)
 
 
 def kv_specs(kv):
@@ -219,8 +223,8 @@ def shard(params: Params, config: ModelConfig, mesh: Mesh,
 
     def place(tree):
         specs = _field_specs(tree, config, rules)
-        return tree.replace(**{name: jax.device_put(_from_host(getattr(tree, name)), jax.tree.map(
-            lambda spec: NamedSharding(mesh, spec), spec_tree, is_leaf=_is_spec)) for name, spec_tree in specs.items()})
+        return tree.replace(**{name: jax.device_put(_from_host(getattr(tree, name)), _named(spec_tree, mesh))
+                               for name, spec_tree in specs.items()})
 
     # Layer by layer: each layer's reordered copy goes to its devices before the next
     # is made, so no device ever holds more than one layer's whole weights.
