@@ -294,7 +294,7 @@ def measure(run, spec: str, modes: str, streams: list[int], vocab: int, rng, pre
     for mode, concurrency in runs:
         for _ in range(warm_passes):
             log(f"  {spec} {mode} {concurrency}: warm-up pass ...")
-            warm_n = min(int(n), concurrency, warm_wave) if warm_wave else int(n)
+            warm_n = min(int(n), warm_wave) if warm_wave else int(n)
             run(prompts_of(rng, warm_n, n_in, vocab, prefix), n_out, concurrency)
         log(f"  {spec} {mode} {concurrency}: measuring ...")
         prompts = prompts_of(rng, int(n), n_in, vocab, prefix)
@@ -346,7 +346,7 @@ def bench_jaxllm(args, rng) -> list[dict]:
                 warm = 0 if args.no_warm_pass else 2 if args.shared_prefix and reuse else 1
                 try:
                     rows += measure(run, spec, args.modes, args.streams, model.config.vocab_size, rng, prefix,
-                                    warm, row_of, args.on_row)
+                                    warm, row_of, args.on_row, warm_wave=args.warm_requests)
                 finally:
                     if driver == "http":
                         server.stop()
@@ -398,7 +398,7 @@ def bench_server(args, rng) -> list[dict]:
             # jaxllm's passes compile the batched prefill's shapes they meet.
             warm = 0 if args.no_warm_pass else 2 if args.shared_prefix and args.engine != "llama-server" else 1
             rows += measure(run, spec, args.modes, args.streams, vocab, rng, prefix, warm, row_of, args.on_row,
-                            warm_wave=args.max_batch if args.engine == "llama-server" else None)
+                            warm_wave=args.warm_requests or (args.max_batch if args.engine == "llama-server" else None))
     finally:
         server.stop()
     return rows
@@ -425,6 +425,9 @@ def main(argv=None) -> int:
     p.add_argument("--kv-memory", type=float, help="a paged KV cache in this fraction of the free device memory")
     p.add_argument("--page-size", type=int, default=64)
     p.add_argument("--no-warm-pass", action="store_true", help="measure the first pass (compiles included)")
+    p.add_argument("--warm-requests", type=int,
+                   help="requests in a warm-up pass (default: the workload's; llama-server's: --max-batch): "
+                        "a long workload's shapes are met by its first waves")
     p.add_argument("--llamacpp-source", default=".peer/llama.cpp.tar.gz",
                    help="llama.cpp's trimmed tree (benchmarks/llamacpp_peer.py pack)")
     p.add_argument("--llamacpp-work", default=".peerwork", help="llama-server's build and the model file")
