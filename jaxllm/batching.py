@@ -130,8 +130,10 @@ def admit(params: Params, config: ModelConfig, slots: DecodeState, tokens, lengt
 def decode_chunk(params: Params, config: ModelConfig, slots: DecodeState, stop_ids, steps: int, span: int,
                  logprobs: bool = False):
     """`steps` decode steps of every active slot (decoding.decode). Returns (slots,
-    tokens [B, steps], -1 where a slot was not active, and with `logprobs` their
-    Scores with the top TOP_LOGPROBS tokens, else None).
+    tokens [B, steps], -1 where a slot was not active, with `logprobs` their
+    Scores with the top TOP_LOGPROBS tokens, else None, and which slots are still
+    active [B]: an array of its own, still readable once `slots` is donated to the
+    next call).
 
     Attention reads the first `span` slots of each cache row only: the caller
     picks a span (a power of two, so few compile) that holds every active row to
@@ -143,7 +145,7 @@ def decode_chunk(params: Params, config: ModelConfig, slots: DecodeState, stop_i
     slots, tokens, _, scores = decode(params, config, None, slots, jnp.full((B, steps), -1, jnp.int32),
                                       jnp.int32(0), stop_ids, jnp.int32(steps), steps_per_sync=steps,
                                       span=span, scores=scores)
-    return slots, tokens, scores
+    return slots, tokens, scores, slots.active
 
 
 @partial(jax.jit, donate_argnames=("slots",))
@@ -292,6 +294,10 @@ class Engine:
         self._waiting: collections.deque[list[Request]] = collections.deque()
         self._running: dict[int, Request] = {}
         self._stopping: set[int] = set()  # slots to stop on the device before its next call
+        # Results of device calls dispatched but not yet read back, oldest first: the
+        # host takes one chunk's tokens while the device runs the next (_decode).
+        self._landing: collections.deque[Callable[[], None]] = collections.deque()
+        self._unlanded: dict[Request, int] = {}  # tokens a running request may have beyond its ids
         self._admitted: dict[int, int] = {}  # slot -> admission order (preemption takes the newest)
         self._order = itertools.count()
         self._held_back: dict[Request, HeldBack] = {}  # preempted requests waiting to resume
@@ -410,8 +416,8 @@ class Engine:
                 if self.pool is not None:
                     self.pool.release(b)
         self._stop_slots()
-        self.slots, _, _ = decode_chunk(self.params, self.config, self.slots, self.stop_ids,
-                                        self.steps_per_chunk, self._span(0))
+        self.slots, *_ = decode_chunk(self.params, self.config, self.slots, self.stop_ids,
+                                      self.steps_per_chunk, self._span(0))
         jax.block_until_ready(self.slots)
 
     # -- the engine thread -------------------------------------------------------------
@@ -430,8 +436,7 @@ class Engine:
             for slot, request in list(self._running.items()):
                 if request.cancelled:
                     self._retire(slot, "cancelled")
-            if self._running:
-                self._guarded(self._decode)
+            self._guarded(self._decode if self._running else self._land_all)
         for request in ([r for group in self._waiting for r in group] + [r for a in self._partial for r in a.group]
                         + list(self._running.values())):
             self._end(request, "cancelled")
@@ -447,6 +452,8 @@ class Engine:
             self._partial = []
             self._running.clear()
             self._stopping.clear()
+            self._landing.clear()
+            self._unlanded.clear()
             self._admitted.clear()
             self._decoders.clear()
             self._admitting = []
@@ -578,6 +585,7 @@ class Engine:
         padding = R - len(requests)
         masks = None
         if any(request.grammar is not None for request in requests):
+            self._land_all()  # the matchers take every token sampled before
             self.grammars()  # the slots' matchers, made on first use
             for _, a, slot, request in entries:
                 held = self._held_back.get(request)
@@ -597,9 +605,6 @@ class Engine:
             jnp.asarray([not r.ignore_eos for r in requests] + [True] * padding), self.stop_ids, masks,
             *((None, None) if self.pool is None else (jnp.asarray(self.pool.table), jnp.asarray(skip))),
             jnp.asarray([len(r.ids) for r in requests] + [0] * padding, jnp.int32), jnp.asarray(gen_from), span=span)
-        token, scores = np.asarray(token), [np.asarray(a) for a in scores]
-        if masks is not None:
-            self._matchers.consume(token[:len(requests)], dest[:len(requests)].tolist())
         self._admitting = []
         if quiet:
             return
@@ -607,14 +612,31 @@ class Engine:
         fresh = [a for a in done if not a.group[0].ids]  # a resumed request's prompt was counted before
         self.metrics.prefill(sum(len(a.group[0].prompt_ids) for a in fresh), sum(a.reused for a in fresh))
         self._partial += [a for a in plan if not a.final]
+        started = []
         for r, (_, a, slot, request) in enumerate(entries):
             if not a.final:
                 continue
             self._running[slot] = request
             self._admitted[slot] = next(self._order)
+            self._unlanded[request] = 1
             held = self._held_back.pop(request, None)
             self._decoders[slot] = held.decoder if held else self._reply_decoder(self.tokenizer)
-            self._take(slot, request, [int(token[r])], still_active=None, scores=[a[r][None] for a in scores])
+            started.append((r, slot, request))
+
+        def land():
+            first, first_scores = np.asarray(token), [np.asarray(a) for a in scores]
+            if masks is not None:
+                self._matchers.consume(first[:len(requests)], dest[:len(requests)].tolist())
+            for r, slot, request in started:
+                if self._running.get(slot) is request:  # not preempted or cancelled meanwhile
+                    self._unlanded[request] -= 1
+                    self._take(slot, request, [int(first[r])], still_active=None,
+                               scores=[a[r][None] for a in first_scores])
+
+        if masks is not None:
+            land()
+        else:
+            self._landing.append(land)
 
     def _span(self, longest: int) -> int:
         """Cache slots a chunk must read when the longest running row holds `longest`."""
@@ -631,7 +653,7 @@ class Engine:
             if slot not in self._running:
                 continue  # preempted for an older one
             request = self._running[slot]
-            fed = len(request.prompt_ids) + len(request.ids) - 1
+            fed = len(request.prompt_ids) + len(request.ids) + self._unlanded[request] - 1
             need = min(len(request.prompt_ids) + request.max_tokens, fed + self.steps_per_chunk)
             while True:
                 evicted = self.pool.grow(slot, need, self._idle_rows())
@@ -655,6 +677,7 @@ class Engine:
     def _preempt(self, slot: int) -> None:
         request = self._running.pop(slot)
         del self._admitted[slot]
+        del self._unlanded[request]  # what the device computes for it meanwhile is dropped
         self._held_back[request] = HeldBack(self._decoders.pop(slot),
                                             self._matchers.take(slot) if self._matchers is not None else None)
         self._stopping.add(slot)
@@ -674,28 +697,62 @@ class Engine:
             self._stopping.clear()
 
     def _decode(self) -> None:
+        """A chunk of decode steps for the running requests. The chunk is dispatched
+        first and the results still pending from before (the previous chunk, the
+        admissions since) are taken while the device runs it: the host's work on a
+        chunk (tokens to text, stop strings, streaming, retiring: ~20 ms for 256 rows
+        on a 2-core CPU) overlaps the device's instead of following it. A row that
+        ended in the previous chunk so runs one chunk more, its tokens dropped, unless
+        its budget shows it is done. Rows held to a grammar step with the host
+        (decode_stepped), once everything pending is taken."""
+        stepped = bool(self._matchers)
+        if stepped:
+            self._land_all()
         if self.pool is not None:
             self._grow()
-            if not self._running:
-                return
+        if not any(r.max_tokens > len(r.ids) + self._unlanded[r] for r in self._running.values()):
+            self._land_all()  # nothing left to run until the pending results say what ended
+            return
         self._stop_slots()
         if self.pool is not None:
             # the grown, evicted and preempted rows' pages, before any step writes through them
             self.slots = self.slots.replace(cache=self.slots.cache.replace(pages=jnp.asarray(self.pool.table)))
-        longest = max(len(r.prompt_ids) + len(r.ids) for r in self._running.values())
-        logprobs = any(r.top_logprobs is not None for r in self._running.values())
-        if self._matchers:  # some slot follows a grammar: stepped from here
+        running = dict(self._running)
+        longest = max(len(r.prompt_ids) + len(r.ids) + self._unlanded[r] for r in running.values())
+        logprobs = any(r.top_logprobs is not None for r in running.values())
+        if stepped:
             self.slots, tokens, scores = decode_stepped(
                 self.params, self.config, None, self.slots, self._matchers, self.steps_per_chunk, self.stop_ids,
                 self._span(longest), TOP_LOGPROBS if logprobs else None)
-        else:
-            self.slots, tokens, scores = decode_chunk(self.params, self.config, self.slots, self.stop_ids,
-                                                      self.steps_per_chunk, self._span(longest), logprobs)
-        tokens, active = np.asarray(tokens), np.asarray(self.slots.active)
+            self._land_chunk(running, 0, tokens, scores, self.slots.active)
+            return
+        self.slots, tokens, scores, active = decode_chunk(self.params, self.config, self.slots, self.stop_ids,
+                                                          self.steps_per_chunk, self._span(longest), logprobs)
+        for request in running.values():
+            self._unlanded[request] += self.steps_per_chunk
+        earlier = list(self._landing)
+        self._landing.clear()
+        self._landing.append(partial(self._land_chunk, running, self.steps_per_chunk, tokens, scores, active))
+        for land in earlier:
+            land()
+
+    def _land_chunk(self, running: dict[int, Request], counted: int, tokens, scores, active) -> None:
+        """A decode chunk's results handed to the requests that ran it (`running`, slot
+        -> request, when dispatched) and still run: one preempted, cancelled or ended
+        since has its tokens dropped."""
+        tokens, active = np.asarray(tokens), np.asarray(active)
         scores = None if scores is None else [np.asarray(a) for a in scores]
-        for slot, request in list(self._running.items()):
+        for slot, request in running.items():
+            if self._running.get(slot) is not request:
+                continue
+            self._unlanded[request] -= counted
             self._take(slot, request, tokens[slot].tolist(), still_active=bool(active[slot]),
                        scores=None if scores is None else [a[slot] for a in scores])
+
+    def _land_all(self) -> None:
+        """Every result still pending taken, oldest first."""
+        while self._landing:
+            self._landing.popleft()()
 
     def _take(self, slot: int, request: Request, tokens: list[int], still_active, scores=None) -> None:
         """Hand a slot's new tokens to its request; retire it if it has finished.
@@ -753,6 +810,7 @@ class Engine:
     def _retire(self, slot: int, reason: str) -> None:
         request = self._running.pop(slot)
         self._admitted.pop(slot, None)
+        self._unlanded.pop(request, None)
         # The row holds every token sampled but the last (never fed back).
         self.prefixes.hold(slot, request.prompt_ids + request.ids[:-1])
         self._decoders.pop(slot, None)
