@@ -7,8 +7,10 @@ engine, in-process or through its HTTP server.
 A workload IN/OUTxN is N requests of IN random prompt tokens that each generate
 exactly OUT tokens (`ignore_eos`, as vLLM's benchmark asks). Modes: offline (all N
 submitted at once: output tokens/s over the whole run) and online (`--concurrency
-C` streams, each sending its next request when its last ends; IN/OUTxN@C runs that
-workload online at C streams whatever --modes says). `--shared-prefix P`
+C` streams, each sending its next request when its last ends, or with `--request-rate
+R` requests sent at R per second, Poisson, at most C in flight, as vLLM's benchmark
+sends them; IN/OUTxN@C runs that workload online at C streams whatever --modes
+says). `--shared-prefix P`
 starts every prompt with the same P tokens (a system prompt) and runs the workload
 with the prefix cache on and off.
 
@@ -109,8 +111,15 @@ def prompts_of(rng, n: int, length: int, vocab: int, prefix: list[int]) -> list[
 
 # -- drivers ---------------------------------------------------------------------------
 
-def drive_engine(engine: Engine, prompts, out_tokens: int, concurrency: int) -> list[Trace]:
-    """Submit `prompts` (at most `concurrency` in flight); every request's trace."""
+def arrivals(rng, n: int, rate: float | None) -> list[float]:
+    """When each of n requests is sent, in seconds from the start: a Poisson process of
+    `rate` requests per second (vLLM's --request-rate), or all at once (None)."""
+    return [0.0] * n if not rate else np.cumsum(rng.exponential(1 / rate, n)).tolist()
+
+
+def drive_engine(engine: Engine, prompts, out_tokens: int, concurrency: int, starts: list[float]) -> list[Trace]:
+    """Submit `prompts` (prompt i not before starts[i] seconds, at most `concurrency`
+    in flight); every request's trace."""
     traces = [Trace(0.0) for _ in prompts]
     free = threading.Semaphore(concurrency)
     finished = threading.Semaphore(0)
@@ -127,7 +136,9 @@ def drive_engine(engine: Engine, prompts, out_tokens: int, concurrency: int) -> 
                 finished.release()
         return on_update
 
+    t0 = time.perf_counter()
     for i, prompt in enumerate(prompts):
+        time.sleep(max(0.0, t0 + starts[i] - time.perf_counter()))
         free.acquire()
         traces[i].submitted = time.perf_counter()
         engine.submit(Request(prompt, out_tokens, on_update=update(i), **IGNORE_EOS))
@@ -136,7 +147,8 @@ def drive_engine(engine: Engine, prompts, out_tokens: int, concurrency: int) -> 
     return traces
 
 
-def drive_http(url: str, prompts, out_tokens: int, concurrency: int, model: str = "m") -> list[Trace]:
+def drive_http(url: str, prompts, out_tokens: int, concurrency: int, starts: list[float],
+               model: str = "m") -> list[Trace]:
     from openai import AsyncOpenAI  # noqa: PLC0415
 
     async def main():
@@ -145,6 +157,7 @@ def drive_http(url: str, prompts, out_tokens: int, concurrency: int, model: str 
         traces = [Trace(0.0) for _ in prompts]
 
         async def one(i, prompt):
+            await asyncio.sleep(max(0.0, t0 + starts[i] - time.perf_counter()))
             async with gate:
                 trace = traces[i]
                 trace.submitted = time.perf_counter()
@@ -160,6 +173,7 @@ def drive_http(url: str, prompts, out_tokens: int, concurrency: int, model: str 
                         # the pieces' token counts are not streamed: spread the total evenly
                         total = chunk.usage.completion_tokens
                         trace.events = [(t, round(total * k / max(pieces, 1))) for t, k in trace.events]
+        t0 = time.perf_counter()
         await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
         await client.close()
         return traces
@@ -280,11 +294,12 @@ def summarize(traces: list[Trace], seconds: float) -> dict:
 
 
 def measure(run, spec: str, modes: str, streams: list[int], vocab: int, rng, prefix, warm_passes: int,
-            row_of, on_row, warm_wave: int | None = None) -> list[dict]:
+            row_of, on_row, warm_wave: int | None = None, rate: float | None = None) -> list[dict]:
     """Each mode (and each stream count online) of one workload: warm-up passes (one
     wave of at most `warm_wave` requests where given, else the workload's), then one
     measured pass; a row each, handed to on_row as soon as measured. A workload written
-    IN/OUTxN@C runs online at C streams whatever the modes say."""
+    IN/OUTxN@C runs online at C streams whatever the modes say. Online, requests are
+    sent at `rate` per second (Poisson) where given, else as fast as the streams allow."""
     spec, _, at = spec.partition("@")
     lengths, n = spec.split("x")
     n_in, n_out = map(int, lengths.split("/"))
@@ -295,13 +310,15 @@ def measure(run, spec: str, modes: str, streams: list[int], vocab: int, rng, pre
         for _ in range(warm_passes):
             log(f"  {spec} {mode} {concurrency}: warm-up pass ...")
             warm_n = min(int(n), warm_wave) if warm_wave else int(n)
-            run(prompts_of(rng, warm_n, n_in, vocab, prefix), n_out, concurrency)
+            run(prompts_of(rng, warm_n, n_in, vocab, prefix), n_out, concurrency,
+                arrivals(rng, warm_n, rate if mode == "online" else None))
         log(f"  {spec} {mode} {concurrency}: measuring ...")
         prompts = prompts_of(rng, int(n), n_in, vocab, prefix)
         t0 = time.perf_counter()
-        traces = run(prompts, n_out, concurrency)
+        traces = run(prompts, n_out, concurrency, arrivals(rng, int(n), rate if mode == "online" else None))
         row = {"bench": "serve", **row_of(), "workload": f"{n_in}/{n_out}", "mode": mode,
-               "concurrency": concurrency, "requests": int(n), **summarize(traces, time.perf_counter() - t0)}
+               "concurrency": concurrency, "request_rate": rate if mode == "online" else None,
+               "requests": int(n), **summarize(traces, time.perf_counter() - t0)}
         rows.append(row)
         on_row(row)
         log(f"  {row['output_tok_s']:,.0f} tok/s, TTFT p50 {row['ttft_ms_p50']:.0f} ms")
@@ -329,12 +346,13 @@ def bench_jaxllm(args, rng) -> list[dict]:
                 t0 = time.perf_counter()
                 if driver == "http":
                     server = HttpServer(model, engine_kw)
-                    run = lambda ps, n_out, c: drive_http(f"http://127.0.0.1:{server.port}/v1", ps, n_out, c)
+                    run = lambda ps, n_out, c, starts: drive_http(f"http://127.0.0.1:{server.port}/v1", ps, n_out, c,
+                                                                  starts)
                 else:
                     engine_kw["n_slots"] = engine_kw.pop("max_batch")
                     engine_kw = {k: v for k, v in engine_kw.items() if k in ENGINE_OPTIONS}
                     engine = Engine(model.params, model.config, model.tokenizer, **engine_kw).start()
-                    run = lambda ps, n_out, c: drive_engine(engine, ps, n_out, c)
+                    run = lambda ps, n_out, c, starts: drive_engine(engine, ps, n_out, c, starts)
                 log(f"  ready in {time.perf_counter() - t0:.1f} s")
                 row_of = lambda: {"engine": "jaxllm", "driver": driver, "shape": label,
                                   "weights": "bf16" if not args.model else "file", "max_batch": args.max_batch,
@@ -346,7 +364,7 @@ def bench_jaxllm(args, rng) -> list[dict]:
                 warm = 0 if args.no_warm_pass else 2 if args.shared_prefix and reuse else 1
                 try:
                     rows += measure(run, spec, args.modes, args.streams, model.config.vocab_size, rng, prefix,
-                                    warm, row_of, args.on_row, warm_wave=args.warm_requests)
+                                    warm, row_of, args.on_row, warm_wave=args.warm_requests, rate=args.request_rate)
                 finally:
                     if driver == "http":
                         server.stop()
@@ -385,7 +403,8 @@ def bench_server(args, rng) -> list[dict]:
     log(f"{args.engine} ready in {time.perf_counter() - t0:.1f} s")
     vocab = vocab_of(model) if args.model else jaxllm.PRESETS[args.shape].vocab_size
     served_as = os.path.basename(model.rstrip(os.sep))  # jaxllm serve's model id (llama-server takes any)
-    run = lambda ps, n_out, c: drive_http(f"http://127.0.0.1:{server.port}/v1", ps, n_out, c, served_as)
+    run = lambda ps, n_out, c, starts: drive_http(f"http://127.0.0.1:{server.port}/v1", ps, n_out, c, starts,
+                                                  served_as)
     row_of = lambda: {**about, "driver": "http (own process)", "shape": args.shape, "model": model,
                       "max_batch": args.max_batch, "max_context": args.max_context,
                       "shared_prefix": args.shared_prefix}
@@ -398,7 +417,8 @@ def bench_server(args, rng) -> list[dict]:
             # jaxllm's passes compile the batched prefill's shapes they meet.
             warm = 0 if args.no_warm_pass else 2 if args.shared_prefix and args.engine != "llama-server" else 1
             rows += measure(run, spec, args.modes, args.streams, vocab, rng, prefix, warm, row_of, args.on_row,
-                            warm_wave=args.warm_requests or (args.max_batch if args.engine == "llama-server" else None))
+                            warm_wave=args.warm_requests or (args.max_batch if args.engine == "llama-server" else None),
+                            rate=args.request_rate)
     finally:
         server.stop()
     return rows
@@ -415,6 +435,9 @@ def main(argv=None) -> int:
                    help="IN/OUTxREQUESTS (or IN/OUTxREQUESTS@STREAMS: online), comma-separated")
     p.add_argument("--modes", default="offline", help="offline and/or online")
     p.add_argument("--concurrency", default="32", help="streams in online mode, comma-separated")
+    p.add_argument("--request-rate", type=float,
+                   help="online: requests sent at this rate per second (Poisson arrivals, at most --concurrency "
+                        "in flight) instead of each stream's next as soon as its last ends")
     p.add_argument("--shared-prefix", type=int, default=0, help="tokens every prompt starts with")
     p.add_argument("--drivers", default="engine", help="engine and/or http (jaxllm)")
     p.add_argument("--max-batch", type=int, default=256)
