@@ -12,6 +12,7 @@ import socket
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from conftest import tiny
 
 import jaxllm
@@ -48,16 +49,25 @@ def test_permuted_quantized_weights_dequantize_to_the_permuted_dense_weight():
     np.testing.assert_array_equal(fp8_dense(permute_outputs(f, order)), fp8_dense(f)[:, order])
 
 
-def test_two_devices_match_one():
-    out = subprocess.run([sys.executable, os.path.join(HERE, "sharding_checks.py")], capture_output=True,
+# tests/sharding_checks.py's groups (a process each, so that two workers share them)
+# and the checks each must report.
+SHARDING_CHECKS = {
+    "archs": {"gemma", "gpt2", "llama3", "mistral", "phi2", "qwen2", "qwen3", "smollm2"},
+    "kernels": {"llama3-partitioned", "llama3-kernels-per-shard", "gemma-kernels-per-shard", "phi2-kernels-per-shard"},
+    "quantized": {"load-dense", "load-int8", "int8", "int4", "fp8", "int4-kernels-per-shard"},
+    "moe": {"qwen3moe-dense", "qwen3moe-int8", "qwen3moe-int4", "qwen3moe-fp8", "gpt-oss-dense", "gpt-oss-int8",
+            "gpt-oss-fp8"},
+    "serving": {"collectives", "engine", "errors"},
+}
+
+
+@pytest.mark.parametrize("group", SHARDING_CHECKS)
+def test_two_devices_match_one(group):
+    out = subprocess.run([sys.executable, os.path.join(HERE, "sharding_checks.py"), group], capture_output=True,
                          text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     ok = {line.split()[1] for line in out.stdout.splitlines() if line.startswith("ok ")}
-    assert ok == {"gemma", "gpt2", "llama3", "mistral", "phi2", "qwen2", "qwen3", "smollm2", "int8", "int4", "fp8",
-                  "llama3-partitioned", "llama3-kernels-per-shard", "gemma-kernels-per-shard",
-                  "phi2-kernels-per-shard", "load-dense", "load-int8", "int4-kernels-per-shard", "qwen3moe-int4",
-                  "qwen3moe-dense", "qwen3moe-int8", "qwen3moe-fp8", "gpt-oss-dense", "gpt-oss-int8", "gpt-oss-fp8",
-                  "collectives", "engine", "errors"}
+    assert ok == SHARDING_CHECKS[group]
 
 
 def test_cli_refuses_more_devices_than_there_are():
