@@ -512,7 +512,11 @@ class Engine:
                 break  # the head waits for its slots
             prompt = context_of(group[0])
             n = len(prompt)
-            source, start = self.prefixes.match(prompt, n - 1) if self.reuse_prefixes else (-1, 0)
+            # Not from a row this call also writes a prompt into: its pages may be kept
+            # for that prompt (pages.PagePool.reserve), and sharing them would hand this
+            # one what that prompt's prefill writes over them.
+            source, start = self.prefixes.match(prompt, n - 1, [b for a in plan for b in a.rows]) \
+                if self.reuse_prefixes else (-1, 0)
             if self.reuse_prefixes and any(
                     common_length(prompt, context_of(a.group[0])) - start >= WAIT_FOR_PREFIX for a in plan):
                 break  # it copies what this call computes, from the next call on

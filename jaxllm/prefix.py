@@ -71,15 +71,16 @@ class PrefixIndex:
     def touch(self, slot: int) -> None:
         self._used[slot] = next(self._clock)
 
-    def match(self, tokens: Sequence[int], limit: int) -> tuple[int, int]:
-        """(row, n): a row whose first n positions hold tokens[:n], n <= limit as large
-        as any row allows (0 when no whole block matches; row is then -1)."""
-        tokens = tokens[:limit]
+    def match(self, tokens: Sequence[int], limit: int, exclude: Iterable[int] = ()) -> tuple[int, int]:
+        """(row, n): a row, none of `exclude`, whose first n positions hold tokens[:n],
+        n <= limit as large as any row allows (0 when no whole block matches; row is
+        then -1)."""
+        tokens, exclude = tokens[:limit], set(exclude)
         best, rows = 0, set()
         for i, h in enumerate(block_hashes(tokens, self.block)):
-            if h not in self._rows:
+            if not self._rows.get(h, set()) - exclude:
                 break
-            best, rows = (i + 1) * self.block, self._rows[h]
+            best, rows = (i + 1) * self.block, self._rows[h] - exclude
         # Past the whole blocks, the rows holding them may go on differently: the longest
         # wins, the most recently used among equals. Comparing the blocks' tokens too
         # makes a hash collision cost a lookup, never a wrong answer.

@@ -4,6 +4,8 @@ keys, on the XLA path and on the kernels (interpreted); the pool's bookkeeping; 
 engine on a pool small enough that requests wait for pages and cached prefixes are
 evicted answers every request as it would alone (also tests/test_soak.py)."""
 
+import threading
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +14,7 @@ from conftest import ARCH_CONFIGS, greedy_alone, serve_all, served_model
 from test_kernels import prefill_and_steps
 
 import jaxllm
-from jaxllm.batching import Engine
+from jaxllm.batching import Engine, Request
 from jaxllm.cache import PagedKVCache, init_paged_cache, layer_view
 from jaxllm.pages import PagePool, pages_for_memory
 
@@ -146,12 +148,40 @@ def test_an_engine_on_a_small_pool_answers_every_request_as_alone(model):
         small.check([5] * 50, 50)  # fits a row's 128 positions, not the pool
 
 
+def test_a_row_written_in_a_call_lends_no_pages_to_a_prompt_in_that_call(model):
+    """A fresh prompt takes the least recently used row, whose pages it keeps (it alone
+    holds them); a prompt in the same admission call beginning like that row's old
+    request must not share those pages (the fresh prompt's prefill writes over them):
+    both answer as alone. Found by the engine soak once freed rows were taken in turn."""
+    rng = np.random.default_rng(11)
+    system = rng.integers(3, 300, 40).tolist()
+    first, other, fresh = system + [7, 8, 9], rng.integers(3, 300, 20).tolist(), rng.integers(3, 300, 45).tolist()
+    follow = system + [5, 6]
+    engine = Engine(model.params, model.config, model.tokenizer, n_slots=2, max_context=128, steps_per_chunk=4,
+                    prefill_tokens=256, kv_pages=17, page_size=16).start()
+    try:
+        serve_all(engine, [first], 8)  # row 0: the system prompt, least recently used after...
+        serve_all(engine, [other], 8)  # ...row 1 serves another request
+        ended = threading.Semaphore(0)
+        requests = [Request(p, 12, on_update=lambda q, text, reason: reason and ended.release())
+                    for p in (fresh, follow)]
+        with engine._cond:  # both wait for the same admission call, the fresh one first
+            for r in requests:
+                engine.submit(r)
+        for _ in requests:
+            assert ended.acquire(timeout=120)
+    finally:
+        engine.shutdown()
+    for prompt, request in zip((fresh, follow), requests):
+        assert request.ids == greedy_alone(model, prompt, 12)
+
+
 def test_requests_the_pool_cannot_hold_together_are_preempted_and_resume_as_alone(model):
     """Six requests of ~10-token prompts and 40 tokens each through 6 rows on 8 pages of 16
     positions: each needs 4 pages at the end and all start together (pages are given a
     chunk at a time), so running requests are preempted and recompute what they had;
     every answer (greedy, and sampled with a seed) equals the prompt run alone."""
-    from jaxllm.batching import Metrics, Request
+    from jaxllm.batching import Metrics
 
     class Counting(Metrics):
         preemptions = 0
@@ -164,7 +194,6 @@ def test_requests_the_pool_cannot_hold_together_are_preempted_and_resume_as_alon
     hot = jaxllm.SamplerSettings(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, frequency_penalty=0.5)
 
     def run(engine, settings):
-        import threading
         done = threading.Semaphore(0)
         requests = [Request(p, 40, settings, seed=i, ignore_eos=True,
                             on_update=lambda r, t, reason: reason and done.release()) for i, p in enumerate(prompts)]
@@ -193,7 +222,6 @@ def test_requests_the_pool_cannot_hold_together_are_preempted_and_resume_as_alon
 
 
 def run_one(engine, prompt, settings, seed):
-    import threading
 
     from jaxllm.batching import Request
     done = threading.Semaphore(0)
