@@ -607,7 +607,7 @@ class Engine:
             RowSampling.from_settings([r.settings for r in requests] + [SamplerSettings.greedy()] * padding),
             jnp.asarray([r.max_tokens for r in requests] + [1] * padding, jnp.int32),
             jnp.asarray([not r.ignore_eos for r in requests] + [True] * padding), self.stop_ids, masks,
-            *((None, None) if self.pool is None else (jnp.asarray(self.pool.table), jnp.asarray(skip))),
+            *((None, None) if self.pool is None else (self._table(), jnp.asarray(skip))),
             jnp.asarray([len(r.ids) for r in requests] + [0] * padding, jnp.int32), jnp.asarray(gen_from), span=span)
         self._admitting = []
         if quiet:
@@ -691,6 +691,12 @@ class Engine:
         with self._cond:
             self._waiting.appendleft([request])
 
+    def _table(self) -> jax.Array:
+        """The pool's page table as the device's: a copy, since a transfer may read (or
+        on the CPU alias) the host's array after the call that takes it is dispatched,
+        while the host already changes the table for the next one."""
+        return jnp.array(self.pool.table, copy=True)
+
     def _stop_slots(self) -> None:
         """The slots whose requests ended on the host stopped on the device, in one call
         (one per slot cost ~1 ms each, 256 of them when a wave of requests ends)."""
@@ -720,7 +726,7 @@ class Engine:
         self._stop_slots()
         if self.pool is not None:
             # the grown, evicted and preempted rows' pages, before any step writes through them
-            self.slots = self.slots.replace(cache=self.slots.cache.replace(pages=jnp.asarray(self.pool.table)))
+            self.slots = self.slots.replace(cache=self.slots.cache.replace(pages=self._table()))
         running = dict(self._running)
         longest = max(len(r.prompt_ids) + len(r.ids) + self._unlanded[r] for r in running.values())
         logprobs = any(r.top_logprobs is not None for r in running.values())
