@@ -425,7 +425,8 @@ class Engine:
     def _serve(self) -> None:
         while True:
             with self._cond:
-                while not self._closing and not self._waiting and not self._running and not self._partial:
+                while (not self._closing and not self._waiting and not self._running and not self._partial
+                       and not self._landing):
                     self._cond.wait()
                 if self._closing:
                     break
