@@ -264,12 +264,16 @@ class Engine:
     `max_context` positions per slot: a request holds the pages its prompt and
     max_tokens need, so many more slots fit the same memory (`pages.device_pages` sizes
     the pool from a fraction of the device's free memory).
+
+    With `overlap`, results land a call late: the host takes a chunk's tokens while the
+    device runs the next (_decode). Off by default (see __init__).
     """
 
     def __init__(self, params: Params, config: ModelConfig, tokenizer: TextTokenizer, *,
                  n_slots: int = 8, max_context: Optional[int] = None, steps_per_chunk: int = 8,
                  prefill_tokens: int = 8192, reuse_prefixes: bool = True, warm_prompt_tokens: int = 0,
-                 metrics: Optional[Metrics] = None, kv_pages: Optional[int] = None, page_size: int = 64):
+                 metrics: Optional[Metrics] = None, kv_pages: Optional[int] = None, page_size: int = 64,
+                 overlap: bool = False):
         if n_slots < 1 or steps_per_chunk < 1 or prefill_tokens < 1:
             raise ValueError("n_slots, steps_per_chunk and prefill_tokens must be >= 1")
         self.params, self.config, self.tokenizer = params, config, tokenizer
@@ -281,6 +285,9 @@ class Engine:
                 raise ValueError(f"max_context must be at least one page ({page_size} positions)")
             self.pool = PagePool(kv_pages, page_size, n_slots, self.capacity)
         self.n_slots, self.steps_per_chunk = n_slots, steps_per_chunk
+        # Off by default until measured on a GPU and until a rare wrong answer in the
+        # paged soak with it on is explained (benchmarks/NOTES.md, 2026-12-08).
+        self.overlap = overlap
         self.prefill_tokens, self.reuse_prefixes = prefill_tokens, reuse_prefixes
         self.warm_prompt_tokens = warm_prompt_tokens
         self.prefixes = PrefixIndex(n_slots)
@@ -638,7 +645,7 @@ class Engine:
                     self._take(slot, request, [int(first[r])], still_active=None,
                                scores=[a[r][None] for a in first_scores])
 
-        if masks is not None:
+        if masks is not None or not self.overlap:
             land()
         else:
             self._landing.append(land)
@@ -746,6 +753,8 @@ class Engine:
         self._landing.append(partial(self._land_chunk, running, self.steps_per_chunk, tokens, scores, active))
         for land in earlier:
             land()
+        if not self.overlap:
+            self._land_all()  # this chunk's too: the host waits for the device
 
     def _land_chunk(self, running: dict[int, Request], counted: int, tokens, scores, active) -> None:
         """A decode chunk's results handed to the requests that ran it (`running`, slot
