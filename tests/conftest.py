@@ -98,6 +98,24 @@ def greedy_alone(model, prompt, max_tokens):
                            settings=jaxllm.SamplerSettings.greedy()).tokens[0]
 
 
+def serve_together(engine, prompts, max_tokens):
+    """Submit one greedy request per prompt while holding the engine's lock, so that its
+    next admission call plans them all, in this order; wait until each has ended; the
+    requests."""
+    import threading  # noqa: PLC0415
+
+    from jaxllm.batching import Request  # noqa: PLC0415
+    done = threading.Semaphore(0)
+    requests = [Request(list(p), max_tokens, on_update=lambda r, t, reason: reason and done.release())
+                for p in prompts]
+    with engine._cond:
+        for r in requests:
+            engine.submit(r)
+    for _ in requests:
+        assert done.acquire(timeout=120)
+    return requests
+
+
 def serve_all(engine, prompts, max_tokens, start=False):
     """Submit one greedy request per prompt to an Engine (starting it after, with
     start) and wait until every one has ended; the requests."""

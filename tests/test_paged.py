@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ARCH_CONFIGS, greedy_alone, serve_all, served_model
+from conftest import ARCH_CONFIGS, greedy_alone, serve_all, serve_together, served_model
 from test_kernels import prefill_and_steps
 
 import jaxllm
@@ -162,14 +162,7 @@ def test_a_row_written_in_a_call_lends_no_pages_to_a_prompt_in_that_call(model):
     try:
         serve_all(engine, [first], 8)  # row 0: the system prompt, least recently used after...
         serve_all(engine, [other], 8)  # ...row 1 serves another request
-        ended = threading.Semaphore(0)
-        requests = [Request(p, 12, on_update=lambda q, text, reason: reason and ended.release())
-                    for p in (fresh, follow)]
-        with engine._cond:  # both wait for the same admission call, the fresh one first
-            for r in requests:
-                engine.submit(r)
-        for _ in requests:
-            assert ended.acquire(timeout=120)
+        requests = serve_together(engine, (fresh, follow), 12)  # one admission call, the fresh one first
     finally:
         engine.shutdown()
     for prompt, request in zip((fresh, follow), requests):
@@ -223,7 +216,6 @@ def test_requests_the_pool_cannot_hold_together_are_preempted_and_resume_as_alon
 
 def run_one(engine, prompt, settings, seed):
 
-    from jaxllm.batching import Request
     done = threading.Semaphore(0)
     r = Request(prompt, 40, settings, seed=seed, ignore_eos=True, on_update=lambda r, t, reason: reason and done.release())
     engine.submit(r)

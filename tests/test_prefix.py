@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import greedy_alone, served_model
+from conftest import greedy_alone, serve_together, served_model
 from conftest import serve_all as run
 from jaxllm.batching import Engine, Metrics, Request
 from jaxllm.prefix import PrefixIndex, block_hashes
@@ -94,13 +94,7 @@ def test_one_call_mixing_a_deep_prefix_and_a_long_fresh_prompt(model):
     try:
         run(engine, [held], 4, start=True)
         deep, fresh = held + [5, 6], rng.integers(3, 300, 60).tolist()
-        with engine._cond:  # both wait for the same call
-            done = threading.Semaphore(0)
-            requests = [Request(p, 8, on_update=lambda r, t, reason: reason and done.release()) for p in (deep, fresh)]
-            for r in requests:
-                engine.submit(r)
-        for _ in requests:
-            assert done.acquire(timeout=120)
+        requests = serve_together(engine, (deep, fresh), 8)  # both in the same call
     finally:
         engine.shutdown()
     assert engine.metrics.reused >= 100
